@@ -1,0 +1,7 @@
+//! gguf-lora: convert, merge, inspect, bundle and verify LoRA adapters for GGUF models.
+//!
+//! Data flows one way: files → readers ([`gguf`], `adapter`) → a normalized model → an operation
+//! (merge, convert, bundle, verify) → the streaming, atomic GGUF writer. The binary in `src/bin` only
+//! parses flags and prints; everything it does is reachable from this library.
+
+pub mod quant;

