@@ -1,0 +1,46 @@
+//! The `gguf-lora` command line: clap definitions, output formatting and exit codes only.
+//!
+//! Each subcommand lives in its own module beside this file (`inspect.rs`, `merge.rs`, ...): an `Args`
+//! struct (clap) and a `run(args) -> anyhow::Result<Outcome>` that calls the library and prints. This
+//! file only dispatches and maps outcomes and errors to exit codes.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// How a subcommand that ran to the end went; errors are `Err` and exit with 1.
+#[allow(dead_code)]
+pub enum Outcome {
+    /// Exit 0.
+    Success,
+    /// A check that ran and failed (`inspect --base` incompatible, `verify` over thresholds): exit 3.
+    CheckFailed,
+}
+
+/// Exit codes are part of the CLI contract (DESIGN.md): 0 ok, 1 error, 2 usage (clap), 3 check failed.
+const EXIT_ERROR: u8 = 1;
+const EXIT_CHECK_FAILED: u8 = 3;
+
+#[derive(Parser)]
+#[command(name = "gguf-lora", version, about = "LoRA adapters for GGUF models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result: anyhow::Result<Outcome> = match cli.command {};
+    #[allow(unreachable_code)]
+    match result {
+        Ok(Outcome::Success) => ExitCode::SUCCESS,
+        Ok(Outcome::CheckFailed) => ExitCode::from(EXIT_CHECK_FAILED),
+        Err(err) => {
+            eprintln!("gguf-lora: error: {err:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
