@@ -6,6 +6,9 @@
 //! whose bytes it reproduces. Size arithmetic goes through [`GgmlType::row_bytes`], which checks that a
 //! row is a whole number of blocks.
 
+pub mod kquants;
+pub mod search;
+
 use std::fmt;
 
 /// A ggml tensor element type, numbered exactly as `enum ggml_type` in `ggml.h`.
@@ -158,7 +161,12 @@ impl GgmlType {
             F64 => ("f64", 1, 8, false),
             IQ1_M => ("iq1_m", QK_K, QK_K / 8 + QK_K / 16 + QK_K / 32, true),
             BF16 => ("bf16", 1, 2, false),
-            TQ1_0 => ("tq1_0", QK_K, 2 + QK_K / 64 + (QK_K - 4 * QK_K / 64) / 5, true),
+            TQ1_0 => (
+                "tq1_0",
+                QK_K,
+                2 + QK_K / 64 + (QK_K - 4 * QK_K / 64) / 5,
+                true,
+            ),
             TQ2_0 => ("tq2_0", QK_K, 2 + QK_K / 4, true),
             MXFP4 => ("mxfp4", 32, 1 + 16, true),
             NVFP4 => ("nvfp4", 64, 4 + 32, true),
