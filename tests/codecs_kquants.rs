@@ -114,3 +114,172 @@ fn committed_vectors_quantize_and_dequantize_bit_exact() {
     // 14 cases × (4 imatrix variants × 5 types + Q8_K's reference only).
     assert_eq!(checked, 14 * 21);
 }
+
+mod live_ggml {
+    //! Random rows and random block bytes, run through the live libggml and through us.
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::test_runner::Config;
+
+    #[derive(Debug, Clone)]
+    struct Row {
+        x: Vec<f32>,
+        imatrix: Option<Vec<f32>>,
+    }
+
+    /// Rows of 256..1024 values in shapes that stress the searches: any magnitude from 1e-38 to
+    /// 1e38, exact rounding ties, zeros, outliers, sub-blocks of very different size, constant and
+    /// one-signed rows, and raw finite f32 bit patterns; half with an importance matrix (random,
+    /// partly zero, or with tiny entries).
+    fn row() -> impl Strategy<Value = Row> {
+        let n = prop_oneof![Just(256usize), Just(512), Just(1024)];
+        let base = prop::collection::vec(-1.0f32..1.0, 1024);
+        let raw = prop::collection::vec(
+            proptest::num::f32::NORMAL
+                | proptest::num::f32::SUBNORMAL
+                | proptest::num::f32::ZERO
+                | proptest::num::f32::NEGATIVE
+                | proptest::num::f32::POSITIVE,
+            1024,
+        );
+        let weights = prop::collection::vec(0.0f32..100.0, 1024);
+        (n, 0u8..9, -38i32..=38, base, raw, 0u8..4, weights).prop_map(
+            |(n, kind, exp, base, raw, imat_kind, weights)| {
+                let scale = |v: f32| (v as f64 * 10f64.powi(exp)) as f32;
+                let pow2 = 2f32.powi(exp / 3);
+                let x: Vec<f32> = (0..n)
+                    .map(|i| {
+                        let b = base[i];
+                        match kind {
+                            0 => scale(b),
+                            // Halves times a power of two: quotients land on ties exactly.
+                            1 => (b * 16.0).round() * 0.5 * pow2,
+                            2 if b.abs() < 0.6 => 0.0,
+                            2 => scale(b),
+                            3 if i % 97 == 13 => scale(b * 50.0),
+                            3 => scale(b * 0.01),
+                            4 => {
+                                let g = (i / 16) as i32;
+                                (b as f64 * 10f64.powi((g * 7 + exp).rem_euclid(13) - 6)) as f32
+                            }
+                            5 => raw[i],
+                            6 if i == n / 3 => scale(b),
+                            6 => scale(base[0]),
+                            7 => scale(b.abs()),
+                            _ => -scale(b.abs()),
+                        }
+                    })
+                    .collect();
+                let imatrix = match imat_kind {
+                    0 | 1 => None,
+                    2 => Some(weights[..n].to_vec()),
+                    _ => Some(
+                        (0..n)
+                            .map(|i| match i % 5 {
+                                0 => 0.0,
+                                1 => weights[i] * 1e-30,
+                                _ => weights[i],
+                            })
+                            .collect(),
+                    ),
+                };
+                Row { x, imatrix }
+            },
+        )
+    }
+
+    fn write_f32s(path: &std::path::Path, v: &[f32]) {
+        let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    const RANDOM_BLOCKS: usize = 16;
+
+    /// Quantizes `rows` and dequantizes `random` (one byte string per codec) with libggml and with
+    /// us; returns a description of every mismatch.
+    fn compare_with_ggml(rows: &[Row], random: &[Vec<u8>]) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut xs, mut ims, mut spec_rows) = (Vec::new(), Vec::new(), Vec::new());
+        for r in rows {
+            let imatrix_offset = r.imatrix.as_ref().map(|im| {
+                ims.extend_from_slice(im);
+                ims.len() - im.len()
+            });
+            spec_rows.push(serde_json::json!({
+                "offset": xs.len(), "n": r.x.len(), "imatrix_offset": imatrix_offset,
+            }));
+            xs.extend_from_slice(&r.x);
+        }
+        write_f32s(&dir.path().join("rows.f32"), &xs);
+        write_f32s(&dir.path().join("imatrix.f32"), &ims);
+        let mut blocks = serde_json::Map::new();
+        for ((name, block_bytes, _, _), bytes) in CODECS.iter().zip(random) {
+            std::fs::write(dir.path().join(format!("{name}.in.bin")), bytes).unwrap();
+            blocks.insert(name.to_string(), (bytes.len() / block_bytes).into());
+        }
+        let types: Vec<&str> = CODECS.iter().map(|c| c.0).collect();
+        let spec = serde_json::json!({"rows": spec_rows, "types": types, "blocks": blocks});
+        std::fs::write(dir.path().join("spec.json"), spec.to_string()).unwrap();
+        common::interop().python(
+            &common::repo_root().join("testdata/codecs/ggml_kquant_batch.py"),
+            &[dir.path().to_str().unwrap()],
+        );
+
+        let mut failures = Vec::new();
+        for ((name, block_bytes, quantize, dequantize), bytes) in CODECS.iter().zip(random) {
+            let ggml = std::fs::read(dir.path().join(format!("{name}.q.bin"))).unwrap();
+            let mut at = 0;
+            for (i, r) in rows.iter().enumerate() {
+                let len = r.x.len() / 256 * block_bytes;
+                let mut ours = vec![0u8; len];
+                quantize(&r.x, &mut ours, r.imatrix.as_deref());
+                if let Some((b, a, g)) = first_diff(&ours, &ggml[at..at + len]) {
+                    failures.push(format!(
+                        "{name} row {i} (n {}, imatrix {}): byte {b}: ours {a:#04x}, ggml {g:#04x}",
+                        r.x.len(),
+                        r.imatrix.is_some()
+                    ));
+                }
+                at += len;
+            }
+            assert_eq!(at, ggml.len(), "{name}: ggml wrote {} bytes", ggml.len());
+
+            let ggml_deq: Vec<u32> = std::fs::read(dir.path().join(format!("{name}.deq.f32")))
+                .unwrap()
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            let mut ours = vec![0f32; bytes.len() / block_bytes * 256];
+            dequantize(bytes, &mut ours);
+            let ours: Vec<u32> = ours.iter().map(|v| v.to_bits()).collect();
+            if let Some((i, a, g)) = first_diff(&ours, &ggml_deq) {
+                failures.push(format!(
+                    "{name} dequantize of random bytes: value {i}: ours {a:#010x}, ggml {g:#010x}"
+                ));
+            }
+        }
+        failures
+    }
+
+    proptest! {
+        // Each case is one python run over a batch, so few cases of many rows.
+        #![proptest_config(Config { cases: 4, max_shrink_iters: 16, ..Config::default() })]
+
+        #[test]
+        fn random_rows_match_live_libggml(
+            rows in prop::collection::vec(row(), 64),
+            random in (
+                prop::collection::vec(any::<u8>(), RANDOM_BLOCKS * Q2_K_BYTES),
+                prop::collection::vec(any::<u8>(), RANDOM_BLOCKS * Q3_K_BYTES),
+                prop::collection::vec(any::<u8>(), RANDOM_BLOCKS * Q4_K_BYTES),
+                prop::collection::vec(any::<u8>(), RANDOM_BLOCKS * Q5_K_BYTES),
+                prop::collection::vec(any::<u8>(), RANDOM_BLOCKS * Q6_K_BYTES),
+                prop::collection::vec(any::<u8>(), RANDOM_BLOCKS * Q8_K_BYTES),
+            ),
+        ) {
+            let random = [random.0, random.1, random.2, random.3, random.4, random.5];
+            let failures = compare_with_ggml(&rows, &random);
+            prop_assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+        }
+    }
+}
