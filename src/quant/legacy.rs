@@ -10,6 +10,7 @@
 //! Rust never contracts `a * b + c` on its own.
 
 use super::float::{read_f16, write_f16};
+use super::search::{make_qkx3_quants, make_qx_quants};
 use super::Codec;
 
 /// Elements per block of every legacy type (`QK4_0`, `QK4_1`, `QK5_0`, `QK5_1`, `QK8_0`, `QK8_1`).
@@ -60,6 +61,26 @@ fn min_max(x: &[f32]) -> (f32, f32) {
     (min, max)
 }
 
+/// `sigma2 = Σx²/n` over the whole row: the variance term of every legacy `quantize_row_X_impl`.
+#[inline]
+fn row_sigma2(x: &[f32]) -> f32 {
+    let mut sum_x2 = 0.0f32;
+    for &v in x {
+        sum_x2 += v * v;
+    }
+    sum_x2 / x.len() as f32
+}
+
+/// The per-element weights of a block in the legacy `_impl` quantizers: `qw[j] * sqrtf(sigma2 + x[j]²)`.
+#[inline]
+fn block_weights(xb: &[f32], qw: &[f32], sigma2: f32) -> [f32; QK] {
+    let mut weight = [0.0f32; QK];
+    for j in 0..QK {
+        weight[j] = qw[j] * (sigma2 + xb[j] * xb[j]).sqrt();
+    }
+    weight
+}
+
 /// Packs 32 5-bit levels into `qs` (low nibbles, element j and j+16 share a byte) and the `qh` bit
 /// word, as the Q5 quantizers of ggml do.
 #[inline]
@@ -98,6 +119,25 @@ pub fn quantize_row_q4_0_ref(x: &[f32], y: &mut [u8]) {
     }
 }
 
+/// Mirrors `quantize_row_q4_0_impl`: per block, `make_qx_quants(32, 8, x, L, 1, w)` with
+/// `w = imatrix * sqrt(sigma2 + x²)`.
+pub fn quantize_row_q4_0_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
+    let sigma2 = row_sigma2(x);
+    let mut l = [0i8; QK];
+    for ((xb, yb), qw) in x
+        .chunks_exact(QK)
+        .zip(y.chunks_exact_mut(Q4_0_BYTES))
+        .zip(quant_weights.chunks_exact(QK))
+    {
+        let weight = block_weights(xb, qw, sigma2);
+        let d = make_qx_quants(8, xb, &mut l, 1, Some(&weight));
+        write_f16(&mut yb[0..2], d);
+        for j in 0..QK / 2 {
+            yb[2 + j] = (l[j] as u8) | ((l[j + 16] as u8) << 4);
+        }
+    }
+}
+
 /// Mirrors `dequantize_row_q4_0`: `(q - 8) * d`.
 pub fn dequantize_row_q4_0(x: &[u8], y: &mut [f32]) {
     for (xb, yb) in x.chunks_exact(Q4_0_BYTES).zip(y.chunks_exact_mut(QK)) {
@@ -131,6 +171,37 @@ pub fn quantize_row_q4_1_ref(x: &[f32], y: &mut [u8]) {
             let xi0 = (c_float_to_int(x0 + 0.5) as i8).min(15) as u8;
             let xi1 = (c_float_to_int(x1 + 0.5) as i8).min(15) as u8;
             yb[4 + j] = xi0 | (xi1 << 4);
+        }
+    }
+}
+
+/// Mirrors `quantize_row_q4_1_impl`: per block, `make_qkx3_quants(32, 15, x, w, L, &min, Laux, -0.9,
+/// 0.05, 36, false)` with `w = imatrix * sqrt(sigma2 + x²)`; stores `d` and `m = -min`.
+pub fn quantize_row_q4_1_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
+    let sigma2 = row_sigma2(x);
+    let mut l = [0u8; QK];
+    let mut laux = [0u8; QK];
+    for ((xb, yb), qw) in x
+        .chunks_exact(QK)
+        .zip(y.chunks_exact_mut(Q4_1_BYTES))
+        .zip(quant_weights.chunks_exact(QK))
+    {
+        let weight = block_weights(xb, qw, sigma2);
+        let (d, the_min) = make_qkx3_quants(
+            15,
+            xb,
+            Some(&weight),
+            &mut l,
+            &mut laux,
+            -0.9,
+            0.05,
+            36,
+            false,
+        );
+        write_f16(&mut yb[0..2], d);
+        write_f16(&mut yb[2..4], -the_min);
+        for j in 0..QK / 2 {
+            yb[4 + j] = l[j] | (l[j + 16] << 4);
         }
     }
 }
@@ -176,6 +247,28 @@ fn read_qh(b: &[u8]) -> u32 {
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
+/// Mirrors `quantize_row_q5_0_impl`: per block, `make_qx_quants(32, 16, x, L, 1, w)` with
+/// `w = imatrix * sqrt(sigma2 + x²)`.
+pub fn quantize_row_q5_0_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
+    let sigma2 = row_sigma2(x);
+    let mut l = [0i8; QK];
+    let mut levels = [0u8; QK];
+    for ((xb, yb), qw) in x
+        .chunks_exact(QK)
+        .zip(y.chunks_exact_mut(Q5_0_BYTES))
+        .zip(quant_weights.chunks_exact(QK))
+    {
+        let weight = block_weights(xb, qw, sigma2);
+        let d = make_qx_quants(16, xb, &mut l, 1, Some(&weight));
+        write_f16(&mut yb[0..2], d);
+        for (level, &q) in levels.iter_mut().zip(&l) {
+            *level = q as u8;
+        }
+        let (head, qs) = yb.split_at_mut(6);
+        pack_5bit(&levels, qs, &mut head[2..6]);
+    }
+}
+
 /// Mirrors `dequantize_row_q5_0`: `(q - 16) * d`.
 pub fn dequantize_row_q5_0(x: &[u8], y: &mut [f32]) {
     for (xb, yb) in x.chunks_exact(Q5_0_BYTES).zip(y.chunks_exact_mut(QK)) {
@@ -212,6 +305,36 @@ pub fn quantize_row_q5_1_ref(x: &[f32], y: &mut [u8]) {
         }
         let (head, qs) = yb.split_at_mut(8);
         pack_5bit(&levels, qs, &mut head[4..8]);
+    }
+}
+
+/// Mirrors `quantize_row_q5_1_impl`: per block, `make_qkx3_quants(32, 31, x, w, L, &min, Laux, -0.9,
+/// 0.05, 36, false)` with `w = imatrix * sqrt(sigma2 + x²)`; stores `d` and `m = -min`.
+pub fn quantize_row_q5_1_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
+    let sigma2 = row_sigma2(x);
+    let mut l = [0u8; QK];
+    let mut laux = [0u8; QK];
+    for ((xb, yb), qw) in x
+        .chunks_exact(QK)
+        .zip(y.chunks_exact_mut(Q5_1_BYTES))
+        .zip(quant_weights.chunks_exact(QK))
+    {
+        let weight = block_weights(xb, qw, sigma2);
+        let (d, the_min) = make_qkx3_quants(
+            31,
+            xb,
+            Some(&weight),
+            &mut l,
+            &mut laux,
+            -0.9,
+            0.05,
+            36,
+            false,
+        );
+        write_f16(&mut yb[0..2], d);
+        write_f16(&mut yb[2..4], -the_min);
+        let (head, qs) = yb.split_at_mut(8);
+        pack_5bit(&l, qs, &mut head[4..8]);
     }
 }
 
@@ -296,28 +419,28 @@ pub fn quantize_row_q8_1_ref(x: &[f32], y: &mut [u8]) {
 pub const Q4_0: Codec = Codec {
     dequantize: Some(dequantize_row_q4_0),
     quantize: Some(quantize_row_q4_0_ref),
-    quantize_imatrix: None,
+    quantize_imatrix: Some(quantize_row_q4_0_impl),
 };
 
 /// Q4_1's entry in the type table.
 pub const Q4_1: Codec = Codec {
     dequantize: Some(dequantize_row_q4_1),
     quantize: Some(quantize_row_q4_1_ref),
-    quantize_imatrix: None,
+    quantize_imatrix: Some(quantize_row_q4_1_impl),
 };
 
 /// Q5_0's entry in the type table.
 pub const Q5_0: Codec = Codec {
     dequantize: Some(dequantize_row_q5_0),
     quantize: Some(quantize_row_q5_0_ref),
-    quantize_imatrix: None,
+    quantize_imatrix: Some(quantize_row_q5_0_impl),
 };
 
 /// Q5_1's entry in the type table.
 pub const Q5_1: Codec = Codec {
     dequantize: Some(dequantize_row_q5_1),
     quantize: Some(quantize_row_q5_1_ref),
-    quantize_imatrix: None,
+    quantize_imatrix: Some(quantize_row_q5_1_impl),
 };
 
 /// Q8_0's entry in the type table (`quantize_q8_0` ignores an imatrix).

@@ -12,7 +12,9 @@
 
 pub mod float;
 pub mod iquants;
+pub mod kquants;
 pub mod legacy;
+pub mod search;
 
 use std::fmt;
 
@@ -216,31 +218,31 @@ impl GgmlType {
                 QK_K,
                 QK_K / 16 + QK_K / 4 + 2 + 2,
                 true,
-                Codec::NONE,
+                kquants::Q2_K,
             ),
             Q3_K => (
                 "q3_K",
                 QK_K,
                 QK_K / 8 + QK_K / 4 + 12 + 2,
                 true,
-                Codec::NONE,
+                kquants::Q3_K,
             ),
-            Q4_K => ("q4_K", QK_K, 2 + 2 + 12 + QK_K / 2, true, Codec::NONE),
+            Q4_K => ("q4_K", QK_K, 2 + 2 + 12 + QK_K / 2, true, kquants::Q4_K),
             Q5_K => (
                 "q5_K",
                 QK_K,
                 2 + 2 + 12 + QK_K / 8 + QK_K / 2,
                 true,
-                Codec::NONE,
+                kquants::Q5_K,
             ),
             Q6_K => (
                 "q6_K",
                 QK_K,
                 QK_K / 2 + QK_K / 4 + QK_K / 16 + 2,
                 true,
-                Codec::NONE,
+                kquants::Q6_K,
             ),
-            Q8_K => ("q8_K", QK_K, 4 + QK_K + QK_K / 16 * 2, true, Codec::NONE),
+            Q8_K => ("q8_K", QK_K, 4 + QK_K + QK_K / 16 * 2, true, kquants::Q8_K),
             IQ2_XXS => ("iq2_xxs", QK_K, 2 + QK_K / 8 * 2, true, Codec::NONE),
             IQ2_XS => (
                 "iq2_xs",
