@@ -46,7 +46,10 @@ fn check_model(model: &Path, expected_types: &[GgmlType]) {
         let nrows: usize = ne[1..].iter().product();
         let row_bytes = ty.row_bytes(n_per_row as u64).unwrap() as usize;
         assert_eq!(row_bytes * nrows, n_bytes, "{name}: size");
-        assert!(quant::can_dequantize(ty), "{name}: {ty} cannot be dequantized");
+        assert!(
+            quant::can_dequantize(ty),
+            "{name}: {ty} cannot be dequantized"
+        );
         seen.insert(ty);
 
         let data = &map[offset..offset + n_bytes];
