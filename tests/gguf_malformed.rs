@@ -48,7 +48,7 @@ impl G {
         self.u32(ty).u64(offset)
     }
     fn pad(&mut self, align: usize) -> &mut G {
-        while self.0.len() % align != 0 {
+        while !self.0.len().is_multiple_of(align) {
             self.0.push(0);
         }
         self
