@@ -16,18 +16,59 @@ use super::Codec;
 /// Elements per block of every legacy type (`QK4_0`, `QK4_1`, `QK5_0`, `QK5_1`, `QK8_0`, `QK8_1`).
 pub const QK: usize = 32;
 
-/// C's float → integer conversion as x86-64 executes it (`cvttss2si`/`cvttps2dq`): truncation toward
-/// zero, and the "integer indefinite" `i32::MIN` for NaN and out-of-range values, where Rust's `as`
-/// would saturate instead. ggml then narrows to `int8_t`/`uint8_t` by keeping the low byte, which the
-/// callers do with `as i8`/`as u8`. Matters only for degenerate blocks (e.g. a tiny scale whose inverse
-/// overflows to inf), but those must match too.
-#[inline]
-fn c_float_to_int(x: f32) -> i32 {
-    if x.is_nan() || !(-2_147_483_648.0..2_147_483_648.0).contains(&x) {
-        i32::MIN
-    } else {
-        x as i32
+/// C's float → `int` conversion of a whole block, as the platform executes it. On x86-64 that is
+/// `cvttps2dq`: truncation toward zero, and the "integer indefinite" `i32::MIN` for NaN and out-of-range
+/// values, where Rust's `as` would saturate; ggml then narrows to `int8_t`/`uint8_t` by keeping the low
+/// byte, which callers do with `as i8`/`as u8`. This only matters for degenerate blocks (a scale whose
+/// inverse overflows to inf), but those must match too. Elsewhere (AArch64's `fcvtzs`) C saturates
+/// and maps NaN to 0, exactly like Rust's `as`.
+#[inline(always)]
+fn c_float_to_int_block(v: &[f32; QK]) -> [i32; QK] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__m128i, _mm_cvttps_epi32, _mm_loadu_ps, _mm_storeu_si128};
+        let mut out = [0i32; QK];
+        for k in (0..QK).step_by(4) {
+            // SAFETY: SSE2 is part of the x86-64 baseline; the unaligned loads and stores stay inside
+            // the two 32-element arrays (k + 4 <= QK).
+            unsafe {
+                let x = _mm_loadu_ps(v.as_ptr().add(k));
+                _mm_storeu_si128(
+                    out.as_mut_ptr().add(k).cast::<__m128i>(),
+                    _mm_cvttps_epi32(x),
+                );
+            }
+        }
+        out
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        v.map(|x| x as i32)
+    }
+}
+
+/// `(int)roundf(x)` for a whole block, as C computes it on this platform: `roundf` rounds half away
+/// from zero, then [`c_float_to_int_block`] converts. Done without calling `roundf` (a libm call on
+/// baseline x86-64): truncate, then step away from zero when the dropped fraction is at least one
+/// half. The fraction `x - trunc(x)` is exact for every float whose truncation fits an `i32`; values
+/// that do not fit, infinities and NaN keep the conversion's own result (`roundf` leaves them
+/// integral or NaN, so converting them rounded or not gives the same integer).
+#[inline(always)]
+fn c_round_to_int_block(v: &[f32; QK]) -> [i32; QK] {
+    let t = c_float_to_int_block(v);
+    let mut out = [0i32; QK];
+    for j in 0..QK {
+        let frac = v[j] - t[j] as f32;
+        let fits = t[j] != i32::MIN && t[j] != i32::MAX;
+        out[j] = if fits && frac >= 0.5 {
+            t[j] + 1
+        } else if fits && frac <= -0.5 {
+            t[j] - 1
+        } else {
+            t[j]
+        };
+    }
+    out
 }
 
 /// The value of largest magnitude in a block, keeping its sign (the first one wins a tie), as the
@@ -108,12 +149,15 @@ pub fn quantize_row_q4_0_ref(x: &[f32], y: &mut [u8]) {
         let d = max / -8.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         write_f16(&mut yb[0..2], d);
+        let mut v = [0f32; QK];
+        for (vj, &xj) in v.iter_mut().zip(xb) {
+            *vj = xj * id + 8.5;
+        }
+        let q = c_float_to_int_block(&v);
         for j in 0..QK / 2 {
-            let x0 = xb[j] * id;
-            let x1 = xb[QK / 2 + j] * id;
-            // C: MIN(15, (int8_t)(x + 8.5f)) compared as int, then stored as uint8_t.
-            let xi0 = (c_float_to_int(x0 + 8.5) as i8).min(15) as u8;
-            let xi1 = (c_float_to_int(x1 + 8.5) as i8).min(15) as u8;
+            // C: MIN(15, (int8_t)(x*id + 8.5f)) compared as int, then stored as uint8_t.
+            let xi0 = (q[j] as i8).min(15) as u8;
+            let xi1 = (q[QK / 2 + j] as i8).min(15) as u8;
             yb[2 + j] = xi0 | (xi1 << 4);
         }
     }
@@ -165,11 +209,14 @@ pub fn quantize_row_q4_1_ref(x: &[f32], y: &mut [u8]) {
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         write_f16(&mut yb[0..2], d);
         write_f16(&mut yb[2..4], min);
+        let mut v = [0f32; QK];
+        for (vj, &xj) in v.iter_mut().zip(xb) {
+            *vj = (xj - min) * id + 0.5;
+        }
+        let q = c_float_to_int_block(&v);
         for j in 0..QK / 2 {
-            let x0 = (xb[j] - min) * id;
-            let x1 = (xb[QK / 2 + j] - min) * id;
-            let xi0 = (c_float_to_int(x0 + 0.5) as i8).min(15) as u8;
-            let xi1 = (c_float_to_int(x1 + 0.5) as i8).min(15) as u8;
+            let xi0 = (q[j] as i8).min(15) as u8;
+            let xi1 = (q[QK / 2 + j] as i8).min(15) as u8;
             yb[4 + j] = xi0 | (xi1 << 4);
         }
     }
@@ -233,8 +280,13 @@ pub fn quantize_row_q5_0_ref(x: &[f32], y: &mut [u8]) {
         let d = max / -16.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         write_f16(&mut yb[0..2], d);
-        for (level, &v) in levels.iter_mut().zip(xb) {
-            *level = (c_float_to_int(v * id + 16.5) as i8).min(31) as u8;
+        let mut v = [0f32; QK];
+        for (vj, &xj) in v.iter_mut().zip(xb) {
+            *vj = xj * id + 16.5;
+        }
+        let q = c_float_to_int_block(&v);
+        for (level, &qj) in levels.iter_mut().zip(&q) {
+            *level = (qj as i8).min(31) as u8;
         }
         let (head, qs) = yb.split_at_mut(6);
         pack_5bit(&levels, qs, &mut head[2..6]);
@@ -300,8 +352,13 @@ pub fn quantize_row_q5_1_ref(x: &[f32], y: &mut [u8]) {
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         write_f16(&mut yb[0..2], d);
         write_f16(&mut yb[2..4], min);
-        for (level, &v) in levels.iter_mut().zip(xb) {
-            *level = c_float_to_int((v - min) * id + 0.5) as u8;
+        let mut v = [0f32; QK];
+        for (vj, &xj) in v.iter_mut().zip(xb) {
+            *vj = (xj - min) * id + 0.5;
+        }
+        let q = c_float_to_int_block(&v);
+        for (level, &qj) in levels.iter_mut().zip(&q) {
+            *level = qj as u8;
         }
         let (head, qs) = yb.split_at_mut(8);
         pack_5bit(&levels, qs, &mut head[4..8]);
@@ -371,8 +428,13 @@ pub fn quantize_row_q8_0_ref(x: &[f32], y: &mut [u8]) {
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         write_f16(&mut yb[0..2], d);
-        for (q, &v) in yb[2..].iter_mut().zip(xb) {
-            *q = c_float_to_int((v * id).round()) as u8;
+        let mut v = [0f32; QK];
+        for (vj, &xj) in v.iter_mut().zip(xb) {
+            *vj = xj * id;
+        }
+        let q = c_round_to_int_block(&v);
+        for (out, &qj) in yb[2..].iter_mut().zip(&q) {
+            *out = qj as u8;
         }
     }
 }
@@ -403,13 +465,15 @@ pub fn quantize_row_q8_1_ref(x: &[f32], y: &mut [u8]) {
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         write_f16(&mut yb[0..2], d);
+        let mut v = [0f32; QK];
+        for (vj, &xj) in v.iter_mut().zip(xb) {
+            *vj = xj * id;
+        }
+        let q = c_round_to_int_block(&v);
         let mut sum = 0i32;
-        for j in 0..QK / 2 {
-            let q0 = c_float_to_int((xb[j] * id).round()) as i8;
-            let q1 = c_float_to_int((xb[QK / 2 + j] * id).round()) as i8;
-            yb[4 + j] = q0 as u8;
-            yb[4 + QK / 2 + j] = q1 as u8;
-            sum += q0 as i32 + q1 as i32;
+        for (out, &qj) in yb[4..].iter_mut().zip(&q) {
+            *out = qj as u8;
+            sum += (qj as i8) as i32;
         }
         write_f16(&mut yb[2..4], sum as f32 * d);
     }
