@@ -104,7 +104,7 @@ fn write_f32(path: &Path, v: &[f32]) {
 fn main() {
     use GgmlType::*;
     let all = [
-        F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
+        F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS,
     ];
     let wanted: Vec<String> = std::env::args()
         .skip(1)

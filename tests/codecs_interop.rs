@@ -138,7 +138,7 @@ fn le_bytes(v: &[f32]) -> Vec<u8> {
 #[test]
 fn random_rows_match_live_libggml() {
     use GgmlType::*;
-    let quantized = [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, F16, BF16];
+    let quantized = [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, IQ4_XS, F16, BF16];
     let dequantized = [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, IQ4_XS, F16, BF16];
     let n_deq = 64 * N_PER_ROW;
 

@@ -639,7 +639,9 @@ mod tests {
     #[test]
     fn imatrix_is_ignored_exactly_where_ggml_has_no_weighted_variant() {
         use GgmlType::*;
-        for ty in [Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K] {
+        for ty in [
+            Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS,
+        ] {
             assert!(has_imatrix_variant(ty), "{ty}");
         }
         for ty in [F32, F16, BF16, Q8_0] {
