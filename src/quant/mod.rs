@@ -525,6 +525,54 @@ pub fn quantize_rows(
     Ok(())
 }
 
+/// Elements of f32 scratch [`convert_rows`] uses per step (4 MiB), however large the tensor.
+const CONVERT_BLOCK_ELEMENTS: usize = 1 << 20;
+
+/// Re-encodes whole rows from `src_ty` to `dst_ty` (dequantize, then quantize as [`quantize_rows`]
+/// does, with `imatrix` if given) through a bounded f32 buffer of a few rows at a time: what
+/// `quantize --type` needs for every tensor it converts. `src` holds whole `src_ty` rows of
+/// `n_per_row` elements and `dst` the same rows in `dst_ty`.
+pub fn convert_rows(
+    src_ty: GgmlType,
+    src: &[u8],
+    dst_ty: GgmlType,
+    dst: &mut [u8],
+    n_per_row: usize,
+    imatrix: Option<&[f32]>,
+) -> Result<(), QuantError> {
+    dequantizer(src_ty)?;
+    quantizer(dst_ty, imatrix)?;
+    let src_row = checked_row_bytes(src_ty, n_per_row)?;
+    let dst_row = checked_row_bytes(dst_ty, n_per_row)?;
+    if n_per_row == 0 || src_row == 0 || !src.len().is_multiple_of(src_row) {
+        return Err(QuantError::NotWholeRows {
+            ty: src_ty,
+            what: "source",
+            len: src.len(),
+            n_per_row,
+        });
+    }
+    let nrows = src.len() / src_row;
+    expect_len(
+        dst_ty,
+        "destination rows",
+        "bytes",
+        nrows.saturating_mul(dst_row),
+        dst.len(),
+    )?;
+    let rows_per_step = (CONVERT_BLOCK_ELEMENTS / n_per_row).max(1);
+    let mut buf = vec![0f32; rows_per_step.min(nrows) * n_per_row];
+    for (s, d) in src
+        .chunks(rows_per_step * src_row)
+        .zip(dst.chunks_mut(rows_per_step * dst_row))
+    {
+        let f = &mut buf[..s.len() / src_row * n_per_row];
+        dequantize_rows(src_ty, s, n_per_row, f)?;
+        quantize_rows(dst_ty, f, n_per_row, d, imatrix)?;
+    }
+    Ok(())
+}
+
 impl fmt::Display for GgmlType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -677,5 +725,44 @@ mod tests {
                 assert_eq!(back, deq[r * n_per_row..][..n_per_row], "{ty} row {r}");
             }
         }
+    }
+
+    #[test]
+    fn convert_rows_equals_dequantize_then_quantize() {
+        let n_per_row = 512;
+        let nrows = 2100; // more than one step of the bounded buffer
+        let x: Vec<f32> = (0..n_per_row * nrows)
+            .map(|i| ((i * 2654435761usize) % 10007) as f32 / 5000.0 - 1.0)
+            .collect();
+        let mut f16 = vec![0u8; x.len() * 2];
+        quantize_rows(GgmlType::F16, &x, n_per_row, &mut f16, None).unwrap();
+        let mut back = vec![0f32; x.len()];
+        dequantize_rows(GgmlType::F16, &f16, n_per_row, &mut back).unwrap();
+        let w = vec![1.5f32; n_per_row];
+        for imatrix in [None, Some(w.as_slice())] {
+            let rb = GgmlType::Q5_0.row_bytes(n_per_row as u64).unwrap() as usize;
+            let mut want = vec![0u8; rb * nrows];
+            quantize_rows(GgmlType::Q5_0, &back, n_per_row, &mut want, imatrix).unwrap();
+            let mut got = vec![0u8; rb * nrows];
+            convert_rows(
+                GgmlType::F16,
+                &f16,
+                GgmlType::Q5_0,
+                &mut got,
+                n_per_row,
+                imatrix,
+            )
+            .unwrap();
+            assert_eq!(got, want);
+        }
+        let e = convert_rows(
+            GgmlType::F16,
+            &f16[..3],
+            GgmlType::Q8_0,
+            &mut [],
+            n_per_row,
+            None,
+        );
+        assert!(matches!(e, Err(QuantError::NotWholeRows { .. })));
     }
 }
