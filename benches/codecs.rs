@@ -103,6 +103,10 @@ fn write_f32(path: &Path, v: &[f32]) {
 
 fn main() {
     use GgmlType::*;
+    // `cargo test --all-targets` runs this binary too, without `--bench`: nothing to measure then.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
     let all = [
         F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS,
     ];
