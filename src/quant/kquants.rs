@@ -1033,3 +1033,103 @@ pub fn dequantize_row_q8_k(x: &[u8], y: &mut [f32]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ggml's `ggml_compute_fp32_to_fp16` (ggml-impl.h), restated: the conversion libggml-base uses
+    /// (it is built without F16C).
+    fn ggml_fp32_to_fp16(f: f32) -> u16 {
+        let scale_to_inf = f32::from_bits(0x7780_0000);
+        let scale_to_zero = f32::from_bits(0x0880_0000);
+        let mut base = (f.abs() * scale_to_inf) * scale_to_zero;
+        let w = f.to_bits();
+        let shl1_w = w.wrapping_add(w);
+        let sign = w & 0x8000_0000;
+        let bias = (shl1_w & 0xFF00_0000).max(0x7100_0000);
+        base += f32::from_bits((bias >> 1) + 0x0780_0000);
+        let bits = base.to_bits();
+        let nonsign = ((bits >> 13) & 0x7C00) + (bits & 0x0FFF);
+        ((sign >> 16)
+            | if shl1_w > 0xFF00_0000 {
+                0x7E00
+            } else {
+                nonsign
+            }) as u16
+    }
+
+    /// ggml's `ggml_compute_fp16_to_fp32`, restated.
+    fn ggml_fp16_to_fp32(h: u16) -> f32 {
+        let w = (h as u32) << 16;
+        let sign = w & 0x8000_0000;
+        let two_w = w.wrapping_add(w);
+        let normalized = f32::from_bits((two_w >> 4) + (0xE0 << 23)) * f32::from_bits(0x0780_0000);
+        let denormalized = f32::from_bits((two_w >> 17) | (126 << 23)) - 0.5;
+        let result = sign
+            | if two_w < (1 << 27) {
+                denormalized.to_bits()
+            } else {
+                normalized.to_bits()
+            };
+        f32::from_bits(result)
+    }
+
+    #[test]
+    fn half_matches_ggml_fp16_conversions() {
+        for h in 0..=u16::MAX {
+            assert_eq!(
+                fp16_to_fp32(h.to_le_bytes()).to_bits(),
+                ggml_fp16_to_fp32(h).to_bits(),
+                "f16 {h:#06x}"
+            );
+        }
+        // Every f32 with a stride prime to 2^32, plus the neighbourhoods of the f16 rounding
+        // boundaries (halfway points, subnormal and overflow edges), in both signs. NaNs only in the
+        // canonical quiet form arithmetic produces: ggml drops NaN payloads, `half` keeps some.
+        let mut bits: Vec<u32> = (0..=u32::MAX).step_by(4099).collect();
+        for h in 0..0x7C00u32 {
+            let mid =
+                (ggml_fp16_to_fp32(h as u16) as f64 + ggml_fp16_to_fp32(h as u16 + 1) as f64) / 2.0;
+            let mid = (mid as f32).to_bits();
+            bits.extend([mid.wrapping_sub(1), mid, mid + 1]);
+        }
+        bits.extend([
+            0x7F80_0000,
+            0x7FC0_0000,
+            0x477F_E000,
+            0x477F_F000,
+            0x477F_EFFF,
+            0x3380_0000,
+        ]);
+        for b in bits {
+            for f in [f32::from_bits(b), -f32::from_bits(b)] {
+                if f.is_nan() && (f.to_bits() & 0x7FFF_FFFF) != 0x7FC0_0000 {
+                    continue;
+                }
+                assert_eq!(
+                    u16::from_le_bytes(fp32_to_fp16(f)),
+                    ggml_fp32_to_fp16(f),
+                    "f32 {:#010x}",
+                    f.to_bits()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_are_read_at_any_alignment() {
+        let x: Vec<f32> = (0..512)
+            .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let mut q = vec![0u8; 2 * Q5_K_BYTES + 1];
+        quantize_row_q5_k_ref(&x, &mut q[1..]);
+        let mut aligned = vec![0u8; 2 * Q5_K_BYTES];
+        quantize_row_q5_k_ref(&x, &mut aligned);
+        assert_eq!(&q[1..], &aligned[..]);
+        let (mut a, mut b) = (vec![0f32; 512], vec![0f32; 512]);
+        dequantize_row_q5_k(&q[1..], &mut a);
+        dequantize_row_q5_k(&aligned, &mut b);
+        assert_eq!(a, b);
+    }
+}
