@@ -1,11 +1,32 @@
 //! Rough single-thread throughput of the K-quant codecs: `cargo run --release --example kquant_speed`.
-//! Prints one line per codec and direction (million values per second) for comparison with
+//! Prints one line per codec and direction (million values per CPU second) for comparison with
 //! `testdata/codecs/ggml_kquant_speed.py` on the same machine.
 use gguf_lora::quant::kquants::*;
-use std::time::Instant;
+
+/// CPU time of this thread in seconds (from /proc/thread-self/schedstat, in ns): the machine is
+/// shared, so wall time would measure the neighbours.
+fn cpu_seconds() -> f64 {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").expect("linux schedstat");
+    s.split_whitespace()
+        .next()
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("schedstat run time") as f64
+        / 1e9
+}
 
 type Quantize = fn(&[f32], &mut [u8], Option<&[f32]>);
 type Dequantize = fn(&[u8], &mut [f32]);
+
+/// Runs `f` (which handles `mvals` million values) until it has used a CPU second; returns Mval/s.
+fn repeat_for_a_second(mvals: f64, mut f: impl FnMut()) -> f64 {
+    let start = cpu_seconds();
+    let mut reps = 0;
+    while cpu_seconds() - start < 1.0 {
+        f();
+        reps += 1;
+    }
+    reps as f64 * mvals / (cpu_seconds() - start)
+}
 
 fn main() {
     let n_per_row = 4096;
@@ -38,25 +59,17 @@ fn main() {
         let mut y = vec![0f32; x.len()];
         let mvals = x.len() as f64 / 1e6;
         for (label, imat) in [("ref", None), ("imatrix", Some(&imatrix[..]))] {
-            let t = Instant::now();
-            for row in 0..nrows {
-                let xr = &x[row * n_per_row..(row + 1) * n_per_row];
-                let qr = &mut q[row * n_per_row / 256 * bytes..(row + 1) * n_per_row / 256 * bytes];
-                quantize(xr, qr, imat);
-            }
-            println!(
-                "{name} quantize {label:8} {:8.2} Mval/s",
-                mvals / t.elapsed().as_secs_f64()
-            );
+            let rate = repeat_for_a_second(mvals, || {
+                for row in 0..nrows {
+                    let xr = &x[row * n_per_row..(row + 1) * n_per_row];
+                    let qr =
+                        &mut q[row * n_per_row / 256 * bytes..(row + 1) * n_per_row / 256 * bytes];
+                    quantize(xr, qr, imat);
+                }
+            });
+            println!("{name} quantize {label:8} {rate:8.2} Mval/s");
         }
-        let t = Instant::now();
-        let reps = 20;
-        for _ in 0..reps {
-            dequantize(&q, &mut y);
-        }
-        println!(
-            "{name} dequantize        {:8.2} Mval/s",
-            reps as f64 * mvals / t.elapsed().as_secs_f64()
-        );
+        let rate = repeat_for_a_second(mvals, || dequantize(&q, &mut y));
+        println!("{name} dequantize        {rate:8.2} Mval/s");
     }
 }

@@ -20,6 +20,16 @@ def lcg(n):
     return out
 
 
+def repeat_for_a_second(mvals, f):
+    """Runs f until it has used a CPU second (thread time: the machine is shared); returns Mval/s."""
+    start = time.thread_time()
+    reps = 0
+    while time.thread_time() - start < 1.0:
+        f()
+        reps += 1
+    return reps * mvals / (time.thread_time() - start)
+
+
 def main():
     g = Ggml()
     n_per_row, nrows = 4096, 64
@@ -31,18 +41,17 @@ def main():
             continue
         mvals = x.size / 1e6
         for label, im in [("ref", None), ("imatrix", imatrix)]:
-            t0 = time.perf_counter()
-            q = g.quantize(t, x, im)  # one ggml_quantize_chunk call over all rows, single thread
-            print(f"{t} quantize {label:8} {mvals / (time.perf_counter() - t0):8.2f} Mval/s")
+            # one ggml_quantize_chunk call over all rows, single thread
+            rate = repeat_for_a_second(mvals, lambda: g.quantize(t, x, im))
+            print(f"{t} quantize {label:8} {rate:8.2f} Mval/s")
+        q = g.quantize(t, x, None)
         traits = g.lib.ggml_get_type_traits(g.type_id(t)).contents
         fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)(traits.to_float)
         src = np.frombuffer(q, dtype=np.uint8).copy()
         out = np.zeros(x.size, dtype=np.float32)
-        reps = 20
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn(src.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), x.size)
-        print(f"{t} dequantize        {reps * mvals / (time.perf_counter() - t0):8.2f} Mval/s")
+        sp, op = src.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        rate = repeat_for_a_second(mvals, lambda: fn(sp, op, x.size))
+        print(f"{t} dequantize        {rate:8.2f} Mval/s")
 
 
 if __name__ == "__main__":
