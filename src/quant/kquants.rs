@@ -23,8 +23,8 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::search::{
-    make_q3_quants, make_qkx2_quants, make_qkx3_quants, make_qp_quants, make_qx_quants,
-    nearest_int, GROUP_MAX_EPS,
+    make_q3_quants, make_qkx_quants_lanes, make_qp_quants, make_qx_quants, nearest_int,
+    GROUP_MAX_EPS,
 };
 use super::QK_K;
 use half::f16;
@@ -128,6 +128,29 @@ fn rows_with_imatrix(
     }
 }
 
+/// One super-block as `LANES` groups of `N` values, lane-major: `out[i][k] = x[N*k + i]`, the layout
+/// of the lane-parallel searches in [`super::search`].
+#[inline(always)]
+fn transpose<const LANES: usize, const N: usize>(x: &[f32; QK_K]) -> [[f32; LANES]; N] {
+    let mut out = [[0f32; LANES]; N];
+    for k in 0..LANES {
+        for i in 0..N {
+            out[i][k] = x[N * k + i];
+        }
+    }
+    out
+}
+
+/// The inverse of [`transpose`] for levels.
+#[inline(always)]
+fn untranspose<const LANES: usize, const N: usize>(lt: &[[u8; LANES]; N], levels: &mut [u8; QK_K]) {
+    for k in 0..LANES {
+        for i in 0..N {
+            levels[N * k + i] = lt[i][k];
+        }
+    }
+}
+
 /// Packs 2-bit levels `l` (values 0..=3) into 64 bytes the way Q2_K and Q3_K store them: byte `l` of
 /// each 32-byte half holds elements `l`, `l+32`, `l+64`, `l+96` of its 128 in bits 0-1, 2-3, 4-5, 6-7.
 #[inline(always)]
@@ -171,31 +194,24 @@ fn q2_k_requantize(x: &[f32; QK_K], y: &[u8; Q2_K_BYTES], levels: &mut [u8; QK_K
 }
 
 fn quantize_block_q2_k_ref(x: &[f32; QK_K], y: &mut [u8; Q2_K_BYTES]) {
-    let mut levels = [0u8; QK_K];
-    let mut laux = [0u8; 16];
-    let mut weights = [0f32; 16];
-    let mut mins = [0f32; QK_K / 16];
-    let mut scales = [0f32; QK_K / 16];
     const Q4SCALE: f32 = 15.0;
+    let mut levels = [0u8; QK_K];
+    let xt = transpose::<16, 16>(x);
+    let mut wt = [[0f32; 16]; 16];
+    for i in 0..16 {
+        for k in 0..16 {
+            wt[i][k] = xt[i][k].abs();
+        }
+    }
+    let mut lt = [[0u8; 16]; 16];
+    let mut laux = [[0u8; 16]; 16];
+    let (scales, mins) =
+        make_qkx_quants_lanes(3, &xt, &wt, &mut lt, &mut laux, -0.5, 0.1, 15, true, false);
+    untranspose(&lt, &mut levels);
 
     let mut max_scale = 0.0f32;
     let mut max_min = 0.0f32;
     for j in 0..QK_K / 16 {
-        let xs = &x[16 * j..16 * j + 16];
-        for l in 0..16 {
-            weights[l] = xs[l].abs();
-        }
-        (scales[j], mins[j]) = make_qkx2_quants(
-            3,
-            xs,
-            &weights,
-            &mut levels[16 * j..16 * j + 16],
-            &mut laux,
-            -0.5,
-            0.1,
-            15,
-            true,
-        );
         if scales[j] > max_scale {
             max_scale = scales[j];
         }
@@ -237,11 +253,7 @@ pub fn quantize_row_q2_k_ref(x: &[f32], y: &mut [u8]) {
 
 fn quantize_block_q2_k_impl(x: &[f32; QK_K], y: &mut [u8; Q2_K_BYTES], qw: &[f32]) {
     let mut levels = [0u8; QK_K];
-    let mut laux = [0u8; 16];
-    let mut mins = [0f32; QK_K / 16];
-    let mut scales = [0f32; QK_K / 16];
     let mut sw = [0f32; QK_K / 16];
-    let mut weight = [0f32; 16];
     let mut ls = [0u8; QK_K / 16];
     let mut lm = [0u8; QK_K / 16];
 
@@ -250,27 +262,24 @@ fn quantize_block_q2_k_impl(x: &[f32; QK_K], y: &mut [u8; Q2_K_BYTES], qw: &[f32
         sumx2 += x[j] * x[j];
     }
     let sigma2 = sumx2 / QK_K as f32;
-    for j in 0..QK_K / 16 {
-        let qw = &qw[16 * j..16 * j + 16];
-        let xs = &x[16 * j..16 * j + 16];
-        for l in 0..16 {
-            weight[l] = qw[l] * (sigma2 + xs[l] * xs[l]).sqrt();
+    let xt = transpose::<16, 16>(x);
+    let qwt = transpose::<16, 16>(qw.try_into().expect("one weight per value"));
+    let mut wt = [[0f32; 16]; 16];
+    for i in 0..16 {
+        for k in 0..16 {
+            wt[i][k] = qwt[i][k] * (sigma2 + xt[i][k] * xt[i][k]).sqrt();
         }
-        for l in 0..QK_K / 16 {
-            sw[j] += weight[l];
-        }
-        (scales[j], mins[j]) = make_qkx3_quants(
-            3,
-            xs,
-            Some(&weight),
-            &mut levels[16 * j..16 * j + 16],
-            &mut laux,
-            -0.9,
-            0.05,
-            36,
-            false,
-        );
     }
+    for i in 0..16 {
+        for k in 0..16 {
+            sw[k] += wt[i][k];
+        }
+    }
+    let mut lt = [[0u8; 16]; 16];
+    let mut laux = [[0u8; 16]; 16];
+    let (scales, mins) =
+        make_qkx_quants_lanes(3, &xt, &wt, &mut lt, &mut laux, -0.9, 0.05, 36, false, true);
+    untranspose(&lt, &mut levels);
 
     let dm = make_qp_quants(15, &scales, &mut ls, &sw);
     let mm = make_qp_quants(15, &mins, &mut lm, &sw);
@@ -582,34 +591,30 @@ fn qk4_ref_scales(
     nstep: i32,
     levels: &mut [u8; QK_K],
 ) {
-    let mut laux = [0u8; 32];
-    let mut weights = [0f32; 32];
-    let mut mins = [0f32; QK_K / 32];
-    let mut scales = [0f32; QK_K / 32];
+    let xt = transpose::<8, 32>(x);
+    let mut sum_x2 = [0f32; 8];
+    for i in 0..32 {
+        for k in 0..8 {
+            sum_x2[k] += xt[i][k] * xt[i][k];
+        }
+    }
+    let mut wt = [[0f32; 8]; 32];
+    for k in 0..8 {
+        let av_x = (sum_x2[k] / 32.0).sqrt();
+        for i in 0..32 {
+            wt[i][k] = av_x + xt[i][k].abs();
+        }
+    }
+    let mut lt = [[0u8; 8]; 32];
+    let mut laux = [[0u8; 8]; 32];
+    let (scales, mins) = make_qkx_quants_lanes(
+        nmax, &xt, &wt, &mut lt, &mut laux, rmin, rdelta, nstep, false, false,
+    );
+    untranspose(&lt, levels);
 
     let mut max_scale = 0.0f32;
     let mut max_min = 0.0f32;
     for j in 0..QK_K / 32 {
-        let xs = &x[32 * j..32 * j + 32];
-        let mut sum_x2 = 0.0f32;
-        for l in 0..32 {
-            sum_x2 += xs[l] * xs[l];
-        }
-        let av_x = (sum_x2 / 32.0).sqrt();
-        for l in 0..32 {
-            weights[l] = av_x + xs[l].abs();
-        }
-        (scales[j], mins[j]) = make_qkx2_quants(
-            nmax,
-            xs,
-            &weights,
-            &mut levels[32 * j..32 * j + 32],
-            &mut laux,
-            rmin,
-            rdelta,
-            nstep,
-            false,
-        );
         if scales[j] > max_scale {
             max_scale = scales[j];
         }
@@ -647,42 +652,34 @@ fn qk4_impl_scales(
     clamp_63: bool,
     levels: &mut [u8; QK_K],
 ) {
-    let mut laux = [0u8; 32];
     let mut ls = [0u8; QK_K / 32];
     let mut lm = [0u8; QK_K / 32];
-    let mut weights = [0f32; 32];
     let mut sw = [0f32; QK_K / 32];
-    let mut mins = [0f32; QK_K / 32];
-    let mut scales = [0f32; QK_K / 32];
 
     let mut sum_x2 = 0.0f32;
     for l in 0..QK_K {
         sum_x2 += x[l] * x[l];
     }
     let sigma2 = 2.0 * sum_x2 / QK_K as f32;
-    for j in 0..QK_K / 32 {
-        let qw = &qw[32 * j..32 * j + 32];
-        let xs = &x[32 * j..32 * j + 32];
-        for l in 0..32 {
-            weights[l] = qw[l] * (sigma2 + xs[l] * xs[l]).sqrt();
+    let xt = transpose::<8, 32>(x);
+    let qwt = transpose::<8, 32>(qw.try_into().expect("one weight per value"));
+    let mut wt = [[0f32; 8]; 32];
+    for i in 0..32 {
+        for k in 0..8 {
+            wt[i][k] = qwt[i][k] * (sigma2 + xt[i][k] * xt[i][k]).sqrt();
         }
-        let mut sumw = 0.0f32;
-        for l in 0..32 {
-            sumw += weights[l];
-        }
-        sw[j] = sumw;
-        (scales[j], mins[j]) = make_qkx3_quants(
-            nmax,
-            xs,
-            Some(&weights),
-            &mut levels[32 * j..32 * j + 32],
-            &mut laux,
-            -0.9,
-            0.05,
-            36,
-            false,
-        );
     }
+    for i in 0..32 {
+        for k in 0..8 {
+            sw[k] += wt[i][k];
+        }
+    }
+    let mut lt = [[0u8; 8]; 32];
+    let mut laux = [[0u8; 8]; 32];
+    let (scales, mins) = make_qkx_quants_lanes(
+        nmax, &xt, &wt, &mut lt, &mut laux, -0.9, 0.05, 36, false, true,
+    );
+    untranspose(&lt, levels);
 
     let d_block = make_qp_quants(63, &scales, &mut ls, &sw);
     let m_block = make_qp_quants(63, &mins, &mut lm, &sw);
