@@ -23,8 +23,8 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::search::{
-    make_q3_quants, make_qkx_quants_lanes, make_qp_quants, make_qx_quants, nearest_int,
-    GROUP_MAX_EPS,
+    make_q3_quants, make_qkx_quants_lanes, make_qp_quants, make_qx_quants, make_qx_quants_lanes,
+    nearest_int, GROUP_MAX_EPS,
 };
 use super::QK_K;
 use half::f16;
@@ -143,7 +143,10 @@ fn transpose<const LANES: usize, const N: usize>(x: &[f32; QK_K]) -> [[f32; LANE
 
 /// The inverse of [`transpose`] for levels.
 #[inline(always)]
-fn untranspose<const LANES: usize, const N: usize>(lt: &[[u8; LANES]; N], levels: &mut [u8; QK_K]) {
+fn untranspose<T: Copy, const LANES: usize, const N: usize>(
+    lt: &[[T; LANES]; N],
+    levels: &mut [T; QK_K],
+) {
     for k in 0..LANES {
         for i in 0..N {
             levels[N * k + i] = lt[i][k];
@@ -444,9 +447,6 @@ pub fn quantize_row_q3_k_ref(x: &[f32], y: &mut [u8]) {
 }
 
 fn quantize_block_q3_k_impl(x: &[f32; QK_K], y: &mut [u8; Q3_K_BYTES], qw: &[f32]) {
-    let mut levels = [0i8; QK_K];
-    let mut scales = [0f32; QK_K / 16];
-    let mut weight = [0f32; 16];
     let mut sw = [0f32; QK_K / 16];
     let mut ls = [0i8; QK_K / 16];
 
@@ -455,19 +455,24 @@ fn quantize_block_q3_k_impl(x: &[f32; QK_K], y: &mut [u8; Q3_K_BYTES], qw: &[f32
         sumx2 += x[j] * x[j];
     }
     let sigma2 = 2.0 * sumx2 / QK_K as f32;
-    for j in 0..QK_K / 16 {
-        let qw = &qw[16 * j..16 * j + 16];
-        let xs = &x[16 * j..16 * j + 16];
-        for l in 0..16 {
-            weight[l] = qw[l] * (sigma2 + xs[l] * xs[l]).sqrt();
+    let xt = transpose::<16, 16>(x);
+    let qwt = transpose::<16, 16>(qw.try_into().expect("one weight per value"));
+    let mut wt = [[0f32; 16]; 16];
+    for i in 0..16 {
+        for k in 0..16 {
+            wt[i][k] = qwt[i][k] * (sigma2 + xt[i][k] * xt[i][k]).sqrt();
         }
-        let mut sumw = 0.0f32;
-        for l in 0..16 {
-            sumw += weight[l];
-        }
-        sw[j] = sumw;
-        scales[j] = make_qx_quants(4, xs, &mut levels[16 * j..16 * j + 16], 1, Some(&weight));
     }
+    for i in 0..16 {
+        for k in 0..16 {
+            sw[k] += wt[i][k];
+        }
+    }
+    let mut lt = [[0i8; 16]; 16];
+    let mut laux = [[0i8; 16]; 16];
+    let scales = make_qx_quants_lanes(4, &xt, &wt, &mut lt, &mut laux);
+    let mut levels = [0i8; QK_K];
+    untranspose(&lt, &mut levels);
 
     y[Q3_SCALES..Q3_SCALES + 12].fill(0);
     let d_block = make_qx_quants(32, &scales, &mut ls, 1, Some(&sw));
@@ -865,24 +870,31 @@ const Q6_D: usize = 208;
 
 /// The shared body of `quantize_row_q6_K_ref` (`qw` None) and `quantize_row_q6_K_impl`.
 fn quantize_block_q6_k(x: &[f32; QK_K], y: &mut [u8; Q6_K_BYTES], qw: Option<&[f32]>) {
+    let xt = transpose::<16, 16>(x);
+    let mut wt = [[0f32; 16]; 16];
+    match qw {
+        Some(qw) => wt = transpose::<16, 16>(qw.try_into().expect("one weight per value")),
+        None => {
+            for i in 0..16 {
+                for k in 0..16 {
+                    wt[i][k] = xt[i][k] * xt[i][k];
+                }
+            }
+        }
+    }
+    let mut lt = [[0i8; 16]; 16];
+    let mut laux = [[0i8; 16]; 16];
+    let scales = make_qx_quants_lanes(32, &xt, &wt, &mut lt, &mut laux);
     let mut levels = [0i8; QK_K];
-    let mut scales = [0f32; QK_K / 16];
+    untranspose(&lt, &mut levels);
 
     let mut max_scale = 0.0f32;
     let mut max_abs_scale = 0.0f32;
     for ib in 0..QK_K / 16 {
-        let scale = make_qx_quants(
-            32,
-            &x[16 * ib..16 * ib + 16],
-            &mut levels[16 * ib..16 * ib + 16],
-            1,
-            qw.map(|w| &w[16 * ib..16 * ib + 16]),
-        );
-        scales[ib] = scale;
-        let abs_scale = scale.abs();
+        let abs_scale = scales[ib].abs();
         if abs_scale > max_abs_scale {
             max_abs_scale = abs_scale;
-            max_scale = scale;
+            max_scale = scales[ib];
         }
     }
 

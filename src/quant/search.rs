@@ -130,6 +130,105 @@ pub fn make_qx_quants(
     scale
 }
 
+/// [`make_qx_quants`] with `rmse_type` 1 and explicit weights (pass `x²` for ggml's `qw == NULL`: the
+/// same value it computes inline) run on `LANES` independent groups in lockstep, one per lane:
+/// `xt[i][k]` is value `i` of group `k`, `wt` its weight, `lt` receives the offset levels and `laux`
+/// is scratch. Every lane performs the scalar function's operations in its order (bit-identical
+/// results); branches become per-lane selects. Returns the scales.
+#[inline(always)]
+pub fn make_qx_quants_lanes<const LANES: usize>(
+    nmax: i32,
+    xt: &[[f32; LANES]],
+    wt: &[[f32; LANES]],
+    lt: &mut [[i8; LANES]],
+    laux: &mut [[i8; LANES]],
+) -> [f32; LANES] {
+    let n = xt.len();
+    assert!(wt.len() == n && lt.len() == n && laux.len() == n);
+    let mut max = [0f32; LANES];
+    let mut amax = [0f32; LANES];
+    for x in xt {
+        for k in 0..LANES {
+            let ax = x[k].abs();
+            let bigger = ax > amax[k];
+            amax[k] = if bigger { ax } else { amax[k] };
+            max[k] = if bigger { x[k] } else { max[k] };
+        }
+    }
+    let nmaxf = nmax as f32;
+    let mut iscale = [0f32; LANES];
+    for k in 0..LANES {
+        iscale[k] = (-nmax) as f32 / max[k];
+    }
+    let mut sumlx = [0f32; LANES];
+    let mut suml2 = [0f32; LANES];
+    for i in 0..n {
+        let (x, w) = (&xt[i], &wt[i]);
+        for k in 0..LANES {
+            let q = nearest_int(iscale[k] * x[k]).clamp(-nmax, nmax - 1);
+            lt[i][k] = (q + nmax) as i8;
+            let qf = q as f32;
+            sumlx[k] += w[k] * x[k] * qf;
+            suml2[k] += w[k] * qf * qf;
+        }
+    }
+    let mut scale = [0f32; LANES];
+    let mut best = [0f32; LANES];
+    for k in 0..LANES {
+        scale[k] = if suml2[k] != 0.0 {
+            sumlx[k] / suml2[k]
+        } else {
+            0.0
+        };
+        best[k] = scale[k] * sumlx[k];
+    }
+    for is in -9..=9 {
+        if is == 0 {
+            continue;
+        }
+        let factor = nmaxf + 0.1f32 * is as f32;
+        for k in 0..LANES {
+            iscale[k] = -factor / max[k];
+        }
+        let mut sumlx = [0f32; LANES];
+        let mut suml2 = [0f32; LANES];
+        for i in 0..n {
+            let (x, w) = (&xt[i], &wt[i]);
+            for k in 0..LANES {
+                let q = nearest_int(iscale[k] * x[k]).clamp(-nmax, nmax - 1);
+                laux[i][k] = (q + nmax) as i8;
+                let qf = q as f32;
+                sumlx[k] += w[k] * x[k] * qf;
+                suml2[k] += w[k] * qf * qf;
+            }
+        }
+        let mut accept = [false; LANES];
+        for k in 0..LANES {
+            accept[k] = suml2[k] > 0.0 && sumlx[k] * sumlx[k] > best[k] * suml2[k];
+            if accept[k] {
+                scale[k] = sumlx[k] / suml2[k];
+                best[k] = scale[k] * sumlx[k];
+            }
+        }
+        if accept.iter().any(|&a| a) {
+            for i in 0..n {
+                for k in 0..LANES {
+                    lt[i][k] = if accept[k] { laux[i][k] } else { lt[i][k] };
+                }
+            }
+        }
+    }
+    for k in 0..LANES {
+        if amax[k] < GROUP_MAX_EPS {
+            scale[k] = 0.0;
+            for l in lt.iter_mut() {
+                l[k] = 0;
+            }
+        }
+    }
+    scale
+}
+
 /// Symmetric quantization to `-nmax..nmax-1` (stored offset by `nmax`) refined by coordinate descent
 /// on the `x²`-weighted error when `do_rmse`; returns the scale. Mirrors ggml's `make_q3_quants`.
 pub fn make_q3_quants(nmax: i32, x: &[f32], l: &mut [i8], do_rmse: bool) -> f32 {
@@ -706,6 +805,41 @@ mod tests {
         #[test]
         fn lanes_equal_scalar_qkx3(groups in prop::collection::vec(group(32), 8)) {
             check_lanes(&groups, true, 31, (-0.9, 0.05, 36, false));
+        }
+    }
+
+    fn check_qx_lanes(groups: &[(Vec<f32>, Vec<f32>)], nmax: i32, given_weights: bool) {
+        const LANES: usize = 16;
+        let n = groups[0].0.len();
+        let mut xt = vec![[0f32; LANES]; n];
+        let mut wt = vec![[0f32; LANES]; n];
+        for (k, (x, w)) in groups.iter().enumerate() {
+            for i in 0..n {
+                xt[i][k] = x[i];
+                wt[i][k] = if given_weights { w[i] } else { x[i] * x[i] };
+            }
+        }
+        let mut lt = vec![[0i8; LANES]; n];
+        let mut laux = vec![[0i8; LANES]; n];
+        let scales = make_qx_quants_lanes(nmax, &xt, &wt, &mut lt, &mut laux);
+        for (k, (x, w)) in groups.iter().enumerate() {
+            let mut l = vec![0i8; n];
+            let scale = make_qx_quants(nmax, x, &mut l, 1, given_weights.then_some(&w[..]));
+            assert_eq!(scales[k].to_bits(), scale.to_bits(), "lane {k} scale");
+            let lane: Vec<i8> = lt.iter().map(|row| row[k]).collect();
+            assert_eq!(lane, l, "lane {k} levels");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn lanes_equal_scalar_qx_q6k(groups in prop::collection::vec(group(16), 16)) {
+            check_qx_lanes(&groups, 32, false);
+        }
+
+        #[test]
+        fn lanes_equal_scalar_qx_weighted(groups in prop::collection::vec(group(16), 16)) {
+            check_qx_lanes(&groups, 4, true);
         }
     }
 }
