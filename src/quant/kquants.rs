@@ -23,7 +23,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::search::{
-    make_q3_quants, make_qkx2_quants, make_qkx3_quants, make_qp_quants, make_qx_quants,
+    make_q3_quants, make_qkx_quants_lanes, make_qp_quants, make_qx_quants, make_qx_quants_lanes,
     nearest_int, GROUP_MAX_EPS,
 };
 use super::{Codec, QK_K};
@@ -128,6 +128,32 @@ fn rows_with_imatrix(
     }
 }
 
+/// One super-block as `LANES` groups of `N` values, lane-major: `out[i][k] = x[N*k + i]`, the layout
+/// of the lane-parallel searches in [`super::search`].
+#[inline(always)]
+fn transpose<const LANES: usize, const N: usize>(x: &[f32; QK_K]) -> [[f32; LANES]; N] {
+    let mut out = [[0f32; LANES]; N];
+    for k in 0..LANES {
+        for i in 0..N {
+            out[i][k] = x[N * k + i];
+        }
+    }
+    out
+}
+
+/// The inverse of [`transpose`] for levels.
+#[inline(always)]
+fn untranspose<T: Copy, const LANES: usize, const N: usize>(
+    lt: &[[T; LANES]; N],
+    levels: &mut [T; QK_K],
+) {
+    for k in 0..LANES {
+        for i in 0..N {
+            levels[N * k + i] = lt[i][k];
+        }
+    }
+}
+
 /// Packs 2-bit levels `l` (values 0..=3) into 64 bytes the way Q2_K and Q3_K store them: byte `l` of
 /// each 32-byte half holds elements `l`, `l+32`, `l+64`, `l+96` of its 128 in bits 0-1, 2-3, 4-5, 6-7.
 #[inline(always)]
@@ -171,31 +197,24 @@ fn q2_k_requantize(x: &[f32; QK_K], y: &[u8; Q2_K_BYTES], levels: &mut [u8; QK_K
 }
 
 fn quantize_block_q2_k_ref(x: &[f32; QK_K], y: &mut [u8; Q2_K_BYTES]) {
-    let mut levels = [0u8; QK_K];
-    let mut laux = [0u8; 16];
-    let mut weights = [0f32; 16];
-    let mut mins = [0f32; QK_K / 16];
-    let mut scales = [0f32; QK_K / 16];
     const Q4SCALE: f32 = 15.0;
+    let mut levels = [0u8; QK_K];
+    let xt = transpose::<16, 16>(x);
+    let mut wt = [[0f32; 16]; 16];
+    for i in 0..16 {
+        for k in 0..16 {
+            wt[i][k] = xt[i][k].abs();
+        }
+    }
+    let mut lt = [[0u8; 16]; 16];
+    let mut laux = [[0u8; 16]; 16];
+    let (scales, mins) =
+        make_qkx_quants_lanes(3, &xt, &wt, &mut lt, &mut laux, -0.5, 0.1, 15, true, false);
+    untranspose(&lt, &mut levels);
 
     let mut max_scale = 0.0f32;
     let mut max_min = 0.0f32;
     for j in 0..QK_K / 16 {
-        let xs = &x[16 * j..16 * j + 16];
-        for l in 0..16 {
-            weights[l] = xs[l].abs();
-        }
-        (scales[j], mins[j]) = make_qkx2_quants(
-            3,
-            xs,
-            &weights,
-            &mut levels[16 * j..16 * j + 16],
-            &mut laux,
-            -0.5,
-            0.1,
-            15,
-            true,
-        );
         if scales[j] > max_scale {
             max_scale = scales[j];
         }
@@ -237,11 +256,7 @@ pub fn quantize_row_q2_k_ref(x: &[f32], y: &mut [u8]) {
 
 fn quantize_block_q2_k_impl(x: &[f32; QK_K], y: &mut [u8; Q2_K_BYTES], qw: &[f32]) {
     let mut levels = [0u8; QK_K];
-    let mut laux = [0u8; 16];
-    let mut mins = [0f32; QK_K / 16];
-    let mut scales = [0f32; QK_K / 16];
     let mut sw = [0f32; QK_K / 16];
-    let mut weight = [0f32; 16];
     let mut ls = [0u8; QK_K / 16];
     let mut lm = [0u8; QK_K / 16];
 
@@ -250,27 +265,24 @@ fn quantize_block_q2_k_impl(x: &[f32; QK_K], y: &mut [u8; Q2_K_BYTES], qw: &[f32
         sumx2 += x[j] * x[j];
     }
     let sigma2 = sumx2 / QK_K as f32;
-    for j in 0..QK_K / 16 {
-        let qw = &qw[16 * j..16 * j + 16];
-        let xs = &x[16 * j..16 * j + 16];
-        for l in 0..16 {
-            weight[l] = qw[l] * (sigma2 + xs[l] * xs[l]).sqrt();
+    let xt = transpose::<16, 16>(x);
+    let qwt = transpose::<16, 16>(qw.try_into().expect("one weight per value"));
+    let mut wt = [[0f32; 16]; 16];
+    for i in 0..16 {
+        for k in 0..16 {
+            wt[i][k] = qwt[i][k] * (sigma2 + xt[i][k] * xt[i][k]).sqrt();
         }
-        for l in 0..QK_K / 16 {
-            sw[j] += weight[l];
-        }
-        (scales[j], mins[j]) = make_qkx3_quants(
-            3,
-            xs,
-            Some(&weight),
-            &mut levels[16 * j..16 * j + 16],
-            &mut laux,
-            -0.9,
-            0.05,
-            36,
-            false,
-        );
     }
+    for i in 0..16 {
+        for k in 0..16 {
+            sw[k] += wt[i][k];
+        }
+    }
+    let mut lt = [[0u8; 16]; 16];
+    let mut laux = [[0u8; 16]; 16];
+    let (scales, mins) =
+        make_qkx_quants_lanes(3, &xt, &wt, &mut lt, &mut laux, -0.9, 0.05, 36, false, true);
+    untranspose(&lt, &mut levels);
 
     let dm = make_qp_quants(15, &scales, &mut ls, &sw);
     let mm = make_qp_quants(15, &mins, &mut lm, &sw);
@@ -435,9 +447,6 @@ pub fn quantize_row_q3_k_ref(x: &[f32], y: &mut [u8]) {
 }
 
 fn quantize_block_q3_k_impl(x: &[f32; QK_K], y: &mut [u8; Q3_K_BYTES], qw: &[f32]) {
-    let mut levels = [0i8; QK_K];
-    let mut scales = [0f32; QK_K / 16];
-    let mut weight = [0f32; 16];
     let mut sw = [0f32; QK_K / 16];
     let mut ls = [0i8; QK_K / 16];
 
@@ -446,19 +455,24 @@ fn quantize_block_q3_k_impl(x: &[f32; QK_K], y: &mut [u8; Q3_K_BYTES], qw: &[f32
         sumx2 += x[j] * x[j];
     }
     let sigma2 = 2.0 * sumx2 / QK_K as f32;
-    for j in 0..QK_K / 16 {
-        let qw = &qw[16 * j..16 * j + 16];
-        let xs = &x[16 * j..16 * j + 16];
-        for l in 0..16 {
-            weight[l] = qw[l] * (sigma2 + xs[l] * xs[l]).sqrt();
+    let xt = transpose::<16, 16>(x);
+    let qwt = transpose::<16, 16>(qw.try_into().expect("one weight per value"));
+    let mut wt = [[0f32; 16]; 16];
+    for i in 0..16 {
+        for k in 0..16 {
+            wt[i][k] = qwt[i][k] * (sigma2 + xt[i][k] * xt[i][k]).sqrt();
         }
-        let mut sumw = 0.0f32;
-        for l in 0..16 {
-            sumw += weight[l];
-        }
-        sw[j] = sumw;
-        scales[j] = make_qx_quants(4, xs, &mut levels[16 * j..16 * j + 16], 1, Some(&weight));
     }
+    for i in 0..16 {
+        for k in 0..16 {
+            sw[k] += wt[i][k];
+        }
+    }
+    let mut lt = [[0i8; 16]; 16];
+    let mut laux = [[0i8; 16]; 16];
+    let scales = make_qx_quants_lanes(4, &xt, &wt, &mut lt, &mut laux);
+    let mut levels = [0i8; QK_K];
+    untranspose(&lt, &mut levels);
 
     y[Q3_SCALES..Q3_SCALES + 12].fill(0);
     let d_block = make_qx_quants(32, &scales, &mut ls, 1, Some(&sw));
@@ -582,34 +596,30 @@ fn qk4_ref_scales(
     nstep: i32,
     levels: &mut [u8; QK_K],
 ) {
-    let mut laux = [0u8; 32];
-    let mut weights = [0f32; 32];
-    let mut mins = [0f32; QK_K / 32];
-    let mut scales = [0f32; QK_K / 32];
+    let xt = transpose::<8, 32>(x);
+    let mut sum_x2 = [0f32; 8];
+    for i in 0..32 {
+        for k in 0..8 {
+            sum_x2[k] += xt[i][k] * xt[i][k];
+        }
+    }
+    let mut wt = [[0f32; 8]; 32];
+    for k in 0..8 {
+        let av_x = (sum_x2[k] / 32.0).sqrt();
+        for i in 0..32 {
+            wt[i][k] = av_x + xt[i][k].abs();
+        }
+    }
+    let mut lt = [[0u8; 8]; 32];
+    let mut laux = [[0u8; 8]; 32];
+    let (scales, mins) = make_qkx_quants_lanes(
+        nmax, &xt, &wt, &mut lt, &mut laux, rmin, rdelta, nstep, false, false,
+    );
+    untranspose(&lt, levels);
 
     let mut max_scale = 0.0f32;
     let mut max_min = 0.0f32;
     for j in 0..QK_K / 32 {
-        let xs = &x[32 * j..32 * j + 32];
-        let mut sum_x2 = 0.0f32;
-        for l in 0..32 {
-            sum_x2 += xs[l] * xs[l];
-        }
-        let av_x = (sum_x2 / 32.0).sqrt();
-        for l in 0..32 {
-            weights[l] = av_x + xs[l].abs();
-        }
-        (scales[j], mins[j]) = make_qkx2_quants(
-            nmax,
-            xs,
-            &weights,
-            &mut levels[32 * j..32 * j + 32],
-            &mut laux,
-            rmin,
-            rdelta,
-            nstep,
-            false,
-        );
         if scales[j] > max_scale {
             max_scale = scales[j];
         }
@@ -647,42 +657,34 @@ fn qk4_impl_scales(
     clamp_63: bool,
     levels: &mut [u8; QK_K],
 ) {
-    let mut laux = [0u8; 32];
     let mut ls = [0u8; QK_K / 32];
     let mut lm = [0u8; QK_K / 32];
-    let mut weights = [0f32; 32];
     let mut sw = [0f32; QK_K / 32];
-    let mut mins = [0f32; QK_K / 32];
-    let mut scales = [0f32; QK_K / 32];
 
     let mut sum_x2 = 0.0f32;
     for l in 0..QK_K {
         sum_x2 += x[l] * x[l];
     }
     let sigma2 = 2.0 * sum_x2 / QK_K as f32;
-    for j in 0..QK_K / 32 {
-        let qw = &qw[32 * j..32 * j + 32];
-        let xs = &x[32 * j..32 * j + 32];
-        for l in 0..32 {
-            weights[l] = qw[l] * (sigma2 + xs[l] * xs[l]).sqrt();
+    let xt = transpose::<8, 32>(x);
+    let qwt = transpose::<8, 32>(qw.try_into().expect("one weight per value"));
+    let mut wt = [[0f32; 8]; 32];
+    for i in 0..32 {
+        for k in 0..8 {
+            wt[i][k] = qwt[i][k] * (sigma2 + xt[i][k] * xt[i][k]).sqrt();
         }
-        let mut sumw = 0.0f32;
-        for l in 0..32 {
-            sumw += weights[l];
-        }
-        sw[j] = sumw;
-        (scales[j], mins[j]) = make_qkx3_quants(
-            nmax,
-            xs,
-            Some(&weights),
-            &mut levels[32 * j..32 * j + 32],
-            &mut laux,
-            -0.9,
-            0.05,
-            36,
-            false,
-        );
     }
+    for i in 0..32 {
+        for k in 0..8 {
+            sw[k] += wt[i][k];
+        }
+    }
+    let mut lt = [[0u8; 8]; 32];
+    let mut laux = [[0u8; 8]; 32];
+    let (scales, mins) = make_qkx_quants_lanes(
+        nmax, &xt, &wt, &mut lt, &mut laux, -0.9, 0.05, 36, false, true,
+    );
+    untranspose(&lt, levels);
 
     let d_block = make_qp_quants(63, &scales, &mut ls, &sw);
     let m_block = make_qp_quants(63, &mins, &mut lm, &sw);
@@ -868,24 +870,31 @@ const Q6_D: usize = 208;
 
 /// The shared body of `quantize_row_q6_K_ref` (`qw` None) and `quantize_row_q6_K_impl`.
 fn quantize_block_q6_k(x: &[f32; QK_K], y: &mut [u8; Q6_K_BYTES], qw: Option<&[f32]>) {
+    let xt = transpose::<16, 16>(x);
+    let mut wt = [[0f32; 16]; 16];
+    match qw {
+        Some(qw) => wt = transpose::<16, 16>(qw.try_into().expect("one weight per value")),
+        None => {
+            for i in 0..16 {
+                for k in 0..16 {
+                    wt[i][k] = xt[i][k] * xt[i][k];
+                }
+            }
+        }
+    }
+    let mut lt = [[0i8; 16]; 16];
+    let mut laux = [[0i8; 16]; 16];
+    let scales = make_qx_quants_lanes(32, &xt, &wt, &mut lt, &mut laux);
     let mut levels = [0i8; QK_K];
-    let mut scales = [0f32; QK_K / 16];
+    untranspose(&lt, &mut levels);
 
     let mut max_scale = 0.0f32;
     let mut max_abs_scale = 0.0f32;
     for ib in 0..QK_K / 16 {
-        let scale = make_qx_quants(
-            32,
-            &x[16 * ib..16 * ib + 16],
-            &mut levels[16 * ib..16 * ib + 16],
-            1,
-            qw.map(|w| &w[16 * ib..16 * ib + 16]),
-        );
-        scales[ib] = scale;
-        let abs_scale = scale.abs();
+        let abs_scale = scales[ib].abs();
         if abs_scale > max_abs_scale {
             max_abs_scale = abs_scale;
-            max_scale = scale;
+            max_scale = scales[ib];
         }
     }
 
@@ -1031,6 +1040,106 @@ pub fn dequantize_row_q8_k(x: &[u8], y: &mut [f32]) {
         for j in 0..QK_K {
             yb[j] = d * (xb[Q8_QS + j] as i8) as f32;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ggml's `ggml_compute_fp32_to_fp16` (ggml-impl.h), restated: the conversion libggml-base uses
+    /// (it is built without F16C).
+    fn ggml_fp32_to_fp16(f: f32) -> u16 {
+        let scale_to_inf = f32::from_bits(0x7780_0000);
+        let scale_to_zero = f32::from_bits(0x0880_0000);
+        let mut base = (f.abs() * scale_to_inf) * scale_to_zero;
+        let w = f.to_bits();
+        let shl1_w = w.wrapping_add(w);
+        let sign = w & 0x8000_0000;
+        let bias = (shl1_w & 0xFF00_0000).max(0x7100_0000);
+        base += f32::from_bits((bias >> 1) + 0x0780_0000);
+        let bits = base.to_bits();
+        let nonsign = ((bits >> 13) & 0x7C00) + (bits & 0x0FFF);
+        ((sign >> 16)
+            | if shl1_w > 0xFF00_0000 {
+                0x7E00
+            } else {
+                nonsign
+            }) as u16
+    }
+
+    /// ggml's `ggml_compute_fp16_to_fp32`, restated.
+    fn ggml_fp16_to_fp32(h: u16) -> f32 {
+        let w = (h as u32) << 16;
+        let sign = w & 0x8000_0000;
+        let two_w = w.wrapping_add(w);
+        let normalized = f32::from_bits((two_w >> 4) + (0xE0 << 23)) * f32::from_bits(0x0780_0000);
+        let denormalized = f32::from_bits((two_w >> 17) | (126 << 23)) - 0.5;
+        let result = sign
+            | if two_w < (1 << 27) {
+                denormalized.to_bits()
+            } else {
+                normalized.to_bits()
+            };
+        f32::from_bits(result)
+    }
+
+    #[test]
+    fn half_matches_ggml_fp16_conversions() {
+        for h in 0..=u16::MAX {
+            assert_eq!(
+                fp16_to_fp32(h.to_le_bytes()).to_bits(),
+                ggml_fp16_to_fp32(h).to_bits(),
+                "f16 {h:#06x}"
+            );
+        }
+        // Every f32 with a stride prime to 2^32, plus the neighbourhoods of the f16 rounding
+        // boundaries (halfway points, subnormal and overflow edges), in both signs. NaNs only in the
+        // canonical quiet form arithmetic produces: ggml drops NaN payloads, `half` keeps some.
+        let mut bits: Vec<u32> = (0..=u32::MAX).step_by(4099).collect();
+        for h in 0..0x7C00u32 {
+            let mid =
+                (ggml_fp16_to_fp32(h as u16) as f64 + ggml_fp16_to_fp32(h as u16 + 1) as f64) / 2.0;
+            let mid = (mid as f32).to_bits();
+            bits.extend([mid.wrapping_sub(1), mid, mid + 1]);
+        }
+        bits.extend([
+            0x7F80_0000,
+            0x7FC0_0000,
+            0x477F_E000,
+            0x477F_F000,
+            0x477F_EFFF,
+            0x3380_0000,
+        ]);
+        for b in bits {
+            for f in [f32::from_bits(b), -f32::from_bits(b)] {
+                if f.is_nan() && (f.to_bits() & 0x7FFF_FFFF) != 0x7FC0_0000 {
+                    continue;
+                }
+                assert_eq!(
+                    u16::from_le_bytes(fp32_to_fp16(f)),
+                    ggml_fp32_to_fp16(f),
+                    "f32 {:#010x}",
+                    f.to_bits()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_are_read_at_any_alignment() {
+        let x: Vec<f32> = (0..512)
+            .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let mut q = vec![0u8; 2 * Q5_K_BYTES + 1];
+        quantize_row_q5_k_ref(&x, &mut q[1..]);
+        let mut aligned = vec![0u8; 2 * Q5_K_BYTES];
+        quantize_row_q5_k_ref(&x, &mut aligned);
+        assert_eq!(&q[1..], &aligned[..]);
+        let (mut a, mut b) = (vec![0f32; 512], vec![0f32; 512]);
+        dequantize_row_q5_k(&q[1..], &mut a);
+        dequantize_row_q5_k(&aligned, &mut b);
+        assert_eq!(a, b);
     }
 }
 
