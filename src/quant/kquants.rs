@@ -1043,6 +1043,52 @@ pub fn dequantize_row_q8_k(x: &[u8], y: &mut [f32]) {
     }
 }
 
+// ================================ type-table entries ================================
+
+/// Q2_K's entry in the type table.
+pub const Q2_K: Codec = Codec {
+    dequantize: Some(dequantize_row_q2_k),
+    quantize: Some(quantize_row_q2_k_ref),
+    quantize_imatrix: Some(quantize_row_q2_k_impl),
+};
+
+/// Q3_K's entry in the type table.
+pub const Q3_K: Codec = Codec {
+    dequantize: Some(dequantize_row_q3_k),
+    quantize: Some(quantize_row_q3_k_ref),
+    quantize_imatrix: Some(quantize_row_q3_k_impl),
+};
+
+/// Q4_K's entry in the type table.
+pub const Q4_K: Codec = Codec {
+    dequantize: Some(dequantize_row_q4_k),
+    quantize: Some(quantize_row_q4_k_ref),
+    quantize_imatrix: Some(quantize_row_q4_k_impl),
+};
+
+/// Q5_K's entry in the type table.
+pub const Q5_K: Codec = Codec {
+    dequantize: Some(dequantize_row_q5_k),
+    quantize: Some(quantize_row_q5_k_ref),
+    quantize_imatrix: Some(quantize_row_q5_k_impl),
+};
+
+/// Q6_K's entry in the type table.
+pub const Q6_K: Codec = Codec {
+    dequantize: Some(dequantize_row_q6_k),
+    quantize: Some(quantize_row_q6_k_ref),
+    quantize_imatrix: Some(quantize_row_q6_k_impl),
+};
+
+/// Q8_K's entry in the type table: `quantize_row_q8_K_ref` is its `from_float_ref` (ggml's
+/// `ggml_quantize_chunk` has no Q8_K case; the type exists for dot products) and it has no imatrix
+/// variant.
+pub const Q8_K: Codec = Codec {
+    dequantize: Some(dequantize_row_q8_k),
+    quantize: Some(quantize_row_q8_k_ref),
+    quantize_imatrix: None,
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1142,49 +1188,3 @@ mod tests {
         assert_eq!(a, b);
     }
 }
-
-// ================================ type-table entries ================================
-
-/// Q2_K's entry in the type table.
-pub const Q2_K: Codec = Codec {
-    dequantize: Some(dequantize_row_q2_k),
-    quantize: Some(quantize_row_q2_k_ref),
-    quantize_imatrix: Some(quantize_row_q2_k_impl),
-};
-
-/// Q3_K's entry in the type table.
-pub const Q3_K: Codec = Codec {
-    dequantize: Some(dequantize_row_q3_k),
-    quantize: Some(quantize_row_q3_k_ref),
-    quantize_imatrix: Some(quantize_row_q3_k_impl),
-};
-
-/// Q4_K's entry in the type table.
-pub const Q4_K: Codec = Codec {
-    dequantize: Some(dequantize_row_q4_k),
-    quantize: Some(quantize_row_q4_k_ref),
-    quantize_imatrix: Some(quantize_row_q4_k_impl),
-};
-
-/// Q5_K's entry in the type table.
-pub const Q5_K: Codec = Codec {
-    dequantize: Some(dequantize_row_q5_k),
-    quantize: Some(quantize_row_q5_k_ref),
-    quantize_imatrix: Some(quantize_row_q5_k_impl),
-};
-
-/// Q6_K's entry in the type table.
-pub const Q6_K: Codec = Codec {
-    dequantize: Some(dequantize_row_q6_k),
-    quantize: Some(quantize_row_q6_k_ref),
-    quantize_imatrix: Some(quantize_row_q6_k_impl),
-};
-
-/// Q8_K's entry in the type table: `quantize_row_q8_K_ref` is its `from_float_ref` (ggml's
-/// `ggml_quantize_chunk` has no Q8_K case; the type exists for dot products) and it has no imatrix
-/// variant.
-pub const Q8_K: Codec = Codec {
-    dequantize: Some(dequantize_row_q8_k),
-    quantize: Some(quantize_row_q8_k_ref),
-    quantize_imatrix: None,
-};
