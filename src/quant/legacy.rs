@@ -10,7 +10,9 @@
 //! Rust never contracts `a * b + c` on its own.
 
 use super::float::{read_f16, write_f16};
-use super::search::{make_qkx3_quants, make_qx_quants};
+use super::search::{
+    make_qkx3_quants, make_qkx_quants_lanes, make_qx_quants, make_qx_quants_lanes,
+};
 use super::Codec;
 
 /// Elements per block of every legacy type (`QK4_0`, `QK4_1`, `QK5_0`, `QK5_1`, `QK8_0`, `QK8_1`).
@@ -122,6 +124,134 @@ fn block_weights(xb: &[f32], qw: &[f32], sigma2: f32) -> [f32; QK] {
     weight
 }
 
+/// Blocks searched side by side, one per SIMD lane, by the importance-weighted quantizers.
+const LANES: usize = 8;
+
+/// Value `i` of block `k` at `xt[i][k]`: the lane layout of the `search::*_lanes` functions.
+#[inline(always)]
+fn to_lanes(
+    blocks: &[f32],
+    weights: &[[f32; QK]; LANES],
+) -> ([[f32; LANES]; QK], [[f32; LANES]; QK]) {
+    let mut xt = [[0f32; LANES]; QK];
+    let mut wt = [[0f32; LANES]; QK];
+    for (k, (xb, w)) in blocks.chunks_exact(QK).zip(weights).enumerate() {
+        for i in 0..QK {
+            xt[i][k] = xb[i];
+            wt[i][k] = w[i];
+        }
+    }
+    (xt, wt)
+}
+
+/// The weights of `LANES` consecutive blocks (see [`block_weights`]).
+#[inline(always)]
+fn lane_weights(blocks: &[f32], qw: &[f32], sigma2: f32) -> [[f32; QK]; LANES] {
+    let mut w = [[0f32; QK]; LANES];
+    for (k, wk) in w.iter_mut().enumerate() {
+        *wk = block_weights(&blocks[k * QK..][..QK], &qw[k * QK..][..QK], sigma2);
+    }
+    w
+}
+
+/// The shared body of `quantize_row_q4_0_impl` and `quantize_row_q5_0_impl`: per block,
+/// `make_qx_quants(32, nmax, x, L, 1, w)` with `w = imatrix * sqrt(sigma2 + x²)`, then `write(block,
+/// d, L)`. Runs [`LANES`] blocks at a time through [`make_qx_quants_lanes`] (each lane in the scalar
+/// function's exact operation order) and the remainder through [`make_qx_quants`].
+fn symmetric_impl(
+    nmax: i32,
+    x: &[f32],
+    y: &mut [u8],
+    block_bytes: usize,
+    quant_weights: &[f32],
+    write: impl Fn(&mut [u8], f32, &[i8; QK]),
+) {
+    let sigma2 = row_sigma2(x);
+    let lanes_end = x.len() / (QK * LANES) * (QK * LANES);
+    let (x_lanes, x_rest) = x.split_at(lanes_end);
+    let (y_lanes, y_rest) = y.split_at_mut(lanes_end / QK * block_bytes);
+    let (w_lanes, w_rest) = quant_weights.split_at(lanes_end);
+    for ((xs, ys), qw) in x_lanes
+        .chunks_exact(QK * LANES)
+        .zip(y_lanes.chunks_exact_mut(block_bytes * LANES))
+        .zip(w_lanes.chunks_exact(QK * LANES))
+    {
+        let (xt, wt) = to_lanes(xs, &lane_weights(xs, qw, sigma2));
+        let mut lt = [[0i8; LANES]; QK];
+        let mut laux = [[0i8; LANES]; QK];
+        let d = make_qx_quants_lanes(nmax, &xt, &wt, &mut lt, &mut laux);
+        for (k, yb) in ys.chunks_exact_mut(block_bytes).enumerate() {
+            write(yb, d[k], &std::array::from_fn(|i| lt[i][k]));
+        }
+    }
+    let mut l = [0i8; QK];
+    for ((xb, yb), qw) in x_rest
+        .chunks_exact(QK)
+        .zip(y_rest.chunks_exact_mut(block_bytes))
+        .zip(w_rest.chunks_exact(QK))
+    {
+        let weight = block_weights(xb, qw, sigma2);
+        let d = make_qx_quants(nmax, xb, &mut l, 1, Some(&weight));
+        write(yb, d, &l);
+    }
+}
+
+/// The shared body of `quantize_row_q4_1_impl` and `quantize_row_q5_1_impl`: per block,
+/// `make_qkx3_quants(32, nmax, x, w, L, &the_min, Laux, -0.9, 0.05, 36, false)` with
+/// `w = imatrix * sqrt(sigma2 + x²)`, then `write(block, d, the_min, L)`. Runs [`LANES`] blocks at a
+/// time through [`make_qkx_quants_lanes`] and the remainder through [`make_qkx3_quants`].
+fn asymmetric_impl(
+    nmax: i32,
+    x: &[f32],
+    y: &mut [u8],
+    block_bytes: usize,
+    quant_weights: &[f32],
+    write: impl Fn(&mut [u8], f32, f32, &[u8; QK]),
+) {
+    let sigma2 = row_sigma2(x);
+    let lanes_end = x.len() / (QK * LANES) * (QK * LANES);
+    let (x_lanes, x_rest) = x.split_at(lanes_end);
+    let (y_lanes, y_rest) = y.split_at_mut(lanes_end / QK * block_bytes);
+    let (w_lanes, w_rest) = quant_weights.split_at(lanes_end);
+    for ((xs, ys), qw) in x_lanes
+        .chunks_exact(QK * LANES)
+        .zip(y_lanes.chunks_exact_mut(block_bytes * LANES))
+        .zip(w_lanes.chunks_exact(QK * LANES))
+    {
+        let (xt, wt) = to_lanes(xs, &lane_weights(xs, qw, sigma2));
+        let mut lt = [[0u8; LANES]; QK];
+        let mut laux = [[0u8; LANES]; QK];
+        // `flat_is_le = true`: make_qkx3_quants' test for a flat block.
+        let (d, the_min) = make_qkx_quants_lanes(
+            nmax, &xt, &wt, &mut lt, &mut laux, -0.9, 0.05, 36, false, true,
+        );
+        for (k, yb) in ys.chunks_exact_mut(block_bytes).enumerate() {
+            write(yb, d[k], the_min[k], &std::array::from_fn(|i| lt[i][k]));
+        }
+    }
+    let mut l = [0u8; QK];
+    let mut laux = [0u8; QK];
+    for ((xb, yb), qw) in x_rest
+        .chunks_exact(QK)
+        .zip(y_rest.chunks_exact_mut(block_bytes))
+        .zip(w_rest.chunks_exact(QK))
+    {
+        let weight = block_weights(xb, qw, sigma2);
+        let (d, the_min) = make_qkx3_quants(
+            nmax,
+            xb,
+            Some(&weight),
+            &mut l,
+            &mut laux,
+            -0.9,
+            0.05,
+            36,
+            false,
+        );
+        write(yb, d, the_min, &l);
+    }
+}
+
 /// Packs 32 5-bit levels into `qs` (low nibbles, element j and j+16 share a byte) and the `qh` bit
 /// word, as the Q5 quantizers of ggml do.
 #[inline]
@@ -166,20 +296,12 @@ pub fn quantize_row_q4_0_ref(x: &[f32], y: &mut [u8]) {
 /// Mirrors `quantize_row_q4_0_impl`: per block, `make_qx_quants(32, 8, x, L, 1, w)` with
 /// `w = imatrix * sqrt(sigma2 + x²)`.
 pub fn quantize_row_q4_0_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-    let sigma2 = row_sigma2(x);
-    let mut l = [0i8; QK];
-    for ((xb, yb), qw) in x
-        .chunks_exact(QK)
-        .zip(y.chunks_exact_mut(Q4_0_BYTES))
-        .zip(quant_weights.chunks_exact(QK))
-    {
-        let weight = block_weights(xb, qw, sigma2);
-        let d = make_qx_quants(8, xb, &mut l, 1, Some(&weight));
+    symmetric_impl(8, x, y, Q4_0_BYTES, quant_weights, |yb, d, l| {
         write_f16(&mut yb[0..2], d);
         for j in 0..QK / 2 {
             yb[2 + j] = (l[j] as u8) | ((l[j + 16] as u8) << 4);
         }
-    }
+    });
 }
 
 /// Mirrors `dequantize_row_q4_0`: `(q - 8) * d`.
@@ -225,32 +347,13 @@ pub fn quantize_row_q4_1_ref(x: &[f32], y: &mut [u8]) {
 /// Mirrors `quantize_row_q4_1_impl`: per block, `make_qkx3_quants(32, 15, x, w, L, &min, Laux, -0.9,
 /// 0.05, 36, false)` with `w = imatrix * sqrt(sigma2 + x²)`; stores `d` and `m = -min`.
 pub fn quantize_row_q4_1_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-    let sigma2 = row_sigma2(x);
-    let mut l = [0u8; QK];
-    let mut laux = [0u8; QK];
-    for ((xb, yb), qw) in x
-        .chunks_exact(QK)
-        .zip(y.chunks_exact_mut(Q4_1_BYTES))
-        .zip(quant_weights.chunks_exact(QK))
-    {
-        let weight = block_weights(xb, qw, sigma2);
-        let (d, the_min) = make_qkx3_quants(
-            15,
-            xb,
-            Some(&weight),
-            &mut l,
-            &mut laux,
-            -0.9,
-            0.05,
-            36,
-            false,
-        );
+    asymmetric_impl(15, x, y, Q4_1_BYTES, quant_weights, |yb, d, the_min, l| {
         write_f16(&mut yb[0..2], d);
         write_f16(&mut yb[2..4], -the_min);
         for j in 0..QK / 2 {
             yb[4 + j] = l[j] | (l[j + 16] << 4);
         }
-    }
+    });
 }
 
 /// Mirrors `dequantize_row_q4_1`: `q * d + m`.
@@ -302,23 +405,12 @@ fn read_qh(b: &[u8]) -> u32 {
 /// Mirrors `quantize_row_q5_0_impl`: per block, `make_qx_quants(32, 16, x, L, 1, w)` with
 /// `w = imatrix * sqrt(sigma2 + x²)`.
 pub fn quantize_row_q5_0_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-    let sigma2 = row_sigma2(x);
-    let mut l = [0i8; QK];
-    let mut levels = [0u8; QK];
-    for ((xb, yb), qw) in x
-        .chunks_exact(QK)
-        .zip(y.chunks_exact_mut(Q5_0_BYTES))
-        .zip(quant_weights.chunks_exact(QK))
-    {
-        let weight = block_weights(xb, qw, sigma2);
-        let d = make_qx_quants(16, xb, &mut l, 1, Some(&weight));
+    symmetric_impl(16, x, y, Q5_0_BYTES, quant_weights, |yb, d, l| {
         write_f16(&mut yb[0..2], d);
-        for (level, &q) in levels.iter_mut().zip(&l) {
-            *level = q as u8;
-        }
+        let levels = l.map(|q| q as u8);
         let (head, qs) = yb.split_at_mut(6);
         pack_5bit(&levels, qs, &mut head[2..6]);
-    }
+    });
 }
 
 /// Mirrors `dequantize_row_q5_0`: `(q - 16) * d`.
@@ -368,31 +460,12 @@ pub fn quantize_row_q5_1_ref(x: &[f32], y: &mut [u8]) {
 /// Mirrors `quantize_row_q5_1_impl`: per block, `make_qkx3_quants(32, 31, x, w, L, &min, Laux, -0.9,
 /// 0.05, 36, false)` with `w = imatrix * sqrt(sigma2 + x²)`; stores `d` and `m = -min`.
 pub fn quantize_row_q5_1_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-    let sigma2 = row_sigma2(x);
-    let mut l = [0u8; QK];
-    let mut laux = [0u8; QK];
-    for ((xb, yb), qw) in x
-        .chunks_exact(QK)
-        .zip(y.chunks_exact_mut(Q5_1_BYTES))
-        .zip(quant_weights.chunks_exact(QK))
-    {
-        let weight = block_weights(xb, qw, sigma2);
-        let (d, the_min) = make_qkx3_quants(
-            31,
-            xb,
-            Some(&weight),
-            &mut l,
-            &mut laux,
-            -0.9,
-            0.05,
-            36,
-            false,
-        );
+    asymmetric_impl(31, x, y, Q5_1_BYTES, quant_weights, |yb, d, the_min, l| {
         write_f16(&mut yb[0..2], d);
         write_f16(&mut yb[2..4], -the_min);
         let (head, qs) = yb.split_at_mut(8);
-        pack_5bit(&l, qs, &mut head[4..8]);
-    }
+        pack_5bit(l, qs, &mut head[4..8]);
+    });
 }
 
 /// Mirrors `dequantize_row_q5_1`: `q * d + m`.
