@@ -3,7 +3,10 @@
 //! `cargo bench --bench codecs [-- TYPE...]` prints, per type, millions of weights per second for
 //! dequantize and quantize (and quantize with an imatrix where ggml has such a variant), on one thread
 //! and on all threads. libggml is timed by `testdata/codecs/ggml_bench.py` through ctypes with the same
-//! rows, the same imatrix and the same thread count. Each figure is the best of a few runs.
+//! rows, the same imatrix and the same thread count. Each figure is the best of a few runs. The machine
+//! is shared, so one-thread figures use the thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`, for ggml
+//! through Python's `time.thread_time`); all-thread figures are wall time and only mean something
+//! on an idle machine.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -35,6 +38,7 @@ fn interop_env() -> Vec<(String, String)> {
         .collect()
 }
 
+/// Best wall time of [`REPS`] runs of `f`, in seconds.
 fn best(mut f: impl FnMut()) -> f64 {
     (0..REPS)
         .map(|_| {
@@ -43,6 +47,45 @@ fn best(mut f: impl FnMut()) -> f64 {
             t.elapsed().as_secs_f64()
         })
         .fold(f64::INFINITY, f64::min)
+}
+
+/// `struct timespec` of 64-bit Linux.
+#[repr(C)]
+struct Timespec {
+    tv_sec: i64,
+    tv_nsec: i64,
+}
+
+extern "C" {
+    fn clock_gettime(clock_id: i32, tp: *mut Timespec) -> i32;
+}
+
+/// CPU time of the calling thread in seconds (`CLOCK_THREAD_CPUTIME_ID`, exact at any moment, unlike
+/// `/proc/thread-self/schedstat`, which is only brought up to date at scheduler ticks).
+fn thread_cpu_seconds() -> f64 {
+    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
+    let mut ts = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: libc's clock_gettime writes one `struct timespec` (two 64-bit fields on x86-64 and
+    // AArch64 Linux) through the valid pointer it is given.
+    let rc = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime");
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// Best thread CPU time of [`REPS`] runs of `f` on the one-thread pool, in seconds.
+fn best_cpu(single: &rayon::ThreadPool, mut f: impl FnMut() + Send) -> f64 {
+    single.install(|| {
+        (0..REPS)
+            .map(|_| {
+                let t = thread_cpu_seconds();
+                f();
+                thread_cpu_seconds() - t
+            })
+            .fold(f64::INFINITY, f64::min)
+    })
 }
 
 /// Deterministic normal-ish data (sum of uniforms), with a few outliers per row like real weights.
@@ -79,13 +122,12 @@ fn time_ours(ty: GgmlType, x: &[f32], imatrix: &[f32], single: &rayon::ThreadPoo
     let mut quantize = |im: Option<&[f32]>| {
         quant::quantize_rows(ty, x, N_PER_ROW, &mut q, im).unwrap();
     };
-    let q1 = single.install(|| best(|| quantize(None)));
+    let q1 = best_cpu(single, || quantize(None));
     let q_n = best(|| quantize(None));
-    let qi1 =
-        quant::has_imatrix_variant(ty).then(|| single.install(|| best(|| quantize(Some(imatrix)))));
+    let qi1 = quant::has_imatrix_variant(ty).then(|| best_cpu(single, || quantize(Some(imatrix))));
     quant::quantize_rows(ty, x, N_PER_ROW, &mut q, None).unwrap();
     let mut dequantize = || quant::dequantize_rows(ty, &q, N_PER_ROW, &mut y).unwrap();
-    let deq1 = single.install(|| best(&mut dequantize));
+    let deq1 = best_cpu(single, &mut dequantize);
     let deq_n = best(&mut dequantize);
     Ours {
         deq1,
@@ -158,7 +200,7 @@ fn main() {
     let g = |t: GgmlType, k: &str| ggml[t.name()][k].as_f64().map(mw);
     let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
     println!(
-        "M weights/s, {N_ROWS} rows x {N_PER_ROW}, best of {REPS}; 1T = one thread, {threads}T = all threads"
+        "M weights/s, {N_ROWS} rows x {N_PER_ROW}, best of {REPS}; 1T = one thread (CPU time), {threads}T = all threads (wall time)"
     );
     println!(
         "{:<6} | {:>9} {:>9} | {:>9} {:>9} | {:>9} {:>9} | {:>9} {:>9} | {:>10} {:>10}",
