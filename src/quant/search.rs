@@ -133,7 +133,7 @@ pub fn make_qx_quants(
 /// [`make_qx_quants`] with `rmse_type` 1 and explicit weights (pass `x²` for ggml's `qw == NULL`: the
 /// same value it computes inline) run on `LANES` independent groups in lockstep, one per lane:
 /// `xt[i][k]` is value `i` of group `k`, `wt` its weight, `lt` receives the offset levels and `laux`
-/// is scratch. Every lane performs the scalar function's operations in its order (bit-identical
+/// is scratch (signed levels as floats, which keeps the hot loop vectorizable). Every lane performs the scalar function's operations in its order (bit-identical
 /// results); branches become per-lane selects. Returns the scales.
 #[inline(always)]
 pub fn make_qx_quants_lanes<const LANES: usize>(
@@ -141,7 +141,7 @@ pub fn make_qx_quants_lanes<const LANES: usize>(
     xt: &[[f32; LANES]],
     wt: &[[f32; LANES]],
     lt: &mut [[i8; LANES]],
-    laux: &mut [[i8; LANES]],
+    laux: &mut [[f32; LANES]],
 ) -> [f32; LANES] {
     let n = xt.len();
     assert!(wt.len() == n && lt.len() == n && laux.len() == n);
@@ -194,12 +194,16 @@ pub fn make_qx_quants_lanes<const LANES: usize>(
         let mut suml2 = [0f32; LANES];
         for i in 0..n {
             let (x, w) = (&xt[i], &wt[i]);
+            let mut qf = [0f32; LANES];
             for k in 0..LANES {
-                let q = nearest_int(iscale[k] * x[k]).clamp(-nmax, nmax - 1);
-                laux[i][k] = (q + nmax) as i8;
-                let qf = q as f32;
-                sumlx[k] += w[k] * x[k] * qf;
-                suml2[k] += w[k] * qf * qf;
+                qf[k] = nearest_int(iscale[k] * x[k]).clamp(-nmax, nmax - 1) as f32;
+            }
+            laux[i] = qf;
+            for k in 0..LANES {
+                sumlx[k] += w[k] * x[k] * qf[k];
+            }
+            for k in 0..LANES {
+                suml2[k] += w[k] * qf[k] * qf[k];
             }
         }
         let mut accept = [false; LANES];
@@ -213,7 +217,11 @@ pub fn make_qx_quants_lanes<const LANES: usize>(
         if accept.iter().any(|&a| a) {
             for i in 0..n {
                 for k in 0..LANES {
-                    lt[i][k] = if accept[k] { laux[i][k] } else { lt[i][k] };
+                    lt[i][k] = if accept[k] {
+                        (laux[i][k] as i32 + nmax) as i8
+                    } else {
+                        lt[i][k]
+                    };
                 }
             }
         }
@@ -470,7 +478,8 @@ pub fn make_qkx3_quants(
 
 /// [`make_qkx2_quants`] (`flat_is_le` false) or [`make_qkx3_quants`] with given weights (`flat_is_le`
 /// true) run on `LANES` independent groups in lockstep, one group per lane: `xt[i][k]` is value `i` of
-/// group `k`, `wt` its weight, `lt` receives the levels (same layout) and `laux` is scratch. Each lane
+/// group `k`, `wt` its weight, `lt` receives the levels (same layout) and `laux` is scratch (levels as
+/// floats: narrowing to bytes in the hot loop keeps the compiler from vectorizing it). Each lane
 /// performs exactly the scalar function's operations in its order, so results are bit-identical;
 /// branches become per-lane selects, which lets the compiler keep the lanes in SIMD registers.
 /// Returns `(scales, the_mins)`.
@@ -481,7 +490,7 @@ pub fn make_qkx_quants_lanes<const LANES: usize>(
     xt: &[[f32; LANES]],
     wt: &[[f32; LANES]],
     lt: &mut [[u8; LANES]],
-    laux: &mut [[u8; LANES]],
+    laux: &mut [[f32; LANES]],
     rmin: f32,
     rdelta: f32,
     nstep: i32,
@@ -548,13 +557,20 @@ pub fn make_qkx_quants_lanes<const LANES: usize>(
             let mut sum_xl = [0f32; LANES];
             for i in 0..n {
                 let (x, w) = (&xt[i], &wt[i]);
+                // One simple loop per quantity: the form the compiler turns into whole-register ops.
+                let mut qf = [0f32; LANES];
                 for k in 0..LANES {
-                    let q = nearest_int(iscale[k] * (x[k] - min[k])).clamp(0, nmax);
-                    laux[i][k] = q as u8;
-                    let qf = q as f32;
-                    sum_l[k] += w[k] * qf;
-                    sum_l2[k] += w[k] * qf * qf;
-                    sum_xl[k] += w[k] * qf * x[k];
+                    qf[k] = nearest_int(iscale[k] * (x[k] - min[k])).clamp(0, nmax) as f32;
+                }
+                laux[i] = qf;
+                for k in 0..LANES {
+                    sum_l[k] += w[k] * qf[k];
+                }
+                for k in 0..LANES {
+                    sum_l2[k] += w[k] * qf[k] * qf[k];
+                }
+                for k in 0..LANES {
+                    sum_xl[k] += w[k] * qf[k] * x[k];
                 }
             }
             let mut this_scale = [0f32; LANES];
@@ -573,7 +589,7 @@ pub fn make_qkx_quants_lanes<const LANES: usize>(
             for i in 0..n {
                 let (x, w) = (&xt[i], &wt[i]);
                 for k in 0..LANES {
-                    let diff = this_scale[k] * laux[i][k] as f32 + this_min[k] - x[k];
+                    let diff = this_scale[k] * laux[i][k] + this_min[k] - x[k];
                     let diff = if use_mad { diff.abs() } else { diff * diff };
                     cur_error[k] += w[k] * diff;
                 }
@@ -590,7 +606,11 @@ pub fn make_qkx_quants_lanes<const LANES: usize>(
             if accept.iter().any(|&a| a) {
                 for i in 0..n {
                     for k in 0..LANES {
-                        lt[i][k] = if accept[k] { laux[i][k] } else { lt[i][k] };
+                        lt[i][k] = if accept[k] {
+                            laux[i][k] as u8
+                        } else {
+                            lt[i][k]
+                        };
                     }
                 }
             }
@@ -762,7 +782,7 @@ mod tests {
             }
         }
         let mut lt = vec![[0u8; LANES]; n];
-        let mut laux = vec![[0u8; LANES]; n];
+        let mut laux = vec![[0f32; LANES]; n];
         let (scales, mins) = make_qkx_quants_lanes(
             nmax, &xt, &wt, &mut lt, &mut laux, rmin, rdelta, nstep, use_mad, qkx3,
         );
@@ -820,7 +840,7 @@ mod tests {
             }
         }
         let mut lt = vec![[0i8; LANES]; n];
-        let mut laux = vec![[0i8; LANES]; n];
+        let mut laux = vec![[0f32; LANES]; n];
         let scales = make_qx_quants_lanes(nmax, &xt, &wt, &mut lt, &mut laux);
         for (k, (x, w)) in groups.iter().enumerate() {
             let mut l = vec![0i8; n];
