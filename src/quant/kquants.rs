@@ -23,8 +23,8 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::search::{
-    make_q3_quants, make_qkx_quants_lanes, make_qp_quants, make_qx_quants, make_qx_quants_lanes,
-    nearest_int, GROUP_MAX_EPS,
+    make_q3_quants_lanes, make_qkx_quants_lanes, make_qp_quants, make_qx_quants,
+    make_qx_quants_lanes, nearest_int, GROUP_MAX_EPS,
 };
 use super::QK_K;
 use half::f16;
@@ -471,18 +471,16 @@ fn q3_k_finish(x: &[f32; QK_K], y: &mut [u8; Q3_K_BYTES], levels: &mut [i8; QK_K
 
 #[inline(always)]
 fn quantize_block_q3_k_ref(x: &[f32; QK_K], y: &mut [u8; Q3_K_BYTES]) {
+    let xt = transpose::<16, 16>(x);
+    let mut lt = [[0i8; 16]; 16];
+    let mut laux = [[0f32; 16]; 16];
+    let scales = make_q3_quants_lanes(4, &xt, &mut lt, &mut laux);
     let mut levels = [0i8; QK_K];
-    let mut scales = [0f32; QK_K / 16];
+    untranspose(&lt, &mut levels);
 
     let mut max_scale = 0.0f32;
     let mut amax = 0.0f32;
     for j in 0..QK_K / 16 {
-        scales[j] = make_q3_quants(
-            4,
-            &x[16 * j..16 * j + 16],
-            &mut levels[16 * j..16 * j + 16],
-            true,
-        );
         let scale = scales[j].abs();
         if scale > amax {
             amax = scale;
