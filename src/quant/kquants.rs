@@ -142,6 +142,31 @@ fn blocks_with_weights<'a, const B: usize>(
         })
 }
 
+/// The body of every public K-quant dequantizer: `$block` on each block, compiled for AVX2 when the
+/// CPU has it (see [`quantize_blocks`]; same bits either way).
+macro_rules! dequantize_blocks {
+    ($bytes:expr, $what:expr, $block:ident, $x:expr, $y:expr) => {{
+        #[inline(always)]
+        fn run(x: &[u8], y: &mut [f32]) {
+            for (xb, yb) in blocks_out::<{ $bytes }>(x, y, $what) {
+                $block(xb, yb);
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2")]
+            unsafe fn avx2(x: &[u8], y: &mut [f32]) {
+                run(x, y)
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && !portable_only() {
+                // SAFETY: the CPU supports AVX2, checked just above.
+                return unsafe { avx2($x, $y) };
+            }
+        }
+        run($x, $y)
+    }};
+}
+
 /// Tests set this to run the portable (baseline x86-64) build of the quantizers on a CPU with AVX2.
 #[cfg(test)]
 static PORTABLE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -381,24 +406,27 @@ pub fn quantize_row_q2_k(x: &[f32], y: &mut [u8], imatrix: Option<&[f32]>) {
 
 /// Q2_K to f32; mirrors ggml's `dequantize_row_q2_K`.
 pub fn dequantize_row_q2_k(x: &[u8], y: &mut [f32]) {
-    for (xb, yb) in blocks_out::<Q2_K_BYTES>(x, y, "q2_K") {
-        let d = read_f16(xb, Q2_D);
-        let min = read_f16(xb, Q2_DMIN);
-        let scales = &xb[Q2_SCALES..Q2_SCALES + 16];
-        let mut out = 0;
-        let mut is = 0;
-        for half in 0..2 {
-            let q = &xb[Q2_QS + 32 * half..Q2_QS + 32 * half + 32];
-            for shift in [0, 2, 4, 6] {
-                for part in 0..2 {
-                    let sc = scales[is];
-                    is += 1;
-                    let dl = d * (sc & 0xF) as f32;
-                    let ml = min * (sc >> 4) as f32;
-                    for l in 0..16 {
-                        yb[out] = dl * ((q[16 * part + l] >> shift) & 3) as f32 - ml;
-                        out += 1;
-                    }
+    dequantize_blocks!(Q2_K_BYTES, "q2_K", dequantize_block_q2_k, x, y);
+}
+
+#[inline(always)]
+fn dequantize_block_q2_k(xb: &[u8; Q2_K_BYTES], yb: &mut [f32; QK_K]) {
+    let d = read_f16(xb, Q2_D);
+    let min = read_f16(xb, Q2_DMIN);
+    let scales = &xb[Q2_SCALES..Q2_SCALES + 16];
+    let mut out = 0;
+    let mut is = 0;
+    for half in 0..2 {
+        let q = &xb[Q2_QS + 32 * half..Q2_QS + 32 * half + 32];
+        for shift in [0, 2, 4, 6] {
+            for part in 0..2 {
+                let sc = scales[is];
+                is += 1;
+                let dl = d * (sc & 0xF) as f32;
+                let ml = min * (sc >> 4) as f32;
+                for l in 0..16 {
+                    yb[out] = dl * ((q[16 * part + l] >> shift) & 3) as f32 - ml;
+                    out += 1;
                 }
             }
         }
@@ -577,29 +605,32 @@ pub fn quantize_row_q3_k(x: &[f32], y: &mut [u8], imatrix: Option<&[f32]>) {
 
 /// Q3_K to f32; mirrors ggml's `dequantize_row_q3_K`.
 pub fn dequantize_row_q3_k(x: &[u8], y: &mut [f32]) {
-    for (xb, yb) in blocks_out::<Q3_K_BYTES>(x, y, "q3_K") {
-        let d_all = read_f16(xb, Q3_D);
-        let scale_bytes = &xb[Q3_SCALES..Q3_SCALES + 12];
-        let hm = &xb[Q3_HMASK..Q3_HMASK + 32];
-        let mut out = 0;
-        let mut is = 0;
-        let mut m = 1u8;
-        for half in 0..2 {
-            let q = &xb[Q3_QS + 32 * half..Q3_QS + 32 * half + 32];
-            for shift in [0, 2, 4, 6] {
-                for part in 0..2 {
-                    let dl = d_all * q3_k_scale(scale_bytes, is) as f32;
-                    is += 1;
-                    for l in 0..16 {
-                        let k = 16 * part + l;
-                        let low = ((q[k] >> shift) & 3) as i32;
-                        let high = if hm[k] & m != 0 { 0 } else { 4 };
-                        yb[out] = dl * (low - high) as f32;
-                        out += 1;
-                    }
+    dequantize_blocks!(Q3_K_BYTES, "q3_K", dequantize_block_q3_k, x, y);
+}
+
+#[inline(always)]
+fn dequantize_block_q3_k(xb: &[u8; Q3_K_BYTES], yb: &mut [f32; QK_K]) {
+    let d_all = read_f16(xb, Q3_D);
+    let scale_bytes = &xb[Q3_SCALES..Q3_SCALES + 12];
+    let hm = &xb[Q3_HMASK..Q3_HMASK + 32];
+    let mut out = 0;
+    let mut is = 0;
+    let mut m = 1u8;
+    for half in 0..2 {
+        let q = &xb[Q3_QS + 32 * half..Q3_QS + 32 * half + 32];
+        for shift in [0, 2, 4, 6] {
+            for part in 0..2 {
+                let dl = d_all * q3_k_scale(scale_bytes, is) as f32;
+                is += 1;
+                for l in 0..16 {
+                    let k = 16 * part + l;
+                    let low = ((q[k] >> shift) & 3) as i32;
+                    let high = if hm[k] & m != 0 { 0 } else { 4 };
+                    yb[out] = dl * (low - high) as f32;
+                    out += 1;
                 }
-                m <<= 1;
             }
+            m <<= 1;
         }
     }
 }
@@ -827,23 +858,26 @@ pub fn quantize_row_q4_k(x: &[f32], y: &mut [u8], imatrix: Option<&[f32]>) {
 
 /// Q4_K to f32; mirrors ggml's `dequantize_row_q4_K`.
 pub fn dequantize_row_q4_k(x: &[u8], y: &mut [f32]) {
-    for (xb, yb) in blocks_out::<Q4_K_BYTES>(x, y, "q4_K") {
-        let d = read_f16(xb, QK4_D);
-        let min = read_f16(xb, QK4_DMIN);
-        let scales = &xb[QK4_SCALES..QK4_SCALES + 12];
-        for jb in 0..QK_K / 64 {
-            let q = &xb[Q4_QS + 32 * jb..Q4_QS + 32 * jb + 32];
-            let (sc, m) = get_scale_min_k4(2 * jb, scales);
-            let (d1, m1) = (d * sc as f32, min * m as f32);
-            let (sc, m) = get_scale_min_k4(2 * jb + 1, scales);
-            let (d2, m2) = (d * sc as f32, min * m as f32);
-            let out = &mut yb[64 * jb..64 * jb + 64];
-            for l in 0..32 {
-                out[l] = d1 * (q[l] & 0xF) as f32 - m1;
-            }
-            for l in 0..32 {
-                out[32 + l] = d2 * (q[l] >> 4) as f32 - m2;
-            }
+    dequantize_blocks!(Q4_K_BYTES, "q4_K", dequantize_block_q4_k, x, y);
+}
+
+#[inline(always)]
+fn dequantize_block_q4_k(xb: &[u8; Q4_K_BYTES], yb: &mut [f32; QK_K]) {
+    let d = read_f16(xb, QK4_D);
+    let min = read_f16(xb, QK4_DMIN);
+    let scales = &xb[QK4_SCALES..QK4_SCALES + 12];
+    for jb in 0..QK_K / 64 {
+        let q = &xb[Q4_QS + 32 * jb..Q4_QS + 32 * jb + 32];
+        let (sc, m) = get_scale_min_k4(2 * jb, scales);
+        let (d1, m1) = (d * sc as f32, min * m as f32);
+        let (sc, m) = get_scale_min_k4(2 * jb + 1, scales);
+        let (d2, m2) = (d * sc as f32, min * m as f32);
+        let out = &mut yb[64 * jb..64 * jb + 64];
+        for l in 0..32 {
+            out[l] = d1 * (q[l] & 0xF) as f32 - m1;
+        }
+        for l in 0..32 {
+            out[32 + l] = d2 * (q[l] >> 4) as f32 - m2;
         }
     }
 }
@@ -916,31 +950,34 @@ pub fn quantize_row_q5_k(x: &[f32], y: &mut [u8], imatrix: Option<&[f32]>) {
 
 /// Q5_K to f32; mirrors ggml's `dequantize_row_q5_K`.
 pub fn dequantize_row_q5_k(x: &[u8], y: &mut [f32]) {
-    for (xb, yb) in blocks_out::<Q5_K_BYTES>(x, y, "q5_K") {
-        let d = read_f16(xb, QK4_D);
-        let min = read_f16(xb, QK4_DMIN);
-        let scales = &xb[QK4_SCALES..QK4_SCALES + 12];
-        let qh = &xb[Q5_QH..Q5_QH + 32];
-        let mut u1 = 1u8;
-        let mut u2 = 2u8;
-        for jb in 0..QK_K / 64 {
-            let ql = &xb[Q5_QS + 32 * jb..Q5_QS + 32 * jb + 32];
-            let (sc, m) = get_scale_min_k4(2 * jb, scales);
-            let (d1, m1) = (d * sc as f32, min * m as f32);
-            let (sc, m) = get_scale_min_k4(2 * jb + 1, scales);
-            let (d2, m2) = (d * sc as f32, min * m as f32);
-            let out = &mut yb[64 * jb..64 * jb + 64];
-            for l in 0..32 {
-                let high = if qh[l] & u1 != 0 { 16 } else { 0 };
-                out[l] = d1 * ((ql[l] & 0xF) + high) as f32 - m1;
-            }
-            for l in 0..32 {
-                let high = if qh[l] & u2 != 0 { 16 } else { 0 };
-                out[32 + l] = d2 * ((ql[l] >> 4) + high) as f32 - m2;
-            }
-            u1 <<= 2;
-            u2 <<= 2;
+    dequantize_blocks!(Q5_K_BYTES, "q5_K", dequantize_block_q5_k, x, y);
+}
+
+#[inline(always)]
+fn dequantize_block_q5_k(xb: &[u8; Q5_K_BYTES], yb: &mut [f32; QK_K]) {
+    let d = read_f16(xb, QK4_D);
+    let min = read_f16(xb, QK4_DMIN);
+    let scales = &xb[QK4_SCALES..QK4_SCALES + 12];
+    let qh = &xb[Q5_QH..Q5_QH + 32];
+    let mut u1 = 1u8;
+    let mut u2 = 2u8;
+    for jb in 0..QK_K / 64 {
+        let ql = &xb[Q5_QS + 32 * jb..Q5_QS + 32 * jb + 32];
+        let (sc, m) = get_scale_min_k4(2 * jb, scales);
+        let (d1, m1) = (d * sc as f32, min * m as f32);
+        let (sc, m) = get_scale_min_k4(2 * jb + 1, scales);
+        let (d2, m2) = (d * sc as f32, min * m as f32);
+        let out = &mut yb[64 * jb..64 * jb + 64];
+        for l in 0..32 {
+            let high = if qh[l] & u1 != 0 { 16 } else { 0 };
+            out[l] = d1 * ((ql[l] & 0xF) + high) as f32 - m1;
         }
+        for l in 0..32 {
+            let high = if qh[l] & u2 != 0 { 16 } else { 0 };
+            out[32 + l] = d2 * ((ql[l] >> 4) + high) as f32 - m2;
+        }
+        u1 <<= 2;
+        u2 <<= 2;
     }
 }
 
@@ -1050,24 +1087,27 @@ pub fn quantize_row_q6_k(x: &[f32], y: &mut [u8], imatrix: Option<&[f32]>) {
 
 /// Q6_K to f32; mirrors ggml's `dequantize_row_q6_K`.
 pub fn dequantize_row_q6_k(x: &[u8], y: &mut [f32]) {
-    for (xb, yb) in blocks_out::<Q6_K_BYTES>(x, y, "q6_K") {
-        let d = read_f16(xb, Q6_D);
-        for half in 0..2 {
-            let ql = &xb[Q6_QL + 64 * half..Q6_QL + 64 * half + 64];
-            let qh = &xb[Q6_QH + 32 * half..Q6_QH + 32 * half + 32];
-            let sc = &xb[Q6_SCALES + 8 * half..Q6_SCALES + 8 * half + 8];
-            let out = &mut yb[128 * half..128 * half + 128];
-            for l in 0..32 {
-                let is = l / 16;
-                let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
-                let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-                let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-                let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-                out[l] = d * (sc[is] as i8) as f32 * q1 as f32;
-                out[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
-                out[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
-                out[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
-            }
+    dequantize_blocks!(Q6_K_BYTES, "q6_K", dequantize_block_q6_k, x, y);
+}
+
+#[inline(always)]
+fn dequantize_block_q6_k(xb: &[u8; Q6_K_BYTES], yb: &mut [f32; QK_K]) {
+    let d = read_f16(xb, Q6_D);
+    for half in 0..2 {
+        let ql = &xb[Q6_QL + 64 * half..Q6_QL + 64 * half + 64];
+        let qh = &xb[Q6_QH + 32 * half..Q6_QH + 32 * half + 32];
+        let sc = &xb[Q6_SCALES + 8 * half..Q6_SCALES + 8 * half + 8];
+        let out = &mut yb[128 * half..128 * half + 128];
+        for l in 0..32 {
+            let is = l / 16;
+            let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+            let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+            let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+            let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+            out[l] = d * (sc[is] as i8) as f32 * q1 as f32;
+            out[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
+            out[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
+            out[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
         }
     }
 }
@@ -1120,11 +1160,14 @@ pub fn quantize_row_q8_k(x: &[f32], y: &mut [u8], _imatrix: Option<&[f32]>) {
 
 /// Q8_K to f32; mirrors ggml's `dequantize_row_q8_K`.
 pub fn dequantize_row_q8_k(x: &[u8], y: &mut [f32]) {
-    for (xb, yb) in blocks_out::<Q8_K_BYTES>(x, y, "q8_K") {
-        let d = f32::from_le_bytes([xb[0], xb[1], xb[2], xb[3]]);
-        for j in 0..QK_K {
-            yb[j] = d * (xb[Q8_QS + j] as i8) as f32;
-        }
+    dequantize_blocks!(Q8_K_BYTES, "q8_K", dequantize_block_q8_k, x, y);
+}
+
+#[inline(always)]
+fn dequantize_block_q8_k(xb: &[u8; Q8_K_BYTES], yb: &mut [f32; QK_K]) {
+    let d = f32::from_le_bytes([xb[0], xb[1], xb[2], xb[3]]);
+    for j in 0..QK_K {
+        yb[j] = d * (xb[Q8_QS + j] as i8) as f32;
     }
 }
 
@@ -1233,7 +1276,7 @@ mod tests {
     }
 
     #[test]
-    fn portable_and_avx2_builds_give_the_same_bytes() {
+    fn portable_and_avx2_builds_give_the_same_bits() {
         // Rows with zeros, ties, outliers and wide magnitudes; the interop tests compare the dispatched
         // build with libggml, this pins the portable build to it.
         let mut state = 0x2545_f491_4f6c_dd1du64;
@@ -1259,14 +1302,16 @@ mod tests {
             .map(|i| if i % 5 == 0 { 0.0 } else { (i % 11) as f32 })
             .collect();
         type Quantize = fn(&[f32], &mut [u8], Option<&[f32]>);
-        let codecs: [(Quantize, usize); 5] = [
-            (quantize_row_q2_k, Q2_K_BYTES),
-            (quantize_row_q3_k, Q3_K_BYTES),
-            (quantize_row_q4_k, Q4_K_BYTES),
-            (quantize_row_q5_k, Q5_K_BYTES),
-            (quantize_row_q6_k, Q6_K_BYTES),
+        type Dequantize = fn(&[u8], &mut [f32]);
+        let codecs: [(Quantize, Dequantize, usize); 6] = [
+            (quantize_row_q2_k, dequantize_row_q2_k, Q2_K_BYTES),
+            (quantize_row_q3_k, dequantize_row_q3_k, Q3_K_BYTES),
+            (quantize_row_q4_k, dequantize_row_q4_k, Q4_K_BYTES),
+            (quantize_row_q5_k, dequantize_row_q5_k, Q5_K_BYTES),
+            (quantize_row_q6_k, dequantize_row_q6_k, Q6_K_BYTES),
+            (quantize_row_q8_k, dequantize_row_q8_k, Q8_K_BYTES),
         ];
-        for (quantize, bytes) in codecs {
+        for (quantize, dequantize, bytes) in codecs {
             for imat in [None, Some(&imatrix[..])] {
                 let mut dispatched = vec![0u8; x.len() / QK_K * bytes];
                 quantize(&x, &mut dispatched, imat);
