@@ -1324,6 +1324,17 @@ mod tests {
                     "{bytes}-byte blocks, imatrix {}",
                     imat.is_some()
                 );
+                let mut dispatched_f32 = vec![0f32; x.len()];
+                dequantize(&dispatched, &mut dispatched_f32);
+                PORTABLE_ONLY.store(true, std::sync::atomic::Ordering::Relaxed);
+                let mut portable_f32 = vec![0f32; x.len()];
+                dequantize(&dispatched, &mut portable_f32);
+                PORTABLE_ONLY.store(false, std::sync::atomic::Ordering::Relaxed);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert!(
+                    bits(&portable_f32) == bits(&dispatched_f32),
+                    "{bytes}-byte dequantize"
+                );
             }
         }
     }
