@@ -133,7 +133,7 @@ pub fn make_qx_quants(
 /// [`make_qx_quants`] with `rmse_type` 1 and explicit weights (pass `x²` for ggml's `qw == NULL`: the
 /// same value it computes inline) run on `LANES` independent groups in lockstep, one per lane:
 /// `xt[i][k]` is value `i` of group `k`, `wt` its weight, `lt` receives the offset levels and `laux`
-/// is scratch. Every lane performs the scalar function's operations in its order (bit-identical
+/// is scratch (signed levels as floats, which keeps the hot loop vectorizable). Every lane performs the scalar function's operations in its order (bit-identical
 /// results); branches become per-lane selects. Returns the scales.
 #[inline(always)]
 pub fn make_qx_quants_lanes<const LANES: usize>(
@@ -141,7 +141,7 @@ pub fn make_qx_quants_lanes<const LANES: usize>(
     xt: &[[f32; LANES]],
     wt: &[[f32; LANES]],
     lt: &mut [[i8; LANES]],
-    laux: &mut [[i8; LANES]],
+    laux: &mut [[f32; LANES]],
 ) -> [f32; LANES] {
     let n = xt.len();
     assert!(wt.len() == n && lt.len() == n && laux.len() == n);
@@ -194,12 +194,16 @@ pub fn make_qx_quants_lanes<const LANES: usize>(
         let mut suml2 = [0f32; LANES];
         for i in 0..n {
             let (x, w) = (&xt[i], &wt[i]);
+            let mut qf = [0f32; LANES];
             for k in 0..LANES {
-                let q = nearest_int(iscale[k] * x[k]).clamp(-nmax, nmax - 1);
-                laux[i][k] = (q + nmax) as i8;
-                let qf = q as f32;
-                sumlx[k] += w[k] * x[k] * qf;
-                suml2[k] += w[k] * qf * qf;
+                qf[k] = nearest_int(iscale[k] * x[k]).clamp(-nmax, nmax - 1) as f32;
+            }
+            laux[i] = qf;
+            for k in 0..LANES {
+                sumlx[k] += w[k] * x[k] * qf[k];
+            }
+            for k in 0..LANES {
+                suml2[k] += w[k] * qf[k] * qf[k];
             }
         }
         let mut accept = [false; LANES];
@@ -213,7 +217,11 @@ pub fn make_qx_quants_lanes<const LANES: usize>(
         if accept.iter().any(|&a| a) {
             for i in 0..n {
                 for k in 0..LANES {
-                    lt[i][k] = if accept[k] { laux[i][k] } else { lt[i][k] };
+                    lt[i][k] = if accept[k] {
+                        (laux[i][k] as i32 + nmax) as i8
+                    } else {
+                        lt[i][k]
+                    };
                 }
             }
         }
@@ -295,6 +303,105 @@ pub fn make_q3_quants(nmax: i32, x: &[f32], l: &mut [i8], do_rmse: bool) -> f32 
         *li = (q + nmax) as i8;
     }
     1.0 / iscale
+}
+
+/// [`make_q3_quants`] with `do_rmse` run on `LANES` independent groups in lockstep, one per lane
+/// (`xt[i][k]` is value `i` of group `k`; `lt` receives the offset levels; `laux` is scratch holding
+/// the levels as floats, exact small integers that keep the loops vectorizable). Each lane performs the
+/// scalar function's operations in its order, including its coordinate descent, which a lane leaves
+/// (as the scalar loop breaks) after the first pass that changes nothing. Returns the scales.
+#[inline(always)]
+pub fn make_q3_quants_lanes<const LANES: usize>(
+    nmax: i32,
+    xt: &[[f32; LANES]],
+    lt: &mut [[i8; LANES]],
+    laux: &mut [[f32; LANES]],
+) -> [f32; LANES] {
+    let n = xt.len();
+    assert!(lt.len() == n && laux.len() == n);
+    let mut max = [0f32; LANES];
+    let mut amax = [0f32; LANES];
+    for x in xt {
+        for k in 0..LANES {
+            let ax = x[k].abs();
+            let bigger = ax > amax[k];
+            amax[k] = if bigger { ax } else { amax[k] };
+            max[k] = if bigger { x[k] } else { max[k] };
+        }
+    }
+    let mut iscale = [0f32; LANES];
+    for k in 0..LANES {
+        iscale[k] = (-nmax) as f32 / max[k];
+    }
+    let lf = laux;
+    let mut sumlx = [0f32; LANES];
+    let mut suml2 = [0f32; LANES];
+    for i in 0..n {
+        let x = &xt[i];
+        let mut q = [0f32; LANES];
+        for k in 0..LANES {
+            q[k] = nearest_int(iscale[k] * x[k]).clamp(-nmax, nmax - 1) as f32;
+        }
+        lf[i] = q;
+        for k in 0..LANES {
+            let w = x[k] * x[k];
+            sumlx[k] += w * x[k] * q[k];
+            suml2[k] += w * q[k] * q[k];
+        }
+    }
+    let mut active = [true; LANES];
+    for _itry in 0..5 {
+        let mut changed = [false; LANES];
+        for i in 0..n {
+            let x = &xt[i];
+            let l = &mut lf[i];
+            for k in 0..LANES {
+                let w = x[k] * x[k];
+                let slx = sumlx[k] - w * x[k] * l[k];
+                let sl2 = suml2[k] - w * l[k] * l[k];
+                let new_l = nearest_int(x[k] * sl2 / slx).clamp(-nmax, nmax - 1) as f32;
+                let slx2 = slx + w * x[k] * new_l;
+                let sl22 = sl2 + w * new_l * new_l;
+                let take = active[k]
+                    && slx > 0.0
+                    && new_l != l[k]
+                    && sl22 > 0.0
+                    && slx2 * slx2 * suml2[k] > sumlx[k] * sumlx[k] * sl22;
+                l[k] = if take { new_l } else { l[k] };
+                sumlx[k] = if take { slx2 } else { sumlx[k] };
+                suml2[k] = if take { sl22 } else { suml2[k] };
+                changed[k] |= take;
+            }
+        }
+        for k in 0..LANES {
+            active[k] &= changed[k];
+        }
+        if !active.iter().any(|&a| a) {
+            break;
+        }
+    }
+    let mut scale = [0f32; LANES];
+    for k in 0..LANES {
+        scale[k] = if suml2[k] > 0.0 {
+            sumlx[k] / suml2[k]
+        } else {
+            0.0
+        };
+    }
+    for i in 0..n {
+        for k in 0..LANES {
+            lt[i][k] = (lf[i][k] as i32 + nmax) as i8;
+        }
+    }
+    for k in 0..LANES {
+        if amax[k] < GROUP_MAX_EPS {
+            scale[k] = 0.0;
+            for l in lt.iter_mut() {
+                l[k] = 0;
+            }
+        }
+    }
+    scale
 }
 
 /// Where a `qkx` search takes its per-element weights from.
@@ -470,7 +577,8 @@ pub fn make_qkx3_quants(
 
 /// [`make_qkx2_quants`] (`flat_is_le` false) or [`make_qkx3_quants`] with given weights (`flat_is_le`
 /// true) run on `LANES` independent groups in lockstep, one group per lane: `xt[i][k]` is value `i` of
-/// group `k`, `wt` its weight, `lt` receives the levels (same layout) and `laux` is scratch. Each lane
+/// group `k`, `wt` its weight, `lt` receives the levels (same layout) and `laux` is scratch (levels as
+/// floats: narrowing to bytes in the hot loop keeps the compiler from vectorizing it). Each lane
 /// performs exactly the scalar function's operations in its order, so results are bit-identical;
 /// branches become per-lane selects, which lets the compiler keep the lanes in SIMD registers.
 /// Returns `(scales, the_mins)`.
@@ -481,7 +589,7 @@ pub fn make_qkx_quants_lanes<const LANES: usize>(
     xt: &[[f32; LANES]],
     wt: &[[f32; LANES]],
     lt: &mut [[u8; LANES]],
-    laux: &mut [[u8; LANES]],
+    laux: &mut [[f32; LANES]],
     rmin: f32,
     rdelta: f32,
     nstep: i32,
@@ -548,13 +656,20 @@ pub fn make_qkx_quants_lanes<const LANES: usize>(
             let mut sum_xl = [0f32; LANES];
             for i in 0..n {
                 let (x, w) = (&xt[i], &wt[i]);
+                // One simple loop per quantity: the form the compiler turns into whole-register ops.
+                let mut qf = [0f32; LANES];
                 for k in 0..LANES {
-                    let q = nearest_int(iscale[k] * (x[k] - min[k])).clamp(0, nmax);
-                    laux[i][k] = q as u8;
-                    let qf = q as f32;
-                    sum_l[k] += w[k] * qf;
-                    sum_l2[k] += w[k] * qf * qf;
-                    sum_xl[k] += w[k] * qf * x[k];
+                    qf[k] = nearest_int(iscale[k] * (x[k] - min[k])).clamp(0, nmax) as f32;
+                }
+                laux[i] = qf;
+                for k in 0..LANES {
+                    sum_l[k] += w[k] * qf[k];
+                }
+                for k in 0..LANES {
+                    sum_l2[k] += w[k] * qf[k] * qf[k];
+                }
+                for k in 0..LANES {
+                    sum_xl[k] += w[k] * qf[k] * x[k];
                 }
             }
             let mut this_scale = [0f32; LANES];
@@ -573,7 +688,7 @@ pub fn make_qkx_quants_lanes<const LANES: usize>(
             for i in 0..n {
                 let (x, w) = (&xt[i], &wt[i]);
                 for k in 0..LANES {
-                    let diff = this_scale[k] * laux[i][k] as f32 + this_min[k] - x[k];
+                    let diff = this_scale[k] * laux[i][k] + this_min[k] - x[k];
                     let diff = if use_mad { diff.abs() } else { diff * diff };
                     cur_error[k] += w[k] * diff;
                 }
@@ -590,7 +705,11 @@ pub fn make_qkx_quants_lanes<const LANES: usize>(
             if accept.iter().any(|&a| a) {
                 for i in 0..n {
                     for k in 0..LANES {
-                        lt[i][k] = if accept[k] { laux[i][k] } else { lt[i][k] };
+                        lt[i][k] = if accept[k] {
+                            laux[i][k] as u8
+                        } else {
+                            lt[i][k]
+                        };
                     }
                 }
             }
@@ -762,7 +881,7 @@ mod tests {
             }
         }
         let mut lt = vec![[0u8; LANES]; n];
-        let mut laux = vec![[0u8; LANES]; n];
+        let mut laux = vec![[0f32; LANES]; n];
         let (scales, mins) = make_qkx_quants_lanes(
             nmax, &xt, &wt, &mut lt, &mut laux, rmin, rdelta, nstep, use_mad, qkx3,
         );
@@ -820,7 +939,7 @@ mod tests {
             }
         }
         let mut lt = vec![[0i8; LANES]; n];
-        let mut laux = vec![[0i8; LANES]; n];
+        let mut laux = vec![[0f32; LANES]; n];
         let scales = make_qx_quants_lanes(nmax, &xt, &wt, &mut lt, &mut laux);
         for (k, (x, w)) in groups.iter().enumerate() {
             let mut l = vec![0i8; n];
@@ -840,6 +959,29 @@ mod tests {
         #[test]
         fn lanes_equal_scalar_qx_weighted(groups in prop::collection::vec(group(16), 16)) {
             check_qx_lanes(&groups, 4, true);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn lanes_equal_scalar_q3(groups in prop::collection::vec(group(16), 16)) {
+            const LANES: usize = 16;
+            let mut xt = vec![[0f32; LANES]; 16];
+            for (k, (x, _)) in groups.iter().enumerate() {
+                for i in 0..16 {
+                    xt[i][k] = x[i];
+                }
+            }
+            let mut lt = vec![[0i8; LANES]; 16];
+            let mut laux = vec![[0f32; LANES]; 16];
+            let scales = make_q3_quants_lanes(4, &xt, &mut lt, &mut laux);
+            for (k, (x, _)) in groups.iter().enumerate() {
+                let mut l = vec![0i8; 16];
+                let scale = make_q3_quants(4, x, &mut l, true);
+                prop_assert_eq!(scales[k].to_bits(), scale.to_bits(), "lane {} scale", k);
+                let lane: Vec<i8> = lt.iter().map(|row| row[k]).collect();
+                prop_assert_eq!(lane, l, "lane {} levels", k);
+            }
         }
     }
 }
