@@ -127,6 +127,46 @@ fn block_weights(xb: &[f32], qw: &[f32], sigma2: f32) -> [f32; QK] {
 /// Blocks searched side by side, one per SIMD lane, by the importance-weighted quantizers.
 const LANES: usize = 8;
 
+/// Defines `pub fn $name(x, y, quant_weights)` running `$body` (a closure over those three), compiled
+/// for AVX2 as well and dispatched to it when the CPU has it: the lane searches then run 8 lanes per
+/// instruction instead of 4. Same bits either way: only the vector width changes, never the order of
+/// operations, and Rust never fuses a multiply and an add (the same scheme as `kquants`).
+macro_rules! with_avx2_dispatch {
+    ($(#[$doc:meta])* $name:ident, $body:expr) => {
+        $(#[$doc])*
+        pub fn $name(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
+            #[inline(always)]
+            fn run(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
+                ($body)(x, y, quant_weights)
+            }
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
+                    run(x, y, quant_weights)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && !portable_only() {
+                    // SAFETY: the CPU supports AVX2, checked just above.
+                    return unsafe { avx2(x, y, quant_weights) };
+                }
+            }
+            run(x, y, quant_weights)
+        }
+    };
+}
+
+/// Tests set this to run the portable (baseline x86-64) build on a CPU with AVX2.
+#[cfg(test)]
+static PORTABLE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+#[inline(always)]
+fn portable_only() -> bool {
+    #[cfg(test)]
+    return PORTABLE_ONLY.load(std::sync::atomic::Ordering::Relaxed);
+    #[cfg(not(test))]
+    false
+}
+
 /// Value `i` of block `k` at `xt[i][k]`: the lane layout of the `search::*_lanes` functions.
 #[inline(always)]
 fn to_lanes(
@@ -158,6 +198,7 @@ fn lane_weights(blocks: &[f32], qw: &[f32], sigma2: f32) -> [[f32; QK]; LANES] {
 /// `make_qx_quants(32, nmax, x, L, 1, w)` with `w = imatrix * sqrt(sigma2 + x²)`, then `write(block,
 /// d, L)`. Runs [`LANES`] blocks at a time through [`make_qx_quants_lanes`] (each lane in the scalar
 /// function's exact operation order) and the remainder through [`make_qx_quants`].
+#[inline(always)]
 fn symmetric_impl(
     nmax: i32,
     x: &[f32],
@@ -178,7 +219,7 @@ fn symmetric_impl(
     {
         let (xt, wt) = to_lanes(xs, &lane_weights(xs, qw, sigma2));
         let mut lt = [[0i8; LANES]; QK];
-        let mut laux = [[0i8; LANES]; QK];
+        let mut laux = [[0f32; LANES]; QK];
         let d = make_qx_quants_lanes(nmax, &xt, &wt, &mut lt, &mut laux);
         for (k, yb) in ys.chunks_exact_mut(block_bytes).enumerate() {
             write(yb, d[k], &std::array::from_fn(|i| lt[i][k]));
@@ -200,6 +241,7 @@ fn symmetric_impl(
 /// `make_qkx3_quants(32, nmax, x, w, L, &the_min, Laux, -0.9, 0.05, 36, false)` with
 /// `w = imatrix * sqrt(sigma2 + x²)`, then `write(block, d, the_min, L)`. Runs [`LANES`] blocks at a
 /// time through [`make_qkx_quants_lanes`] and the remainder through [`make_qkx3_quants`].
+#[inline(always)]
 fn asymmetric_impl(
     nmax: i32,
     x: &[f32],
@@ -220,7 +262,7 @@ fn asymmetric_impl(
     {
         let (xt, wt) = to_lanes(xs, &lane_weights(xs, qw, sigma2));
         let mut lt = [[0u8; LANES]; QK];
-        let mut laux = [[0u8; LANES]; QK];
+        let mut laux = [[0f32; LANES]; QK];
         // `flat_is_le = true`: make_qkx3_quants' test for a flat block.
         let (d, the_min) = make_qkx_quants_lanes(
             nmax, &xt, &wt, &mut lt, &mut laux, -0.9, 0.05, 36, false, true,
@@ -293,16 +335,19 @@ pub fn quantize_row_q4_0_ref(x: &[f32], y: &mut [u8]) {
     }
 }
 
-/// Mirrors `quantize_row_q4_0_impl`: per block, `make_qx_quants(32, 8, x, L, 1, w)` with
-/// `w = imatrix * sqrt(sigma2 + x²)`.
-pub fn quantize_row_q4_0_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-    symmetric_impl(8, x, y, Q4_0_BYTES, quant_weights, |yb, d, l| {
-        write_f16(&mut yb[0..2], d);
-        for j in 0..QK / 2 {
-            yb[2 + j] = (l[j] as u8) | ((l[j + 16] as u8) << 4);
-        }
-    });
-}
+with_avx2_dispatch!(
+    /// Mirrors `quantize_row_q4_0_impl`: per block, `make_qx_quants(32, 8, x, L, 1, w)` with
+    /// `w = imatrix * sqrt(sigma2 + x²)`.
+    quantize_row_q4_0_impl,
+    |x: &[f32], y: &mut [u8], quant_weights: &[f32]| {
+        symmetric_impl(8, x, y, Q4_0_BYTES, quant_weights, |yb, d, l| {
+            write_f16(&mut yb[0..2], d);
+            for j in 0..QK / 2 {
+                yb[2 + j] = (l[j] as u8) | ((l[j + 16] as u8) << 4);
+            }
+        });
+    }
+);
 
 /// Mirrors `dequantize_row_q4_0`: `(q - 8) * d`.
 pub fn dequantize_row_q4_0(x: &[u8], y: &mut [f32]) {
@@ -344,17 +389,20 @@ pub fn quantize_row_q4_1_ref(x: &[f32], y: &mut [u8]) {
     }
 }
 
-/// Mirrors `quantize_row_q4_1_impl`: per block, `make_qkx3_quants(32, 15, x, w, L, &min, Laux, -0.9,
-/// 0.05, 36, false)` with `w = imatrix * sqrt(sigma2 + x²)`; stores `d` and `m = -min`.
-pub fn quantize_row_q4_1_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-    asymmetric_impl(15, x, y, Q4_1_BYTES, quant_weights, |yb, d, the_min, l| {
-        write_f16(&mut yb[0..2], d);
-        write_f16(&mut yb[2..4], -the_min);
-        for j in 0..QK / 2 {
-            yb[4 + j] = l[j] | (l[j + 16] << 4);
-        }
-    });
-}
+with_avx2_dispatch!(
+    /// Mirrors `quantize_row_q4_1_impl`: per block, `make_qkx3_quants(32, 15, x, w, L, &min, Laux, -0.9,
+    /// 0.05, 36, false)` with `w = imatrix * sqrt(sigma2 + x²)`; stores `d` and `m = -min`.
+    quantize_row_q4_1_impl,
+    |x: &[f32], y: &mut [u8], quant_weights: &[f32]| {
+        asymmetric_impl(15, x, y, Q4_1_BYTES, quant_weights, |yb, d, the_min, l| {
+            write_f16(&mut yb[0..2], d);
+            write_f16(&mut yb[2..4], -the_min);
+            for j in 0..QK / 2 {
+                yb[4 + j] = l[j] | (l[j + 16] << 4);
+            }
+        });
+    }
+);
 
 /// Mirrors `dequantize_row_q4_1`: `q * d + m`.
 pub fn dequantize_row_q4_1(x: &[u8], y: &mut [f32]) {
@@ -402,16 +450,19 @@ fn read_qh(b: &[u8]) -> u32 {
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
-/// Mirrors `quantize_row_q5_0_impl`: per block, `make_qx_quants(32, 16, x, L, 1, w)` with
-/// `w = imatrix * sqrt(sigma2 + x²)`.
-pub fn quantize_row_q5_0_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-    symmetric_impl(16, x, y, Q5_0_BYTES, quant_weights, |yb, d, l| {
-        write_f16(&mut yb[0..2], d);
-        let levels = l.map(|q| q as u8);
-        let (head, qs) = yb.split_at_mut(6);
-        pack_5bit(&levels, qs, &mut head[2..6]);
-    });
-}
+with_avx2_dispatch!(
+    /// Mirrors `quantize_row_q5_0_impl`: per block, `make_qx_quants(32, 16, x, L, 1, w)` with
+    /// `w = imatrix * sqrt(sigma2 + x²)`.
+    quantize_row_q5_0_impl,
+    |x: &[f32], y: &mut [u8], quant_weights: &[f32]| {
+        symmetric_impl(16, x, y, Q5_0_BYTES, quant_weights, |yb, d, l| {
+            write_f16(&mut yb[0..2], d);
+            let levels = l.map(|q| q as u8);
+            let (head, qs) = yb.split_at_mut(6);
+            pack_5bit(&levels, qs, &mut head[2..6]);
+        });
+    }
+);
 
 /// Mirrors `dequantize_row_q5_0`: `(q - 16) * d`.
 pub fn dequantize_row_q5_0(x: &[u8], y: &mut [f32]) {
@@ -457,16 +508,19 @@ pub fn quantize_row_q5_1_ref(x: &[f32], y: &mut [u8]) {
     }
 }
 
-/// Mirrors `quantize_row_q5_1_impl`: per block, `make_qkx3_quants(32, 31, x, w, L, &min, Laux, -0.9,
-/// 0.05, 36, false)` with `w = imatrix * sqrt(sigma2 + x²)`; stores `d` and `m = -min`.
-pub fn quantize_row_q5_1_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-    asymmetric_impl(31, x, y, Q5_1_BYTES, quant_weights, |yb, d, the_min, l| {
-        write_f16(&mut yb[0..2], d);
-        write_f16(&mut yb[2..4], -the_min);
-        let (head, qs) = yb.split_at_mut(8);
-        pack_5bit(l, qs, &mut head[4..8]);
-    });
-}
+with_avx2_dispatch!(
+    /// Mirrors `quantize_row_q5_1_impl`: per block, `make_qkx3_quants(32, 31, x, w, L, &min, Laux, -0.9,
+    /// 0.05, 36, false)` with `w = imatrix * sqrt(sigma2 + x²)`; stores `d` and `m = -min`.
+    quantize_row_q5_1_impl,
+    |x: &[f32], y: &mut [u8], quant_weights: &[f32]| {
+        asymmetric_impl(31, x, y, Q5_1_BYTES, quant_weights, |yb, d, the_min, l| {
+            write_f16(&mut yb[0..2], d);
+            write_f16(&mut yb[2..4], -the_min);
+            let (head, qs) = yb.split_at_mut(8);
+            pack_5bit(l, qs, &mut head[4..8]);
+        });
+    }
+);
 
 /// Mirrors `dequantize_row_q5_1`: `q * d + m`.
 pub fn dequantize_row_q5_1(x: &[u8], y: &mut [f32]) {
@@ -593,3 +647,38 @@ pub const Q8_1: Codec = Codec {
     quantize: Some(quantize_row_q8_1_ref),
     quantize_imatrix: None,
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn portable_and_avx2_builds_give_the_same_bits() {
+        let n_per_row = 11 * 32; // 8 blocks in lanes, 3 one by one
+        let x: Vec<f32> = (0..n_per_row * 40)
+            .map(|i| (((i * 2654435761usize) % 10007) as f32 / 5000.0 - 1.0) * (1 + i % 7) as f32)
+            .collect();
+        let w: Vec<f32> = (0..n_per_row).map(|i| (i % 5) as f32 * 0.7).collect();
+        type Impl = fn(&[f32], &mut [u8], &[f32]);
+        let impls: [(Impl, usize); 4] = [
+            (quantize_row_q4_0_impl, Q4_0_BYTES),
+            (quantize_row_q4_1_impl, Q4_1_BYTES),
+            (quantize_row_q5_0_impl, Q5_0_BYTES),
+            (quantize_row_q5_1_impl, Q5_1_BYTES),
+        ];
+        for (f, bytes) in impls {
+            let row_bytes = n_per_row / QK * bytes;
+            let run = |portable: bool| {
+                PORTABLE_ONLY.store(portable, std::sync::atomic::Ordering::Relaxed);
+                let mut y = vec![0u8; row_bytes * 40];
+                for (xr, yr) in x.chunks(n_per_row).zip(y.chunks_mut(row_bytes)) {
+                    f(xr, yr, &w);
+                }
+                y
+            };
+            let (portable, dispatched) = (run(true), run(false));
+            PORTABLE_ONLY.store(false, std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(portable, dispatched);
+        }
+    }
+}
