@@ -7,8 +7,11 @@
 //! row is a whole number of blocks.
 //!
 //! The entry points check sizes and dispatch through the table: [`dequantize_row`] / [`quantize_row`]
-//! for one row, [`dequantize_rows`] / [`quantize_rows`] for a block of rows spread over rayon's threads.
-//! Callers hand in row blocks of the size they can afford; nothing here copies a whole tensor.
+//! for one row, [`dequantize_rows`] / [`quantize_rows`] for a block of rows spread over rayon's threads,
+//! [`convert_rows`] to re-encode rows from one type to another through a bounded f32 buffer. Callers
+//! hand in row blocks of the size they can afford; nothing here copies a whole tensor. "Quantize" means
+//! exactly what `ggml_quantize_chunk` does: the reference quantizer without an imatrix, the
+//! importance-weighted `quantize_row_X_impl` with one (types without such a variant ignore it).
 
 pub mod float;
 pub mod iquants;
