@@ -1,5 +1,5 @@
 //! Float, legacy and IQ4 codecs against the live libggml on rows generated here: a few hundred rows
-//! of many shapes (normal, uniform, exact ties, raw finite bit patterns of any magnitude, sparse,
+//! of many shapes (normal, uniform, exact ties, raw finite bit patterns of any magnitude, sparse on ±0,
 //! constant, per-block magnitudes, negative-only) quantized without and with a per-row imatrix, and
 //! random encoded blocks dequantized, all compared bit for bit with what libggml does in the same run
 //! (`testdata/codecs/ggml_legacy_batch.py`).
@@ -70,6 +70,9 @@ fn make_row(rng: &mut Rng, kind: usize, n_per_row: usize) -> Vec<f32> {
             }
         }
         4 => {
+            // Sparse, on zeros of both signs (which one a block's min/max keeps shows in Q4_1/Q5_1's m).
+            row.iter_mut()
+                .for_each(|v| *v = if rng.below(2) == 0 { 0.0 } else { -0.0 });
             for _ in 0..rng.below(6) {
                 row[rng.below(n_per_row as u64) as usize] = rng.normal() * 5.0;
             }

@@ -88,17 +88,38 @@ fn signed_absmax(x: &[f32]) -> f32 {
     max
 }
 
-/// Minimum and maximum of a block, starting from `FLT_MAX`/`-FLT_MAX` as ggml does.
-#[inline]
+/// Minimum and maximum of a block (a multiple of 8 elements) exactly as ggml's sequential loop finds them (start at
+/// `FLT_MAX`/`-FLT_MAX`, replace on strict `<`/`>`), computed in 8 lanes so it vectorizes. The lanes
+/// find the right values; which bits represent them is decided after: the sequential loop keeps the
+/// first element that compares equal to the extreme, and only ±0 compare equal with different bits,
+/// so a zero extreme takes the sign of the first zero in the block.
+#[inline(always)]
 fn min_max(x: &[f32]) -> (f32, f32) {
+    let mut mn = [f32::MAX; 8];
+    let mut mx = [-f32::MAX; 8];
+    for c in x.chunks_exact(8) {
+        for k in 0..8 {
+            mn[k] = if c[k] < mn[k] { c[k] } else { mn[k] };
+            mx[k] = if c[k] > mx[k] { c[k] } else { mx[k] };
+        }
+    }
     let mut min = f32::MAX;
     let mut max = -f32::MAX;
-    for &v in x {
-        if v < min {
-            min = v;
+    for k in 0..8 {
+        if mn[k] < min {
+            min = mn[k];
         }
-        if v > max {
-            max = v;
+        if mx[k] > max {
+            max = mx[k];
+        }
+    }
+    if min == 0.0 || max == 0.0 {
+        let first_zero = x.iter().copied().find(|&v| v == 0.0).unwrap_or(0.0);
+        if min == 0.0 {
+            min = first_zero;
+        }
+        if max == 0.0 {
+            max = first_zero;
         }
     }
     (min, max)
@@ -651,6 +672,57 @@ pub const Q8_1: Codec = Codec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// ggml's loop, restated plainly.
+    fn sequential_min_max(x: &[f32]) -> (f32, f32) {
+        let (mut min, mut max) = (f32::MAX, -f32::MAX);
+        for &v in x {
+            if v < min {
+                min = v;
+            }
+            if v > max {
+                max = v;
+            }
+        }
+        (min, max)
+    }
+
+    #[test]
+    fn lane_min_max_keeps_the_sign_of_the_first_zero_like_ggml() {
+        let mut state = 7u32;
+        for case in 0..2000 {
+            let mut block = [0f32; QK];
+            for v in block.iter_mut() {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                *v = match (state >> 24) % 5 {
+                    0 => 0.0,
+                    1 => -0.0,
+                    2 => (state >> 8) as f32 / 1e6,
+                    3 => -((state >> 8) as f32) / 1e6,
+                    _ => f32::MAX,
+                };
+            }
+            if case % 3 == 0 {
+                // Zero (of either sign, kept) is the minimum.
+                block
+                    .iter_mut()
+                    .filter(|v| **v != 0.0)
+                    .for_each(|v| *v = v.abs());
+            } else if case % 3 == 1 {
+                // Zero (of either sign, kept) is the maximum.
+                block
+                    .iter_mut()
+                    .filter(|v| **v != 0.0)
+                    .for_each(|v| *v = -v.abs());
+            }
+            let (a, b) = (min_max(&block), sequential_min_max(&block));
+            assert_eq!(
+                (a.0.to_bits(), a.1.to_bits()),
+                (b.0.to_bits(), b.1.to_bits()),
+                "{block:?}"
+            );
+        }
+    }
 
     #[test]
     fn portable_and_avx2_builds_give_the_same_bits() {
