@@ -16,6 +16,11 @@
 //! `half`, whose round-to-nearest-even and canonical quiet NaN (`0x7e00 | sign`) match
 //! `GGML_FP32_TO_FP16` for every value these codecs produce (see the tests).
 //!
+//! Speed without changing bits: the scale searches of all sub-blocks of a super-block run in SIMD
+//! lanes (see [`super::search`]), and every quantizer and dequantizer is also compiled for AVX2 and
+//! picked at run time when the CPU has it; only the vector width differs, never the operation order.
+//! Rust never contracts `a * b + c` into an FMA, so the AVX2 build rounds exactly like ggml's SSE2 C.
+//!
 //! Lengths are the caller's contract: `x` holds whole 256-element super-blocks and `y` exactly the
 //! matching number of bytes; a mismatch is a programming error and panics.
 

@@ -10,6 +10,14 @@
 //!
 //! Slices replace ggml's `(n, pointer)` pairs: `x.len()` is ggml's `n`, and the output slices must be at
 //! least as long.
+//!
+//! Speed: each search is a chain of sequential sums that cannot be reordered without changing bits, so
+//! a group cannot be vectorized within itself. The `*_lanes` variants instead run LANES independent
+//! groups (the sub-blocks of a super-block) in lockstep, one per SIMD lane, each lane doing exactly the
+//! scalar operations in the scalar order; data-dependent branches become per-lane selects. The 8-lane
+//! `qkx` passes have hand-written AVX2 kernels, used when the CPU has AVX2 (the compiler would not keep
+//! their 24 running sums in vectors). The scalar functions stay as the reference the lane versions are
+//! tested against, and for callers with a single group.
 
 // Index loops mirror the C and walk several arrays in step; iterator chains would hide that.
 #![allow(clippy::needless_range_loop)]
