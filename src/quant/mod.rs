@@ -158,7 +158,12 @@ impl GgmlType {
             F64 => ("f64", 1, 8, false),
             IQ1_M => ("iq1_m", QK_K, QK_K / 8 + QK_K / 16 + QK_K / 32, true),
             BF16 => ("bf16", 1, 2, false),
-            TQ1_0 => ("tq1_0", QK_K, 2 + QK_K / 64 + (QK_K - 4 * QK_K / 64) / 5, true),
+            TQ1_0 => (
+                "tq1_0",
+                QK_K,
+                2 + QK_K / 64 + (QK_K - 4 * QK_K / 64) / 5,
+                true,
+            ),
             TQ2_0 => ("tq2_0", QK_K, 2 + QK_K / 4, true),
             MXFP4 => ("mxfp4", 32, 1 + 16, true),
             NVFP4 => ("nvfp4", 64, 4 + 32, true),
@@ -189,7 +194,7 @@ impl GgmlType {
     /// blocks or the size overflows (ggml's `ggml_row_size` asserts the same divisibility).
     pub fn row_bytes(self, n_per_row: u64) -> Option<u64> {
         let t = self.traits();
-        if n_per_row % t.block_size as u64 != 0 {
+        if !n_per_row.is_multiple_of(t.block_size as u64) {
             return None;
         }
         (n_per_row / t.block_size as u64).checked_mul(t.type_size as u64)
