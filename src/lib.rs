@@ -6,5 +6,8 @@
 
 pub mod adapter;
 pub mod arch;
+pub mod gguf;
+pub mod inspect;
+pub mod output;
 pub mod quant;
 pub mod safetensors_file;
