@@ -25,8 +25,8 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::{
-    Adapter, AdapterError, Factor, FullTensor, FusedPart, Layout, LoraPair, LoraTensor, Matrix,
-    Provenance, SourceFormat, TargetKind,
+    check_against_base, Adapter, AdapterError, Factor, FullTensor, FusedPart, Issue, IssueKind,
+    Layout, LoraPair, LoraTensor, Matrix, Provenance, SourceFormat, TargetKind,
 };
 use crate::arch::{self, BaseInfo, Rope};
 use crate::safetensors_file::SafetensorsFile;
@@ -386,6 +386,12 @@ pub fn read_raw(path: &Path) -> Result<PeftAdapter, AdapterError> {
     let mut full = Vec::new();
     let mut problems = Vec::new();
     for entry in file.tensors() {
+        // PEFT saves the targeted embedding/lm_head base weights themselves (`save_embedding_layers`)
+        // as `<module>.base_layer.weight`: unchanged base weights, not part of the update (the
+        // reference converter skips them too). A resized vocabulary shows in the LoRA shapes.
+        if entry.name.ends_with(".base_layer.weight") {
+            continue;
+        }
         let (module, role) = parse_tensor_name(&entry.name);
         let shape = &entry.shape;
         let factor = |rows: usize, cols: usize| Factor::Safetensors {
@@ -528,32 +534,6 @@ fn describe_shape(f: &Factor) -> String {
         Factor::Safetensors { entry, .. } => format!("'{}' {r}×{c}", entry.name),
         Factor::Owned(_) => format!("{r}×{c}"),
     }
-}
-
-/// Why an adapted module cannot become a correct GGUF LoRA tensor against this base.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct Issue {
-    /// Source module path or tensor name.
-    pub source: String,
-    /// GGUF target, when the module maps.
-    pub target: Option<String>,
-    pub status: IssueKind,
-    pub message: String,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum IssueKind {
-    /// No GGUF tensor for this module in this architecture.
-    UnknownModule,
-    /// The base has no such tensor.
-    MissingInBase,
-    /// Shapes disagree with the base tensor.
-    ShapeMismatch,
-    /// Rank in the tensors disagrees with the config (`r` / `rank_pattern`).
-    RankMismatch,
-    /// Needs facts only a base GGUF gives (head counts for the llama q/k permutation, ...).
-    NeedsBase,
 }
 
 /// Reads a PEFT adapter and maps it onto `base`. Returns the adapter and the list of problems; a
@@ -818,7 +798,7 @@ pub fn build(raw: &PeftAdapter, base: &BaseInfo, path: &Path) -> (Adapter, Vec<I
         }
     }
 
-    check_against_base(&tensors, base, &mut issues);
+    issues.extend(check_against_base(&tensors, base));
     tensors.sort_by_key(tensor_order);
     let full_tensors = raw
         .full
@@ -874,46 +854,6 @@ fn head_count(base: &BaseInfo, rope: Rope) -> Option<usize> {
 /// Output order: global tensors first, then by layer, then by name (stable and readable).
 fn tensor_order(t: &LoraTensor) -> (u32, String) {
     (t.layer.map_or(0, |l| l + 1), t.target.clone())
-}
-
-/// Checks every target against the base GGUF: present, and shaped as llama.cpp's loader will check.
-fn check_against_base(tensors: &[LoraTensor], base: &BaseInfo, issues: &mut Vec<Issue>) {
-    if !base.has_tensors() {
-        return;
-    }
-    for t in tensors {
-        let issue = |status, message: String| Issue {
-            source: t.source(),
-            target: Some(t.target.clone()),
-            status,
-            message,
-        };
-        let Some(bt) = base.tensor(&t.target) else {
-            let message = if t.target == "output.weight"
-                && base.tensor("token_embd.weight").is_some()
-            {
-                "the base ties its output to token_embd (no output.weight): a lm_head LoRA has nothing to apply to in llama.cpp; use `gguf-lora merge` on an untied base or train without lm_head".to_string()
-            } else {
-                format!("the base has no tensor {}", t.target)
-            };
-            issues.push(issue(IssueKind::MissingInBase, message));
-            continue;
-        };
-        let want: Vec<u64> = match t.kind {
-            TargetKind::Linear => vec![t.n_in() as u64, t.n_out() as u64],
-            TargetKind::Embedding => vec![t.n_out() as u64, t.n_in() as u64],
-            TargetKind::Experts => vec![t.n_in() as u64, t.n_out() as u64, t.n_expert() as u64],
-        };
-        if bt.dims != want {
-            issues.push(issue(
-                IssueKind::ShapeMismatch,
-                format!(
-                    "the adapter needs a base tensor with ne = {want:?}, the base's {} has ne = {:?}",
-                    t.target, bt.dims
-                ),
-            ));
-        }
-    }
 }
 
 #[cfg(test)]
