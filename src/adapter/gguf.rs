@@ -464,3 +464,140 @@ fn dequantize(model: &GgufModel, name: &str, path: &Path) -> Result<Matrix, Adap
     }
     Ok(m)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(rows: usize, cols: usize, seed: f32) -> Matrix {
+        let data = (0..rows * cols)
+            .map(|i| ((i as f32 * 0.37 + seed).sin() * 0.5))
+            .collect();
+        Matrix::new(rows, cols, data).unwrap()
+    }
+
+    fn pair(a: Matrix, b: Matrix, alpha: f64) -> LoraPair {
+        LoraPair {
+            source: "s".into(),
+            a: Factor::owned(a),
+            b: Factor::owned(b),
+            alpha,
+            b_rows: None,
+        }
+    }
+
+    fn tensor(target: &str, kind: TargetKind, layout: Layout) -> LoraTensor {
+        LoraTensor {
+            target: target.into(),
+            layer: crate::gguf::layer_of(target),
+            kind,
+            layout,
+            permute_heads: None,
+            dora_magnitude: None,
+            lora_bias: None,
+        }
+    }
+
+    /// Written and read back, every target keeps its A, B·scale and kind; shapes follow llama.cpp.
+    #[test]
+    fn write_read_round_trip_keeps_effective_updates() {
+        let adapter = Adapter {
+            arch: Some("qwen2moe".into()),
+            tensors: vec![
+                tensor(
+                    "token_embd.weight",
+                    TargetKind::Embedding,
+                    Layout::Single(Box::new(pair(m(4, 40, 1.0), m(8, 4, 2.0), 8.0))),
+                ),
+                tensor(
+                    "blk.0.attn_q.weight",
+                    TargetKind::Linear,
+                    // alpha 16 on rank 4 while the file alpha will be 8: folded ×2 into B.
+                    Layout::Single(Box::new(pair(m(4, 8, 3.0), m(8, 4, 4.0), 16.0))),
+                ),
+                tensor(
+                    "blk.0.ffn_up_exps.weight",
+                    TargetKind::Experts,
+                    Layout::Experts(vec![
+                        pair(m(4, 8, 5.0), m(6, 4, 6.0), 8.0),
+                        pair(m(4, 8, 7.0), m(6, 4, 8.0), 8.0),
+                    ]),
+                ),
+            ],
+            alora_invocation_tokens: Some(vec![7, 9]),
+            ..Adapter::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.gguf");
+        let summary = write(&adapter, &path, &[], OutType::F32).unwrap();
+        assert_eq!(summary.alpha, 8.0);
+        assert_eq!(summary.folded, [("blk.0.attn_q.weight".to_string(), 2.0)]);
+
+        let file = crate::gguf::GgufFile::open(&path).unwrap();
+        let dims = |n: &str| file.tensor(n).unwrap().dims.clone();
+        assert_eq!(dims("token_embd.weight.lora_a"), [4, 40]);
+        assert_eq!(dims("token_embd.weight.lora_b"), [4, 8]);
+        assert_eq!(dims("blk.0.attn_q.weight.lora_a"), [8, 4]);
+        assert_eq!(dims("blk.0.attn_q.weight.lora_b"), [4, 8]);
+        assert_eq!(dims("blk.0.ffn_up_exps.weight.lora_a"), [8, 4, 2]);
+        assert_eq!(dims("blk.0.ffn_up_exps.weight.lora_b"), [4, 6, 2]);
+        assert_eq!(
+            file.metadata().get(KEY_ALORA),
+            Some(&Value::Array(Array::U32(vec![7, 9])))
+        );
+
+        let back = read(&path).unwrap();
+        assert_eq!(back.arch.as_deref(), Some("qwen2moe"));
+        for t in &adapter.tensors {
+            let r = back.tensor(&t.target).unwrap();
+            assert_eq!(r.kind, t.kind, "{}", t.target);
+            let (x, y) = (t.load().unwrap(), r.load().unwrap());
+            assert_eq!(x.a, y.a, "{}", t.target);
+            let (n, rank, n_out) = (x.n_expert, x.rank, x.n_out());
+            for e in 0..n {
+                let delta = |l: &crate::adapter::LoadedLora| {
+                    let b = l.b.rows_range(e * n_out..(e + 1) * n_out);
+                    let a = l.a.rows_range(e * rank..(e + 1) * rank);
+                    b.matmul(&a)
+                };
+                let (dx, dy) = (delta(&x), delta(&y));
+                for (p, q) in dx.data.iter().zip(&dy.data) {
+                    let (p, q) = (p * x.scale() as f32, q * y.scale() as f32);
+                    assert!(
+                        (p - q).abs() <= 1e-6 * p.abs().max(1.0),
+                        "{}: {p} vs {q}",
+                        t.target
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn file_alpha_is_the_most_common_and_never_zero() {
+        let t = |alpha| {
+            tensor(
+                "blk.0.attn_q.weight",
+                TargetKind::Linear,
+                Layout::Single(Box::new(pair(m(2, 2, 0.0), m(2, 2, 0.0), alpha))),
+            )
+        };
+        let mut a = Adapter {
+            tensors: vec![t(4.0), t(8.0), t(8.0), t(0.0), t(0.0), t(0.0)],
+            ..Adapter::default()
+        };
+        assert_eq!(choose_file_alpha(&a), 8.0);
+        a.tensors = vec![t(4.0), t(8.0)];
+        a.provenance.lora_alpha = Some(8.0);
+        assert_eq!(choose_file_alpha(&a), 8.0);
+        a.tensors = vec![t(0.0)];
+        assert_eq!(choose_file_alpha(&a), 1.0);
+    }
+
+    #[test]
+    fn q8_0_falls_back_to_f16_for_short_rows() {
+        assert_eq!(OutType::Q8_0.ggml_type(64), GgmlType::Q8_0);
+        assert_eq!(OutType::Q8_0.ggml_type(16), GgmlType::F16);
+        assert_eq!(OutType::Bf16.ggml_type(16), GgmlType::BF16);
+    }
+}
