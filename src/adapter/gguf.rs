@@ -471,7 +471,7 @@ mod tests {
 
     fn m(rows: usize, cols: usize, seed: f32) -> Matrix {
         let data = (0..rows * cols)
-            .map(|i| ((i as f32 * 0.37 + seed).sin() * 0.5))
+            .map(|i| (i as f32 * 0.37 + seed).sin() * 0.5)
             .collect();
         Matrix::new(rows, cols, data).unwrap()
     }
