@@ -355,4 +355,23 @@ mod tests {
         assert!(err.contains("'ids'") && err.contains("I32"), "{err}");
         assert!(st.entry("nope").is_err());
     }
+
+    proptest::proptest! {
+        /// Any corruption of a valid file (one byte changed, or cut short) parses or is refused, never
+        /// panics, and what parses stays inside the buffer.
+        #[test]
+        fn corrupted_files_never_panic(pos in 0usize..200, byte in proptest::num::u8::ANY, cut in 0usize..220) {
+            let header = r#"{"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"b":{"dtype":"BF16","shape":[4],"data_offsets":[16,24]}}"#;
+            let mut bytes = build(header, &[7u8; 24]);
+            if pos < bytes.len() {
+                bytes[pos] = byte;
+            }
+            bytes.truncate(cut.min(bytes.len()));
+            if let Ok(entries) = check_bytes(&bytes) {
+                for (_, r) in entries {
+                    proptest::prop_assert!(r.start <= r.end && r.end <= bytes.len());
+                }
+            }
+        }
+    }
 }
