@@ -378,8 +378,21 @@ impl LoraTensor {
         scale_of(self.alpha(), self.rank())
     }
 
-    /// Source names for messages, joined with `+`.
+    /// Source names for messages: joined with `+` for fused parts; for stacked experts one name with
+    /// the expert index as `*`.
     pub fn source(&self) -> String {
+        if let Layout::Experts(ps) = &self.layout {
+            if let Some(p) = ps.iter().find(|p| !p.source.starts_with('(')) {
+                let generic = match p.source.split_once(".experts.") {
+                    Some((head, tail)) => match tail.split_once('.') {
+                        Some((_, rest)) => format!("{head}.experts.*.{rest}"),
+                        None => p.source.clone(),
+                    },
+                    None => p.source.clone(),
+                };
+                return format!("{generic} ({} experts)", ps.len());
+            }
+        }
         self.pairs()
             .iter()
             .map(|p| p.source.as_str())
