@@ -469,3 +469,62 @@ fn moe_experts_stack_like_the_reference_and_give_pytorch_logits() {
     let rel = worst["qwen2moe/standard"].as_f64().unwrap();
     assert!(rel < 1e-3, "max |Δlogit| / max |logit| = {rel}");
 }
+
+#[test]
+fn alora_invocation_tokens_are_written_and_text_only_invocations_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixtures().join("qwen2/adapters/standard");
+    let with_config = |name: &str, extra: serde_json::Value| {
+        let d = dir.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        let mut cfg: Json = serde_json::from_str(
+            &std::fs::read_to_string(src.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        for (k, v) in extra.as_object().unwrap() {
+            cfg[k] = v.clone();
+        }
+        std::fs::write(d.join("adapter_config.json"), cfg.to_string()).unwrap();
+        std::fs::copy(
+            src.join("adapter_model.safetensors"),
+            d.join("adapter_model.safetensors"),
+        )
+        .unwrap();
+        d
+    };
+    let tokens = with_config(
+        "tokens",
+        serde_json::json!({"alora_invocation_tokens": [5, 17, 200]}),
+    );
+    let out = dir.path().join("a.gguf");
+    common::gguf_lora()
+        .arg("convert")
+        .arg(&tokens)
+        .arg("-o")
+        .arg(&out)
+        .args(str_args(&base_args("qwen2")))
+        .assert()
+        .success();
+    let f = GgufFile::open(&out).unwrap();
+    assert_eq!(
+        f.metadata().get("adapter.alora.invocation_tokens"),
+        Some(&Value::Array(gguf_lora::gguf::Array::U32(vec![5, 17, 200])))
+    );
+
+    let text = with_config(
+        "text",
+        serde_json::json!({"invocation_string": "<|start_of_role|>assistant"}),
+    );
+    let out = dir.path().join("b.gguf");
+    let assert = common::gguf_lora()
+        .arg("convert")
+        .arg(&text)
+        .arg("-o")
+        .arg(&out)
+        .args(str_args(&base_args("qwen2")))
+        .assert()
+        .code(1);
+    let stderr = String::from_utf8_lossy(&assert.get_output().stderr).into_owned();
+    assert!(stderr.contains("alora_invocation_tokens"), "{stderr}");
+    assert!(!out.exists());
+}

@@ -48,6 +48,9 @@ pub struct PeftConfig {
     /// List entries, or the single regex string.
     pub target_modules: Vec<String>,
     pub alora_invocation_tokens: Option<Vec<u32>>,
+    /// Older aLoRA configs give the invocation as text only; turning it into token ids needs the base
+    /// tokenizer, so `convert` refuses such a config instead of writing an always-on adapter.
+    pub invocation_string: Option<String>,
     pub base_model_name_or_path: Option<String>,
     compiled_rank: Vec<(regex::Regex, u32)>,
     compiled_alpha: Vec<(regex::Regex, f64)>,
@@ -163,6 +166,10 @@ impl PeftConfig {
             modules_to_save: strings("modules_to_save")?,
             target_modules: strings("target_modules")?,
             alora_invocation_tokens,
+            invocation_string: get("invocation_string")
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string),
             base_model_name_or_path: get("base_model_name_or_path")
                 .and_then(Value::as_str)
                 .map(str::to_string),
@@ -799,6 +806,18 @@ pub fn build(raw: &PeftAdapter, base: &BaseInfo, path: &Path) -> (Adapter, Vec<I
     }
 
     issues.extend(check_against_base(&tensors, base));
+    if cfg.alora_invocation_tokens.is_none() {
+        if let Some(text) = &cfg.invocation_string {
+            issues.push(Issue {
+                source: raw.config_path.display().to_string(),
+                target: None,
+                status: IssueKind::NeedsTokens,
+                message: format!(
+                    "an aLoRA with invocation_string {text:?} but no alora_invocation_tokens: add the base tokenizer's ids for it (convert_lora_to_gguf.py drops the first token) as alora_invocation_tokens"
+                ),
+            });
+        }
+    }
     tensors.sort_by_key(tensor_order);
     let full_tensors = raw
         .full
