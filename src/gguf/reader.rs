@@ -166,6 +166,29 @@ impl GgufFile {
         slice.unwrap_or(&[])
     }
 
+    /// Tells the OS that this tensor's pages will not be read again soon, so that streaming through
+    /// a large model (a copy, a merge) does not keep the whole file mapped in memory: the resident
+    /// set stays near one tensor. A later read simply faults the pages back in from the file.
+    /// Best effort: errors are ignored, and in-memory files are left alone.
+    pub fn release_pages(&self, info: &TensorInfo) {
+        #[cfg(unix)]
+        if let Backing::Mmap(map) = &self.backing {
+            let start = self.data_offset.saturating_add(info.offset);
+            let (Ok(start), Ok(len)) = (usize::try_from(start), usize::try_from(info.n_bytes()))
+            else {
+                return;
+            };
+            if start.checked_add(len).is_some_and(|end| end <= map.len()) && len > 0 {
+                // SAFETY: the map is a read-only mapping of a file we never write; MADV_DONTNEED
+                // only drops the mapped pages, and any later access reads the same bytes back
+                // from the file, so outstanding slices keep seeing identical contents.
+                let _ = unsafe {
+                    map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len)
+                };
+            }
+        }
+    }
+
     /// Byte offset of the data section from the start of the file.
     pub fn data_offset(&self) -> u64 {
         self.data_offset
