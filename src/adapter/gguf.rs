@@ -188,6 +188,13 @@ pub fn write(
             l.a
         };
         for (m, desc) in [(&a, &d[0]), (&l.b, &d[1])] {
+            if desc.ty == GgmlType::F32 && cfg!(target_endian = "little") {
+                // F32 on a little-endian host: the values are already the file's bytes.
+                let bytes: &[u8] = bytemuck::cast_slice(&m.data);
+                summary.bytes += bytes.len() as u64;
+                w.write_tensor(bytes).map_err(gerr)?;
+                continue;
+            }
             let bytes = encode(&m.data, desc)?;
             summary.bytes += bytes.len() as u64;
             w.write_tensor(&bytes).map_err(gerr)?;
