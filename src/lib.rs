@@ -5,3 +5,4 @@
 //! parses flags and prints; everything it does is reachable from this library.
 
 pub mod quant;
+pub mod verify;
