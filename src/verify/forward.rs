@@ -572,3 +572,256 @@ fn attention(
     });
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::verify::lora::LoraTerm;
+    use crate::verify::source::{F32Source, MetaValue};
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> f32 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((self.0 >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.4
+        }
+        fn vec(&mut self, n: usize) -> Vec<f32> {
+            (0..n).map(|_| self.next()).collect()
+        }
+    }
+
+    const N_EMBD: usize = 32;
+    const N_FF: usize = 48;
+    const N_VOCAB: usize = 50;
+
+    /// A 2-layer llama-shaped model with GQA (4 heads, 2 KV heads of 8).
+    fn tiny(arch: &str, tied: bool) -> F32Source {
+        let mut rng = Rng(7);
+        let mut m = F32Source::new();
+        m.set("general.architecture", MetaValue::Str(arch.into()));
+        let k = |s: &str| format!("{arch}.{s}");
+        m.set(&k("block_count"), MetaValue::Uint(2));
+        m.set(&k("embedding_length"), MetaValue::Uint(N_EMBD as u64));
+        m.set(&k("attention.head_count"), MetaValue::Uint(4));
+        m.set(&k("attention.head_count_kv"), MetaValue::Uint(2));
+        m.set(&k("attention.layer_norm_rms_epsilon"), MetaValue::F32(1e-5));
+        m.set(&k("attention.sliding_window"), MetaValue::Uint(3));
+        m.add(
+            TOKEN_EMBD,
+            &[N_EMBD as u64, N_VOCAB as u64],
+            &rng.vec(N_EMBD * N_VOCAB),
+        );
+        if !tied {
+            m.add(
+                "output.weight",
+                &[N_EMBD as u64, N_VOCAB as u64],
+                &rng.vec(N_EMBD * N_VOCAB),
+            );
+        }
+        let ones: Vec<f32> = (0..N_EMBD).map(|_| 1.0 + rng.next()).collect();
+        m.add("output_norm.weight", &[N_EMBD as u64], &ones);
+        for il in 0..2 {
+            let n = |t: &str| format!("blk.{il}.{t}.weight");
+            let e = N_EMBD as u64;
+            m.add(&n("attn_norm"), &[e], &ones);
+            m.add(&n("ffn_norm"), &[e], &ones);
+            m.add(&n("attn_q"), &[e, e], &rng.vec(N_EMBD * N_EMBD));
+            m.add(&n("attn_k"), &[e, 16], &rng.vec(N_EMBD * 16));
+            m.add(&n("attn_v"), &[e, 16], &rng.vec(N_EMBD * 16));
+            m.add(&n("attn_output"), &[e, e], &rng.vec(N_EMBD * N_EMBD));
+            m.add(&n("ffn_gate"), &[e, N_FF as u64], &rng.vec(N_EMBD * N_FF));
+            m.add(&n("ffn_up"), &[e, N_FF as u64], &rng.vec(N_EMBD * N_FF));
+            m.add(&n("ffn_down"), &[N_FF as u64, e], &rng.vec(N_EMBD * N_FF));
+            if arch == "gemma3" || arch == "qwen3" {
+                m.add(&n("attn_q_norm"), &[8], &ones[..8]);
+                m.add(&n("attn_k_norm"), &[8], &ones[..8]);
+            }
+            if arch == "gemma3" {
+                m.add(&n("post_attention_norm"), &[e], &ones);
+                m.add(&n("post_ffw_norm"), &[e], &ones);
+            }
+        }
+        m
+    }
+
+    fn term(rng: &mut Rng, rank: usize, n_in: usize, n_out: usize, scale: f32) -> LoraTerm {
+        LoraTerm {
+            a: rng.vec(rank * n_in),
+            b: rng.vec(n_out * rank),
+            rank,
+            scale,
+        }
+    }
+
+    /// `W + scale·B·A` (W rows of n_in).
+    fn merged(w: &[f32], t: &LoraTerm, n_in: usize) -> Vec<f32> {
+        let n_out = w.len() / n_in;
+        let mut out = w.to_vec();
+        for o in 0..n_out {
+            for i in 0..n_in {
+                let d: f32 = (0..t.rank)
+                    .map(|r| t.b[o * t.rank + r] * t.a[r * n_in + i])
+                    .sum();
+                out[o * n_in + i] += t.scale * d;
+            }
+        }
+        out
+    }
+
+    fn max_rel(a: &Logits, b: &Logits) -> f32 {
+        let m = a.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+        a.data
+            .iter()
+            .zip(&b.data)
+            .fold(0f32, |d, (x, y)| d.max((x - y).abs()))
+            / m
+    }
+
+    #[test]
+    fn runtime_lora_equals_merged_weights_for_every_arch() {
+        for arch in Arch::SUPPORTED {
+            if arch == "phi3" {
+                continue; // fused tensors: covered by the GGUF fixtures
+            }
+            let base = tiny(arch, arch.starts_with("gemma"));
+            let mut rng = Rng(99);
+            let mut lora = RuntimeLora::new();
+            let mut merged_model = tiny(arch, arch.starts_with("gemma"));
+            let e = N_EMBD;
+            for (name, n_in, n_out) in [
+                ("blk.0.attn_q.weight", e, e),
+                ("blk.1.attn_v.weight", e, 16),
+                ("blk.0.ffn_down.weight", N_FF, e),
+                ("blk.1.ffn_gate.weight", e, N_FF),
+            ] {
+                let t = term(&mut rng, 4, n_in, n_out, 0.7);
+                let w = base.tensor(name).unwrap().to_f32().unwrap();
+                let dims = base.tensor(name).unwrap().dims.to_vec();
+                merged_model.add(name, &dims, &merged(&w, &t, n_in));
+                lora.add(name, t);
+            }
+            // A second adapter on a tensor already adapted.
+            let t = term(&mut rng, 2, e, e, -0.3);
+            let w = merged_model
+                .tensor("blk.0.attn_q.weight")
+                .unwrap()
+                .to_f32()
+                .unwrap();
+            merged_model.add(
+                "blk.0.attn_q.weight",
+                &[e as u64, e as u64],
+                &merged(&w, &t, e),
+            );
+            lora.add("blk.0.attn_q.weight", t);
+
+            let tokens = [3u32, 17, 5, 49, 0, 22];
+            let m = Model::new(&base).unwrap();
+            let out = m.logits(&tokens, &[None, Some(&lora)]).unwrap();
+            let mm = Model::new(&merged_model).unwrap();
+            let merged_out = mm.logits(&tokens, &[None]).unwrap();
+            assert!(max_rel(&out[1], &merged_out[0]) < 1e-5, "{arch}");
+            assert!(
+                max_rel(&out[0], &out[1]) > 1e-3,
+                "{arch}: the adapter must change the logits"
+            );
+            // Streams are independent: the bare stream equals a pass without the LoRA stream.
+            let alone = m.logits(&tokens, &[None]).unwrap();
+            assert_eq!(alone[0].data, out[0].data, "{arch}");
+        }
+    }
+
+    #[test]
+    fn embedding_lora_adds_scaled_rows_and_reaches_tied_output() {
+        let base = tiny("llama", false);
+        let mut rng = Rng(5);
+        let rank = 3;
+        // token_embd.lora_a is one row of `rank` per token.
+        let t = LoraTerm {
+            a: rng.vec(N_VOCAB * rank),
+            b: rng.vec(N_EMBD * rank),
+            rank,
+            scale: 2.0,
+        };
+        let mut merged_model = tiny("llama", false);
+        let w = base.tensor(TOKEN_EMBD).unwrap().to_f32().unwrap();
+        let mut wm = w.clone();
+        for v in 0..N_VOCAB {
+            for o in 0..N_EMBD {
+                let d: f32 = (0..rank)
+                    .map(|r| t.b[o * rank + r] * t.a[v * rank + r])
+                    .sum();
+                wm[v * N_EMBD + o] += 2.0 * d;
+            }
+        }
+        merged_model.add(TOKEN_EMBD, &[N_EMBD as u64, N_VOCAB as u64], &wm);
+        let mut lora = RuntimeLora::new();
+        lora.add(TOKEN_EMBD, t.clone());
+        let tokens = [1u32, 2, 3, 40];
+        let r = Model::new(&base)
+            .unwrap()
+            .logits(&tokens, &[Some(&lora)])
+            .unwrap();
+        let m = Model::new(&merged_model)
+            .unwrap()
+            .logits(&tokens, &[None])
+            .unwrap();
+        assert!(max_rel(&r[0], &m[0]) < 1e-5);
+
+        // Tied: the merged embedding is also the output projection.
+        let base = tiny("llama", true);
+        let mut merged_model = tiny("llama", true);
+        merged_model.add(TOKEN_EMBD, &[N_EMBD as u64, N_VOCAB as u64], &wm);
+        let r = Model::new(&base)
+            .unwrap()
+            .logits(&tokens, &[Some(&lora)])
+            .unwrap();
+        let m = Model::new(&merged_model)
+            .unwrap()
+            .logits(&tokens, &[None])
+            .unwrap();
+        assert!(max_rel(&r[0], &m[0]) < 1e-5);
+    }
+
+    #[test]
+    fn rope_keeps_norms_and_position_zero_is_identity() {
+        let rope = Rope {
+            n_dims: 8,
+            freq_base: 10000.0,
+            freq_scale: 1.0,
+            ext_factor: 0.0,
+            attn_factor: 1.0,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            n_ctx_orig: 4096,
+        };
+        for neox in [false, true] {
+            let orig: Vec<f32> = (0..2 * 16).map(|i| i as f32 * 0.1 - 1.0).collect();
+            let mut x = orig.clone();
+            apply_rope(&mut x, 16, 8, 2, &rope, None, neox);
+            assert_eq!(&x[..16], &orig[..16]);
+            let n = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
+            assert!((n(&x[16..24]) - n(&orig[16..24])).abs() < 1e-4);
+            assert_ne!(&x[16..24], &orig[16..24]);
+        }
+    }
+
+    #[test]
+    fn unsupported_architecture_is_named() {
+        let m = tiny("gpt2", false);
+        let err = Model::new(&m).err().unwrap().to_string();
+        assert!(
+            err.contains("architecture gpt2 is not supported by verify"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn gelu_follows_ggml_table() {
+        assert_eq!(gelu_ggml(-11.0), 0.0);
+        assert_eq!(gelu_ggml(12.0), 12.0);
+        assert!((gelu_ggml(1.0) - 0.8412).abs() < 1e-3);
+    }
+}

@@ -4,8 +4,10 @@
 //! optional runtime LoRA ([`lora`]) exactly as llama.cpp applies it; [`compare`] turns the logits of
 //! base, base + runtime LoRA and merged model into the metrics and pass/fail checks of the command.
 
+pub mod compare;
 pub mod forward;
 pub mod hparams;
 pub mod lora;
 pub mod matmul;
+pub mod npy;
 pub mod source;
