@@ -9,6 +9,8 @@ use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
 
+use crate::gguf::value::{Array, Value};
+use crate::gguf::GgufModel;
 use crate::quant::GgmlType;
 
 /// One tensor as the forward pass needs it: ggml dims (`ne`, fastest first), type and bytes.
@@ -89,24 +91,14 @@ impl<'a> TensorRef<'a> {
 
 /// Decodes whole rows of `ty` (`row_len` elements each) from `src` into `dst`.
 pub fn decode_rows(ty: GgmlType, src: &[u8], row_len: usize, dst: &mut [f32]) -> Result<()> {
-    let _ = row_len;
-    match ty {
-        GgmlType::F32 => {
-            for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
-                *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
-            }
-        }
-        GgmlType::F16 => {
-            for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                *d = half::f16::from_le_bytes([s[0], s[1]]).to_f32();
-            }
-        }
-        GgmlType::BF16 => {
-            for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                *d = half::bf16::from_le_bytes([s[0], s[1]]).to_f32();
-            }
-        }
-        other => bail!("verify cannot decode {} tensors yet", other.name()),
+    let row_bytes =
+        ty.row_bytes(row_len as u64)
+            .with_context(|| format!("{} rows of {row_len} elements", ty.name()))? as usize;
+    for (s, d) in src
+        .chunks_exact(row_bytes)
+        .zip(dst.chunks_exact_mut(row_len))
+    {
+        crate::quant::dequantize_row(ty, s, d)?;
     }
     Ok(())
 }
@@ -210,5 +202,41 @@ impl WeightSource for F32Source {
     }
     fn describe(&self) -> String {
         "in-memory model".to_string()
+    }
+}
+
+impl WeightSource for GgufModel {
+    fn meta_uint(&self, key: &str) -> Option<u64> {
+        self.metadata().get_uint(key)
+    }
+    fn meta_f32(&self, key: &str) -> Option<f32> {
+        self.metadata().get(key)?.as_f64().map(|v| v as f32)
+    }
+    fn meta_str(&self, key: &str) -> Option<String> {
+        self.metadata().get_str(key).map(str::to_string)
+    }
+    fn meta_bool_array(&self, key: &str) -> Option<Vec<bool>> {
+        let array = self.metadata().get_array(key)?;
+        Some(match array {
+            Array::Bool(v) => v.clone(),
+            other => (0..other.len())
+                .map(|i| other.get(i).and_then(|v: Value| v.as_uint()).unwrap_or(0) != 0)
+                .collect(),
+        })
+    }
+    fn tensor(&self, name: &str) -> Option<TensorRef<'_>> {
+        let info = GgufModel::tensor(self, name)?;
+        Some(TensorRef {
+            name: &info.name,
+            dims: &info.dims,
+            ty: info.ty,
+            data: self.tensor_data(name)?,
+        })
+    }
+    fn tensor_names(&self) -> Vec<String> {
+        self.tensors().map(|(_, t)| t.name.clone()).collect()
+    }
+    fn describe(&self) -> String {
+        self.shards()[0].path().display().to_string()
     }
 }

@@ -1,0 +1,191 @@
+//! Our forward pass against llama.cpp (llama-cpp-python, f32 K/V cache, no flash attention) on the same
+//! tokens: base logits for a tiny model of every supported architecture (made with transformers, converted
+//! by llama.cpp's `convert_hf_to_gguf.py`), for the real SmolLM2 Q4_1 and gemma3-270m Q4_K_M, and
+//! runtime-LoRA logits with adapters made by `convert_lora_to_gguf.py`, several at once included.
+//!
+//! Tolerances are relative to the largest |logit| of llama.cpp's run:
+//! - F32 weights: 1e-3 (summation order; ggml's f16 GELU table is emulated).
+//! - F16 weights: 1e-2 (llama.cpp rounds the activations to f16 before every product with F16 weights).
+//! - Quantized weights: 0.15. llama.cpp quantizes the activations to Q8 before products with quantized
+//!   weights; the same gemma3 weights in F32 land 0.097 away from the Q4_K_M run, so that is the floor.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use gguf_lora::gguf::GgufModel;
+use gguf_lora::verify::forward::{Logits, Model};
+use gguf_lora::verify::lora::RuntimeLora;
+
+const ARCHS: [&str; 8] = [
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3",
+];
+
+fn fixture(arch: &str) -> PathBuf {
+    common::repo_root().join("testdata/fixtures").join(arch)
+}
+
+fn fixture_tokens(arch: &str) -> Vec<u32> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture(arch).join("tokens.json")).unwrap()).unwrap();
+    v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Reads a float32 C-order `.npy` (as numpy writes them).
+fn read_npy(path: &Path) -> Vec<f32> {
+    let b = std::fs::read(path).unwrap();
+    assert_eq!(&b[..6], b"\x93NUMPY");
+    let (hlen, start) = if b[6] == 1 {
+        (u16::from_le_bytes([b[8], b[9]]) as usize, 10)
+    } else {
+        (u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize, 12)
+    };
+    let header = std::str::from_utf8(&b[start..start + hlen]).unwrap();
+    assert!(
+        header.contains("'<f4'") && header.contains("'fortran_order': False"),
+        "{header}"
+    );
+    b[start + hlen..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn llama_cpp_logits(model: &Path, tokens: &[u32], loras: &[(PathBuf, f32)]) -> Vec<f32> {
+    let env = common::interop();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("logits.npy");
+    let toks: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
+    let mut args: Vec<String> = vec![
+        model.display().to_string(),
+        "--tokens".into(),
+        toks.join(","),
+        "--out".into(),
+        out.display().to_string(),
+    ];
+    for (p, s) in loras {
+        args.push("--lora".into());
+        args.push(format!("{}:{s}", p.display()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    env.python(
+        &common::repo_root().join("testdata/tools/llama_logits.py"),
+        &args,
+    );
+    read_npy(&out)
+}
+
+fn our_logits(model: &Path, tokens: &[u32], loras: &[(PathBuf, f32)]) -> Logits {
+    let gguf = GgufModel::open(model).unwrap();
+    let m = Model::new(&gguf).unwrap();
+    let mut set = RuntimeLora::new();
+    let adapters: Vec<GgufModel> = loras
+        .iter()
+        .map(|(p, _)| GgufModel::open(p).unwrap())
+        .collect();
+    for (a, (_, s)) in adapters.iter().zip(loras) {
+        set.add_gguf_adapter(a, *s).unwrap();
+    }
+    let lora = (!loras.is_empty()).then_some(&set);
+    m.logits(tokens, &[lora]).unwrap().remove(0)
+}
+
+/// max |ours − theirs| / max |theirs|.
+fn rel_err(ours: &Logits, theirs: &[f32]) -> f32 {
+    assert_eq!(ours.data.len(), theirs.len(), "logit count");
+    let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = ours
+        .data
+        .iter()
+        .zip(theirs)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    d / scale
+}
+
+fn check(what: &str, model: &Path, tokens: &[u32], loras: &[(PathBuf, f32)], tol: f32) -> f32 {
+    let ours = our_logits(model, tokens, loras);
+    let theirs = llama_cpp_logits(model, tokens, loras);
+    let rel = rel_err(&ours, &theirs);
+    eprintln!("{what}: max relative error vs llama.cpp {rel:.3e} (tolerance {tol:.0e})");
+    assert!(rel < tol, "{what}: relative error {rel} over {tol}");
+    rel
+}
+
+#[test]
+fn base_logits_match_llama_cpp_on_f32_fixtures_of_every_architecture() {
+    for arch in ARCHS {
+        let model = fixture(arch).join("base-f32.gguf");
+        check(
+            &format!("{arch} f32"),
+            &model,
+            &fixture_tokens(arch),
+            &[],
+            1e-3,
+        );
+    }
+}
+
+#[test]
+fn base_logits_match_llama_cpp_on_f16_fixtures() {
+    for arch in ["llama", "qwen2", "gemma3", "phi3"] {
+        let model = fixture(arch).join("base-f16.gguf");
+        check(
+            &format!("{arch} f16"),
+            &model,
+            &fixture_tokens(arch),
+            &[],
+            1e-2,
+        );
+    }
+}
+
+#[test]
+fn runtime_lora_logits_match_llama_cpp_for_every_architecture() {
+    for arch in ARCHS {
+        let dir = fixture(arch);
+        let adapter = dir.join("adapters/standard/ref_convert.gguf");
+        check(
+            &format!("{arch} f32 + standard LoRA"),
+            &dir.join("base-f32.gguf"),
+            &fixture_tokens(arch),
+            &[(adapter, 1.0)],
+            1e-3,
+        );
+    }
+}
+
+#[test]
+fn several_runtime_adapters_at_once_match_llama_cpp() {
+    let dir = fixture("llama");
+    let a = |n: &str| dir.join("adapters").join(n).join("ref_convert.gguf");
+    check(
+        "llama f32 + standard·0.7 + named·-0.4 + embed_lm_head·1.3",
+        &dir.join("base-f32.gguf"),
+        &fixture_tokens("llama"),
+        &[
+            (a("standard"), 0.7),
+            (a("named"), -0.4),
+            (a("embed_lm_head"), 1.3),
+        ],
+        1e-3,
+    );
+}
+
+#[test]
+fn base_logits_match_llama_cpp_on_real_quantized_models() {
+    let env = common::interop();
+    // Token ids well inside both vocabularies, starting with each model's BOS.
+    let smol = [
+        1u32, 504, 3458, 5045, 6353, 690, 260, 4370, 1345, 28, 3119, 314, 2,
+    ];
+    check("SmolLM2-135M Q4_1", &env.smollm, &smol, &[], 0.15);
+    let gemma = [
+        2u32, 818, 5279, 529, 7001, 563, 9291, 236764, 506, 6224, 236761,
+    ];
+    check("gemma3-270m Q4_K_M", &env.gemma, &gemma, &[], 0.15);
+}
