@@ -189,3 +189,20 @@ fn base_logits_match_llama_cpp_on_real_quantized_models() {
     ];
     check("gemma3-270m Q4_K_M", &env.gemma, &gemma, &[], 0.15);
 }
+
+#[test]
+fn base_logits_match_llama_cpp_on_gemma3_270m_dequantized_to_f32() {
+    let env = common::interop();
+    let dir = tempfile::tempdir().unwrap();
+    let f32_model = dir.path().join("gemma3-270m-f32.gguf");
+    let status = std::process::Command::new(env.tools.join("llama-quantize"))
+        .arg("--allow-requantize")
+        .arg(&env.gemma)
+        .arg(&f32_model)
+        .arg("F32")
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let gemma = [2u32, 818, 5279, 529, 7001, 563, 9291, 236764, 506, 6224, 236761];
+    check("gemma3-270m dequantized to F32", &f32_model, &gemma, &[], 1e-3);
+}
