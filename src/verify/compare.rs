@@ -107,7 +107,8 @@ pub fn share_kept(base: &Logits, runtime: &Logits, merged: &Logits) -> Option<f6
 
 /// How precisely the merged model can follow the runtime LoRA, by the type its adapted tensors were
 /// written in: requantization adds noise of the size of one quantization step.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+/// Ordered from most to least precise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Fidelity {
     /// F32, F16, BF16: only rounding.

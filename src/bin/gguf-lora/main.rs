@@ -9,8 +9,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod inspect;
+mod lora_args;
 mod rewrite;
 mod table;
+mod verify;
 
 /// How a subcommand that ran to the end went; errors are `Err` and exit with 1.
 #[allow(dead_code)]
@@ -36,6 +38,7 @@ struct Cli {
 enum Command {
     Inspect(inspect::Args),
     Rewrite(rewrite::Args),
+    Verify(verify::Args),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
     let result: anyhow::Result<Outcome> = match cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Rewrite(args) => rewrite::run(args),
+        Command::Verify(args) => verify::run(args),
     };
     match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
