@@ -134,10 +134,36 @@ impl Fidelity {
 }
 
 /// Pass/fail limits of a check.
+///
+/// Defaults per [`Fidelity`] class, chosen from measurements with our forward pass on gemma3-270m
+/// Q4_K_M + a strong rank-16 adapter on all 126 projections (16 seeded tokens; KL(runtime‖base)
+/// 1.363), merges made by libggml's reference quantizers (`testdata/tools/keep_type_merge.py`):
+///
+/// | merged model                        | mean KL | KL / base KL | top-1 | share |
+/// |-------------------------------------|---------|--------------|-------|-------|
+/// | F16 (export-lora, or keep script)   | 2.4e-5  | 0.00002      | 1.00  | 1.001 |
+/// | Q8_0 (all adapted tensors)          | 0.0117  | 0.009        | 1.00  | 0.988 |
+/// | keep type (Q4_K/Q5_0/Q6_K/Q8_0)     | 0.429   | 0.31         | 0.81  | 0.634 |
+/// | keep type, adapter at scale 0.8     | 0.544   | 0.40         | 0.81  | 0.481 |
+/// | keep type, adapter at scale 0.5     | 1.281   | 0.94         | 0.69  | 0.083 |
+/// | the base itself (nothing merged)    | 1.363   | 1.00         | 0.50  | 0.000 |
+///
+/// and issue 6's llama.cpp measurements with a weaker adapter (KL(runtime‖base) 0.132): keep type
+/// 0.102 / share 0.61, scale 0.8 0.120 / 0.12, scale 0.5 0.202 / −0.05, Q8_0 0.026 / 0.89, F16 0.026
+/// / 0.86. On ≤6-bit outputs requantization noise is as large as the adapter, so an absolute KL limit
+/// cannot separate right from wrong: those classes are judged by the KL relative to the base's
+/// (`max_kl_ratio`: the merged model must be clearly closer to the runtime than the bare base is) and
+/// by the share kept; a requantized merge keeps less than all of the adapter (small deltas round back
+/// to the base's grid point), so the share limit sits between a correct merge (≈0.6) and one at 0.8×
+/// (≤0.5). A much weaker adapter than these keeps less of itself when requantized; pass `--min-share`
+/// (or promote the adapted tensors to a wider type) when such a merge is expected to keep less.
 #[derive(Clone, Copy, Debug, Serialize, PartialEq)]
 pub struct Thresholds {
-    /// Max mean KL(runtime‖merged) over positions.
+    /// Max mean KL(runtime‖merged) over positions (`inf` = no absolute limit).
     pub max_kl: f64,
+    /// Max ratio mean KL(runtime‖merged) / mean KL(runtime‖base) (skipped when the adapter changes
+    /// nothing).
+    pub max_kl_ratio: f64,
     /// Min top-1 agreement between runtime and merged.
     pub min_top1: f64,
     /// Min share of the adapter's effect kept (skipped when the adapter changes nothing).
@@ -145,29 +171,32 @@ pub struct Thresholds {
 }
 
 impl Thresholds {
-    /// Defaults per fidelity class, chosen from measurements (see docs in `verify/mod.rs`): a correct
-    /// merge passes with a margin, a merge at 0.8× scale, a dropped tensor or another base fails.
+    /// The defaults for merged tensors of class `f` (see the table above).
     pub fn default_for(f: Fidelity) -> Thresholds {
         match f {
             Fidelity::Float => Thresholds {
                 max_kl: 1e-3,
+                max_kl_ratio: 0.1,
                 min_top1: 0.9,
                 min_share: 0.95,
             },
             Fidelity::Bits8 => Thresholds {
-                max_kl: 0.02,
+                max_kl: 0.05,
+                max_kl_ratio: 0.3,
                 min_top1: 0.8,
-                min_share: 0.75,
+                min_share: 0.85,
             },
             Fidelity::Bits5To6 => Thresholds {
-                max_kl: 0.1,
+                max_kl: f64::INFINITY,
+                max_kl_ratio: 0.8,
                 min_top1: 0.7,
-                min_share: 0.5,
+                min_share: 0.7,
             },
             Fidelity::Bits4OrLess => Thresholds {
-                max_kl: 0.25,
+                max_kl: f64::INFINITY,
+                max_kl_ratio: 0.85,
                 min_top1: 0.6,
-                min_share: 0.35,
+                min_share: 0.55,
             },
         }
     }
@@ -213,6 +242,15 @@ pub fn compare(
             "top-1 agreement {:.3} is under the limit {:.3}",
             merged_vs_runtime.top1_agreement, thresholds.min_top1
         ));
+    }
+    if share.is_some() && base_vs_runtime.mean_kl > 0.0 {
+        let ratio = merged_vs_runtime.mean_kl / base_vs_runtime.mean_kl;
+        if ratio.is_nan() || ratio > thresholds.max_kl_ratio {
+            failures.push(format!(
+                "mean KL(runtime||merged) is {ratio:.3} of KL(runtime||base), over the limit {:.3}: the merged model is not clearly closer to the adapted model than the bare base",
+                thresholds.max_kl_ratio
+            ));
+        }
     }
     match share {
         Some(s) if s.is_nan() || s < thresholds.min_share => failures.push(format!(

@@ -53,6 +53,7 @@ pub struct VerifyOptions {
     pub tokens: Vec<u32>,
     /// Overrides of the per-type defaults ([`Thresholds::default_for`]).
     pub max_kl: Option<f64>,
+    pub max_kl_ratio: Option<f64>,
     pub min_top1: Option<f64>,
     pub min_share: Option<f64>,
 }
@@ -191,6 +192,9 @@ pub fn run(
     let mut thresholds = Thresholds::default_for(types.fidelity);
     if let Some(v) = opts.max_kl {
         thresholds.max_kl = v;
+    }
+    if let Some(v) = opts.max_kl_ratio {
+        thresholds.max_kl_ratio = v;
     }
     if let Some(v) = opts.min_top1 {
         thresholds.min_top1 = v;

@@ -36,6 +36,9 @@ pub struct Args {
     /// Max mean KL(runtime||merged) (default by the merged tensors' type).
     #[arg(long)]
     max_kl: Option<f64>,
+    /// Max ratio KL(runtime||merged) / KL(runtime||base) (default by type).
+    #[arg(long)]
+    max_kl_ratio: Option<f64>,
     /// Min top-1 agreement between runtime and merged (default by type).
     #[arg(long)]
     min_top1: Option<f64>,
@@ -79,6 +82,7 @@ pub fn run(args: Args) -> Result<Outcome> {
     let opts = VerifyOptions {
         tokens,
         max_kl: args.max_kl,
+        max_kl_ratio: args.max_kl_ratio,
         min_top1: args.min_top1,
         min_share: args.min_share,
     };
@@ -160,8 +164,8 @@ fn render(args: &Args, adapters: &[(String, f32)], r: &VerifyReport) -> String {
     let th = &c.thresholds;
     let _ = writeln!(
         out,
-        "limits ({:?}): mean KL <= {:.3e}, top-1 >= {:.2}, share >= {:.2}",
-        r.merged_types.fidelity, th.max_kl, th.min_top1, th.min_share
+        "limits ({:?}): mean KL <= {:.3e} and <= {:.2} x KL(runtime||base), top-1 >= {:.2}, share >= {:.2}",
+        r.merged_types.fidelity, th.max_kl, th.max_kl_ratio, th.min_top1, th.min_share
     );
     let _ = writeln!(
         out,
