@@ -202,7 +202,19 @@ fn base_logits_match_llama_cpp_on_gemma3_270m_dequantized_to_f32() {
         .arg("F32")
         .output()
         .unwrap();
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
-    let gemma = [2u32, 818, 5279, 529, 7001, 563, 9291, 236764, 506, 6224, 236761];
-    check("gemma3-270m dequantized to F32", &f32_model, &gemma, &[], 1e-3);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let gemma = [
+        2u32, 818, 5279, 529, 7001, 563, 9291, 236764, 506, 6224, 236761,
+    ];
+    check(
+        "gemma3-270m dequantized to F32",
+        &f32_model,
+        &gemma,
+        &[],
+        1e-3,
+    );
 }

@@ -59,13 +59,17 @@ pub struct Args {
 pub fn run(args: Args) -> Result<Outcome> {
     if let Some(n) = args.threads {
         // Only fails if a pool exists already, which a fresh process does not have.
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
     }
     let adapters = args.lora.adapters()?;
     let Some(merged_path) = &args.merged else {
         bail!("--merged MERGED.gguf is required: verify does not merge in memory yet (run `gguf-lora merge` first)");
     };
     let base = GgufModel::open(&args.base)?;
+    // Architecture and shape checks first: they explain more than an adapter mismatch would.
+    let n_vocab = Model::new(&base)?.n_vocab()?;
     let merged = GgufModel::open(merged_path)?;
     let lora = verify::load_adapters(&base, &adapters)?;
     let tokens = match &args.tokens {
@@ -75,7 +79,6 @@ pub fn run(args: Args) -> Result<Outcome> {
             if args.n_tokens == 0 || args.n_tokens > 4096 {
                 bail!("--n-tokens must be between 1 and 4096");
             }
-            let n_vocab = Model::new(&base)?.n_vocab()?;
             verify::seeded_tokens(args.seed, args.n_tokens, n_vocab)
         }
     };
