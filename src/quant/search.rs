@@ -130,6 +130,113 @@ pub fn make_qx_quants(
     scale
 }
 
+/// [`make_qx_quants`] with `rmse_type` 1 and explicit weights (pass `x²` for ggml's `qw == NULL`: the
+/// same value it computes inline) run on `LANES` independent groups in lockstep, one per lane:
+/// `xt[i][k]` is value `i` of group `k`, `wt` its weight, `lt` receives the offset levels and `laux`
+/// is scratch (signed levels as floats, which keeps the hot loop vectorizable). Every lane performs the scalar function's operations in its order (bit-identical
+/// results); branches become per-lane selects. Returns the scales.
+#[inline(always)]
+pub fn make_qx_quants_lanes<const LANES: usize>(
+    nmax: i32,
+    xt: &[[f32; LANES]],
+    wt: &[[f32; LANES]],
+    lt: &mut [[i8; LANES]],
+    laux: &mut [[f32; LANES]],
+) -> [f32; LANES] {
+    let n = xt.len();
+    assert!(wt.len() == n && lt.len() == n && laux.len() == n);
+    let mut max = [0f32; LANES];
+    let mut amax = [0f32; LANES];
+    for x in xt {
+        for k in 0..LANES {
+            let ax = x[k].abs();
+            let bigger = ax > amax[k];
+            amax[k] = if bigger { ax } else { amax[k] };
+            max[k] = if bigger { x[k] } else { max[k] };
+        }
+    }
+    let nmaxf = nmax as f32;
+    let mut iscale = [0f32; LANES];
+    for k in 0..LANES {
+        iscale[k] = (-nmax) as f32 / max[k];
+    }
+    let mut sumlx = [0f32; LANES];
+    let mut suml2 = [0f32; LANES];
+    for i in 0..n {
+        let (x, w) = (&xt[i], &wt[i]);
+        for k in 0..LANES {
+            let q = nearest_int(iscale[k] * x[k]).clamp(-nmax, nmax - 1);
+            lt[i][k] = (q + nmax) as i8;
+            let qf = q as f32;
+            sumlx[k] += w[k] * x[k] * qf;
+            suml2[k] += w[k] * qf * qf;
+        }
+    }
+    let mut scale = [0f32; LANES];
+    let mut best = [0f32; LANES];
+    for k in 0..LANES {
+        scale[k] = if suml2[k] != 0.0 {
+            sumlx[k] / suml2[k]
+        } else {
+            0.0
+        };
+        best[k] = scale[k] * sumlx[k];
+    }
+    for is in -9..=9 {
+        if is == 0 {
+            continue;
+        }
+        let factor = nmaxf + 0.1f32 * is as f32;
+        for k in 0..LANES {
+            iscale[k] = -factor / max[k];
+        }
+        let mut sumlx = [0f32; LANES];
+        let mut suml2 = [0f32; LANES];
+        for i in 0..n {
+            let (x, w) = (&xt[i], &wt[i]);
+            let mut qf = [0f32; LANES];
+            for k in 0..LANES {
+                qf[k] = nearest_int(iscale[k] * x[k]).clamp(-nmax, nmax - 1) as f32;
+            }
+            laux[i] = qf;
+            for k in 0..LANES {
+                sumlx[k] += w[k] * x[k] * qf[k];
+            }
+            for k in 0..LANES {
+                suml2[k] += w[k] * qf[k] * qf[k];
+            }
+        }
+        let mut accept = [false; LANES];
+        for k in 0..LANES {
+            accept[k] = suml2[k] > 0.0 && sumlx[k] * sumlx[k] > best[k] * suml2[k];
+            if accept[k] {
+                scale[k] = sumlx[k] / suml2[k];
+                best[k] = scale[k] * sumlx[k];
+            }
+        }
+        if accept.iter().any(|&a| a) {
+            for i in 0..n {
+                for k in 0..LANES {
+                    lt[i][k] = if accept[k] {
+                        (laux[i][k] as i32 + nmax) as i8
+                    } else {
+                        lt[i][k]
+                    };
+                }
+            }
+        }
+    }
+    for k in 0..LANES {
+        if amax[k] < GROUP_MAX_EPS {
+            scale[k] = 0.0;
+            for l in lt.iter_mut() {
+                l[k] = 0;
+            }
+        }
+    }
+    scale
+}
+
 /// Symmetric quantization to `-nmax..nmax-1` (stored offset by `nmax`) refined by coordinate descent
 /// on the `x²`-weighted error when `do_rmse`; returns the scale. Mirrors ggml's `make_q3_quants`.
 pub fn make_q3_quants(nmax: i32, x: &[f32], l: &mut [i8], do_rmse: bool) -> f32 {
@@ -196,6 +303,105 @@ pub fn make_q3_quants(nmax: i32, x: &[f32], l: &mut [i8], do_rmse: bool) -> f32 
         *li = (q + nmax) as i8;
     }
     1.0 / iscale
+}
+
+/// [`make_q3_quants`] with `do_rmse` run on `LANES` independent groups in lockstep, one per lane
+/// (`xt[i][k]` is value `i` of group `k`; `lt` receives the offset levels; `laux` is scratch holding
+/// the levels as floats, exact small integers that keep the loops vectorizable). Each lane performs the
+/// scalar function's operations in its order, including its coordinate descent, which a lane leaves
+/// (as the scalar loop breaks) after the first pass that changes nothing. Returns the scales.
+#[inline(always)]
+pub fn make_q3_quants_lanes<const LANES: usize>(
+    nmax: i32,
+    xt: &[[f32; LANES]],
+    lt: &mut [[i8; LANES]],
+    laux: &mut [[f32; LANES]],
+) -> [f32; LANES] {
+    let n = xt.len();
+    assert!(lt.len() == n && laux.len() == n);
+    let mut max = [0f32; LANES];
+    let mut amax = [0f32; LANES];
+    for x in xt {
+        for k in 0..LANES {
+            let ax = x[k].abs();
+            let bigger = ax > amax[k];
+            amax[k] = if bigger { ax } else { amax[k] };
+            max[k] = if bigger { x[k] } else { max[k] };
+        }
+    }
+    let mut iscale = [0f32; LANES];
+    for k in 0..LANES {
+        iscale[k] = (-nmax) as f32 / max[k];
+    }
+    let lf = laux;
+    let mut sumlx = [0f32; LANES];
+    let mut suml2 = [0f32; LANES];
+    for i in 0..n {
+        let x = &xt[i];
+        let mut q = [0f32; LANES];
+        for k in 0..LANES {
+            q[k] = nearest_int(iscale[k] * x[k]).clamp(-nmax, nmax - 1) as f32;
+        }
+        lf[i] = q;
+        for k in 0..LANES {
+            let w = x[k] * x[k];
+            sumlx[k] += w * x[k] * q[k];
+            suml2[k] += w * q[k] * q[k];
+        }
+    }
+    let mut active = [true; LANES];
+    for _itry in 0..5 {
+        let mut changed = [false; LANES];
+        for i in 0..n {
+            let x = &xt[i];
+            let l = &mut lf[i];
+            for k in 0..LANES {
+                let w = x[k] * x[k];
+                let slx = sumlx[k] - w * x[k] * l[k];
+                let sl2 = suml2[k] - w * l[k] * l[k];
+                let new_l = nearest_int(x[k] * sl2 / slx).clamp(-nmax, nmax - 1) as f32;
+                let slx2 = slx + w * x[k] * new_l;
+                let sl22 = sl2 + w * new_l * new_l;
+                let take = active[k]
+                    && slx > 0.0
+                    && new_l != l[k]
+                    && sl22 > 0.0
+                    && slx2 * slx2 * suml2[k] > sumlx[k] * sumlx[k] * sl22;
+                l[k] = if take { new_l } else { l[k] };
+                sumlx[k] = if take { slx2 } else { sumlx[k] };
+                suml2[k] = if take { sl22 } else { suml2[k] };
+                changed[k] |= take;
+            }
+        }
+        for k in 0..LANES {
+            active[k] &= changed[k];
+        }
+        if !active.iter().any(|&a| a) {
+            break;
+        }
+    }
+    let mut scale = [0f32; LANES];
+    for k in 0..LANES {
+        scale[k] = if suml2[k] > 0.0 {
+            sumlx[k] / suml2[k]
+        } else {
+            0.0
+        };
+    }
+    for i in 0..n {
+        for k in 0..LANES {
+            lt[i][k] = (lf[i][k] as i32 + nmax) as i8;
+        }
+    }
+    for k in 0..LANES {
+        if amax[k] < GROUP_MAX_EPS {
+            scale[k] = 0.0;
+            for l in lt.iter_mut() {
+                l[k] = 0;
+            }
+        }
+    }
+    scale
 }
 
 /// Where a `qkx` search takes its per-element weights from.
@@ -369,6 +575,162 @@ pub fn make_qkx3_quants(
     )
 }
 
+/// [`make_qkx2_quants`] (`flat_is_le` false) or [`make_qkx3_quants`] with given weights (`flat_is_le`
+/// true) run on `LANES` independent groups in lockstep, one group per lane: `xt[i][k]` is value `i` of
+/// group `k`, `wt` its weight, `lt` receives the levels (same layout) and `laux` is scratch (levels as
+/// floats: narrowing to bytes in the hot loop keeps the compiler from vectorizing it). Each lane
+/// performs exactly the scalar function's operations in its order, so results are bit-identical;
+/// branches become per-lane selects, which lets the compiler keep the lanes in SIMD registers.
+/// Returns `(scales, the_mins)`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub fn make_qkx_quants_lanes<const LANES: usize>(
+    nmax: i32,
+    xt: &[[f32; LANES]],
+    wt: &[[f32; LANES]],
+    lt: &mut [[u8; LANES]],
+    laux: &mut [[f32; LANES]],
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+    use_mad: bool,
+    flat_is_le: bool,
+) -> ([f32; LANES], [f32; LANES]) {
+    let n = xt.len();
+    assert!(n >= 1 && wt.len() == n && lt.len() == n && laux.len() == n);
+    let mut min = xt[0];
+    let mut max = xt[0];
+    let mut sum_w = wt[0];
+    let mut sum_x = [0f32; LANES];
+    for k in 0..LANES {
+        sum_x[k] = sum_w[k] * xt[0][k];
+    }
+    for i in 1..n {
+        let (x, w) = (&xt[i], &wt[i]);
+        for k in 0..LANES {
+            min[k] = if x[k] < min[k] { x[k] } else { min[k] };
+            max[k] = if x[k] > max[k] { x[k] } else { max[k] };
+            sum_w[k] += w[k];
+            sum_x[k] += w[k] * x[k];
+        }
+    }
+    let mut flat = [false; LANES];
+    let mut flat_min = [0f32; LANES];
+    for k in 0..LANES {
+        if min[k] > 0.0 {
+            min[k] = 0.0;
+        }
+        flat[k] = if flat_is_le {
+            max[k] <= min[k]
+        } else {
+            max[k] == min[k]
+        };
+        flat_min[k] = min[k];
+    }
+    let nmaxf = nmax as f32;
+    let mut iscale = [0f32; LANES];
+    let mut scale = [0f32; LANES];
+    for k in 0..LANES {
+        iscale[k] = nmaxf / (max[k] - min[k]);
+        scale[k] = 1.0 / iscale[k];
+    }
+    let mut best_error = [0f32; LANES];
+    for i in 0..n {
+        let (x, w) = (&xt[i], &wt[i]);
+        for k in 0..LANES {
+            let q = nearest_int(iscale[k] * (x[k] - min[k])).clamp(0, nmax);
+            lt[i][k] = q as u8;
+            let diff = scale[k] * q as f32 + min[k] - x[k];
+            let diff = if use_mad { diff.abs() } else { diff * diff };
+            best_error[k] += w[k] * diff;
+        }
+    }
+    if nstep >= 1 {
+        for is in 0..=nstep {
+            let factor = rmin + rdelta * is as f32 + nmaxf;
+            for k in 0..LANES {
+                iscale[k] = factor / (max[k] - min[k]);
+            }
+            let mut sum_l = [0f32; LANES];
+            let mut sum_l2 = [0f32; LANES];
+            let mut sum_xl = [0f32; LANES];
+            for i in 0..n {
+                let (x, w) = (&xt[i], &wt[i]);
+                // One simple loop per quantity: the form the compiler turns into whole-register ops.
+                let mut qf = [0f32; LANES];
+                for k in 0..LANES {
+                    qf[k] = nearest_int(iscale[k] * (x[k] - min[k])).clamp(0, nmax) as f32;
+                }
+                laux[i] = qf;
+                for k in 0..LANES {
+                    sum_l[k] += w[k] * qf[k];
+                }
+                for k in 0..LANES {
+                    sum_l2[k] += w[k] * qf[k] * qf[k];
+                }
+                for k in 0..LANES {
+                    sum_xl[k] += w[k] * qf[k] * x[k];
+                }
+            }
+            let mut this_scale = [0f32; LANES];
+            let mut this_min = [0f32; LANES];
+            let mut d_positive = [false; LANES];
+            for k in 0..LANES {
+                let d = sum_w[k] * sum_l2[k] - sum_l[k] * sum_l[k];
+                d_positive[k] = d > 0.0;
+                let ts = (sum_w[k] * sum_xl[k] - sum_x[k] * sum_l[k]) / d;
+                let tm = (sum_l2[k] * sum_x[k] - sum_l[k] * sum_xl[k]) / d;
+                let clamp_min = tm > 0.0;
+                this_min[k] = if clamp_min { 0.0 } else { tm };
+                this_scale[k] = if clamp_min { sum_xl[k] / sum_l2[k] } else { ts };
+            }
+            let mut cur_error = [0f32; LANES];
+            for i in 0..n {
+                let (x, w) = (&xt[i], &wt[i]);
+                for k in 0..LANES {
+                    let diff = this_scale[k] * laux[i][k] + this_min[k] - x[k];
+                    let diff = if use_mad { diff.abs() } else { diff * diff };
+                    cur_error[k] += w[k] * diff;
+                }
+            }
+            let mut accept = [false; LANES];
+            for k in 0..LANES {
+                accept[k] = d_positive[k] && cur_error[k] < best_error[k];
+                if accept[k] {
+                    best_error[k] = cur_error[k];
+                    scale[k] = this_scale[k];
+                    min[k] = this_min[k];
+                }
+            }
+            if accept.iter().any(|&a| a) {
+                for i in 0..n {
+                    for k in 0..LANES {
+                        lt[i][k] = if accept[k] {
+                            laux[i][k] as u8
+                        } else {
+                            lt[i][k]
+                        };
+                    }
+                }
+            }
+        }
+    }
+    for k in 0..LANES {
+        if flat[k] {
+            scale[k] = 0.0;
+            min[k] = flat_min[k];
+            for l in lt.iter_mut() {
+                l[k] = 0;
+            }
+        }
+    }
+    let mut the_min = [0f32; LANES];
+    for k in 0..LANES {
+        the_min[k] = -min[k];
+    }
+    (scale, the_min)
+}
+
 /// Quantization of non-negative values (the sub-block scales and mins of a super-block) to levels
 /// `0..=nmax` minimizing the `quant_weights`-weighted squared error: a scan of 8 nearby scales, then
 /// coordinate descent. Returns the scale. Mirrors ggml's `make_qp_quants`.
@@ -472,5 +834,154 @@ mod tests {
         assert_eq!(nearest_int(-7.6), -8);
         assert_eq!(nearest_int(4194303.0), 4194303);
         assert_eq!(nearest_int(-4194303.0), -4194303);
+    }
+
+    use proptest::prelude::*;
+
+    /// A group of `n` values: random, all equal, mostly zero or one-signed, at magnitude 10^exp.
+    fn group(n: usize) -> impl Strategy<Value = (Vec<f32>, Vec<f32>)> {
+        (
+            prop::collection::vec(-1.0f32..1.0, n),
+            prop::collection::vec(0.0f32..10.0, n),
+            0u8..5,
+            -20i32..20,
+        )
+            .prop_map(|(v, w, kind, exp)| {
+                let s = 10f32.powi(exp);
+                let x = v
+                    .iter()
+                    .map(|&a| match kind {
+                        0 => a * s,
+                        1 => v[0] * s,
+                        2 if a.abs() < 0.8 => 0.0,
+                        2 => a * s,
+                        3 => a.abs() * s,
+                        _ => (a * 8.0).round() * 0.25,
+                    })
+                    .collect();
+                (x, w)
+            })
+    }
+
+    fn check_lanes(
+        groups: &[(Vec<f32>, Vec<f32>)],
+        qkx3: bool,
+        nmax: i32,
+        params: (f32, f32, i32, bool),
+    ) {
+        const LANES: usize = 8;
+        let n = groups[0].0.len();
+        let (rmin, rdelta, nstep, use_mad) = params;
+        let mut xt = vec![[0f32; LANES]; n];
+        let mut wt = vec![[0f32; LANES]; n];
+        for (k, (x, w)) in groups.iter().enumerate() {
+            for i in 0..n {
+                xt[i][k] = x[i];
+                wt[i][k] = w[i];
+            }
+        }
+        let mut lt = vec![[0u8; LANES]; n];
+        let mut laux = vec![[0f32; LANES]; n];
+        let (scales, mins) = make_qkx_quants_lanes(
+            nmax, &xt, &wt, &mut lt, &mut laux, rmin, rdelta, nstep, use_mad, qkx3,
+        );
+        for (k, (x, w)) in groups.iter().enumerate() {
+            let mut l = vec![0u8; n];
+            let mut laux = vec![0u8; n];
+            let (scale, min) = if qkx3 {
+                make_qkx3_quants(
+                    nmax,
+                    x,
+                    Some(w),
+                    &mut l,
+                    &mut laux,
+                    rmin,
+                    rdelta,
+                    nstep,
+                    use_mad,
+                )
+            } else {
+                make_qkx2_quants(nmax, x, w, &mut l, &mut laux, rmin, rdelta, nstep, use_mad)
+            };
+            assert_eq!(scales[k].to_bits(), scale.to_bits(), "lane {k} scale");
+            assert_eq!(mins[k].to_bits(), min.to_bits(), "lane {k} min");
+            let lane: Vec<u8> = lt.iter().map(|row| row[k]).collect();
+            assert_eq!(lane, l, "lane {k} levels");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn lanes_equal_scalar_qkx2_q4k(groups in prop::collection::vec(group(32), 8)) {
+            check_lanes(&groups, false, 15, (-1.0, 0.1, 20, false));
+        }
+
+        #[test]
+        fn lanes_equal_scalar_qkx2_q2k(groups in prop::collection::vec(group(16), 8)) {
+            check_lanes(&groups, false, 3, (-0.5, 0.1, 15, true));
+        }
+
+        #[test]
+        fn lanes_equal_scalar_qkx3(groups in prop::collection::vec(group(32), 8)) {
+            check_lanes(&groups, true, 31, (-0.9, 0.05, 36, false));
+        }
+    }
+
+    fn check_qx_lanes(groups: &[(Vec<f32>, Vec<f32>)], nmax: i32, given_weights: bool) {
+        const LANES: usize = 16;
+        let n = groups[0].0.len();
+        let mut xt = vec![[0f32; LANES]; n];
+        let mut wt = vec![[0f32; LANES]; n];
+        for (k, (x, w)) in groups.iter().enumerate() {
+            for i in 0..n {
+                xt[i][k] = x[i];
+                wt[i][k] = if given_weights { w[i] } else { x[i] * x[i] };
+            }
+        }
+        let mut lt = vec![[0i8; LANES]; n];
+        let mut laux = vec![[0f32; LANES]; n];
+        let scales = make_qx_quants_lanes(nmax, &xt, &wt, &mut lt, &mut laux);
+        for (k, (x, w)) in groups.iter().enumerate() {
+            let mut l = vec![0i8; n];
+            let scale = make_qx_quants(nmax, x, &mut l, 1, given_weights.then_some(&w[..]));
+            assert_eq!(scales[k].to_bits(), scale.to_bits(), "lane {k} scale");
+            let lane: Vec<i8> = lt.iter().map(|row| row[k]).collect();
+            assert_eq!(lane, l, "lane {k} levels");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn lanes_equal_scalar_qx_q6k(groups in prop::collection::vec(group(16), 16)) {
+            check_qx_lanes(&groups, 32, false);
+        }
+
+        #[test]
+        fn lanes_equal_scalar_qx_weighted(groups in prop::collection::vec(group(16), 16)) {
+            check_qx_lanes(&groups, 4, true);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn lanes_equal_scalar_q3(groups in prop::collection::vec(group(16), 16)) {
+            const LANES: usize = 16;
+            let mut xt = vec![[0f32; LANES]; 16];
+            for (k, (x, _)) in groups.iter().enumerate() {
+                for i in 0..16 {
+                    xt[i][k] = x[i];
+                }
+            }
+            let mut lt = vec![[0i8; LANES]; 16];
+            let mut laux = vec![[0f32; LANES]; 16];
+            let scales = make_q3_quants_lanes(4, &xt, &mut lt, &mut laux);
+            for (k, (x, _)) in groups.iter().enumerate() {
+                let mut l = vec![0i8; 16];
+                let scale = make_q3_quants(4, x, &mut l, true);
+                prop_assert_eq!(scales[k].to_bits(), scale.to_bits(), "lane {} scale", k);
+                let lane: Vec<i8> = lt.iter().map(|row| row[k]).collect();
+                prop_assert_eq!(lane, l, "lane {} levels", k);
+            }
+        }
     }
 }
