@@ -1,6 +1,7 @@
-//! Rough single-thread throughput of the K-quant codecs: `cargo run --release --example kquant_speed`.
-//! Prints one line per codec and direction (million values per CPU second) for comparison with
-//! `testdata/codecs/ggml_kquant_speed.py` on the same machine.
+//! Single-thread throughput of the K-quant codecs beside libggml's, same data, same run:
+//! `eval "$(bash scripts/setup-env.sh --print-env)"; cargo run --release --example kquant_speed [TYPE]`.
+//! Prints million values per CPU second for ours, then runs `testdata/codecs/ggml_kquant_speed.py`
+//! (libggml through ctypes, with `$GGUF_LORA_PYTHON`) and prints both side by side.
 use gguf_lora::quant::kquants::*;
 
 /// CPU time of this thread in seconds (from /proc/thread-self/schedstat, in ns): the machine is
@@ -51,6 +52,7 @@ fn main() {
         ("q8_K", Q8_K_BYTES, quantize_row_q8_k, dequantize_row_q8_k),
     ];
     let filter = std::env::args().nth(1);
+    let mut ours = Vec::new();
     for (name, bytes, quantize, dequantize) in codecs {
         if filter.as_deref().is_some_and(|f| f != name) {
             continue;
@@ -67,9 +69,48 @@ fn main() {
                     quantize(xr, qr, imat);
                 }
             });
-            println!("{name} quantize {label:8} {rate:8.2} Mval/s");
+            ours.push((format!("{name} quantize {label}"), rate));
         }
         let rate = repeat_for_a_second(mvals, || dequantize(&q, &mut y));
-        println!("{name} dequantize        {rate:8.2} Mval/s");
+        ours.push((format!("{name} dequantize"), rate));
     }
+    let ggml = ggml_rates(filter.as_deref());
+    println!(
+        "{:28} {:>12} {:>12} {:>7}",
+        "Mval/s per thread", "gguf-lora", "libggml", "ratio"
+    );
+    for (what, rate) in ours {
+        match ggml.iter().find(|(w, _)| *w == what) {
+            Some((_, g)) => println!("{what:28} {rate:12.2} {g:12.2} {:7.2}", rate / g),
+            None => println!("{what:28} {rate:12.2} {:>12} {:>7}", "-", "-"),
+        }
+    }
+}
+
+/// libggml's rates from `ggml_kquant_speed.py` (empty, with a note, when Python is not set up).
+fn ggml_rates(filter: Option<&str>) -> Vec<(String, f64)> {
+    let Ok(python) = std::env::var("GGUF_LORA_PYTHON") else {
+        eprintln!("GGUF_LORA_PYTHON not set: no libggml column (see scripts/setup-env.sh)");
+        return Vec::new();
+    };
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = std::process::Command::new(python)
+        .arg(format!("{root}/testdata/codecs/ggml_kquant_speed.py"))
+        .args(filter)
+        .env("PYTHONPATH", format!("{root}/testdata/tools"))
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (what, rate) = fields.split_at(fields.len().checked_sub(2)?);
+            Some((what.join(" "), rate[0].parse().ok()?))
+        })
+        .collect()
 }

@@ -16,6 +16,11 @@
 //! `half`, whose round-to-nearest-even and canonical quiet NaN (`0x7e00 | sign`) match
 //! `GGML_FP32_TO_FP16` for every value these codecs produce (see the tests).
 //!
+//! Speed without changing bits: the scale searches of all sub-blocks of a super-block run in SIMD
+//! lanes (see [`super::search`]), and every quantizer and dequantizer is also compiled for AVX2 and
+//! picked at run time when the CPU has it; only the vector width differs, never the operation order.
+//! Rust never contracts `a * b + c` into an FMA, so the AVX2 build rounds exactly like ggml's SSE2 C.
+//!
 //! Lengths are the caller's contract: `x` holds whole 256-element super-blocks and `y` exactly the
 //! matching number of bytes; a mismatch is a programming error and panics.
 
@@ -24,7 +29,7 @@
 
 use super::search::{
     make_q3_quants_lanes, make_qkx_quants_lanes, make_qp_quants, make_qx_quants,
-    make_qx_quants_lanes, nearest_int, GROUP_MAX_EPS,
+    make_qx_quants_lanes, nearest_int, portable_only, GROUP_MAX_EPS,
 };
 use super::{Codec, QK_K};
 use half::f16;
@@ -165,18 +170,6 @@ macro_rules! dequantize_blocks {
         }
         run($x, $y)
     }};
-}
-
-/// Tests set this to run the portable (baseline x86-64) build of the quantizers on a CPU with AVX2.
-#[cfg(test)]
-static PORTABLE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-#[inline(always)]
-fn portable_only() -> bool {
-    #[cfg(test)]
-    return PORTABLE_ONLY.load(std::sync::atomic::Ordering::Relaxed);
-    #[cfg(not(test))]
-    false
 }
 
 /// The body of every public K-quant quantizer: runs `$block(x, y, weights)` on each super-block (see
@@ -1361,10 +1354,12 @@ mod tests {
             for imat in [None, Some(&imatrix[..])] {
                 let mut dispatched = vec![0u8; x.len() / QK_K * bytes];
                 quantize(&x, &mut dispatched, imat);
-                PORTABLE_ONLY.store(true, std::sync::atomic::Ordering::Relaxed);
+                crate::quant::search::PORTABLE_ONLY
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 let mut portable = vec![0u8; dispatched.len()];
                 quantize(&x, &mut portable, imat);
-                PORTABLE_ONLY.store(false, std::sync::atomic::Ordering::Relaxed);
+                crate::quant::search::PORTABLE_ONLY
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
                 assert!(
                     portable == dispatched,
                     "{bytes}-byte blocks, imatrix {}",
@@ -1372,10 +1367,12 @@ mod tests {
                 );
                 let mut dispatched_f32 = vec![0f32; x.len()];
                 dequantize(&dispatched, &mut dispatched_f32);
-                PORTABLE_ONLY.store(true, std::sync::atomic::Ordering::Relaxed);
+                crate::quant::search::PORTABLE_ONLY
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 let mut portable_f32 = vec![0f32; x.len()];
                 dequantize(&dispatched, &mut portable_f32);
-                PORTABLE_ONLY.store(false, std::sync::atomic::Ordering::Relaxed);
+                crate::quant::search::PORTABLE_ONLY
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert!(
                     bits(&portable_f32) == bits(&dispatched_f32),

@@ -10,6 +10,14 @@
 //!
 //! Slices replace ggml's `(n, pointer)` pairs: `x.len()` is ggml's `n`, and the output slices must be at
 //! least as long.
+//!
+//! Speed: each search is a chain of sequential sums that cannot be reordered without changing bits, so
+//! a group cannot be vectorized within itself. The `*_lanes` variants instead run LANES independent
+//! groups (the sub-blocks of a super-block) in lockstep, one per SIMD lane, each lane doing exactly the
+//! scalar operations in the scalar order; data-dependent branches become per-lane selects. The 8-lane
+//! `qkx` passes have hand-written AVX2 kernels, used when the CPU has AVX2 (the compiler would not keep
+//! their 24 running sums in vectors). The scalar functions stay as the reference the lane versions are
+//! tested against, and for callers with a single group.
 
 // Index loops mirror the C and walk several arrays in step; iterator chains would hide that.
 #![allow(clippy::needless_range_loop)]
@@ -575,6 +583,220 @@ pub fn make_qkx3_quants(
     )
 }
 
+/// Whether the AVX2 kernels may run: the CPU has AVX2 and no test asked for the portable code.
+#[inline(always)]
+pub(crate) fn use_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && !portable_only()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Tests set this to run the portable code on a CPU with AVX2.
+#[cfg(test)]
+pub(crate) static PORTABLE_ONLY: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+#[inline(always)]
+pub(crate) fn portable_only() -> bool {
+    #[cfg(test)]
+    return PORTABLE_ONLY.load(std::sync::atomic::Ordering::Relaxed);
+    #[cfg(not(test))]
+    false
+}
+
+/// The level pass of the `qkx` search, per lane: `l = clamp(nearest_int(iscale·(x − min)), 0, nmax)`
+/// into `laux` (as floats), and the weighted sums `Σ w·l`, `Σ w·l·l`, `Σ w·l·x` in element order.
+#[inline(always)]
+fn qkx_levels_and_sums<const LANES: usize>(
+    nmax: i32,
+    xt: &[[f32; LANES]],
+    wt: &[[f32; LANES]],
+    iscale: &[f32; LANES],
+    min: &[f32; LANES],
+    laux: &mut [[f32; LANES]],
+) -> ([f32; LANES], [f32; LANES], [f32; LANES]) {
+    #[cfg(target_arch = "x86_64")]
+    if LANES == 8 && use_avx2() {
+        // SAFETY: AVX2 is present (checked by use_avx2); the kernel reads and writes 8 floats per
+        // element of slices whose lengths it asserts.
+        let (a, b, c) = unsafe {
+            avx2::qkx_levels_and_sums(
+                nmax,
+                xt.as_flattened(),
+                wt.as_flattened(),
+                iscale.as_slice(),
+                min.as_slice(),
+                laux.as_flattened_mut(),
+            )
+        };
+        let widen = |v: [f32; 8]| std::array::from_fn(|k| v[k]);
+        return (widen(a), widen(b), widen(c));
+    }
+    let mut sum_l = [0f32; LANES];
+    let mut sum_l2 = [0f32; LANES];
+    let mut sum_xl = [0f32; LANES];
+    for i in 0..xt.len() {
+        let (x, w) = (&xt[i], &wt[i]);
+        let mut qf = [0f32; LANES];
+        for k in 0..LANES {
+            qf[k] = nearest_int(iscale[k] * (x[k] - min[k])).clamp(0, nmax) as f32;
+        }
+        laux[i] = qf;
+        for k in 0..LANES {
+            sum_l[k] += w[k] * qf[k];
+            sum_l2[k] += w[k] * qf[k] * qf[k];
+            sum_xl[k] += w[k] * qf[k] * x[k];
+        }
+    }
+    (sum_l, sum_l2, sum_xl)
+}
+
+/// The error pass of the `qkx` search, per lane: `Σ w·e` with `d = scale·l + min − x` and `e = |d|`
+/// (`use_mad`) or `d²`, in element order.
+#[inline(always)]
+fn qkx_weighted_error<const LANES: usize>(
+    xt: &[[f32; LANES]],
+    wt: &[[f32; LANES]],
+    laux: &[[f32; LANES]],
+    scale: &[f32; LANES],
+    min: &[f32; LANES],
+    use_mad: bool,
+) -> [f32; LANES] {
+    #[cfg(target_arch = "x86_64")]
+    if LANES == 8 && use_avx2() {
+        // SAFETY: as in qkx_levels_and_sums.
+        let e = unsafe {
+            avx2::qkx_weighted_error(
+                xt.as_flattened(),
+                wt.as_flattened(),
+                laux.as_flattened(),
+                scale.as_slice(),
+                min.as_slice(),
+                use_mad,
+            )
+        };
+        return std::array::from_fn(|k| e[k]);
+    }
+    let mut error = [0f32; LANES];
+    for i in 0..xt.len() {
+        let (x, w) = (&xt[i], &wt[i]);
+        for k in 0..LANES {
+            let diff = scale[k] * laux[i][k] + min[k] - x[k];
+            let diff = if use_mad { diff.abs() } else { diff * diff };
+            error[k] += w[k] * diff;
+        }
+    }
+    error
+}
+
+/// Hand-written AVX2 forms of the two `qkx` passes for 8 lanes: the compiler keeps the portable
+/// loops' 24 running sums in scalar registers, these keep them in three vectors. Every lane does the
+/// portable loop's operations in its order (IEEE multiply, add, subtract; no FMA), so the bits match.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// `nearest_int` on 8 lanes, then clamped to `0..=nmax`, as floats.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn nearest_clamped(v: __m256, nmax: __m256i) -> __m256 {
+        let magic = _mm256_set1_ps(12_582_912.0);
+        let bits = _mm256_castps_si256(_mm256_add_ps(v, magic));
+        let q = _mm256_sub_epi32(
+            _mm256_and_si256(bits, _mm256_set1_epi32(0x007f_ffff)),
+            _mm256_set1_epi32(0x0040_0000),
+        );
+        let q = _mm256_min_epi32(_mm256_max_epi32(q, _mm256_setzero_si256()), nmax);
+        _mm256_cvtepi32_ps(q)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2. `xt`, `wt` and `laux` hold `8 n` floats, `iscale` and `min` 8.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn qkx_levels_and_sums(
+        nmax: i32,
+        xt: &[f32],
+        wt: &[f32],
+        iscale: &[f32],
+        min: &[f32],
+        laux: &mut [f32],
+    ) -> ([f32; 8], [f32; 8], [f32; 8]) {
+        assert!(
+            xt.len().is_multiple_of(8) && wt.len() == xt.len() && laux.len() == xt.len(),
+            "lane slices"
+        );
+        assert!(iscale.len() == 8 && min.len() == 8, "lane parameters");
+        // SAFETY (all loads and stores below): every pointer is 8 floats inside a slice whose
+        // length was asserted above; unaligned access is allowed by loadu/storeu.
+        unsafe {
+            let isc = _mm256_loadu_ps(iscale.as_ptr());
+            let mn = _mm256_loadu_ps(min.as_ptr());
+            let nmax = _mm256_set1_epi32(nmax);
+            let mut sum_l = _mm256_setzero_ps();
+            let mut sum_l2 = _mm256_setzero_ps();
+            let mut sum_xl = _mm256_setzero_ps();
+            for i in (0..xt.len()).step_by(8) {
+                let x = _mm256_loadu_ps(xt.as_ptr().add(i));
+                let w = _mm256_loadu_ps(wt.as_ptr().add(i));
+                let q = nearest_clamped(_mm256_mul_ps(isc, _mm256_sub_ps(x, mn)), nmax);
+                _mm256_storeu_ps(laux.as_mut_ptr().add(i), q);
+                let wq = _mm256_mul_ps(w, q);
+                sum_l = _mm256_add_ps(sum_l, wq);
+                sum_l2 = _mm256_add_ps(sum_l2, _mm256_mul_ps(wq, q));
+                sum_xl = _mm256_add_ps(sum_xl, _mm256_mul_ps(wq, x));
+            }
+            let mut out = [[0f32; 8]; 3];
+            _mm256_storeu_ps(out[0].as_mut_ptr(), sum_l);
+            _mm256_storeu_ps(out[1].as_mut_ptr(), sum_l2);
+            _mm256_storeu_ps(out[2].as_mut_ptr(), sum_xl);
+            (out[0], out[1], out[2])
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2. `xt`, `wt` and `laux` hold `8 n` floats, `scale` and `min` 8.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn qkx_weighted_error(
+        xt: &[f32],
+        wt: &[f32],
+        laux: &[f32],
+        scale: &[f32],
+        min: &[f32],
+        use_mad: bool,
+    ) -> [f32; 8] {
+        assert!(
+            xt.len().is_multiple_of(8) && wt.len() == xt.len() && laux.len() == xt.len(),
+            "lane slices"
+        );
+        assert!(scale.len() == 8 && min.len() == 8, "lane parameters");
+        // SAFETY: as in qkx_levels_and_sums.
+        unsafe {
+            let sc = _mm256_loadu_ps(scale.as_ptr());
+            let mn = _mm256_loadu_ps(min.as_ptr());
+            let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+            let mut error = _mm256_setzero_ps();
+            for i in (0..xt.len()).step_by(8) {
+                let x = _mm256_loadu_ps(xt.as_ptr().add(i));
+                let w = _mm256_loadu_ps(wt.as_ptr().add(i));
+                let l = _mm256_loadu_ps(laux.as_ptr().add(i));
+                let diff = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(sc, l), mn), x);
+                let diff = if use_mad {
+                    _mm256_and_ps(diff, abs_mask)
+                } else {
+                    _mm256_mul_ps(diff, diff)
+                };
+                error = _mm256_add_ps(error, _mm256_mul_ps(w, diff));
+            }
+            let mut out = [0f32; 8];
+            _mm256_storeu_ps(out.as_mut_ptr(), error);
+            out
+        }
+    }
+}
+
 /// [`make_qkx2_quants`] (`flat_is_le` false) or [`make_qkx3_quants`] with given weights (`flat_is_le`
 /// true) run on `LANES` independent groups in lockstep, one group per lane: `xt[i][k]` is value `i` of
 /// group `k`, `wt` its weight, `lt` receives the levels (same layout) and `laux` is scratch (levels as
@@ -634,44 +856,20 @@ pub fn make_qkx_quants_lanes<const LANES: usize>(
         iscale[k] = nmaxf / (max[k] - min[k]);
         scale[k] = 1.0 / iscale[k];
     }
-    let mut best_error = [0f32; LANES];
+    qkx_levels_and_sums(nmax, xt, wt, &iscale, &min, laux);
     for i in 0..n {
-        let (x, w) = (&xt[i], &wt[i]);
         for k in 0..LANES {
-            let q = nearest_int(iscale[k] * (x[k] - min[k])).clamp(0, nmax);
-            lt[i][k] = q as u8;
-            let diff = scale[k] * q as f32 + min[k] - x[k];
-            let diff = if use_mad { diff.abs() } else { diff * diff };
-            best_error[k] += w[k] * diff;
+            lt[i][k] = laux[i][k] as u8;
         }
     }
+    let mut best_error = qkx_weighted_error(xt, wt, laux, &scale, &min, use_mad);
     if nstep >= 1 {
         for is in 0..=nstep {
             let factor = rmin + rdelta * is as f32 + nmaxf;
             for k in 0..LANES {
                 iscale[k] = factor / (max[k] - min[k]);
             }
-            let mut sum_l = [0f32; LANES];
-            let mut sum_l2 = [0f32; LANES];
-            let mut sum_xl = [0f32; LANES];
-            for i in 0..n {
-                let (x, w) = (&xt[i], &wt[i]);
-                // One simple loop per quantity: the form the compiler turns into whole-register ops.
-                let mut qf = [0f32; LANES];
-                for k in 0..LANES {
-                    qf[k] = nearest_int(iscale[k] * (x[k] - min[k])).clamp(0, nmax) as f32;
-                }
-                laux[i] = qf;
-                for k in 0..LANES {
-                    sum_l[k] += w[k] * qf[k];
-                }
-                for k in 0..LANES {
-                    sum_l2[k] += w[k] * qf[k] * qf[k];
-                }
-                for k in 0..LANES {
-                    sum_xl[k] += w[k] * qf[k] * x[k];
-                }
-            }
+            let (sum_l, sum_l2, sum_xl) = qkx_levels_and_sums(nmax, xt, wt, &iscale, &min, laux);
             let mut this_scale = [0f32; LANES];
             let mut this_min = [0f32; LANES];
             let mut d_positive = [false; LANES];
@@ -684,15 +882,7 @@ pub fn make_qkx_quants_lanes<const LANES: usize>(
                 this_min[k] = if clamp_min { 0.0 } else { tm };
                 this_scale[k] = if clamp_min { sum_xl[k] / sum_l2[k] } else { ts };
             }
-            let mut cur_error = [0f32; LANES];
-            for i in 0..n {
-                let (x, w) = (&xt[i], &wt[i]);
-                for k in 0..LANES {
-                    let diff = this_scale[k] * laux[i][k] + this_min[k] - x[k];
-                    let diff = if use_mad { diff.abs() } else { diff * diff };
-                    cur_error[k] += w[k] * diff;
-                }
-            }
+            let cur_error = qkx_weighted_error(xt, wt, laux, &this_scale, &this_min, use_mad);
             let mut accept = [false; LANES];
             for k in 0..LANES {
                 accept[k] = d_positive[k] && cur_error[k] < best_error[k];
