@@ -6,6 +6,7 @@
 
 pub mod adapter;
 pub mod arch;
+pub mod convert;
 pub mod gguf;
 pub mod inspect;
 pub mod output;

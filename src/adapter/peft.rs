@@ -25,8 +25,8 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::{
-    Adapter, AdapterError, Factor, FullTensor, FusedPart, Layout, LoraPair, LoraTensor, Matrix,
-    Provenance, SourceFormat, TargetKind,
+    check_against_base, Adapter, AdapterError, Factor, FullTensor, FusedPart, Issue, IssueKind,
+    Layout, LoraPair, LoraTensor, Matrix, Provenance, SourceFormat, TargetKind,
 };
 use crate::arch::{self, BaseInfo, Rope};
 use crate::safetensors_file::SafetensorsFile;
@@ -386,6 +386,12 @@ pub fn read_raw(path: &Path) -> Result<PeftAdapter, AdapterError> {
     let mut full = Vec::new();
     let mut problems = Vec::new();
     for entry in file.tensors() {
+        // PEFT saves the targeted embedding/lm_head base weights themselves (`save_embedding_layers`)
+        // as `<module>.base_layer.weight`: unchanged base weights, not part of the update (the
+        // reference converter skips them too). A resized vocabulary shows in the LoRA shapes.
+        if entry.name.ends_with(".base_layer.weight") {
+            continue;
+        }
         let (module, role) = parse_tensor_name(&entry.name);
         let shape = &entry.shape;
         let factor = |rows: usize, cols: usize| Factor::Safetensors {
@@ -528,32 +534,6 @@ fn describe_shape(f: &Factor) -> String {
         Factor::Safetensors { entry, .. } => format!("'{}' {r}×{c}", entry.name),
         Factor::Owned(_) => format!("{r}×{c}"),
     }
-}
-
-/// Why an adapted module cannot become a correct GGUF LoRA tensor against this base.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct Issue {
-    /// Source module path or tensor name.
-    pub source: String,
-    /// GGUF target, when the module maps.
-    pub target: Option<String>,
-    pub status: IssueKind,
-    pub message: String,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum IssueKind {
-    /// No GGUF tensor for this module in this architecture.
-    UnknownModule,
-    /// The base has no such tensor.
-    MissingInBase,
-    /// Shapes disagree with the base tensor.
-    ShapeMismatch,
-    /// Rank in the tensors disagrees with the config (`r` / `rank_pattern`).
-    RankMismatch,
-    /// Needs facts only a base GGUF gives (head counts for the llama q/k permutation, ...).
-    NeedsBase,
 }
 
 /// Reads a PEFT adapter and maps it onto `base`. Returns the adapter and the list of problems; a
@@ -818,7 +798,7 @@ pub fn build(raw: &PeftAdapter, base: &BaseInfo, path: &Path) -> (Adapter, Vec<I
         }
     }
 
-    check_against_base(&tensors, base, &mut issues);
+    issues.extend(check_against_base(&tensors, base));
     tensors.sort_by_key(tensor_order);
     let full_tensors = raw
         .full
@@ -874,46 +854,6 @@ fn head_count(base: &BaseInfo, rope: Rope) -> Option<usize> {
 /// Output order: global tensors first, then by layer, then by name (stable and readable).
 fn tensor_order(t: &LoraTensor) -> (u32, String) {
     (t.layer.map_or(0, |l| l + 1), t.target.clone())
-}
-
-/// Checks every target against the base GGUF: present, and shaped as llama.cpp's loader will check.
-fn check_against_base(tensors: &[LoraTensor], base: &BaseInfo, issues: &mut Vec<Issue>) {
-    if !base.has_tensors() {
-        return;
-    }
-    for t in tensors {
-        let issue = |status, message: String| Issue {
-            source: t.source(),
-            target: Some(t.target.clone()),
-            status,
-            message,
-        };
-        let Some(bt) = base.tensor(&t.target) else {
-            let message = if t.target == "output.weight"
-                && base.tensor("token_embd.weight").is_some()
-            {
-                "the base ties its output to token_embd (no output.weight): a lm_head LoRA has nothing to apply to in llama.cpp; use `gguf-lora merge` on an untied base or train without lm_head".to_string()
-            } else {
-                format!("the base has no tensor {}", t.target)
-            };
-            issues.push(issue(IssueKind::MissingInBase, message));
-            continue;
-        };
-        let want: Vec<u64> = match t.kind {
-            TargetKind::Linear => vec![t.n_in() as u64, t.n_out() as u64],
-            TargetKind::Embedding => vec![t.n_out() as u64, t.n_in() as u64],
-            TargetKind::Experts => vec![t.n_in() as u64, t.n_out() as u64, t.n_expert() as u64],
-        };
-        if bt.dims != want {
-            issues.push(issue(
-                IssueKind::ShapeMismatch,
-                format!(
-                    "the adapter needs a base tensor with ne = {want:?}, the base's {} has ne = {:?}",
-                    t.target, bt.dims
-                ),
-            ));
-        }
-    }
 }
 
 #[cfg(test)]
@@ -1059,5 +999,254 @@ mod tests {
         assert_eq!(cfg.target_modules, ["all-linear"]);
         assert_eq!(cfg.alora_invocation_tokens, Some(vec![5, 6]));
         assert_eq!(cfg.base_model_name_or_path.as_deref(), Some("m"));
+    }
+
+    use crate::arch::BaseTensor;
+    use crate::quant::GgmlType;
+    use std::collections::BTreeMap;
+
+    /// Writes a PEFT directory: config and an F32 safetensors file built by hand.
+    fn peft_dir(config: &str, tensors: &[(&str, Vec<usize>)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("adapter_config.json"), config).unwrap();
+        let mut header = serde_json::Map::new();
+        let mut data = Vec::new();
+        for (i, (name, shape)) in tensors.iter().enumerate() {
+            let n: usize = shape.iter().product();
+            let start = data.len();
+            for j in 0..n {
+                data.extend_from_slice(&(((i * 31 + j) % 13) as f32 * 0.1 - 0.6).to_le_bytes());
+            }
+            header.insert(
+                name.to_string(),
+                serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
+            );
+        }
+        let h = serde_json::to_string(&header).unwrap();
+        let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(h.as_bytes());
+        bytes.extend_from_slice(&data);
+        std::fs::write(dir.path().join("adapter_model.safetensors"), bytes).unwrap();
+        dir
+    }
+
+    fn base(arch: &str, n_head: u32, n_head_kv: u32, tensors: &[(&str, Vec<u64>)]) -> BaseInfo {
+        let tensors: BTreeMap<String, BaseTensor> = tensors
+            .iter()
+            .map(|(n, d)| {
+                (
+                    n.to_string(),
+                    BaseTensor {
+                        dims: d.clone(),
+                        ty: GgmlType::F32,
+                    },
+                )
+            })
+            .collect();
+        BaseInfo {
+            arch: arch.into(),
+            n_layer: Some(1),
+            n_head: Some(n_head),
+            n_head_kv: Some(n_head_kv),
+            n_embd: Some(4),
+            name: None,
+            tensors: Some(tensors),
+        }
+    }
+
+    const P: &str = "base_model.model.model.layers.0.";
+
+    #[test]
+    fn moe_experts_stack_with_untouched_experts_as_zero() {
+        let dir = peft_dir(
+            r#"{"r":2,"lora_alpha":4}"#,
+            &[
+                (
+                    &format!("{P}mlp.experts.0.up_proj.lora_A.weight"),
+                    vec![2, 4],
+                ),
+                (
+                    &format!("{P}mlp.experts.0.up_proj.lora_B.weight"),
+                    vec![6, 2],
+                ),
+                (
+                    &format!("{P}mlp.experts.2.up_proj.lora_A.weight"),
+                    vec![2, 4],
+                ),
+                (
+                    &format!("{P}mlp.experts.2.up_proj.lora_B.weight"),
+                    vec![6, 2],
+                ),
+            ],
+        );
+        let b = base(
+            "qwen2moe",
+            2,
+            1,
+            &[("blk.0.ffn_up_exps.weight", vec![4, 6, 3])],
+        );
+        let (a, issues) = read(dir.path(), &b).unwrap();
+        assert!(issues.is_empty(), "{issues:?}");
+        let t = a.tensor("blk.0.ffn_up_exps.weight").unwrap();
+        assert_eq!(
+            (t.kind, t.n_expert(), t.rank()),
+            (TargetKind::Experts, 3, 2)
+        );
+        let l = t.load().unwrap();
+        assert_eq!((l.a.rows, l.a.cols, l.b.rows, l.b.cols), (6, 4, 18, 2));
+        assert!(l.b.data[12..24].iter().all(|v| *v == 0.0)); // expert 1's B
+        assert!(l.b.data[..12].iter().any(|v| *v != 0.0));
+        assert_eq!(l.scale(), 2.0);
+    }
+
+    #[test]
+    fn separate_q_v_fuse_into_a_base_attn_qkv() {
+        // n_head 2, n_head_kv 1, 16 fused rows: head dim 4, q 8 rows, k 4, v 4.
+        let dir = peft_dir(
+            r#"{"r":2,"lora_alpha":2,"rank_pattern":{"v_proj":1}}"#,
+            &[
+                (&format!("{P}self_attn.q_proj.lora_A.weight"), vec![2, 4]),
+                (&format!("{P}self_attn.q_proj.lora_B.weight"), vec![8, 2]),
+                (&format!("{P}self_attn.v_proj.lora_A.weight"), vec![1, 4]),
+                (&format!("{P}self_attn.v_proj.lora_B.weight"), vec![4, 1]),
+            ],
+        );
+        let b = base("phi3", 2, 1, &[("blk.0.attn_qkv.weight", vec![4, 16])]);
+        let (a, issues) = read(dir.path(), &b).unwrap();
+        assert!(issues.is_empty(), "{issues:?}");
+        let t = a.tensor("blk.0.attn_qkv.weight").unwrap();
+        assert_eq!((t.rank(), t.n_out(), t.n_in()), (3, 16, 4));
+        let l = t.load().unwrap();
+        let fused = l.b.matmul(&l.a);
+        // Each part's own update (scale q = 2/2 = 1, v = 2/1 = 2) sits in its rows; k rows are zero.
+        let raw = read_raw(dir.path()).unwrap();
+        let part = |i: usize| {
+            let m = &raw.modules[i];
+            m.b.as_ref()
+                .unwrap()
+                .load()
+                .unwrap()
+                .matmul(&m.a.as_ref().unwrap().load().unwrap())
+        };
+        let (dq, dv) = (part(0), part(1)); // name order: q_proj, v_proj
+        let s = l.scale() as f32;
+        for c in 0..4 {
+            for r in 0..8 {
+                assert!((fused.data[r * 4 + c] * s - dq.data[r * 4 + c]).abs() < 1e-6);
+            }
+            for r in 8..12 {
+                assert_eq!(fused.data[r * 4 + c], 0.0);
+            }
+            for r in 0..4 {
+                assert!((fused.data[(12 + r) * 4 + c] * s - 2.0 * dv.data[r * 4 + c]).abs() < 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn fused_qkv_splits_into_separate_base_tensors() {
+        let dir = peft_dir(
+            r#"{"r":2,"lora_alpha":2}"#,
+            &[
+                (&format!("{P}self_attn.qkv_proj.lora_A.weight"), vec![2, 4]),
+                (&format!("{P}self_attn.qkv_proj.lora_B.weight"), vec![16, 2]),
+            ],
+        );
+        let b = base(
+            "phi3",
+            2,
+            1,
+            &[
+                ("blk.0.attn_q.weight", vec![4, 8]),
+                ("blk.0.attn_k.weight", vec![4, 4]),
+                ("blk.0.attn_v.weight", vec![4, 4]),
+            ],
+        );
+        let (a, issues) = read(dir.path(), &b).unwrap();
+        assert!(issues.is_empty(), "{issues:?}");
+        let whole = read_raw(dir.path()).unwrap().modules[0]
+            .b
+            .as_ref()
+            .unwrap()
+            .load()
+            .unwrap();
+        let mut row = 0;
+        for (name, rows) in [("attn_q", 8), ("attn_k", 4), ("attn_v", 4)] {
+            let t = a.tensor(&format!("blk.0.{name}.weight")).unwrap();
+            let l = t.load().unwrap();
+            assert_eq!(l.b, whole.rows_range(row..row + rows), "{name}");
+            row += rows;
+        }
+    }
+
+    #[test]
+    fn llama_q_and_k_get_their_head_counts() {
+        let dir = peft_dir(
+            r#"{"r":2,"lora_alpha":2}"#,
+            &[
+                (&format!("{P}self_attn.q_proj.lora_A.weight"), vec![2, 4]),
+                (&format!("{P}self_attn.q_proj.lora_B.weight"), vec![8, 2]),
+                (&format!("{P}self_attn.k_proj.lora_A.weight"), vec![2, 4]),
+                (&format!("{P}self_attn.k_proj.lora_B.weight"), vec![4, 2]),
+            ],
+        );
+        let b = base(
+            "llama",
+            2,
+            1,
+            &[
+                ("blk.0.attn_q.weight", vec![4, 8]),
+                ("blk.0.attn_k.weight", vec![4, 4]),
+            ],
+        );
+        let (a, issues) = read(dir.path(), &b).unwrap();
+        assert!(issues.is_empty(), "{issues:?}");
+        assert_eq!(
+            a.tensor("blk.0.attn_q.weight").unwrap().permute_heads,
+            Some(2)
+        );
+        assert_eq!(
+            a.tensor("blk.0.attn_k.weight").unwrap().permute_heads,
+            Some(1)
+        );
+        // Without a base, llama q/k cannot be permuted: a NeedsBase issue, not a silent error.
+        let (_, issues) = read(dir.path(), &BaseInfo::from_arch("llama").unwrap()).unwrap();
+        assert_eq!(issues.len(), 2);
+        assert!(issues.iter().all(|i| i.status == IssueKind::NeedsBase));
+    }
+
+    #[test]
+    fn config_rank_disagreeing_with_tensors_and_unknown_modules_are_issues() {
+        let dir = peft_dir(
+            r#"{"r":4,"lora_alpha":2}"#,
+            &[
+                (&format!("{P}self_attn.q_proj.lora_A.weight"), vec![2, 4]),
+                (&format!("{P}self_attn.q_proj.lora_B.weight"), vec![8, 2]),
+            ],
+        );
+        let (_, issues) = read(dir.path(), &BaseInfo::from_arch("qwen2").unwrap()).unwrap();
+        assert_eq!(issues[0].status, IssueKind::RankMismatch);
+        let dir = peft_dir(
+            r#"{"r":2}"#,
+            &[
+                (&format!("{P}self_attn.rotary.lora_A.weight"), vec![2, 4]),
+                (&format!("{P}self_attn.rotary.lora_B.weight"), vec![8, 2]),
+            ],
+        );
+        let (_, issues) = read(dir.path(), &BaseInfo::from_arch("qwen2").unwrap()).unwrap();
+        assert_eq!(issues[0].status, IssueKind::UnknownModule);
+        // A/B rank mismatch is a read error naming both tensors.
+        let dir = peft_dir(
+            r#"{"r":2}"#,
+            &[
+                (&format!("{P}self_attn.q_proj.lora_A.weight"), vec![2, 4]),
+                (&format!("{P}self_attn.q_proj.lora_B.weight"), vec![8, 3]),
+            ],
+        );
+        let err = read_raw(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("rank 2") && err.contains("rank 3") && err.contains("lora_B"),
+            "{err}"
+        );
     }
 }

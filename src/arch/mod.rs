@@ -23,6 +23,7 @@
 use std::collections::BTreeMap;
 
 use crate::adapter::TargetKind;
+use crate::gguf::{GgufModel, Value};
 use crate::quant::GgmlType;
 
 /// GGUF architectures whose module paths we map.
@@ -76,6 +77,53 @@ impl BaseInfo {
 
     pub fn tensor(&self, name: &str) -> Option<&BaseTensor> {
         self.tensors.as_ref()?.get(name)
+    }
+
+    /// What a base GGUF (single file or split set) says: architecture, head counts, every tensor.
+    pub fn from_model(model: &GgufModel) -> Result<BaseInfo, String> {
+        let md = model.metadata();
+        if md.get_str("general.type") == Some("adapter") {
+            return Err("this is a LoRA adapter, not a base model".into());
+        }
+        let arch = md
+            .get_str("general.architecture")
+            .ok_or("no general.architecture")?
+            .to_string();
+        let scalar = |key: &str| -> Option<u64> {
+            match md.get(key)? {
+                Value::Array(a) => {
+                    // Per-layer values (some architectures): usable only when all agree.
+                    let vals: Vec<u64> = (0..a.len()).filter_map(|i| a.get(i)?.as_uint()).collect();
+                    let first = *vals.first()?;
+                    vals.iter().all(|v| *v == first).then_some(first)
+                }
+                v => v.as_uint(),
+            }
+        };
+        let tensors = model
+            .tensors()
+            .map(|(_, t)| {
+                (
+                    t.name.clone(),
+                    BaseTensor {
+                        dims: t.dims.clone(),
+                        ty: t.ty,
+                    },
+                )
+            })
+            .collect();
+        Ok(BaseInfo {
+            n_layer: scalar(&format!("{arch}.block_count")).map(|v| v as u32),
+            n_head: scalar(&format!("{arch}.attention.head_count")).map(|v| v as u32),
+            n_head_kv: scalar(&format!("{arch}.attention.head_count_kv")).map(|v| v as u32),
+            n_embd: scalar(&format!("{arch}.embedding_length")),
+            name: md
+                .get_str("general.name")
+                .or_else(|| md.get_str("general.basename"))
+                .map(str::to_string),
+            tensors: Some(tensors),
+            arch,
+        })
     }
 
     /// Whether the base is known tensor by tensor (a base GGUF was given).
