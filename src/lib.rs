@@ -4,4 +4,5 @@
 //! (merge, convert, bundle, verify) → the streaming, atomic GGUF writer. The binary in `src/bin` only
 //! parses flags and prints; everything it does is reachable from this library.
 
+pub mod merge;
 pub mod quant;

@@ -158,7 +158,12 @@ impl GgmlType {
             F64 => ("f64", 1, 8, false),
             IQ1_M => ("iq1_m", QK_K, QK_K / 8 + QK_K / 16 + QK_K / 32, true),
             BF16 => ("bf16", 1, 2, false),
-            TQ1_0 => ("tq1_0", QK_K, 2 + QK_K / 64 + (QK_K - 4 * QK_K / 64) / 5, true),
+            TQ1_0 => (
+                "tq1_0",
+                QK_K,
+                2 + QK_K / 64 + (QK_K - 4 * QK_K / 64) / 5,
+                true,
+            ),
             TQ2_0 => ("tq2_0", QK_K, 2 + QK_K / 4, true),
             MXFP4 => ("mxfp4", 32, 1 + 16, true),
             NVFP4 => ("nvfp4", 64, 4 + 32, true),
