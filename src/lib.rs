@@ -4,5 +4,7 @@
 //! (merge, convert, bundle, verify) → the streaming, atomic GGUF writer. The binary in `src/bin` only
 //! parses flags and prints; everything it does is reachable from this library.
 
+pub mod gguf;
 pub mod merge;
+pub mod output;
 pub mod quant;

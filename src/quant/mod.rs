@@ -194,7 +194,7 @@ impl GgmlType {
     /// blocks or the size overflows (ggml's `ggml_row_size` asserts the same divisibility).
     pub fn row_bytes(self, n_per_row: u64) -> Option<u64> {
         let t = self.traits();
-        if n_per_row % t.block_size as u64 != 0 {
+        if !n_per_row.is_multiple_of(t.block_size as u64) {
             return None;
         }
         (n_per_row / t.block_size as u64).checked_mul(t.type_size as u64)

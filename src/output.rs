@@ -1,0 +1,279 @@
+//! Atomic output files: every file gguf-lora writes goes to a temporary file beside its target and is
+//! renamed into place only when complete and flushed to disk, so a failure or Ctrl-C never leaves a
+//! half-written output, and an output may never be one of the inputs.
+//!
+//! Live temporary files are kept in a process-wide registry. On SIGINT, SIGTERM or SIGHUP a handler
+//! (installed on first use, through the `ctrlc` crate) deletes every registered temporary file and
+//! exits with status 130. The registry lock is held while a temporary file is created, renamed or
+//! removed, so the handler never sees a half-registered file nor deletes one that was just renamed.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, Once};
+
+use thiserror::Error;
+
+/// Exit status after an interrupt (128 + SIGINT, the shell convention).
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+/// Why an output could not be created or completed.
+#[derive(Debug, Error)]
+pub enum OutputError {
+    /// The target is one of the inputs (same path after resolving links, or the same file).
+    #[error("{}: output is the same file as input {}", target.display(), input.display())]
+    SameAsInput { target: PathBuf, input: PathBuf },
+    /// An operating-system error on the temporary file or the target.
+    #[error("{}: cannot {op}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+static LIVE_TEMP_FILES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+static INSTALL_HANDLER: Once = Once::new();
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn registry() -> MutexGuard<'static, Vec<PathBuf>> {
+    // A panic while holding the lock leaves the list itself intact, so keep using it.
+    LIVE_TEMP_FILES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Installs the interrupt handler that removes live temporary files (idempotent). If the embedding
+/// program already installed its own `ctrlc` handler, that one stays and this does nothing.
+pub fn install_interrupt_cleanup() {
+    INSTALL_HANDLER.call_once(|| {
+        let _ = ctrlc::set_handler(|| {
+            let live = registry();
+            for path in live.iter() {
+                let _ = fs::remove_file(path);
+            }
+            // Exit while still holding the lock: no other thread can rename or create a temp file now.
+            std::process::exit(EXIT_INTERRUPTED);
+        });
+    });
+}
+
+/// Fails if `target` is the same file as any of `inputs`: the same path once symlinks and `..` are
+/// resolved, or (for an existing target) the same device and inode, which also catches hard links.
+pub fn check_not_an_input(target: &Path, inputs: &[&Path]) -> Result<(), OutputError> {
+    let target_resolved = resolve(target);
+    let target_meta = fs::metadata(target).ok();
+    for input in inputs {
+        let same_path = target_resolved.is_some() && resolve(input) == target_resolved;
+        let same_file = match (&target_meta, fs::metadata(input)) {
+            (Some(t), Ok(i)) => same_inode(t, &i),
+            _ => false,
+        };
+        if same_path || same_file {
+            return Err(OutputError::SameAsInput {
+                target: target.to_path_buf(),
+                input: input.to_path_buf(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The canonical path of `path`, or of its parent joined with its file name when it does not exist.
+fn resolve(path: &Path) -> Option<PathBuf> {
+    if let Ok(p) = fs::canonicalize(path) {
+        return Some(p);
+    }
+    let name = path.file_name()?;
+    let parent = parent_dir(path);
+    Some(fs::canonicalize(parent).ok()?.join(name))
+}
+
+#[cfg(unix)]
+fn same_inode(a: &fs::Metadata, b: &fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    a.dev() == b.dev() && a.ino() == b.ino()
+}
+
+#[cfg(not(unix))]
+fn same_inode(_: &fs::Metadata, _: &fs::Metadata) -> bool {
+    false
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// An output file being written: a buffered temporary file beside the target, renamed into place by
+/// [`AtomicOutput::finish`]. Dropping it unfinished removes the temporary file.
+pub struct AtomicOutput {
+    target: PathBuf,
+    temp_path: PathBuf,
+    writer: Option<BufWriter<File>>,
+}
+
+impl AtomicOutput {
+    /// Creates the temporary file for `target` after checking that `target` is none of `inputs`.
+    pub fn create(target: &Path, inputs: &[&Path]) -> Result<AtomicOutput, OutputError> {
+        check_not_an_input(target, inputs)?;
+        install_interrupt_cleanup();
+        let name = target.file_name().ok_or_else(|| OutputError::Io {
+            op: "create a file there",
+            path: target.to_path_buf(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"),
+        })?;
+        let dir = parent_dir(target);
+        let mut live = registry();
+        loop {
+            let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+            let temp_name = format!(".{}.{}-{n}.tmp", name.to_string_lossy(), std::process::id());
+            let temp_path = dir.join(temp_name);
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&temp_path)
+            {
+                Ok(file) => {
+                    live.push(temp_path.clone());
+                    return Ok(AtomicOutput {
+                        target: target.to_path_buf(),
+                        temp_path,
+                        writer: Some(BufWriter::with_capacity(1 << 20, file)),
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(source) => {
+                    return Err(OutputError::Io {
+                        op: "create a temporary file beside it",
+                        path: target.to_path_buf(),
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
+    /// The final path.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// The temporary file being written.
+    pub fn temp_path(&self) -> &Path {
+        &self.temp_path
+    }
+
+    fn io_error(&self, op: &'static str, source: io::Error) -> OutputError {
+        OutputError::Io {
+            op,
+            path: self.target.clone(),
+            source,
+        }
+    }
+
+    /// Flushes, syncs to disk and renames the temporary file onto the target.
+    pub fn finish(mut self) -> Result<(), OutputError> {
+        let Some(writer) = self.writer.take() else {
+            return Ok(());
+        };
+        let file = writer
+            .into_inner()
+            .map_err(|e| self.io_error("write", e.into_error()))?;
+        file.sync_all().map_err(|e| self.io_error("sync", e))?;
+        drop(file);
+        let mut live = registry();
+        fs::rename(&self.temp_path, &self.target)
+            .map_err(|e| self.io_error("rename the temporary file onto it", e))?;
+        live.retain(|p| p != &self.temp_path);
+        drop(live);
+        // Make the rename itself durable; failing to sync a directory is not worth failing the run.
+        if let Ok(dir) = File::open(parent_dir(&self.target)) {
+            let _ = dir.sync_all();
+        }
+        Ok(())
+    }
+}
+
+impl Write for AtomicOutput {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match &mut self.writer {
+            Some(w) => w.write(buf),
+            None => Err(io::Error::other("output already finished")),
+        }
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        match &mut self.writer {
+            Some(w) => w.write_all(buf),
+            None => Err(io::Error::other("output already finished")),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.writer {
+            Some(w) => w.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for AtomicOutput {
+    fn drop(&mut self) {
+        if self.writer.take().is_some() {
+            let mut live = registry();
+            let _ = fs::remove_file(&self.temp_path);
+            live.retain(|p| p != &self.temp_path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finish_renames_and_drop_removes() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.bin");
+        let mut out = AtomicOutput::create(&target, &[]).unwrap();
+        out.write_all(b"hello").unwrap();
+        let temp = out.temp_path().to_path_buf();
+        assert!(temp.exists() && !target.exists());
+        assert!(registry().contains(&temp));
+        out.finish().unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"hello");
+        assert!(!temp.exists());
+        assert!(!registry().contains(&temp));
+
+        let other = dir.path().join("other.bin");
+        let mut out = AtomicOutput::create(&other, &[]).unwrap();
+        out.write_all(b"partial").unwrap();
+        let temp = out.temp_path().to_path_buf();
+        drop(out);
+        assert!(!temp.exists() && !other.exists());
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn refuses_an_input_as_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.gguf");
+        fs::write(&input, b"x").unwrap();
+        let via_dotdot = dir.path().join("sub/../in.gguf");
+        fs::create_dir(dir.path().join("sub")).unwrap();
+        assert!(matches!(
+            AtomicOutput::create(&via_dotdot, &[&input]),
+            Err(OutputError::SameAsInput { .. })
+        ));
+        let link = dir.path().join("hard.gguf");
+        fs::hard_link(&input, &link).unwrap();
+        assert!(check_not_an_input(&link, &[&input]).is_err());
+        assert!(check_not_an_input(&dir.path().join("new.gguf"), &[&input]).is_ok());
+        assert_eq!(fs::read(&input).unwrap(), b"x");
+    }
+}
