@@ -1,63 +1,44 @@
 //! The two codec calls the merge needs, in one place: dequantize rows of a base tensor to f32 and
-//! quantize merged f32 rows to the output type, both through the crate's ggml-exact codecs.
+//! quantize merged f32 rows to the output type, through the crate's ggml-exact codecs (the reference
+//! quantizers: no importance matrix, so the result is what `ggml_quantize_chunk` gives).
+//!
+//! Row by row on the calling thread: the merge already runs one row block per rayon task.
 
-use crate::quant::GgmlType;
+use crate::quant::{self, GgmlType};
 
 use super::MergeError;
 
-/// Dequantizes whole rows: `src` holds `dst.len() / n_per_row` rows of `ty`.
-pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), MergeError> {
-    match ty {
-        GgmlType::F32 => {
-            for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
-                *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
-            }
-        }
-        GgmlType::F16 => {
-            for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                *d = half::f16::from_le_bytes([s[0], s[1]]).to_f32();
-            }
-        }
-        GgmlType::BF16 => {
-            for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                *d = half::bf16::from_le_bytes([s[0], s[1]]).to_f32();
-            }
-        }
-        other => return Err(MergeError::Codec(format!("cannot dequantize {other}"))),
+fn codec_error(e: quant::QuantError) -> MergeError {
+    MergeError::Codec(e.to_string())
+}
+
+/// Dequantizes whole rows of `n` elements: `src` holds `dst.len() / n` rows of `ty`.
+pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32], n: usize) -> Result<(), MergeError> {
+    let row_bytes = row_bytes(ty, n)?;
+    for (s, d) in src.chunks_exact(row_bytes).zip(dst.chunks_exact_mut(n)) {
+        quant::dequantize_row(ty, s, d).map_err(codec_error)?;
     }
     Ok(())
 }
 
 /// Whether [`dequantize`] reads `ty`.
 pub fn can_dequantize(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
+    quant::can_dequantize(ty)
 }
 
-/// Quantizes whole rows of `n_per_row` elements to `ty` with ggml's reference quantizer.
-pub fn quantize(
-    ty: GgmlType,
-    src: &[f32],
-    dst: &mut [u8],
-    n_per_row: usize,
-) -> Result<(), MergeError> {
-    let _ = n_per_row;
-    match ty {
-        GgmlType::F32 => {
-            for (d, s) in dst.chunks_exact_mut(4).zip(src) {
-                d.copy_from_slice(&s.to_le_bytes());
-            }
-        }
-        GgmlType::F16 => {
-            for (d, s) in dst.chunks_exact_mut(2).zip(src) {
-                d.copy_from_slice(&half::f16::from_f32(*s).to_le_bytes());
-            }
-        }
-        GgmlType::BF16 => {
-            for (d, s) in dst.chunks_exact_mut(2).zip(src) {
-                d.copy_from_slice(&half::bf16::from_f32(*s).to_le_bytes());
-            }
-        }
-        other => return Err(MergeError::Codec(format!("cannot quantize to {other}"))),
+/// Quantizes whole rows of `n` elements to `ty` with ggml's reference quantizer.
+pub fn quantize(ty: GgmlType, src: &[f32], dst: &mut [u8], n: usize) -> Result<(), MergeError> {
+    let row_bytes = row_bytes(ty, n)?;
+    for (s, d) in src.chunks_exact(n).zip(dst.chunks_exact_mut(row_bytes)) {
+        quant::quantize_row(ty, s, d, None).map_err(codec_error)?;
     }
     Ok(())
+}
+
+/// Bytes of one row of `n` elements of `ty`, or the error saying it does not fit.
+pub fn row_bytes(ty: GgmlType, n: usize) -> Result<usize, MergeError> {
+    ty.row_bytes(n as u64)
+        .and_then(|b| usize::try_from(b).ok())
+        .filter(|&b| b > 0)
+        .ok_or_else(|| MergeError::Codec(format!("a row of {n} elements does not fit type {ty}")))
 }

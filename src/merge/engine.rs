@@ -15,7 +15,8 @@ use crate::quant::GgmlType;
 
 use super::kernel::add_low_rank;
 use super::plan::TensorPlan;
-use super::{codec, BaseTensor, MergeError, Update};
+use super::codec::{self, row_bytes};
+use super::{BaseTensor, MergeError, Update};
 
 /// f32 values per row block: a block of dequantized rows plus its copy stay in L2.
 const BLOCK_ELEMS: usize = 32 * 1024;
@@ -64,11 +65,11 @@ fn merged_rows(
     scratch: &mut Vec<f32>,
 ) -> Result<(), MergeError> {
     let n = p.n_cols;
-    let row_bytes = row_bytes(p.ty_in, n)?;
+    let in_row = row_bytes(p.ty_in, n)?;
     base.resize(rows * n, 0.0);
     codec::dequantize(
         p.ty_in,
-        &data[r0 * row_bytes..(r0 + rows) * row_bytes],
+        &data[r0 * in_row..(r0 + rows) * in_row],
         base,
     )?;
     merged.clear();
@@ -120,12 +121,6 @@ fn merged_rows(
     Ok(())
 }
 
-fn row_bytes(ty: GgmlType, n: usize) -> Result<usize, MergeError> {
-    ty.row_bytes(n as u64)
-        .and_then(|b| usize::try_from(b).ok())
-        .ok_or_else(|| MergeError::Codec(format!("a row of {n} does not fit type {ty}")))
-}
-
 /// Quantizes `merged` (whole rows) into `out` as `ty`, and returns the error sums against the exact
 /// merge and the base.
 fn requantize_and_measure(
@@ -138,7 +133,7 @@ fn requantize_and_measure(
 ) -> Result<ErrorSums, MergeError> {
     codec::quantize(ty, merged, out, n)?;
     back.resize(merged.len(), 0.0);
-    codec::dequantize(ty, out, back)?;
+    codec::dequantize(ty, out, back, n)?;
     let mut s = ErrorSums {
         n: merged.len() as u64,
         ..Default::default()

@@ -23,7 +23,7 @@ pub const WRITABLE: [GgmlType; 13] = [
 
 /// Whether merged tensors can be written as `ty`.
 pub fn is_writable(ty: GgmlType) -> bool {
-    WRITABLE.contains(&ty)
+    WRITABLE.contains(&ty) && crate::quant::can_quantize(ty)
 }
 
 /// The type a tensor whose rows hold `n_per_row` elements gets when `target` is asked for, and whether

@@ -1,12 +1,24 @@
 //! ggml tensor types and their block codecs.
 //!
 //! One table ([`GgmlType::traits`]) describes every type once: its ggml id, name, block size, bytes per
-//! block and which codecs we have. Each codec family lives in one file with its quantizer and
+//! block and its codecs ([`Codec`]). Each codec family lives in one file with its quantizer and
 //! dequantizer side by side, mirroring ggml's `ggml-quants.c`; every function names the ggml function
 //! whose bytes it reproduces. Size arithmetic goes through [`GgmlType::row_bytes`], which checks that a
 //! row is a whole number of blocks.
+//!
+//! The entry points check sizes and dispatch through the table: [`dequantize_row`] / [`quantize_row`]
+//! for one row, [`dequantize_rows`] / [`quantize_rows`] for a block of rows spread over rayon's threads.
+//! Callers hand in row blocks of the size they can afford; nothing here copies a whole tensor.
+
+pub mod float;
+pub mod iquants;
+pub mod kquants;
+pub mod legacy;
+pub mod search;
 
 use std::fmt;
+
+use rayon::prelude::*;
 
 /// A ggml tensor element type, numbered exactly as `enum ggml_type` in `ggml.h`.
 /// Retired ids (4, 5, 31–33, 36–38) have no variant: a file that uses them is rejected.
@@ -62,6 +74,70 @@ pub struct TypeTraits {
     pub type_size: usize,
     /// Whether ggml counts it as quantized (`general.quantization_version` is then required).
     pub is_quantized: bool,
+    /// The codecs we have for it.
+    pub codec: Codec,
+}
+
+/// Decodes whole blocks: `src` holds `dst.len() / block_size` blocks (ggml's `to_float`).
+pub type DequantizeFn = fn(src: &[u8], dst: &mut [f32]);
+/// Encodes one row of whole blocks the way `ggml_quantize_chunk` does without an importance matrix.
+pub type QuantizeFn = fn(src: &[f32], dst: &mut [u8]);
+/// Encodes one row with per-column importance weights (`quant_weights.len() == src.len()`), the way
+/// `ggml_quantize_chunk` does when given an imatrix. Row-wide, not block-wise: some variants use
+/// statistics of the whole row.
+pub type QuantizeImatrixFn = fn(src: &[f32], dst: &mut [u8], quant_weights: &[f32]);
+
+/// A type's codecs; `None` where we have none. A type with a quantizer but no importance-weighted one
+/// ignores an imatrix, as ggml does (Q8_0, F16, BF16, F32).
+#[derive(Clone, Copy, Debug)]
+pub struct Codec {
+    pub dequantize: Option<DequantizeFn>,
+    pub quantize: Option<QuantizeFn>,
+    pub quantize_imatrix: Option<QuantizeImatrixFn>,
+}
+
+impl Codec {
+    /// No codec at all.
+    pub const NONE: Codec = Codec {
+        dequantize: None,
+        quantize: None,
+        quantize_imatrix: None,
+    };
+}
+
+/// Why a codec call was refused. Every message names the ggml type.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QuantError {
+    /// We have no codec for this type in this direction.
+    #[error("ggml type {ty} is not supported for {operation}")]
+    Unsupported {
+        ty: GgmlType,
+        operation: &'static str,
+    },
+    /// The row length is not a multiple of the type's block size (or its byte size overflows).
+    #[error("a row of {n_per_row} elements is not a whole number of {ty} blocks ({block_size} elements each)")]
+    RowNotWholeBlocks {
+        ty: GgmlType,
+        n_per_row: usize,
+        block_size: usize,
+    },
+    /// A buffer does not hold a whole number of rows (or the row length is zero).
+    #[error("{ty}: {what} of {len} elements is not a whole number of rows of {n_per_row}")]
+    NotWholeRows {
+        ty: GgmlType,
+        what: &'static str,
+        len: usize,
+        n_per_row: usize,
+    },
+    /// A buffer's length does not match the element count.
+    #[error("{ty}: {what} has {got} {unit}, expected {expected}")]
+    BufferLength {
+        ty: GgmlType,
+        what: &'static str,
+        unit: &'static str,
+        expected: usize,
+        got: usize,
+    },
 }
 
 /// Super-block size of the K-quants (`QK_K` in ggml).
@@ -128,53 +204,103 @@ impl GgmlType {
     /// The one table of type facts; numbers from ggml's `type_traits` and `ggml-common.h` block structs.
     pub fn traits(self) -> TypeTraits {
         use GgmlType::*;
-        let (name, block_size, type_size, is_quantized) = match self {
-            F32 => ("f32", 1, 4, false),
-            F16 => ("f16", 1, 2, false),
-            Q4_0 => ("q4_0", 32, 2 + 16, true),
-            Q4_1 => ("q4_1", 32, 2 + 2 + 16, true),
-            Q5_0 => ("q5_0", 32, 2 + 4 + 16, true),
-            Q5_1 => ("q5_1", 32, 2 + 2 + 4 + 16, true),
-            Q8_0 => ("q8_0", 32, 2 + 32, true),
-            Q8_1 => ("q8_1", 32, 2 + 2 + 32, true),
-            Q2_K => ("q2_K", QK_K, QK_K / 16 + QK_K / 4 + 2 + 2, true),
-            Q3_K => ("q3_K", QK_K, QK_K / 8 + QK_K / 4 + 12 + 2, true),
-            Q4_K => ("q4_K", QK_K, 2 + 2 + 12 + QK_K / 2, true),
-            Q5_K => ("q5_K", QK_K, 2 + 2 + 12 + QK_K / 8 + QK_K / 2, true),
-            Q6_K => ("q6_K", QK_K, QK_K / 2 + QK_K / 4 + QK_K / 16 + 2, true),
-            Q8_K => ("q8_K", QK_K, 4 + QK_K + QK_K / 16 * 2, true),
-            IQ2_XXS => ("iq2_xxs", QK_K, 2 + QK_K / 8 * 2, true),
-            IQ2_XS => ("iq2_xs", QK_K, 2 + QK_K / 8 * 2 + QK_K / 32, true),
-            IQ3_XXS => ("iq3_xxs", QK_K, 2 + 3 * (QK_K / 8), true),
-            IQ1_S => ("iq1_s", QK_K, 2 + QK_K / 8 + QK_K / 16, true),
-            IQ4_NL => ("iq4_nl", 32, 2 + 16, true),
-            IQ3_S => ("iq3_s", QK_K, 2 + 13 * (QK_K / 32) + QK_K / 64, true),
-            IQ2_S => ("iq2_s", QK_K, 2 + QK_K / 4 + QK_K / 16, true),
-            IQ4_XS => ("iq4_xs", QK_K, 2 + 2 + QK_K / 64 + QK_K / 2, true),
-            I8 => ("i8", 1, 1, false),
-            I16 => ("i16", 1, 2, false),
-            I32 => ("i32", 1, 4, false),
-            I64 => ("i64", 1, 8, false),
-            F64 => ("f64", 1, 8, false),
-            IQ1_M => ("iq1_m", QK_K, QK_K / 8 + QK_K / 16 + QK_K / 32, true),
-            BF16 => ("bf16", 1, 2, false),
+        let (name, block_size, type_size, is_quantized, codec) = match self {
+            F32 => ("f32", 1, 4, false, float::F32),
+            F16 => ("f16", 1, 2, false, float::F16),
+            Q4_0 => ("q4_0", 32, 2 + 16, true, legacy::Q4_0),
+            Q4_1 => ("q4_1", 32, 2 + 2 + 16, true, legacy::Q4_1),
+            Q5_0 => ("q5_0", 32, 2 + 4 + 16, true, legacy::Q5_0),
+            Q5_1 => ("q5_1", 32, 2 + 2 + 4 + 16, true, legacy::Q5_1),
+            Q8_0 => ("q8_0", 32, 2 + 32, true, legacy::Q8_0),
+            Q8_1 => ("q8_1", 32, 2 + 2 + 32, true, legacy::Q8_1),
+            Q2_K => (
+                "q2_K",
+                QK_K,
+                QK_K / 16 + QK_K / 4 + 2 + 2,
+                true,
+                kquants::Q2_K,
+            ),
+            Q3_K => (
+                "q3_K",
+                QK_K,
+                QK_K / 8 + QK_K / 4 + 12 + 2,
+                true,
+                kquants::Q3_K,
+            ),
+            Q4_K => ("q4_K", QK_K, 2 + 2 + 12 + QK_K / 2, true, kquants::Q4_K),
+            Q5_K => (
+                "q5_K",
+                QK_K,
+                2 + 2 + 12 + QK_K / 8 + QK_K / 2,
+                true,
+                kquants::Q5_K,
+            ),
+            Q6_K => (
+                "q6_K",
+                QK_K,
+                QK_K / 2 + QK_K / 4 + QK_K / 16 + 2,
+                true,
+                kquants::Q6_K,
+            ),
+            Q8_K => ("q8_K", QK_K, 4 + QK_K + QK_K / 16 * 2, true, kquants::Q8_K),
+            IQ2_XXS => ("iq2_xxs", QK_K, 2 + QK_K / 8 * 2, true, Codec::NONE),
+            IQ2_XS => (
+                "iq2_xs",
+                QK_K,
+                2 + QK_K / 8 * 2 + QK_K / 32,
+                true,
+                Codec::NONE,
+            ),
+            IQ3_XXS => ("iq3_xxs", QK_K, 2 + 3 * (QK_K / 8), true, Codec::NONE),
+            IQ1_S => ("iq1_s", QK_K, 2 + QK_K / 8 + QK_K / 16, true, Codec::NONE),
+            IQ4_NL => ("iq4_nl", 32, 2 + 16, true, iquants::IQ4_NL),
+            IQ3_S => (
+                "iq3_s",
+                QK_K,
+                2 + 13 * (QK_K / 32) + QK_K / 64,
+                true,
+                Codec::NONE,
+            ),
+            IQ2_S => ("iq2_s", QK_K, 2 + QK_K / 4 + QK_K / 16, true, Codec::NONE),
+            IQ4_XS => (
+                "iq4_xs",
+                QK_K,
+                2 + 2 + QK_K / 64 + QK_K / 2,
+                true,
+                iquants::IQ4_XS,
+            ),
+            I8 => ("i8", 1, 1, false, Codec::NONE),
+            I16 => ("i16", 1, 2, false, Codec::NONE),
+            I32 => ("i32", 1, 4, false, Codec::NONE),
+            I64 => ("i64", 1, 8, false, Codec::NONE),
+            F64 => ("f64", 1, 8, false, Codec::NONE),
+            IQ1_M => (
+                "iq1_m",
+                QK_K,
+                QK_K / 8 + QK_K / 16 + QK_K / 32,
+                true,
+                Codec::NONE,
+            ),
+            BF16 => ("bf16", 1, 2, false, float::BF16),
             TQ1_0 => (
                 "tq1_0",
                 QK_K,
                 2 + QK_K / 64 + (QK_K - 4 * QK_K / 64) / 5,
                 true,
+                Codec::NONE,
             ),
-            TQ2_0 => ("tq2_0", QK_K, 2 + QK_K / 4, true),
-            MXFP4 => ("mxfp4", 32, 1 + 16, true),
-            NVFP4 => ("nvfp4", 64, 4 + 32, true),
-            Q1_0 => ("q1_0", 128, 2 + 16, true),
-            Q2_0 => ("q2_0", 64, 2 + 16, true),
+            TQ2_0 => ("tq2_0", QK_K, 2 + QK_K / 4, true, Codec::NONE),
+            MXFP4 => ("mxfp4", 32, 1 + 16, true, Codec::NONE),
+            NVFP4 => ("nvfp4", 64, 4 + 32, true, Codec::NONE),
+            Q1_0 => ("q1_0", 128, 2 + 16, true, Codec::NONE),
+            Q2_0 => ("q2_0", 64, 2 + 16, true, Codec::NONE),
         };
         TypeTraits {
             name,
             block_size,
             type_size,
             is_quantized,
+            codec,
         }
     }
 
@@ -199,6 +325,204 @@ impl GgmlType {
         }
         (n_per_row / t.block_size as u64).checked_mul(t.type_size as u64)
     }
+}
+
+/// Whether [`dequantize_row`] handles `ty`.
+pub fn can_dequantize(ty: GgmlType) -> bool {
+    ty.traits().codec.dequantize.is_some()
+}
+
+/// Whether [`quantize_row`] handles `ty`.
+pub fn can_quantize(ty: GgmlType) -> bool {
+    ty.traits().codec.quantize.is_some()
+}
+
+/// Whether an imatrix changes how `ty` is quantized (ggml has a `quantize_row_X_impl` for it). For the
+/// other quantizable types an imatrix is accepted and ignored, as `ggml_quantize_chunk` does.
+pub fn has_imatrix_variant(ty: GgmlType) -> bool {
+    ty.traits().codec.quantize_imatrix.is_some()
+}
+
+/// Elements per row when `bytes` hold whole rows of `n_per_row`: checks divisibility and overflow.
+fn checked_row_bytes(ty: GgmlType, n_per_row: usize) -> Result<usize, QuantError> {
+    ty.row_bytes(n_per_row as u64)
+        .and_then(|b| usize::try_from(b).ok())
+        .ok_or(QuantError::RowNotWholeBlocks {
+            ty,
+            n_per_row,
+            block_size: ty.block_size(),
+        })
+}
+
+fn expect_len(
+    ty: GgmlType,
+    what: &'static str,
+    unit: &'static str,
+    expected: usize,
+    got: usize,
+) -> Result<(), QuantError> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(QuantError::BufferLength {
+            ty,
+            what,
+            unit,
+            expected,
+            got,
+        })
+    }
+}
+
+/// The dequantizer of `ty`, or the error naming the type.
+fn dequantizer(ty: GgmlType) -> Result<DequantizeFn, QuantError> {
+    ty.traits().codec.dequantize.ok_or(QuantError::Unsupported {
+        ty,
+        operation: "dequantization",
+    })
+}
+
+/// The quantizer to run for `ty`: the importance-weighted one when an imatrix is given and ggml has
+/// one, else the reference one (which is what ggml does for types without an imatrix variant).
+fn quantizer(ty: GgmlType, imatrix: Option<&[f32]>) -> Result<RowQuantizer<'_>, QuantError> {
+    let codec = ty.traits().codec;
+    match (imatrix, codec.quantize_imatrix, codec.quantize) {
+        (Some(w), Some(f), _) => Ok(RowQuantizer::Imatrix(f, w)),
+        (_, _, Some(f)) => Ok(RowQuantizer::Plain(f)),
+        _ => Err(QuantError::Unsupported {
+            ty,
+            operation: "quantization",
+        }),
+    }
+}
+
+/// A row quantizer with its importance weights bound.
+#[derive(Clone, Copy)]
+enum RowQuantizer<'a> {
+    Plain(QuantizeFn),
+    Imatrix(QuantizeImatrixFn, &'a [f32]),
+}
+
+impl RowQuantizer<'_> {
+    fn run(self, src: &[f32], dst: &mut [u8]) {
+        match self {
+            RowQuantizer::Imatrix(f, w) => f(src, dst, w),
+            RowQuantizer::Plain(f) => f(src, dst),
+        }
+    }
+}
+
+/// Number of rows in `len` elements, when `len` is a whole number of rows of `n_per_row`.
+fn whole_rows(
+    ty: GgmlType,
+    what: &'static str,
+    len: usize,
+    n_per_row: usize,
+) -> Result<usize, QuantError> {
+    if n_per_row == 0 || !len.is_multiple_of(n_per_row) {
+        return Err(QuantError::NotWholeRows {
+            ty,
+            what,
+            len,
+            n_per_row,
+        });
+    }
+    Ok(len / n_per_row)
+}
+
+/// Decodes one row: `src` is `ty`'s encoding of `dst.len()` elements; bit-identical to ggml's
+/// `to_float`.
+pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), QuantError> {
+    let f = dequantizer(ty)?;
+    let bytes = checked_row_bytes(ty, dst.len())?;
+    expect_len(ty, "source row", "bytes", bytes, src.len())?;
+    f(src, dst);
+    Ok(())
+}
+
+/// Encodes one row of `src.len()` elements into `dst` exactly as `ggml_quantize_chunk` does, with the
+/// per-column importance weights `imatrix` (one per element of the row) when given.
+pub fn quantize_row(
+    ty: GgmlType,
+    src: &[f32],
+    dst: &mut [u8],
+    imatrix: Option<&[f32]>,
+) -> Result<(), QuantError> {
+    let q = quantizer(ty, imatrix)?;
+    let bytes = checked_row_bytes(ty, src.len())?;
+    expect_len(ty, "destination row", "bytes", bytes, dst.len())?;
+    if let Some(w) = imatrix {
+        expect_len(ty, "importance matrix", "weights", src.len(), w.len())?;
+    }
+    q.run(src, dst);
+    Ok(())
+}
+
+/// Rows per rayon task: enough elements (about 64 Ki) that scheduling costs nothing next to the codec.
+fn rows_per_task(n_per_row: usize) -> usize {
+    (65_536 / n_per_row.max(1)).max(1)
+}
+
+/// Decodes a block of whole rows of `n_per_row` elements in parallel: `src` holds
+/// `dst.len() / n_per_row` encoded rows.
+pub fn dequantize_rows(
+    ty: GgmlType,
+    src: &[u8],
+    n_per_row: usize,
+    dst: &mut [f32],
+) -> Result<(), QuantError> {
+    let f = dequantizer(ty)?;
+    let row_bytes = checked_row_bytes(ty, n_per_row)?;
+    let nrows = whole_rows(ty, "destination", dst.len(), n_per_row)?;
+    expect_len(
+        ty,
+        "source rows",
+        "bytes",
+        nrows.saturating_mul(row_bytes),
+        src.len(),
+    )?;
+    let per_task = rows_per_task(n_per_row);
+    src.par_chunks(per_task * row_bytes)
+        .zip(dst.par_chunks_mut(per_task * n_per_row))
+        .for_each(|(s, d)| {
+            for (sr, dr) in s.chunks_exact(row_bytes).zip(d.chunks_exact_mut(n_per_row)) {
+                f(sr, dr);
+            }
+        });
+    Ok(())
+}
+
+/// Encodes a block of whole rows of `n_per_row` elements in parallel, each as [`quantize_row`] would;
+/// `imatrix` holds one weight per column (`n_per_row` of them) and applies to every row.
+pub fn quantize_rows(
+    ty: GgmlType,
+    src: &[f32],
+    n_per_row: usize,
+    dst: &mut [u8],
+    imatrix: Option<&[f32]>,
+) -> Result<(), QuantError> {
+    let q = quantizer(ty, imatrix)?;
+    let row_bytes = checked_row_bytes(ty, n_per_row)?;
+    let nrows = whole_rows(ty, "source", src.len(), n_per_row)?;
+    if let Some(w) = imatrix {
+        expect_len(ty, "importance matrix", "weights", n_per_row, w.len())?;
+    }
+    expect_len(
+        ty,
+        "destination rows",
+        "bytes",
+        nrows.saturating_mul(row_bytes),
+        dst.len(),
+    )?;
+    let per_task = rows_per_task(n_per_row);
+    src.par_chunks(per_task * n_per_row)
+        .zip(dst.par_chunks_mut(per_task * row_bytes))
+        .for_each(|(s, d)| {
+            for (sr, dr) in s.chunks_exact(n_per_row).zip(d.chunks_exact_mut(row_bytes)) {
+                q.run(sr, dr);
+            }
+        });
+    Ok(())
 }
 
 impl fmt::Display for GgmlType {
