@@ -13,9 +13,9 @@ use rayon::prelude::*;
 
 use crate::quant::GgmlType;
 
+use super::codec::{self, row_bytes};
 use super::kernel::add_low_rank;
 use super::plan::TensorPlan;
-use super::codec::{self, row_bytes};
 use super::{BaseTensor, MergeError, Update};
 
 /// f32 values per row block: a block of dequantized rows plus its copy stay in L2.
@@ -67,11 +67,7 @@ fn merged_rows(
     let n = p.n_cols;
     let in_row = row_bytes(p.ty_in, n)?;
     base.resize(rows * n, 0.0);
-    codec::dequantize(
-        p.ty_in,
-        &data[r0 * in_row..(r0 + rows) * in_row],
-        base,
-    )?;
+    codec::dequantize(p.ty_in, &data[r0 * in_row..(r0 + rows) * in_row], base, n)?;
     merged.clear();
     merged.extend_from_slice(base);
     for op in &p.ops {

@@ -13,6 +13,8 @@
 
 mod codec;
 mod engine;
+pub mod file;
+pub mod inputs;
 mod kernel;
 mod plan;
 mod promote;
@@ -116,9 +118,14 @@ pub enum MergeError {
     Plan(Vec<String>),
     #[error("{0}")]
     Codec(String),
+    /// An adapter cannot be read or applied.
+    #[error("{0}")]
+    Adapter(String),
     /// The sink (writer) failed.
     #[error("{0}")]
     Write(String),
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::GgufError),
 }
 
 /// A checked plan with its output types chosen: what the writer needs to lay out the file.

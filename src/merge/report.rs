@@ -223,7 +223,8 @@ fn type_summary(
     let mut targets: Vec<String> = Vec::new();
     for t in &group {
         for c in &t.candidates {
-            if !targets.contains(&c.ty) {
+            let written_everywhere = group.iter().all(|g| g.type_out == c.ty);
+            if !written_everywhere && !targets.contains(&c.ty) {
                 targets.push(c.ty.clone());
             }
         }

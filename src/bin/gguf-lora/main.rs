@@ -4,6 +4,8 @@
 //! struct (clap) and a `run(args) -> anyhow::Result<Outcome>` that calls the library and prints. This
 //! file only dispatches and maps outcomes and errors to exit codes.
 
+mod merge;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -29,12 +31,16 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Bake LoRA adapters into a base GGUF, keeping each tensor's quantization.
+    Merge(merge::Args),
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result: anyhow::Result<Outcome> = match cli.command {};
-    #[allow(unreachable_code)]
+    let result: anyhow::Result<Outcome> = match cli.command {
+        Command::Merge(args) => merge::run(args),
+    };
     match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
         Ok(Outcome::CheckFailed) => ExitCode::from(EXIT_CHECK_FAILED),
