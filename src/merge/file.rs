@@ -125,11 +125,19 @@ pub fn merge_model(
             &descs[s],
         )?);
     }
+    let infos: Vec<(usize, &crate::gguf::TensorInfo)> = model.tensors().collect();
     let report = {
         let writers = &mut writers;
         let shard_of = &shard_of;
+        let infos = &infos;
         prepared.run(
-            move |i, bytes| Ok(writers[shard_of[i]].write_tensor(bytes)?),
+            move |i, bytes| {
+                writers[shard_of[i]].write_tensor(bytes)?;
+                // Done with this tensor's input: keep the base's pages out of our resident set.
+                let (shard, info) = infos[i];
+                shards[shard].release_tensor_pages(info);
+                Ok(())
+            },
             on_done,
         )?
     };
