@@ -203,6 +203,13 @@ fn merged_metadata(
     let promote = match opts.promote {
         Promote::None => None,
         Promote::Type(t) => Some(t.name().to_string()),
+        Promote::Map(pairs) => Some(
+            pairs
+                .iter()
+                .map(|(a, b)| format!("{a}={b}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
         Promote::Auto { budget } => Some(format!("auto:{}", budget)),
     };
     if let Some(p) = promote {

@@ -86,6 +86,8 @@ pub enum Promote {
     None,
     /// Every touched tensor to this type (with fallbacks), unless its planned type is already larger.
     Type(GgmlType),
+    /// Touched tensors of the first type to the second (with fallbacks), e.g. only Q4_K → Q6_K.
+    Map(&'static [(GgmlType, GgmlType)]),
     /// Per tensor, the promotions that buy the most fidelity per extra byte, until the output has
     /// grown by `budget` (a fraction: 0.05 = 5%) over the base.
     Auto {

@@ -11,6 +11,15 @@
 //! tensor from type X to type Y is the fraction of its adapter's energy it gets back,
 //! `(err_X² − err_Y²) × elements` (err = RMS(requantized − exact)/RMS(delta)), its cost the extra
 //! bytes; the best value per byte is taken until the output would grow past the budget.
+//!
+//! Relative error alone treats every tensor alike, but tensors are not alike for the model's output:
+//! measured on gemma3-270m Q4_K_M with a rank-16 adapter on all projections (mean KL to runtime LoRA
+//! over 20 tokens), promoting only the residual-writing tensors (`attn_output`, `ffn_down`: Q4_K →
+//! Q6_K, ×1.025 size) took KL from 0.111 to 0.075, while a relative-error-only greedy at ×1.05 that
+//! spent half its budget on `attn_q/k/v` and `ffn_gate/up` reached only 0.088 (their errors pass
+//! through q/k norms, softmax or the gated activation before reaching the residual stream). So the
+//! value of a promotion is multiplied by [`sensitivity`]: 1 for tensors that write the residual
+//! stream (and the embeddings/output head), 1/4 for the others.
 
 use crate::quant::GgmlType;
 
@@ -34,9 +43,10 @@ pub fn measure_candidates(
             continue;
         }
         let mut types = vec![p.ty_out];
-        let extra = match opts.promote {
-            Promote::Type(t) => Some(t),
-            _ => None,
+        let extra: Vec<GgmlType> = match opts.promote {
+            Promote::Type(t) => vec![t],
+            Promote::Map(pairs) => pairs.iter().map(|&(_, to)| to).collect(),
+            _ => Vec::new(),
         };
         for t in LADDER.iter().copied().chain(extra) {
             let (fit, _) = fit_type(t, p.n_cols as u64);
@@ -86,6 +96,18 @@ pub fn apply(
                 }
             }
         }
+        Promote::Map(pairs) => {
+            for p in plans.iter_mut().filter(|p| p.is_touched()) {
+                let Some(&(_, to)) = pairs.iter().find(|(from, _)| *from == p.ty_in) else {
+                    continue;
+                };
+                let (fit, _) = fit_type(to, p.n_cols as u64);
+                if bits_per_weight(fit) > bits_per_weight(p.ty_out) {
+                    promoted[p.index] = true;
+                    retarget(p, to);
+                }
+            }
+        }
         Promote::Auto { budget } => {
             let base_bytes: u64 = base.iter().map(|t| t.data.len() as u64).sum();
             let mut left = (budget.max(0.0) * base_bytes as f64) as i128;
@@ -100,7 +122,8 @@ pub fn apply(
                     let Some(e_cur) = cur.relative_error else {
                         continue;
                     };
-                    let elements = (plans[i].n_rows * plans[i].n_cols) as f64;
+                    let elements = (plans[i].n_rows * plans[i].n_cols) as f64
+                        * sensitivity(&base[plans[i].index].name);
                     for (j, c) in cands.iter().enumerate().skip(chosen[i] + 1) {
                         let cost = c.bytes as i128 - cur.bytes as i128;
                         let Some(e) = c.relative_error else { continue };
@@ -127,4 +150,16 @@ pub fn apply(
         }
     }
     promoted
+}
+
+/// How much a unit of relative error in this tensor matters for the output, as a weight (see the
+/// module docs): llama.cpp tensor names that write the residual stream get 1, the rest 1/4.
+pub fn sensitivity(name: &str) -> f64 {
+    let residual = ["attn_output", "ffn_down", "ffn_down_exps", "ffn_down_shexp"];
+    let role = name.split('.').nth(2).unwrap_or("");
+    if residual.contains(&role) || name.starts_with("output.") || name.starts_with("token_embd.") {
+        1.0
+    } else {
+        0.25
+    }
 }

@@ -40,8 +40,8 @@ pub struct Args {
     /// Type of merged tensors: keep (each its base type) or a type; untouched tensors keep their bytes.
     #[arg(long, default_value = "keep")]
     pub outtype: String,
-    /// Requantize touched tensors to a larger TYPE, or choose per tensor with auto[:BUDGET] (size growth, default 5%).
-    #[arg(long, value_name = "TYPE|auto[:BUDGET]")]
+    /// Requantize touched tensors to a larger TYPE, only those of type FROM (FROM=TO[,...]), or choose per tensor with auto[:BUDGET] (size growth, default 5%).
+    #[arg(long, value_name = "TYPE|FROM=TO|auto[:BUDGET]")]
     pub promote: Option<String>,
     /// Worker threads (default: all cores).
     #[arg(long)]
@@ -83,6 +83,19 @@ fn parse_promote(s: &str) -> anyhow::Result<Promote> {
             None => bail!("--promote '{s}': expected auto or auto:BUDGET"),
         };
         return Ok(Promote::Auto { budget });
+    }
+    if s.contains('=') {
+        let mut pairs = Vec::new();
+        for pair in s.split(',') {
+            let (from, to) = pair
+                .split_once('=')
+                .with_context(|| format!("--promote '{s}': expected FROM=TO[,FROM=TO...]"))?;
+            let from = GgmlType::from_name(from)
+                .with_context(|| format!("--promote '{s}': unknown type '{from}'"))?;
+            pairs.push((from, parse_type(to)?));
+        }
+        // The options live for the whole run; leaking this small list keeps `Promote` `Copy`.
+        return Ok(Promote::Map(Vec::leak(pairs)));
     }
     Ok(Promote::Type(parse_type(s)?))
 }
