@@ -76,6 +76,12 @@ pub fn merge_model(
     on_done: &(dyn Fn(usize, u64) + Sync),
 ) -> Result<(MergeReport, Written), MergeError> {
     let meta0 = model.metadata();
+    if let Some(t) = meta0.get_str(KEY_TYPE).filter(|t| *t != "model") {
+        return Err(MergeError::Adapter(format!(
+            "{}: general.type is \"{t}\", expected a model to merge into",
+            model.shards()[0].path().display()
+        )));
+    }
     let base = base_tensors(model);
     let prepared = prepare(meta0.get_str(KEY_ARCH), &base, adapters, opts)?;
     let out_types = prepared.output_types();

@@ -146,7 +146,9 @@ def kl(p_logits, q_logits):
 
 def cmd_logits(base, spec, *merged):
     path, scale = parse_specs([spec])[0]
-    tokens = [2] + [int(t) for t in np.random.default_rng(0).integers(100, 20000, size=19)]
+    n_vocab = int(next(t.shape[1] for t in GGUFReader(base).tensors if t.name == "token_embd.weight"))
+    lo, hi = (100, 20000) if n_vocab > 20000 else (3, n_vocab)
+    tokens = [2] + [int(t) for t in np.random.default_rng(0).integers(lo, hi, size=19)]
     runtime = llama_logits(base, tokens, path, scale)
     out = {}
     for name, p in [("base", base)] + [(m, m) for m in merged]:

@@ -7,7 +7,8 @@ lora_a has ne [rank, n_vocab] and lora_b ne [rank, n_embd], as llama.cpp's loade
 Values as PEFT initializes/trains them, roughly: A ~ U(±1/sqrt(n_in)), B ~ N(0, B_STD).
 
 usage: make_lora.py BASE.gguf OUT.gguf [--rank R] [--alpha A] [--seed S] [--targets attn_q,ffn_down,...]
-                    [--layers 0,1] [--embd] [--b-std X] [--dtype f32|f16]
+                    [--layers 0,1] [--embd] [--b-std X] [--dtype f32|f16] [--arch ARCH] [--bogus NAME:N_IN:N_OUT]
+--arch overrides general.architecture and --bogus adds a pair for a tensor the base may not have (refusal tests).
 """
 import argparse
 
@@ -29,6 +30,8 @@ def main():
     ap.add_argument("--embd", action="store_true")
     ap.add_argument("--b-std", type=float, default=0.01)
     ap.add_argument("--dtype", default="f32")
+    ap.add_argument("--arch", default=None)
+    ap.add_argument("--bogus", action="append", default=[])
     args = ap.parse_args()
 
     base = GGUFReader(args.base)
@@ -39,7 +42,7 @@ def main():
     dt = np.float16 if args.dtype == "f16" else np.float32
     r = args.rank
 
-    w = GGUFWriter(args.out, arch)
+    w = GGUFWriter(args.out, args.arch or arch)
     w.add_string("general.type", "adapter")
     w.add_string("adapter.type", "lora")
     w.add_float32("adapter.lora.alpha", args.alpha)
@@ -61,6 +64,10 @@ def main():
             continue
         w.add_tensor(t.name + ".lora_a", a.astype(dt))
         w.add_tensor(t.name + ".lora_b", b.astype(dt))
+    for spec in args.bogus:
+        name, n_in, n_out = spec.split(":")
+        w.add_tensor(name + ".lora_a", rng.uniform(-0.1, 0.1, size=(r, int(n_in))).astype(dt))
+        w.add_tensor(name + ".lora_b", rng.normal(0, args.b_std, size=(int(n_out), r)).astype(dt))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
