@@ -460,8 +460,8 @@ print(json.dumps(out))
     );
     // Same bytes whichever way the base was read or the output written.
     let mut joined = serde_json::Map::new();
-    for k in 3..6 {
-        joined.extend(v[k]["data"].as_object().unwrap().clone());
+    for shard in &v[3..6] {
+        joined.extend(shard["data"].as_object().unwrap().clone());
     }
     assert_eq!(Value::Object(joined), v[6]["data"]);
     assert_eq!(v[6]["data"], v[7]["data"]);
