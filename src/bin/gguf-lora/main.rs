@@ -4,6 +4,8 @@
 //! struct (clap) and a `run(args) -> anyhow::Result<Outcome>` that calls the library and prints. This
 //! file only dispatches and maps outcomes and errors to exit codes.
 
+mod merge;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -39,6 +41,8 @@ struct Cli {
 enum Command {
     Convert(convert::Args),
     Inspect(inspect::Args),
+    /// Bake LoRA adapters into a base GGUF, keeping each tensor's quantization.
+    Merge(merge::Args),
     Rewrite(rewrite::Args),
     Verify(verify::Args),
 }
@@ -48,6 +52,7 @@ fn main() -> ExitCode {
     let result: anyhow::Result<Outcome> = match cli.command {
         Command::Convert(args) => convert::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Merge(args) => merge::run(args),
         Command::Rewrite(args) => rewrite::run(args),
         Command::Verify(args) => verify::run(args),
     };
