@@ -192,14 +192,24 @@ print(b.dtype, b.shape, r.shape, m.shape, float(np.abs(r - m).max()), float(np.a
 }
 
 #[test]
+fn without_merged_the_merge_is_done_by_gguf_lora_merge_and_checked() {
+    let base = fixture("llama").join("base-f32.gguf");
+    let adapter = fixture("llama").join("adapters/standard/ref_convert.gguf");
+    let (code, stdout, stderr) = verify(&[
+        base.to_str().unwrap(),
+        "--lora-scaled",
+        &format!("{}:0.5", adapter.display()),
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("gguf-lora merge, types kept"), "{stdout}");
+    assert!(stdout.contains("PASS"), "{stdout}");
+}
+
+#[test]
 fn bad_input_exits_1_with_a_message() {
     let base = fixture("llama").join("base-f32.gguf");
     let adapter = fixture("llama").join("adapters/standard/ref_convert.gguf");
     let (b, a) = (base.to_str().unwrap(), adapter.to_str().unwrap());
-
-    let (code, _, stderr) = verify(&[b, "--lora", a]);
-    assert_eq!(code, 1);
-    assert!(stderr.contains("--merged"), "{stderr}");
 
     let (code, _, stderr) = verify(&[b, "--merged", b]);
     assert_eq!(code, 1);

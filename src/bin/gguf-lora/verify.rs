@@ -21,7 +21,8 @@ pub struct Args {
     base: PathBuf,
     #[command(flatten)]
     lora: LoraArgs,
-    /// The merged model to check.
+    /// The merged model to check; without it, the adapters are merged as `gguf-lora merge` does
+    /// (each tensor keeps its type) into a temporary file and that merge is checked.
     #[arg(long)]
     merged: Option<PathBuf>,
     /// Token ids to run, comma-separated (one sequence from position 0).
@@ -64,13 +65,17 @@ pub fn run(args: Args) -> Result<Outcome> {
             .build_global();
     }
     let adapters = args.lora.adapters()?;
-    let Some(merged_path) = &args.merged else {
-        bail!("--merged MERGED.gguf is required: verify does not merge in memory yet (run `gguf-lora merge` first)");
-    };
     let base = GgufModel::open(&args.base)?;
     // Architecture and shape checks first: they explain more than an adapter mismatch would.
     let n_vocab = Model::new(&base)?.n_vocab()?;
-    let merged = GgufModel::open(merged_path)?;
+    // Without --merged: the merge `gguf-lora merge` would write (types kept), in a temporary file.
+    let (_guard, merged) = match &args.merged {
+        Some(p) => (None, GgufModel::open(p)?),
+        None => {
+            let (dir, m) = verify::merge_to_temp(&base, &adapters)?;
+            (Some(dir), m)
+        }
+    };
     let lora = verify::load_adapters(&base, &adapters)?;
     let tokens = match &args.tokens {
         Some(t) if t.is_empty() => bail!("--tokens: no token ids given"),
@@ -98,7 +103,7 @@ pub fn run(args: Args) -> Result<Outcome> {
     if args.json {
         let mut s = serde_json::to_string_pretty(&serde_json::json!({
             "base": args.base.display().to_string(),
-            "merged": merged_path.display().to_string(),
+            "merged": args.merged.as_ref().map(|p| p.display().to_string()),
             "adapters": adapters.iter().map(|(p, s)| serde_json::json!({"path": p, "scale": s})).collect::<Vec<_>>(),
             "passed": report.passed(),
             "report": report,
@@ -125,8 +130,16 @@ fn render(args: &Args, adapters: &[(String, f32)], r: &VerifyReport) -> String {
     for (p, s) in adapters {
         let _ = writeln!(out, "adapter   {p} (scale {s})");
     }
-    if let Some(m) = &args.merged {
-        let _ = writeln!(out, "merged    {}", m.display());
+    match &args.merged {
+        Some(m) => {
+            let _ = writeln!(out, "merged    {}", m.display());
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "merged    (gguf-lora merge, types kept, in a temporary file)"
+            );
+        }
     }
     let types: Vec<String> = r
         .merged_types
