@@ -218,3 +218,53 @@ fn base_logits_match_llama_cpp_on_gemma3_270m_dequantized_to_f32() {
         1e-3,
     );
 }
+
+/// Our runtime LoRA from the PEFT adapter itself (read by the `adapter` module, mapped onto the GGUF
+/// base) against PyTorch + PEFT's logits: the whole chain without llama.cpp's converter, including
+/// the adapters that converter gets wrong (rsLoRA, rank/alpha patterns).
+#[test]
+fn runtime_lora_from_peft_directories_matches_pytorch_peft() {
+    let mut cases: Vec<(&str, &str)> = ARCHS.iter().map(|a| (*a, "standard")).collect();
+    cases.extend([
+        ("llama", "rslora"),
+        ("llama", "patterns"),
+        ("llama", "embed_lm_head"),
+        ("llama", "standard_bf16"),
+    ]);
+    for (arch, name) in cases {
+        let dir = fixture(arch);
+        let base = GgufModel::open(dir.join("base-f32.gguf")).unwrap();
+        let adapter = dir.join("adapters").join(name);
+        let lora = gguf_lora::verify::load_adapters(
+            &base,
+            &[(adapter.to_str().unwrap().to_string(), 1.0)],
+        )
+        .unwrap();
+        let ours = Model::new(&base)
+            .unwrap()
+            .logits(&fixture_tokens(arch), &[Some(&lora)])
+            .unwrap()
+            .remove(0);
+        let theirs = read_npy(&adapter.join("logits_peft.npy"));
+        let rel = rel_err(&ours, &theirs);
+        eprintln!("{arch}/{name} (PEFT dir) vs PyTorch+PEFT: max relative error {rel:.3e}");
+        // gemma*: ggml's f16 GELU table (which we follow) against PyTorch's exact tanh GELU.
+        assert!(rel < 1e-3, "{arch}/{name}: {rel}");
+    }
+}
+
+#[test]
+fn adapters_llama_cpp_cannot_apply_at_runtime_are_refused_by_name() {
+    let dir = fixture("llama");
+    let base = GgufModel::open(dir.join("base-f32.gguf")).unwrap();
+    let adapter = dir.join("adapters/dora");
+    let err =
+        gguf_lora::verify::load_adapters(&base, &[(adapter.to_str().unwrap().to_string(), 1.0)])
+            .err()
+            .unwrap()
+            .to_string();
+    assert!(
+        err.contains("DoRA") && err.contains("cannot be applied at runtime"),
+        "{err}"
+    );
+}
