@@ -363,3 +363,18 @@ pub fn merge_to_temp(
     let merged = GgufModel::open(&out)?;
     Ok((dir, merged))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeded_tokens_are_deterministic_in_range_and_seed_dependent() {
+        let a = seeded_tokens(7, 100, 1000);
+        assert_eq!(a, seeded_tokens(7, 100, 1000));
+        assert_ne!(a, seeded_tokens(8, 100, 1000));
+        assert!(a.iter().all(|t| *t < 1000));
+        let distinct: std::collections::BTreeSet<_> = a.iter().collect();
+        assert!(distinct.len() > 80);
+    }
+}
