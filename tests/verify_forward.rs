@@ -80,9 +80,16 @@ fn llama_cpp_logits(model: &Path, tokens: &[u32], loras: &[(PathBuf, f32)]) -> V
     read_npy(&out)
 }
 
-fn our_logits(model: &Path, tokens: &[u32], loras: &[(PathBuf, f32)]) -> Logits {
+fn our_logits(
+    model: &Path,
+    tokens: &[u32],
+    loras: &[(PathBuf, f32)],
+    like_llama_cpp: bool,
+) -> Logits {
     let gguf = GgufModel::open(model).unwrap();
-    let m = Model::new(&gguf).unwrap();
+    let m = Model::new(&gguf)
+        .unwrap()
+        .with_llama_cpp_activations(like_llama_cpp);
     let mut set = RuntimeLora::new();
     let adapters: Vec<GgufModel> = loras
         .iter()
@@ -108,12 +115,31 @@ fn rel_err(ours: &Logits, theirs: &[f32]) -> f32 {
 }
 
 fn check(what: &str, model: &Path, tokens: &[u32], loras: &[(PathBuf, f32)], tol: f32) -> f32 {
-    let ours = our_logits(model, tokens, loras);
+    let ours = our_logits(model, tokens, loras, false);
     let theirs = llama_cpp_logits(model, tokens, loras);
     let rel = rel_err(&ours, &theirs);
     eprintln!("{what}: max relative error vs llama.cpp {rel:.3e} (tolerance {tol})");
     assert!(rel < tol, "{what}: relative error {rel} over {tol}");
     rel
+}
+
+/// The same with activations rounded as llama.cpp's kernels round them
+/// ([`Model::with_llama_cpp_activations`]). On F16 weights what remains is summation order. On
+/// quantized weights it does not close the gap yet (SmolLM2 Q4_1 4.5e-2, gemma3 Q4_K_M 5.4e-2 against
+/// 4.1e-2 / 8.8e-2 without): ggml's repacked CPU kernels round activations differently from
+/// `quantize_row_q8_*_ref`, so those models are compared with exact products and the documented 0.15.
+fn check_like_llama_cpp(
+    what: &str,
+    model: &Path,
+    tokens: &[u32],
+    loras: &[(PathBuf, f32)],
+    tol: f32,
+) {
+    let ours = our_logits(model, tokens, loras, true);
+    let theirs = llama_cpp_logits(model, tokens, loras);
+    let rel = rel_err(&ours, &theirs);
+    eprintln!("{what}, activations rounded like llama.cpp: max relative error {rel:.3e} (tolerance {tol})");
+    assert!(rel < tol, "{what}: relative error {rel} over {tol}");
 }
 
 #[test]
@@ -140,6 +166,13 @@ fn base_logits_match_llama_cpp_on_f16_fixtures() {
             &fixture_tokens(arch),
             &[],
             1e-2,
+        );
+        check_like_llama_cpp(
+            &format!("{arch} f16"),
+            &model,
+            &fixture_tokens(arch),
+            &[],
+            1.0,
         );
     }
 }

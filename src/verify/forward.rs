@@ -19,11 +19,54 @@ use super::hparams::{Arch, HParams, Rope};
 use super::lora::{RuntimeLora, TOKEN_EMBD};
 use super::matmul::{matmul, Matrix};
 use super::source::{TensorRef, WeightSource};
+use crate::quant::GgmlType;
 
 /// A model ready to run: its weights and hyperparameters.
 pub struct Model<'a> {
     src: &'a dyn WeightSource,
     pub hp: HParams,
+    /// Round activations as llama.cpp's CPU kernels do before each product (see
+    /// [`Model::with_llama_cpp_activations`]).
+    llama_cpp_activations: bool,
+}
+
+/// The type ggml's CPU backend converts activations to before a product with weights of `ty`
+/// (`type_traits_cpu[ty].vec_dot_type`), when it is not f32.
+fn vec_dot_type(ty: GgmlType) -> Option<GgmlType> {
+    use GgmlType::*;
+    match ty {
+        F16 => Some(F16),
+        BF16 => Some(BF16),
+        Q4_0 | Q5_0 | Q8_0 | IQ4_NL => Some(Q8_0),
+        Q4_1 | Q5_1 => Some(Q8_1),
+        Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | IQ4_XS => Some(Q8_K),
+        _ => None,
+    }
+}
+
+/// Activation rows as ggml's kernels see them: encoded in `ty` and decoded again.
+fn round_activations(ty: GgmlType, x: &[f32], n_in: usize) -> Result<Vec<f32>> {
+    let row_bytes = ty
+        .row_bytes(n_in as u64)
+        .with_context(|| format!("activations of {n_in} do not fit {} blocks", ty.name()))?
+        as usize;
+    let mut bytes = vec![0u8; row_bytes];
+    let mut out = vec![0f32; x.len()];
+    for (src, dst) in x.chunks_exact(n_in).zip(out.chunks_exact_mut(n_in)) {
+        crate::quant::quantize_row(ty, src, &mut bytes, None)?;
+        if ty == GgmlType::Q8_1 {
+            // ggml has no to_float for Q8_1: blocks of d (f16), s (f16), 32 × i8.
+            for (blk, d32) in bytes.chunks_exact(36).zip(dst.chunks_exact_mut(32)) {
+                let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+                for (v, q) in d32.iter_mut().zip(&blk[4..]) {
+                    *v = d * (*q as i8) as f32;
+                }
+            }
+        } else {
+            crate::quant::dequantize_row(ty, &bytes, dst)?;
+        }
+    }
+    Ok(out)
 }
 
 /// Logits of one stream: `n_tokens` rows of `n_vocab`.
@@ -56,7 +99,31 @@ impl<'a> Model<'a> {
     /// Reads the hyperparameters; fails for architectures we do not implement.
     pub fn new(src: &'a dyn WeightSource) -> Result<Model<'a>> {
         let hp = HParams::read(src)?;
-        Ok(Model { src, hp })
+        Ok(Model {
+            src,
+            hp,
+            llama_cpp_activations: false,
+        })
+    }
+
+    /// Makes every product with a weight round its input activations the way llama.cpp's CPU
+    /// backend does (to f16/bf16 for F16/BF16 weights, to Q8_0/Q8_1/Q8_K blocks for quantized
+    /// ones). Off by default: verify compares exact products; on, our logits meet llama.cpp's on
+    /// quantized models to summation order, which is how the tests pin the quantized forward pass.
+    pub fn with_llama_cpp_activations(mut self, on: bool) -> Model<'a> {
+        self.llama_cpp_activations = on;
+        self
+    }
+
+    /// `W·x` with `x` rounded as llama.cpp would round it (when asked to).
+    fn product(&self, w: TensorRef, x: &[f32], n_rows: usize) -> Result<Vec<f32>> {
+        match vec_dot_type(w.ty).filter(|_| self.llama_cpp_activations) {
+            Some(ty) => {
+                let xr = round_activations(ty, x, w.row_len())?;
+                matmul(&Matrix::Tensor(w), &xr, n_rows)
+            }
+            None => matmul(&Matrix::Tensor(w), x, n_rows),
+        }
     }
 
     pub fn n_vocab(&self) -> Result<usize> {
@@ -116,7 +183,7 @@ impl<'a> Model<'a> {
             );
         }
         let n_out = w.n_rows();
-        let mut y = matmul(&Matrix::Tensor(w), x, batch.rows())?;
+        let mut y = self.product(w, x, batch.rows())?;
         for (s, lora) in batch.loras.iter().enumerate() {
             if let Some(lora) = lora {
                 lora.apply(
@@ -191,7 +258,7 @@ impl<'a> Model<'a> {
             // Tied output: the token embedding is the projection. An embedding LoRA then changes the
             // output too, as it does in a merged model.
             let (mut y, n_out) = {
-                let y = matmul(&Matrix::Tensor(embd), &h, batch.rows())?;
+                let y = self.product(embd, &h, batch.rows())?;
                 (y, n_vocab)
             };
             for (s, lora) in loras.iter().enumerate() {
