@@ -454,6 +454,13 @@ fn tied_output_lora(
 ) -> Result<()> {
     for term in lora.get(TOKEN_EMBD) {
         let r = term.rank;
+        if term.a.len() != n_vocab * r || term.b.len() != n_embd * r {
+            bail!(
+                "LoRA for {TOKEN_EMBD}: A has {} values and B {}, expected {n_vocab} x {r} and {n_embd} x {r}",
+                term.a.len(),
+                term.b.len()
+            );
+        }
         let mut bt_h = vec![0f32; rows.len() * r];
         for (i, t) in rows.clone().enumerate() {
             let ht = &h[t * n_embd..(t + 1) * n_embd];
