@@ -9,6 +9,8 @@ pub mod arch;
 pub mod convert;
 pub mod gguf;
 pub mod inspect;
+pub mod merge;
 pub mod output;
 pub mod quant;
 pub mod safetensors_file;
+pub mod verify;

@@ -4,14 +4,18 @@
 //! struct (clap) and a `run(args) -> anyhow::Result<Outcome>` that calls the library and prints. This
 //! file only dispatches and maps outcomes and errors to exit codes.
 
+mod merge;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 mod convert;
 mod inspect;
+mod lora_args;
 mod rewrite;
 mod table;
+mod verify;
 
 /// How a subcommand that ran to the end went; errors are `Err` and exit with 1.
 #[allow(dead_code)]
@@ -37,7 +41,10 @@ struct Cli {
 enum Command {
     Convert(convert::Args),
     Inspect(inspect::Args),
+    /// Bake LoRA adapters into a base GGUF, keeping each tensor's quantization.
+    Merge(merge::Args),
     Rewrite(rewrite::Args),
+    Verify(verify::Args),
 }
 
 fn main() -> ExitCode {
@@ -45,7 +52,9 @@ fn main() -> ExitCode {
     let result: anyhow::Result<Outcome> = match cli.command {
         Command::Convert(args) => convert::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Merge(args) => merge::run(args),
         Command::Rewrite(args) => rewrite::run(args),
+        Command::Verify(args) => verify::run(args),
     };
     match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
