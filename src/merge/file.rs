@@ -174,11 +174,21 @@ fn merged_metadata(
     if m.get_str(KEY_TYPE).is_some_and(|t| t != "model") {
         m.set(KEY_TYPE, Value::String("model".into()));
     }
+    // The file type describes the model's body: llama-quantize gives the token embeddings and the
+    // output head their own types (gemma3-270m Q4_K_M: a Q8_0 token_embd larger than all Q4_K
+    // tensors together), so they do not vote.
+    let body =
+        |t: &BaseTensor<'_>| !(t.name.starts_with("token_embd.") || t.name.starts_with("output."));
     let elems = |t: &BaseTensor<'_>| t.dims.iter().product::<u64>();
-    let base_major = majority_type(base.iter().map(|t| (elems(t), t.dims.len(), t.ty)));
+    let base_major = majority_type(
+        base.iter()
+            .filter(|t| body(t))
+            .map(|t| (elems(t), t.dims.len(), t.ty)),
+    );
     let out_major = majority_type(
         base.iter()
             .zip(out_types)
+            .filter(|(t, _)| body(t))
             .map(|(t, &ty)| (elems(t), t.dims.len(), ty)),
     );
     if let Some(ft) = output_ftype(m.get_u32(KEY_FILE_TYPE), base_major, out_major) {
