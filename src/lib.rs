@@ -5,6 +5,7 @@
 //! parses flags and prints; everything it does is reachable from this library.
 
 pub mod gguf;
+pub mod inspect;
 pub mod merge;
 pub mod output;
 pub mod quant;

@@ -10,6 +10,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod inspect;
+mod rewrite;
+mod table;
+
 /// How a subcommand that ran to the end went; errors are `Err` and exit with 1.
 #[allow(dead_code)]
 pub enum Outcome {
@@ -32,6 +36,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    Inspect(inspect::Args),
+    Rewrite(rewrite::Args),
     /// Bake LoRA adapters into a base GGUF, keeping each tensor's quantization.
     Merge(merge::Args),
 }
@@ -39,14 +45,34 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: anyhow::Result<Outcome> = match cli.command {
+        Command::Inspect(args) => inspect::run(args),
+        Command::Rewrite(args) => rewrite::run(args),
         Command::Merge(args) => merge::run(args),
     };
     match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
         Ok(Outcome::CheckFailed) => ExitCode::from(EXIT_CHECK_FAILED),
+        // `gguf-lora inspect ... | head` closing the pipe early is not an error.
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("gguf-lora: error: {err:#}");
             ExitCode::from(EXIT_ERROR)
         }
     }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Writes `text` to stdout in one go; a closed pipe surfaces as an error that `main` ignores.
+pub fn print_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
 }

@@ -1,0 +1,191 @@
+//! `gguf-lora inspect FILE [--json]`: prints what the library's [`gguf_lora::inspect`] found, as
+//! aligned tables or as exactly one JSON object.
+
+use std::fmt::Write;
+use std::path::PathBuf;
+
+use gguf_lora::inspect::gguf::GgufReport;
+use gguf_lora::inspect::{inspect, Report};
+use serde_json::Value as Json;
+
+use crate::table::{human_bytes, Table};
+use crate::{print_stdout, Outcome};
+
+/// Longest string value shown in the human output before it is cut.
+const MAX_TEXT: usize = 72;
+
+/// Show what is in a GGUF model or adapter (single file or split set).
+#[derive(clap::Args)]
+pub struct Args {
+    /// GGUF file (or any shard of a split set).
+    file: PathBuf,
+    /// Print exactly one JSON object on stdout instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<Outcome> {
+    let report = inspect(&args.file)?;
+    let text = if args.json {
+        let mut s = serde_json::to_string_pretty(&report)?;
+        s.push('\n');
+        s
+    } else {
+        match &report {
+            Report::Gguf(r) => render_gguf(r),
+        }
+    };
+    print_stdout(&text)?;
+    Ok(Outcome::Success)
+}
+
+fn render_gguf(r: &GgufReport) -> String {
+    let mut out = String::new();
+    let mut head = Table::new(&["", ""]);
+    head.row(vec!["file".into(), r.path.clone()]);
+    head.row(vec![
+        "format".into(),
+        format!(
+            "GGUF v{}, alignment {}, {} file{}, {}",
+            r.version,
+            r.alignment,
+            r.shards.len(),
+            if r.shards.len() == 1 { "" } else { "s" },
+            human_bytes(r.file_size)
+        ),
+    ]);
+    for (label, v) in [
+        ("type", &r.general_type),
+        ("architecture", &r.architecture),
+        ("name", &r.name),
+    ] {
+        if let Some(v) = v {
+            head.row(vec![label.into(), v.clone()]);
+        }
+    }
+    out.push_str(&head.render(0));
+
+    if r.shards.len() > 1 {
+        let _ = writeln!(out, "\nShards");
+        let mut t = Table::new(&[">#", "path", ">size", ">keys", ">tensors"]);
+        for (i, s) in r.shards.iter().enumerate() {
+            t.row(vec![
+                i.to_string(),
+                s.path.clone(),
+                human_bytes(s.file_size),
+                s.metadata_count.to_string(),
+                s.tensor_count.to_string(),
+            ]);
+        }
+        out.push_str(&t.render(2));
+    }
+
+    if !r.hyperparameters.is_empty() {
+        let _ = writeln!(out, "\nHyperparameters");
+        let mut t = Table::new(&["key", "value"]);
+        for (k, v) in &r.hyperparameters {
+            t.row(vec![k.clone(), json_text(v)]);
+        }
+        out.push_str(&t.render(2));
+    }
+
+    let _ = writeln!(out, "\nMetadata ({} keys)", r.metadata.len());
+    let mut t = Table::new(&["key", "type", "value"]);
+    for m in &r.metadata {
+        let value = match m.len {
+            Some(n) => {
+                let items = match &m.value {
+                    Json::Array(items) => {
+                        items.iter().map(json_text).collect::<Vec<_>>().join(", ")
+                    }
+                    other => json_text(other),
+                };
+                let more = if m.truncated { ", ..." } else { "" };
+                format!("[{n}] {items}{more}")
+            }
+            None => json_text(&m.value),
+        };
+        t.row(vec![m.key.clone(), m.ty.clone(), cut(&value, MAX_TEXT * 2)]);
+    }
+    out.push_str(&t.render(2));
+
+    let _ = writeln!(
+        out,
+        "\nTensors ({}, {} elements, {})",
+        r.total.tensors,
+        r.total.elements,
+        human_bytes(r.total.bytes)
+    );
+    let split = r.shards.len() > 1;
+    let mut t = if split {
+        Table::new(&["name", "type", "shape", ">bytes", ">layer", ">shard"])
+    } else {
+        Table::new(&["name", "type", "shape", ">bytes", ">layer"])
+    };
+    for x in &r.tensors {
+        let shape = x
+            .shape
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(" x ");
+        let mut row = vec![
+            x.name.clone(),
+            x.ty.clone(),
+            shape,
+            x.bytes.to_string(),
+            x.layer.map_or_else(|| "-".into(), |l| l.to_string()),
+        ];
+        if split {
+            row.push(x.shard.to_string());
+        }
+        t.row(row);
+    }
+    out.push_str(&t.render(2));
+
+    let _ = writeln!(out, "\nTotals by type");
+    let mut t = Table::new(&["type", ">tensors", ">elements", ">bytes", ">size"]);
+    for x in &r.totals_by_type {
+        t.row(vec![
+            x.ty.clone(),
+            x.tensors.to_string(),
+            x.elements.to_string(),
+            x.bytes.to_string(),
+            human_bytes(x.bytes),
+        ]);
+    }
+    out.push_str(&t.render(2));
+
+    let _ = writeln!(out, "\nTotals by layer");
+    let mut t = Table::new(&[">layer", ">tensors", ">elements", ">bytes", ">size"]);
+    for x in &r.totals_by_layer {
+        t.row(vec![
+            x.layer.map_or_else(|| "-".into(), |l| l.to_string()),
+            x.tensors.to_string(),
+            x.elements.to_string(),
+            x.bytes.to_string(),
+            human_bytes(x.bytes),
+        ]);
+    }
+    out.push_str(&t.render(2));
+    out
+}
+
+/// A JSON scalar as text: strings quoted with escapes and cut, numbers as they are.
+fn json_text(v: &Json) -> String {
+    match v {
+        Json::String(s) => cut(&format!("{s:?}"), MAX_TEXT),
+        Json::Null => "null".into(),
+        other => other.to_string(),
+    }
+}
+
+/// `s` cut to at most `max` characters, with `...` marking the cut.
+fn cut(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let mut t: String = s.chars().take(max.saturating_sub(3)).collect();
+    t.push_str("...");
+    t
+}
