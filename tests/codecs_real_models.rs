@@ -1,0 +1,92 @@
+//! Every tensor of the real gemma3-270m (Q4_K_M: Q8_0, Q5_0, Q4_K, Q6_K, F32) and SmolLM2-135M (Q4_1,
+//! Q8_0, F32) models, dequantized by us, equals libggml's `to_float` bit for bit.
+//!
+//! `testdata/codecs/model_tensor_hashes.py` locates the tensors with gguf-py and hashes libggml's
+//! dequantization per tensor; we decode the same bytes a block of rows at a time and hash ours.
+//! (gguf-py locates the tensors until our GGUF reader lands; then the reader's table can be checked
+//! against gguf-py's here too.)
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use gguf_lora::quant::{self, GgmlType};
+use sha2::{Digest, Sha256};
+
+/// Rows decoded per call: a few MiB of f32, never the whole tensor.
+const BLOCK_ELEMENTS: usize = 1 << 20;
+
+fn check_model(model: &Path, expected_types: &[GgmlType]) {
+    let env = common::interop();
+    let script = common::repo_root().join("testdata/codecs/model_tensor_hashes.py");
+    let json = env.python(&script, &[model.to_str().unwrap()]);
+    let tensors: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    assert!(!tensors.is_empty());
+
+    let file = std::fs::File::open(model).unwrap();
+    // SAFETY: the model file is a read-only cache file nobody writes while the test runs.
+    let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+
+    let mut seen = BTreeSet::new();
+    let mut mismatched = Vec::new();
+    let mut buf = Vec::new();
+    for t in &tensors {
+        let name = t["name"].as_str().unwrap();
+        let ty = GgmlType::from_name(t["type"].as_str().unwrap()).unwrap();
+        let ne: Vec<usize> = t["ne"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect();
+        let offset = t["offset"].as_u64().unwrap() as usize;
+        let n_bytes = t["n_bytes"].as_u64().unwrap() as usize;
+        let n_per_row = ne[0];
+        let nrows: usize = ne[1..].iter().product();
+        let row_bytes = ty.row_bytes(n_per_row as u64).unwrap() as usize;
+        assert_eq!(row_bytes * nrows, n_bytes, "{name}: size");
+        assert!(
+            quant::can_dequantize(ty),
+            "{name}: {ty} cannot be dequantized"
+        );
+        seen.insert(ty);
+
+        let data = &map[offset..offset + n_bytes];
+        let rows_per_block = (BLOCK_ELEMENTS / n_per_row).max(1);
+        let mut hasher = Sha256::new();
+        for block in data.chunks(rows_per_block * row_bytes) {
+            let n = block.len() / row_bytes * n_per_row;
+            buf.resize(n, 0f32);
+            quant::dequantize_rows(ty, block, n_per_row, &mut buf).unwrap();
+            hasher.update(bytemuck::cast_slice::<f32, u8>(&buf));
+        }
+        let ours: String = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        if ours != t["sha256"].as_str().unwrap() {
+            mismatched.push(format!("{name} ({ty})"));
+        }
+    }
+    assert!(
+        mismatched.is_empty(),
+        "{}: tensors whose dequantization differs from libggml's: {mismatched:?}",
+        model.display()
+    );
+    let expected: BTreeSet<GgmlType> = expected_types.iter().copied().collect();
+    assert_eq!(seen, expected, "{}: tensor types", model.display());
+}
+
+#[test]
+fn gemma3_every_tensor_dequantizes_like_libggml() {
+    use GgmlType::*;
+    check_model(&common::interop().gemma, &[F32, Q5_0, Q4_K, Q8_0, Q6_K]);
+}
+
+#[test]
+fn smollm2_every_tensor_dequantizes_like_libggml() {
+    use GgmlType::*;
+    check_model(&common::interop().smollm, &[F32, Q4_1, Q8_0]);
+}
