@@ -4,6 +4,7 @@
 //! Each file kind is one [`Report`] variant with its own module (GGUF in [`gguf`]); safetensors
 //! files and PEFT directories are added as further variants beside it.
 
+pub mod adapter;
 pub mod gguf;
 
 use std::fs::File;
@@ -21,6 +22,8 @@ use crate::gguf::GgufError;
 pub enum Report {
     /// A GGUF model or adapter, single file or split set.
     Gguf(gguf::GgufReport),
+    /// An adapter matched against a base model (`inspect ADAPTER --base BASE.gguf`).
+    AdapterMatch(adapter::AdapterMatchReport),
 }
 
 /// Why a file could not be inspected.
