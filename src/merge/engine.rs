@@ -78,14 +78,22 @@ fn merged_rows(
                 // summed over the rank before it meets the (much larger) weight.
                 scratch.clear();
                 scratch.resize(rows * n, 0.0);
-                add_low_rank(
-                    scratch,
-                    &lr.b[r0 * r..(r0 + rows) * r],
-                    &lr.a,
-                    n,
-                    r,
-                    op.scale,
-                );
+                // Stacked experts: each run of rows inside one expert uses that expert's A block.
+                let per_expert = p.n_rows / lr.n_expert;
+                let mut i = r0;
+                while i < r0 + rows {
+                    let e = i / per_expert;
+                    let end = ((e + 1) * per_expert).min(r0 + rows);
+                    add_low_rank(
+                        &mut scratch[(i - r0) * n..(end - r0) * n],
+                        &lr.b[i * r..end * r],
+                        &lr.a[e * r * n..(e + 1) * r * n],
+                        n,
+                        r,
+                        op.scale,
+                    );
+                    i = end;
+                }
                 for (m, d) in merged.iter_mut().zip(scratch.iter()) {
                     *m += d;
                 }

@@ -45,6 +45,9 @@ pub struct LowRank {
     /// `n_rows × rank`, row-major.
     pub b: Vec<f32>,
     pub rank: usize,
+    /// Stacked experts (`ffn_*_exps`): `a` holds one `rank × n_cols` block per expert and the rows of
+    /// `b` follow the base's rows (expert-major). 1 for a plain matrix.
+    pub n_expert: usize,
     /// The adapter's own effective scale (alpha/rank, or 1 when alpha is absent), without the user's.
     pub scale: f32,
     /// DoRA magnitude per output row; `None` for plain LoRA.
