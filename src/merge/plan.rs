@@ -149,7 +149,7 @@ fn check_shape(update: &Update, n_rows: usize, n_cols: usize) -> Result<(), Stri
             if lr.rank == 0 {
                 return Err("rank 0".into());
             }
-            if lr.n_expert == 0 || n_rows % lr.n_expert != 0 {
+            if lr.n_expert == 0 || !n_rows.is_multiple_of(lr.n_expert) {
                 return Err(format!(
                     "{} experts do not divide {n_rows} rows",
                     lr.n_expert
