@@ -33,7 +33,10 @@ pub fn read_adapter(
     let (adapter, issues) = if crate::adapter::peft::is_peft(path) {
         crate::adapter::peft::read(path, &info).map_err(adapter_err)?
     } else {
-        (crate::adapter::gguf::read(path).map_err(adapter_err)?, Vec::new())
+        (
+            crate::adapter::gguf::read(path).map_err(adapter_err)?,
+            Vec::new(),
+        )
     };
     // Shape and presence problems are found (all at once, with the other adapters') by the plan;
     // only problems the plan cannot see stop here.

@@ -6,6 +6,7 @@ dequantizers), numpy, libggml through ctypes, llama.cpp through llama-cpp-python
   keep REPORT.json BASE MERGED MERGED_F32      merged tensors == libggml quantization of our f32 merge, in the
                                                type the report says; every other tensor == the base's bytes
   logits BASE ADAPTER:SCALE MERGED...          llama.cpp logits of each MERGED vs base + adapter at runtime
+  same OURS REF                                every tensor of OURS vs REF (max |Δ| / max |REF|)
 """
 import json
 import sys
@@ -158,6 +159,21 @@ def cmd_logits(base, spec, *merged):
     print(json.dumps(out))
 
 
+def cmd_same(ours, ref):
+    """Every tensor of OURS against REF (e.g. PEFT merge_and_unload → convert_hf_to_gguf): max |Δ| relative
+    to the tensor's max |value|, and which tensors differ from REF at all."""
+    a = {t.name: t for t in GGUFReader(ours).tensors}
+    b = {t.name: t for t in GGUFReader(ref).tensors}
+    worst, worst_name, names_equal = 0.0, None, sorted(a) == sorted(b)
+    for name in set(a) & set(b):
+        x = dequantize(a[name].data, a[name].tensor_type).astype(np.float64).ravel()
+        y = dequantize(b[name].data, b[name].tensor_type).astype(np.float64).ravel()
+        rel = float(np.abs(x - y).max() / max(np.abs(y).max(), 1e-30)) if x.size == y.size else float("inf")
+        if rel > worst:
+            worst, worst_name = rel, name
+    print(json.dumps({"names_equal": names_equal, "worst_rel": worst, "worst_tensor": worst_name}))
+
+
 if __name__ == "__main__":
     cmd, *rest = sys.argv[1:]
-    {"reference": cmd_reference, "keep": cmd_keep, "logits": cmd_logits}[cmd](*rest)
+    {"reference": cmd_reference, "keep": cmd_keep, "logits": cmd_logits, "same": cmd_same}[cmd](*rest)
