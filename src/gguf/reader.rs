@@ -170,18 +170,26 @@ impl GgufFile {
     /// cache): a streaming pass over a model calls this once it is done with a tensor, so its peak
     /// RSS stays flat in the model's size. No-op for in-memory files and off Unix.
     pub fn release_tensor_pages(&self, info: &TensorInfo) {
+        self.release_pages(self.tensor_data(info));
+    }
+
+    /// [`GgufFile::release_tensor_pages`] for any slice of this file's map (e.g. one piece of a
+    /// tensor); a slice from elsewhere is ignored.
+    pub fn release_pages(&self, bytes: &[u8]) {
         #[cfg(unix)]
         if let Backing::Mmap(m) = &self.backing {
-            let start = self.data_offset.saturating_add(info.offset);
-            if let (Ok(off), Ok(len)) = (usize::try_from(start), usize::try_from(info.n_bytes())) {
-                if off.checked_add(len).is_some_and(|end| end <= m.len()) {
-                    // SAFETY: the map is read-only and file-backed, so after MADV_DONTNEED the next
-                    // access (any slice still borrowed from it) faults the same bytes back in from
-                    // the file; nothing is lost. An error only means the advice was not taken.
-                    let _ = unsafe {
-                        m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, off, len)
-                    };
-                }
+            let off = (bytes.as_ptr() as usize).wrapping_sub(m.as_ptr() as usize);
+            if !bytes.is_empty()
+                && off
+                    .checked_add(bytes.len())
+                    .is_some_and(|end| end <= m.len())
+            {
+                // SAFETY: the map is read-only and file-backed, so after MADV_DONTNEED the next
+                // access (any slice still borrowed from it) faults the same bytes back in from
+                // the file; nothing is lost. An error only means the advice was not taken.
+                let _ = unsafe {
+                    m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, off, bytes.len())
+                };
             }
         }
     }
