@@ -24,6 +24,7 @@ pub enum Status {
     NotRepresentable,
     UnknownModule,
     NeedsBase,
+    NeedsTokens,
 }
 
 impl Status {
@@ -37,6 +38,7 @@ impl Status {
             Status::NotRepresentable => "not representable",
             Status::UnknownModule => "unknown module",
             Status::NeedsBase => "needs base",
+            Status::NeedsTokens => "needs token ids",
         }
     }
 }
@@ -287,6 +289,7 @@ fn status_of(k: IssueKind) -> Status {
         IssueKind::ShapeMismatch => Status::ShapeMismatch,
         IssueKind::RankMismatch => Status::RankMismatch,
         IssueKind::NeedsBase => Status::NeedsBase,
+        IssueKind::NeedsTokens => Status::NeedsTokens,
     }
 }
 
@@ -329,9 +332,15 @@ fn hints(adapter: &Adapter, base: &BaseInfo, model: &GgufModel) -> Vec<Hint> {
         adapter: a,
         base: b,
     };
+    // A PEFT adapter records no architecture of its own (it is mapped with the base's), so only a
+    // GGUF adapter's can agree or differ.
+    let own_arch = match adapter.provenance.format {
+        Some(crate::adapter::SourceFormat::Gguf) => adapter.arch.clone(),
+        _ => None,
+    };
     out.push(both(
         "architecture",
-        adapter.arch.clone(),
+        own_arch,
         Some(base.arch.clone()),
         None,
     ));
