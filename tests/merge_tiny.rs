@@ -466,3 +466,53 @@ print(json.dumps(out))
     assert_eq!(Value::Object(joined), v[6]["data"]);
     assert_eq!(v[6]["data"], v[7]["data"]);
 }
+
+#[test]
+fn peft_directories_merge_like_peft_merge_and_unload() {
+    // DoRA (llama q/k rows RoPE-permuted, magnitudes too), modules_to_save (lm_head replaced) and
+    // lora_B biases (qwen2's q/k/v biases): PEFT's own merge, converted by convert_hf_to_gguf.py, is
+    // the reference; the PEFT directory goes straight to merge.
+    let dir = tempfile::tempdir().unwrap();
+    for (arch, name) in [
+        ("llama", "dora"),
+        ("llama", "modules_to_save"),
+        ("qwen2", "lora_bias"),
+    ] {
+        let base = fixture(&format!("{arch}/base-f32.gguf"));
+        let adapter = fixture(&format!("{arch}/adapters/{name}"));
+        let reference = adapter.join("merged-f32.gguf");
+        let out = dir.path().join(format!("{arch}-{name}.gguf"));
+        let a = gguf_lora()
+            .args([
+                "merge",
+                s(&base),
+                "--lora",
+                s(&adapter),
+                "-o",
+                s(&out),
+                "--json",
+            ])
+            .assert()
+            .success();
+        let report: Value = serde_json::from_slice(&a.get_output().stdout).unwrap();
+        let r = check(&["same", s(&out), s(&reference)]);
+        let before = check(&["same", s(&base), s(&reference)]);
+        eprintln!("{arch}/{name}: ours vs PEFT merge {r}; base vs PEFT merge {before}");
+        assert_eq!(r["names_equal"], true, "{arch}/{name}: {r}");
+        assert!(
+            r["worst_rel"].as_f64().unwrap() < 1e-5,
+            "{arch}/{name}: {r}"
+        );
+        assert!(
+            before["worst_rel"].as_f64().unwrap() > 0.05,
+            "{arch}/{name}: the merge changes something: {before}"
+        );
+        if name == "dora" {
+            assert!(report["tensors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|t| t["dora"] == true));
+        }
+    }
+}

@@ -171,19 +171,25 @@ impl GgufFile {
     /// set stays near one tensor. A later read simply faults the pages back in from the file.
     /// Best effort: errors are ignored, and in-memory files are left alone.
     pub fn release_pages(&self, info: &TensorInfo) {
+        self.release_slice_pages(self.tensor_data(info));
+    }
+
+    /// [`GgufFile::release_pages`] for any slice of this file's map (e.g. one piece of a large
+    /// tensor being copied); a slice from elsewhere is ignored.
+    pub fn release_slice_pages(&self, bytes: &[u8]) {
         #[cfg(unix)]
-        if let Backing::Mmap(map) = &self.backing {
-            let start = self.data_offset.saturating_add(info.offset);
-            let (Ok(start), Ok(len)) = (usize::try_from(start), usize::try_from(info.n_bytes()))
-            else {
-                return;
-            };
-            if start.checked_add(len).is_some_and(|end| end <= map.len()) && len > 0 {
+        if let Backing::Mmap(m) = &self.backing {
+            let off = (bytes.as_ptr() as usize).wrapping_sub(m.as_ptr() as usize);
+            if !bytes.is_empty()
+                && off
+                    .checked_add(bytes.len())
+                    .is_some_and(|end| end <= m.len())
+            {
                 // SAFETY: the map is a read-only mapping of a file we never write; MADV_DONTNEED
                 // only drops the mapped pages, and any later access reads the same bytes back
                 // from the file, so outstanding slices keep seeing identical contents.
                 let _ = unsafe {
-                    map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len)
+                    m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, off, bytes.len())
                 };
             }
         }

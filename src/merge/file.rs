@@ -25,6 +25,9 @@ pub const KEY_SCALES: &str = "gguf_lora.merge.scales";
 pub const KEY_OUTTYPE: &str = "gguf_lora.merge.outtype";
 pub const KEY_PROMOTE: &str = "gguf_lora.merge.promote";
 
+/// Bytes written at a time when copying an untouched tensor from the base's map.
+const COPY_PIECE: usize = 8 << 20;
+
 /// Where and how to write the merged model.
 pub struct Output<'p> {
     /// `-o`: the file, or for a split output the name its shards are derived from.
@@ -138,10 +141,15 @@ pub fn merge_model(
         let infos = &infos;
         prepared.run(
             move |i, bytes| {
-                writers[shard_of[i]].write_tensor(bytes)?;
-                // Done with this tensor's input: keep the base's pages out of our resident set.
                 let (shard, info) = infos[i];
-                shards[shard].release_pages(info);
+                let file = &shards[shard];
+                // Untouched tensors come straight from the map: write them in pieces and drop each
+                // piece's pages once written, and the input pages of merged tensors once they are
+                // done, so the base never accumulates in our resident set.
+                writers[shard_of[i]].write_tensor_pieces(bytes.chunks(COPY_PIECE), |p| {
+                    file.release_slice_pages(p)
+                })?;
+                file.release_pages(info);
                 Ok(())
             },
             on_done,
@@ -174,11 +182,21 @@ fn merged_metadata(
     if m.get_str(KEY_TYPE).is_some_and(|t| t != "model") {
         m.set(KEY_TYPE, Value::String("model".into()));
     }
+    // The file type describes the model's body: llama-quantize gives the token embeddings and the
+    // output head their own types (gemma3-270m Q4_K_M: a Q8_0 token_embd larger than all Q4_K
+    // tensors together), so they do not vote.
+    let body =
+        |t: &BaseTensor<'_>| !(t.name.starts_with("token_embd.") || t.name.starts_with("output."));
     let elems = |t: &BaseTensor<'_>| t.dims.iter().product::<u64>();
-    let base_major = majority_type(base.iter().map(|t| (elems(t), t.dims.len(), t.ty)));
+    let base_major = majority_type(
+        base.iter()
+            .filter(|t| body(t))
+            .map(|t| (elems(t), t.dims.len(), t.ty)),
+    );
     let out_major = majority_type(
         base.iter()
             .zip(out_types)
+            .filter(|(t, _)| body(t))
             .map(|(t, &ty)| (elems(t), t.dims.len(), ty)),
     );
     if let Some(ft) = output_ftype(m.get_u32(KEY_FILE_TYPE), base_major, out_major) {

@@ -1,169 +1,167 @@
 //! Adapters turned into what the merge applies ([`AdapterInput`]): per base tensor, `A`/`B` in the
-//! base tensor's own row layout and the adapter's effective scale.
+//! base tensor's own row layout and the adapter's effective scale, from the crate's one normalized
+//! adapter model ([`crate::adapter::Adapter`], read from GGUF LoRA files or PEFT directories mapped
+//! onto the base).
 //!
-//! GGUF LoRA files are read here against llama.cpp's loader rules (`src/llama-adapter.cpp`):
-//! `general.type = adapter`, `adapter.type = lora`, pairs `NAME.lora_a` (ne `[n_in, rank]`) and
-//! `NAME.lora_b` (ne `[rank, n_out]`), `*_norm.weight` tensors ignored, scale
-//! `alpha / rank` with `rank = lora_b.ne[0]` (the user scale alone when alpha is 0 or absent), and
-//! `token_embd` stored the other way round (`lora_a` ne `[rank, n_vocab]`, `lora_b` ne
-//! `[rank, n_embd]`: the update of token `t`'s row is `B · A[t]`).
+//! What a GGUF LoRA cannot hold, merge applies exactly: DoRA magnitudes (per output row, RoPE-permuted
+//! like `B` for llama-family q/k), `lora_B` biases (added, scaled, to the base's `.bias` tensor) and
+//! full replacement tensors (`modules_to_save`).
 
 use std::path::Path;
 
+use crate::adapter::{permute_rows, Adapter, Matrix, TargetKind};
+use crate::arch::BaseInfo;
 use crate::gguf::GgufModel;
-use crate::quant::{self, GgmlType};
 
 use super::{AdapterInput, LowRank, MergeError, Update};
 
-fn bad(path: &Path, what: String) -> MergeError {
-    MergeError::Adapter(format!("{}: {what}", path.display()))
+fn adapter_err(e: impl std::fmt::Display) -> MergeError {
+    MergeError::Adapter(e.to_string())
 }
 
-/// Reads a GGUF LoRA adapter file.
-pub fn read_gguf_lora(
+/// Reads the adapter at `path` (GGUF LoRA, PEFT directory or `.safetensors`) against `base`.
+pub fn read_adapter(
     path: &Path,
+    base: &GgufModel,
     name: String,
     user_scale: f32,
 ) -> Result<AdapterInput, MergeError> {
-    let model = GgufModel::open(path)?;
-    let m = model.metadata();
-    match m.get_str("general.type") {
-        Some("adapter") => {}
-        other => {
-            return Err(bad(
-                path,
-                format!(
-                    "general.type is {other:?}, expected \"adapter\" (is this a LoRA adapter?)"
-                ),
-            ));
-        }
+    let info = BaseInfo::from_model(base)
+        .map_err(|m| MergeError::Adapter(format!("{}: {m}", base.shards()[0].path().display())))?;
+    // GGUF adapters are read as they are: the plan checks architecture, names and shapes for every
+    // adapter at once. PEFT adapters are mapped onto this base's names on the way in.
+    let (adapter, issues) = if crate::adapter::peft::is_peft(path) {
+        crate::adapter::peft::read(path, &info).map_err(adapter_err)?
+    } else {
+        (
+            crate::adapter::gguf::read(path).map_err(adapter_err)?,
+            Vec::new(),
+        )
+    };
+    // Shape and presence problems are found (all at once, with the other adapters') by the plan;
+    // only problems the plan cannot see stop here.
+    let blocking: Vec<String> = issues
+        .iter()
+        .filter(|i| {
+            !matches!(
+                i.status,
+                crate::adapter::IssueKind::MissingInBase | crate::adapter::IssueKind::ShapeMismatch
+            )
+        })
+        .map(|i| format!("{}: {}", i.source, i.message))
+        .collect();
+    if !blocking.is_empty() {
+        return Err(MergeError::Adapter(format!(
+            "{}: cannot merge:\n  {}",
+            path.display(),
+            blocking.join("\n  ")
+        )));
     }
-    match m.get_str("adapter.type") {
-        Some("lora") => {}
-        other => {
-            return Err(bad(
-                path,
-                format!("adapter.type is {other:?}, expected \"lora\""),
-            ))
-        }
-    }
-    let alpha = m.get_f32("adapter.lora.alpha").unwrap_or(0.0);
-    let architecture = m.get_str("general.architecture").map(str::to_string);
+    from_adapter(&adapter, name, user_scale)
+}
+
+/// Converts a normalized adapter into merge updates.
+pub fn from_adapter(
+    adapter: &Adapter,
+    name: String,
+    user_scale: f32,
+) -> Result<AdapterInput, MergeError> {
     let mut updates = Vec::new();
-    for (_, t) in model.tensors() {
-        let Some(target) = t.name.strip_suffix(".lora_a") else {
-            if t.name.ends_with(".lora_b") || t.name.ends_with("_norm.weight") {
-                continue;
+    for t in &adapter.tensors {
+        let l = t.load().map_err(adapter_err)?;
+        let scale = l.scale() as f32;
+        let magnitude = match &t.dora_magnitude {
+            None => None,
+            Some(f) => {
+                let m = f.load().map_err(adapter_err)?;
+                let m = match t.permute_heads {
+                    Some(n_head) => {
+                        let col = Matrix::new(m.data.len(), 1, m.data).ok_or_else(|| {
+                            MergeError::Adapter(format!("{}: DoRA magnitude shape", t.target))
+                        })?;
+                        permute_rows(&col, n_head).ok_or_else(|| {
+                            MergeError::Adapter(format!(
+                                "{}: DoRA magnitude cannot be RoPE-permuted",
+                                t.target
+                            ))
+                        })?
+                    }
+                    None => m,
+                };
+                Some(m.data)
             }
-            return Err(bad(
-                path,
-                format!(
-                    "tensor '{}' has an unexpected suffix (expected .lora_a or .lora_b)",
-                    t.name
-                ),
-            ));
         };
-        let b_name = format!("{target}.lora_b");
-        let b_info = model
-            .tensor(&b_name)
-            .ok_or_else(|| bad(path, format!("'{}' has no matching '{b_name}'", t.name)))?;
-        if t.dims.len() != 2 || b_info.dims.len() != 2 {
-            return Err(bad(
-                path,
-                format!(
-                    "'{target}': lora_a/lora_b must be 2-D, got {:?} and {:?}",
-                    t.dims, b_info.dims
-                ),
-            ));
-        }
-        let rank = b_info.dims[0] as usize;
-        let embedding = target.starts_with("token_embd");
-        // Shapes, in ggml order: linear a [n_in, r], b [r, n_out]; token_embd a [r, n_vocab], b [r, n_embd].
-        let consistent = if embedding {
-            t.dims[0] as usize == rank
-        } else {
-            t.dims[1] as usize == rank
-        };
-        if rank == 0 || !consistent {
-            return Err(bad(
-                path,
-                format!(
-                    "'{target}': lora_a {:?} and lora_b {:?} do not share a rank",
-                    t.dims, b_info.dims
-                ),
-            ));
-        }
-        let a = to_f32(path, &model, &t.name, t.ty, t.n_elements(), t.dims[0])?;
-        let b = to_f32(
-            path,
-            &model,
-            &b_name,
-            b_info.ty,
-            b_info.n_elements(),
-            b_info.dims[0],
-        )?;
-        let (a, b) = if embedding {
-            // Base rows are tokens: B' = lora_a as stored (n_vocab × r), A' = lora_bᵀ (r × n_embd).
-            let n_embd = b_info.dims[1] as usize;
-            (transpose(&b, n_embd, rank), a)
-        } else {
-            (a, b)
-        };
-        let scale = if alpha != 0.0 {
-            alpha / rank as f32
-        } else {
-            1.0
-        };
-        updates.push((
-            target.to_string(),
-            Update::LowRank(LowRank {
-                a,
-                b,
-                rank,
+        let update = match t.kind {
+            TargetKind::Linear | TargetKind::Experts => LowRank {
+                a: l.a.data,
+                b: l.b.data,
+                rank: l.rank,
+                n_expert: l.n_expert.max(1),
                 scale,
-                magnitude: None,
-            }),
+                magnitude,
+            },
+            TargetKind::Embedding => {
+                // The adapter's B·A is n_embd × n_vocab; the base rows are tokens, so the update in
+                // base layout is Aᵀ·Bᵀ: B' = Aᵀ (n_vocab × r), A' = Bᵀ (r × n_embd).
+                if magnitude.is_some() {
+                    return Err(MergeError::Adapter(format!(
+                        "{}: DoRA on embeddings is not supported",
+                        t.target
+                    )));
+                }
+                LowRank {
+                    a: l.b.transposed().data,
+                    b: l.a.transposed().data,
+                    rank: l.rank,
+                    n_expert: 1,
+                    scale,
+                    magnitude: None,
+                }
+            }
+        };
+        updates.push((t.target.clone(), Update::LowRank(update)));
+        if let Some(bias) = &t.lora_bias {
+            let target = t
+                .target
+                .strip_suffix(".weight")
+                .map(|s| format!("{s}.bias"))
+                .ok_or_else(|| {
+                    MergeError::Adapter(format!(
+                        "{}: a LoRA bias needs a '.weight' target",
+                        t.target
+                    ))
+                })?;
+            let values = bias
+                .load()
+                .map_err(adapter_err)?
+                .data
+                .iter()
+                .map(|v| v * scale)
+                .collect();
+            updates.push((target, Update::Add(values)));
+        }
+    }
+    for f in &adapter.full_tensors {
+        let target = f.target.clone().ok_or_else(|| {
+            MergeError::Adapter(format!(
+                "{}: full tensor '{}' maps to no base tensor",
+                name, f.source
+            ))
+        })?;
+        updates.push((
+            target,
+            Update::Replace(f.data.load().map_err(adapter_err)?.data),
         ));
     }
     if updates.is_empty() {
-        return Err(bad(
-            path,
-            "no LoRA tensors (NAME.lora_a / NAME.lora_b)".into(),
-        ));
+        return Err(MergeError::Adapter(format!(
+            "{name}: the adapter changes no tensor"
+        )));
     }
     Ok(AdapterInput {
         name,
-        architecture,
+        architecture: adapter.arch.clone(),
         scale: user_scale,
         updates,
     })
-}
-
-fn to_f32(
-    path: &Path,
-    model: &GgufModel,
-    name: &str,
-    ty: GgmlType,
-    n: u64,
-    row: u64,
-) -> Result<Vec<f32>, MergeError> {
-    let data = model
-        .tensor_data(name)
-        .ok_or_else(|| bad(path, format!("tensor '{name}' has no data")))?;
-    // The element count is bounded by the mapped bytes the reader checked.
-    let mut out = vec![0f32; n as usize];
-    quant::dequantize_rows(ty, data, row as usize, &mut out)
-        .map_err(|e| bad(path, format!("tensor '{name}': {e}")))?;
-    Ok(out)
-}
-
-/// `m` is `rows × cols` row-major; returns `cols × rows`.
-fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = vec![0f32; m.len()];
-    for i in 0..rows {
-        for j in 0..cols {
-            t[j * rows + i] = m[i * cols + j];
-        }
-    }
-    t
 }

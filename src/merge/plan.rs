@@ -149,11 +149,22 @@ fn check_shape(update: &Update, n_rows: usize, n_cols: usize) -> Result<(), Stri
             if lr.rank == 0 {
                 return Err("rank 0".into());
             }
-            if lr.a.len() != lr.rank * n_cols {
+            if lr.n_expert == 0 || !n_rows.is_multiple_of(lr.n_expert) {
                 return Err(format!(
-                    "lora_a has {} values, expected rank {} × {n_cols}",
+                    "{} experts do not divide {n_rows} rows",
+                    lr.n_expert
+                ));
+            }
+            if lr.a.len() != lr.n_expert * lr.rank * n_cols {
+                return Err(format!(
+                    "lora_a has {} values, expected rank {} × {n_cols}{}",
                     lr.a.len(),
-                    lr.rank
+                    lr.rank,
+                    if lr.n_expert > 1 {
+                        format!(" × {} experts", lr.n_expert)
+                    } else {
+                        String::new()
+                    }
                 ));
             }
             if lr.b.len() != n_rows * lr.rank {

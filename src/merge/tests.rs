@@ -24,6 +24,7 @@ fn low_rank(seed: &mut u64, rows: usize, cols: usize, rank: usize, scale: f32) -
         a: (0..rank * cols).map(|_| lcg(seed)).collect(),
         b: (0..rows * rank).map(|_| lcg(seed)).collect(),
         rank,
+        n_expert: 1,
         scale,
         magnitude: None,
     }

@@ -6,6 +6,8 @@ dequantizers), numpy, libggml through ctypes, llama.cpp through llama-cpp-python
   keep REPORT.json BASE MERGED MERGED_F32      merged tensors == libggml quantization of our f32 merge, in the
                                                type the report says; every other tensor == the base's bytes
   logits BASE ADAPTER:SCALE MERGED...          llama.cpp logits of each MERGED vs base + adapter at runtime
+  same OURS REF                                every tensor of OURS vs REF (max |Δ| / max |REF|)
+  versus REPORT.json EXACT OURS THEIRS         per merged tensor RMS(ours − exact) / RMS(theirs − exact)
 """
 import json
 import sys
@@ -158,6 +160,38 @@ def cmd_logits(base, spec, *merged):
     print(json.dumps(out))
 
 
+def cmd_same(ours, ref):
+    """Every tensor of OURS against REF (e.g. PEFT merge_and_unload → convert_hf_to_gguf): max |Δ| relative
+    to the tensor's max |value|, and which tensors differ from REF at all."""
+    a = {t.name: t for t in GGUFReader(ours).tensors}
+    b = {t.name: t for t in GGUFReader(ref).tensors}
+    worst, worst_name, names_equal = 0.0, None, sorted(a) == sorted(b)
+    for name in set(a) & set(b):
+        x = dequantize(a[name].data, a[name].tensor_type).astype(np.float64).ravel()
+        y = dequantize(b[name].data, b[name].tensor_type).astype(np.float64).ravel()
+        rel = float(np.abs(x - y).max() / max(np.abs(y).max(), 1e-30)) if x.size == y.size else float("inf")
+        if rel > worst:
+            worst, worst_name = rel, name
+    print(json.dumps({"names_equal": names_equal, "worst_rel": worst, "worst_tensor": worst_name}))
+
+
+def cmd_versus(report_path, exact, ours, theirs):
+    """Per merged tensor (from our JSON report): RMS(ours − exact) / RMS(theirs − exact), where EXACT is the
+    f32 merge and THEIRS e.g. export-lora + llama-quantize. Also the types THEIRS chose."""
+    names = [t["name"] for t in json.load(open(report_path))["tensors"]]
+    e, o, t = ({x.name: x for x in GGUFReader(p).tensors} for p in (exact, ours, theirs))
+    ratios, same_type = {}, 0
+    for n in names:
+        x = dequantize(e[n].data, e[n].tensor_type).astype(np.float64).ravel()
+        a = dequantize(o[n].data, o[n].tensor_type).astype(np.float64).ravel()
+        b = dequantize(t[n].data, t[n].tensor_type).astype(np.float64).ravel()
+        ratios[n] = float(np.sqrt(np.mean((a - x) ** 2) / np.mean((b - x) ** 2)))
+        same_type += o[n].tensor_type == t[n].tensor_type
+    worst = max(ratios, key=ratios.get)
+    print(json.dumps({"tensors": len(names), "same_type": same_type, "max_ratio": ratios[worst],
+                      "worst_tensor": worst, "mean_ratio": float(np.mean(list(ratios.values())))}))
+
+
 if __name__ == "__main__":
     cmd, *rest = sys.argv[1:]
-    {"reference": cmd_reference, "keep": cmd_keep, "logits": cmd_logits}[cmd](*rest)
+    {"reference": cmd_reference, "keep": cmd_keep, "logits": cmd_logits, "same": cmd_same, "versus": cmd_versus}[cmd](*rest)

@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use clap::Args as ClapArgs;
 use gguf_lora::gguf::GgufModel;
 use gguf_lora::merge::file::{merge_model, Output};
-use gguf_lora::merge::inputs::read_gguf_lora;
+use gguf_lora::merge::inputs::read_adapter;
 use gguf_lora::merge::types::is_writable;
 use gguf_lora::merge::{AdapterInput, MergeOptions, MergeReport, OutType, Promote};
 use gguf_lora::quant::GgmlType;
@@ -125,7 +125,7 @@ fn adapter_specs(args: &Args) -> anyhow::Result<Vec<(String, f32)>> {
     Ok(out)
 }
 
-fn load_adapter(spec: &str, scale: f32) -> anyhow::Result<AdapterInput> {
+fn load_adapter(spec: &str, scale: f32, base: &GgufModel) -> anyhow::Result<AdapterInput> {
     let path = Path::new(spec);
     let name = path
         .file_name()
@@ -133,10 +133,7 @@ fn load_adapter(spec: &str, scale: f32) -> anyhow::Result<AdapterInput> {
     if spec.contains(".gguf#") {
         bail!("{spec}: named bundles are not supported by merge yet");
     }
-    if path.is_dir() || spec.ends_with(".safetensors") {
-        bail!("{spec}: PEFT adapters are not supported by merge yet; convert it first with `gguf-lora convert`");
-    }
-    Ok(read_gguf_lora(path, name, scale)?)
+    Ok(read_adapter(path, base, name, scale)?)
 }
 
 #[derive(Serialize)]
@@ -169,7 +166,7 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
         let model = GgufModel::open(&args.base)?;
         let adapters = specs
             .iter()
-            .map(|(s, scale)| load_adapter(s, *scale))
+            .map(|(s, scale)| load_adapter(s, *scale, &model))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let adapter_paths: Vec<&Path> = specs.iter().map(|(s, _)| Path::new(s.as_str())).collect();
         let total: u64 = model.tensors().map(|(_, t)| t.n_bytes()).sum();
