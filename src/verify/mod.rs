@@ -331,20 +331,16 @@ pub fn load_adapters(base: &GgufModel, specs: &[(String, f32)]) -> Result<Runtim
 
 /// The merged model `gguf-lora merge` makes with its defaults (each tensor keeps its type), written
 /// to a temporary directory that lives as long as the returned guard; used when the user gives no
-/// merged model, so that verify says what a merge would keep. GGUF adapters only (as `merge`).
+/// merged model, so that verify says what a merge would keep.
 pub fn merge_to_temp(
     base: &GgufModel,
     specs: &[(String, f32)],
 ) -> Result<(tempfile::TempDir, GgufModel)> {
     use crate::merge::file::{merge_model, Output};
-    use crate::merge::inputs::read_gguf_lora;
+    use crate::merge::inputs::read_adapter;
     let mut adapters = Vec::new();
     for (spec, scale) in specs {
-        let path = Path::new(spec);
-        if adapter::peft::is_peft(path) && !spec.ends_with(".gguf") {
-            bail!("{spec}: without --merged, verify merges with `merge`, which reads GGUF adapters only; convert it first or pass --merged");
-        }
-        adapters.push(read_gguf_lora(path, spec.clone(), *scale)?);
+        adapters.push(read_adapter(Path::new(spec), base, spec.clone(), *scale)?);
     }
     let dir = tempfile::tempdir().context("cannot create a temporary directory for the merge")?;
     let out = dir.path().join("merged.gguf");
