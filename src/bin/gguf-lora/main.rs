@@ -4,10 +4,13 @@
 //! struct (clap) and a `run(args) -> anyhow::Result<Outcome>` that calls the library and prints. This
 //! file only dispatches and maps outcomes and errors to exit codes.
 
+mod merge;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod convert;
 mod inspect;
 mod rewrite;
 mod table;
@@ -34,15 +37,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    Convert(convert::Args),
     Inspect(inspect::Args),
     Rewrite(rewrite::Args),
+    /// Bake LoRA adapters into a base GGUF, keeping each tensor's quantization.
+    Merge(merge::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: anyhow::Result<Outcome> = match cli.command {
+        Command::Convert(args) => convert::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Rewrite(args) => rewrite::run(args),
+        Command::Merge(args) => merge::run(args),
     };
     match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
