@@ -1,8 +1,9 @@
 //! The per-tensor work and the streaming loop.
 //!
-//! A touched tensor is processed in blocks of whole rows, in parallel (rayon): dequantize the block,
-//! add each update in f32, requantize once to the output type, and measure on the spot how far the
-//! requantized rows are from the exact f32 merge. Only the block being worked on exists in f32, never
+//! A recoded tensor (touched by an adapter, or changing type as in `quantize`) is processed in blocks
+//! of whole rows, in parallel (rayon): dequantize the block, add each update in f32 (if any),
+//! quantize once to the output type (with the tensor's importance weights, if any), and measure on
+//! the spot how far the quantized rows are from the exact f32 values. Only the block being worked on exists in f32, never
 //! the whole tensor. Tensors go to the writer strictly in file order through a bounded channel, so
 //! while the writer thread copies or writes one tensor the next is being computed, and peak memory is
 //! a few output tensors, never the model.
@@ -15,7 +16,7 @@ use crate::quant::GgmlType;
 
 use super::codec::{self, row_bytes};
 use super::kernel::add_low_rank;
-use super::plan::TensorPlan;
+use super::plan::{Importance, TensorPlan};
 use super::{BaseTensor, MergeError, Update};
 
 /// f32 values per row block: a block of dequantized rows plus its copy stay in L2.
@@ -54,7 +55,8 @@ impl ErrorSums {
     }
 }
 
-/// Rows `r0..r0 + rows` of the base (dequantized) and of the exact f32 merge.
+/// Rows `r0..r0 + rows` of the base (dequantized) and of the exact f32 merge; `merged` is left
+/// empty when no adapter touches the tensor (the base rows are then the exact values: see [`exact`]).
 fn merged_rows(
     p: &TensorPlan<'_>,
     data: &[u8],
@@ -69,6 +71,9 @@ fn merged_rows(
     base.resize(rows * n, 0.0);
     codec::dequantize(p.ty_in, &data[r0 * in_row..(r0 + rows) * in_row], base, n)?;
     merged.clear();
+    if !p.is_touched() {
+        return Ok(());
+    }
     merged.extend_from_slice(base);
     for op in &p.ops {
         match op.update {
@@ -117,17 +122,29 @@ fn merged_rows(
     Ok(())
 }
 
-/// Quantizes `merged` (whole rows) into `out` as `ty`, and returns the error sums against the exact
-/// merge and the base.
+/// The exact values to write: the merge, or the base rows themselves when nothing is added.
+fn exact<'b>(p: &TensorPlan<'_>, base: &'b [f32], merged: &'b [f32]) -> &'b [f32] {
+    if p.is_touched() {
+        merged
+    } else {
+        base
+    }
+}
+
+/// Quantizes `merged` (whole rows, starting at row `r0` of the tensor) into `out` as `ty`, and
+/// returns the error sums against the exact merge and the base.
+#[allow(clippy::too_many_arguments)]
 fn requantize_and_measure(
     ty: GgmlType,
     n: usize,
+    r0: usize,
+    importance: Option<&Importance<'_>>,
     base: &[f32],
     merged: &[f32],
     out: &mut [u8],
     back: &mut Vec<f32>,
 ) -> Result<ErrorSums, MergeError> {
-    codec::quantize(ty, merged, out, n)?;
+    codec::quantize(ty, merged, out, n, r0, importance)?;
     back.resize(merged.len(), 0.0);
     codec::dequantize(ty, out, back, n)?;
     let mut s = ErrorSums {
@@ -143,7 +160,7 @@ fn requantize_and_measure(
     Ok(s)
 }
 
-/// Merges one touched tensor: its bytes in `p.ty_out` and its error sums.
+/// Recodes one tensor (merge and/or type change): its bytes in `p.ty_out` and its error sums.
 pub fn merge_tensor(p: &TensorPlan<'_>, data: &[u8]) -> Result<(Vec<u8>, ErrorSums), MergeError> {
     let n = p.n_cols;
     let out_row = row_bytes(p.ty_out, n)?;
@@ -158,7 +175,9 @@ pub fn merge_tensor(p: &TensorPlan<'_>, data: &[u8]) -> Result<(Vec<u8>, ErrorSu
                 let r0 = bi * rows_per_block;
                 let rows = chunk.len() / out_row;
                 merged_rows(p, data, r0, rows, base, merged, scratch)?;
-                requantize_and_measure(p.ty_out, n, base, merged, chunk, back)
+                let exact = exact(p, base, merged);
+                let imp = p.importance.as_ref();
+                requantize_and_measure(p.ty_out, n, r0, imp, base, exact, chunk, back)
             },
         )
         .try_reduce(ErrorSums::default, |a, b| Ok(a.add(b)))?;
@@ -187,11 +206,13 @@ pub fn sample_errors(
             || (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()),
             |(base, merged, scratch, back, out), &r| {
                 merged_rows(p, data, r, 1, base, merged, scratch)?;
+                let exact = exact(p, base, merged);
+                let imp = p.importance.as_ref();
                 types
                     .iter()
                     .map(|&ty| {
                         out.resize(row_bytes(ty, n)?, 0);
-                        requantize_and_measure(ty, n, base, merged, out, back)
+                        requantize_and_measure(ty, n, r, imp, base, exact, out, back)
                     })
                     .collect::<Result<Vec<_>, _>>()
             },
@@ -206,7 +227,7 @@ pub fn sample_errors(
     Ok(total)
 }
 
-/// Bytes handed to the writer: a base tensor's own bytes (untouched) or a merged tensor.
+/// Bytes handed to the writer: a base tensor's own bytes (copied) or a recoded tensor.
 pub enum Chunk<'a> {
     Borrowed(&'a [u8]),
     Owned(Vec<u8>),
@@ -223,7 +244,7 @@ impl Chunk<'_> {
 
 /// Runs every tensor through `plans` in order and hands the bytes to `sink` (on a writer thread) in
 /// the same order; `on_done(index, bytes)` is called as each tensor is handed over (progress).
-/// Returns the error sums of each touched tensor, by index.
+/// Returns the error sums of each recoded tensor, by index.
 pub fn stream<'a, S>(
     base: &[BaseTensor<'a>],
     plans: &[TensorPlan<'_>],
@@ -245,7 +266,7 @@ where
         let mut result = Ok(());
         for p in plans {
             let t = &base[p.index];
-            let chunk = if p.is_touched() {
+            let chunk = if p.is_recoded() {
                 match merge_tensor(p, t.data) {
                     Ok((bytes, s)) => {
                         sums[p.index] = Some(s);
