@@ -12,4 +12,5 @@ pub mod inspect;
 pub mod merge;
 pub mod output;
 pub mod quant;
+pub mod quantize;
 pub mod safetensors_file;

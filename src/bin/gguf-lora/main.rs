@@ -4,7 +4,9 @@
 //! struct (clap) and a `run(args) -> anyhow::Result<Outcome>` that calls the library and prints. This
 //! file only dispatches and maps outcomes and errors to exit codes.
 
-mod merge;
+pub(crate) mod merge;
+mod progress;
+mod quantize;
 
 use std::process::ExitCode;
 
@@ -42,6 +44,8 @@ enum Command {
     Rewrite(rewrite::Args),
     /// Bake LoRA adapters into a base GGUF, keeping each tensor's quantization.
     Merge(merge::Args),
+    /// Quantize a whole model to one type (ggml-exact, like `llama-quantize --pure`).
+    Quantize(quantize::Args),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +55,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(args),
         Command::Rewrite(args) => rewrite::run(args),
         Command::Merge(args) => merge::run(args),
+        Command::Quantize(args) => quantize::run(args),
     };
     match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
