@@ -1,8 +1,9 @@
 """Compares two GGUF models tensor for tensor with gguf-py (independent of our reader).
 
-usage: compare.py OURS.gguf THEIRS.gguf
+usage: compare.py OURS.gguf THEIRS.gguf [--check]
 Prints one JSON line: per tensor name, both types and whether the bytes are identical; and the
-metadata keys whose values differ (GGUF.* header fields and key order ignored).
+metadata keys whose values differ (GGUF.* header fields and key order ignored). With --check, one
+summary line instead, and exit status 1 unless every tensor has the same type and bytes.
 """
 import json
 import sys
@@ -35,4 +36,11 @@ for name in sorted(set(ours) & set(theirs)):
 keys = set(our_meta) | set(their_meta)
 out["meta_diff"] = sorted(k for k in keys if our_meta.get(k, "<absent>") != their_meta.get(k, "<absent>"))
 out["meta"] = {k: [our_meta.get(k), their_meta.get(k)] for k in out["meta_diff"] if not k.startswith("tokenizer.")}
+if "--check" in sys.argv[3:]:
+    t = out["tensors"]
+    same = [n for n, v in t.items() if v["ours"] == v["theirs"]]
+    bad = [n for n in same if not t[n]["identical"]]
+    print(f"check: {len(t)} tensors, {len(same)} of the same type, {len(bad)} of those differ; "
+          f"metadata differs in {out['meta_diff']}")
+    sys.exit(1 if bad or len(same) != len(t) or out["only_ours"] or out["only_theirs"] else 0)
 print(json.dumps(out, default=str))
