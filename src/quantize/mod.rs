@@ -360,6 +360,69 @@ pub fn quantize_model(
 mod tests {
     use super::*;
 
+    /// A 3-D expert tensor: each expert's rows get that expert's slice of the importance matrix,
+    /// as llama-quantize's `imatrix + (row / nrows_per_expert) * n_per_row`.
+    #[test]
+    fn experts_get_their_own_importance_weights() {
+        let (n, rows_per_expert, experts) = (256usize, 3usize, 2usize);
+        let values: Vec<f32> = (0..n * rows_per_expert * experts)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1.0 + (i % 13) as f32))
+            .collect();
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let weights: Vec<f32> = (0..n * experts)
+            .map(|i| {
+                if i < n {
+                    1.0 + (i % 5) as f32
+                } else {
+                    0.01 + (i % 3) as f32
+                }
+            })
+            .collect();
+        let base = vec![BaseTensor {
+            name: "blk.0.ffn_down_exps.weight".into(),
+            dims: vec![n as u64, rows_per_expert as u64, experts as u64],
+            ty: GgmlType::F32,
+            data: &bytes,
+        }];
+        let ty = GgmlType::Q4_K;
+        let recode = vec![Recode {
+            ty_out: ty,
+            fallback: false,
+            importance: Some(Importance {
+                weights: &weights,
+                rows_per_expert,
+            }),
+        }];
+        let mut got = Vec::new();
+        prepare_recode(&base, recode)
+            .unwrap()
+            .run(
+                |_, b| {
+                    got.extend_from_slice(b);
+                    Ok(())
+                },
+                &|_, _| {},
+            )
+            .unwrap();
+        let row_bytes = ty.row_bytes(n as u64).unwrap() as usize;
+        let mut want = vec![0u8; row_bytes * rows_per_expert * experts];
+        for (r, (src, dst)) in values.chunks(n).zip(want.chunks_mut(row_bytes)).enumerate() {
+            let e = r / rows_per_expert;
+            crate::quant::quantize_row(ty, src, dst, Some(&weights[e * n..(e + 1) * n])).unwrap();
+        }
+        assert_eq!(got, want);
+        // The second expert's weights matter: with the first expert's, its rows come out different.
+        let mut first_only = vec![0u8; row_bytes];
+        crate::quant::quantize_row(
+            ty,
+            &values[3 * n..4 * n],
+            &mut first_only,
+            Some(&weights[..n]),
+        )
+        .unwrap();
+        assert_ne!(&got[3 * row_bytes..4 * row_bytes], &first_only[..]);
+    }
+
     #[test]
     fn n_dims_ignores_trailing_ones() {
         assert_eq!(ggml_n_dims(&[64]), 1);
