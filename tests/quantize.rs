@@ -331,3 +331,17 @@ w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); 
     );
     assert_eq!(listing(dir.path()), before);
 }
+
+#[test]
+fn mix_names_are_refused_with_a_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = repo_root().join("testdata/fixtures/llama/base-f32.gguf");
+    let out = dir.path().join("o.gguf");
+    let a = gguf_lora()
+        .args(["quantize", s(&input), "-o", s(&out), "--type", "Q4_K_M"])
+        .assert()
+        .code(1);
+    let err = String::from_utf8_lossy(&a.get_output().stderr).into_owned();
+    assert!(err.contains("--type q4_k"), "{err}");
+    assert!(!out.exists());
+}

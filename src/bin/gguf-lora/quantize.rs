@@ -37,7 +37,15 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<Outcome> {
-    let target = crate::merge::parse_type(&args.ty)?;
+    let lower = args.ty.to_ascii_lowercase();
+    if ["_s", "_m", "_l", "_xl"].iter().any(|m| lower.ends_with(m)) {
+        anyhow::bail!(
+            "--type {}: quantize writes one type everywhere (like llama-quantize --pure); the _S/_M/_L mixes are not offered, use e.g. --type {}",
+            args.ty,
+            lower.rsplit_once('_').map_or(lower.as_str(), |(t, _)| t)
+        );
+    }
+    let target = crate::merge::parse_type(&lower)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(args.threads.unwrap_or(0))
         .build()
