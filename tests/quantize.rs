@@ -345,3 +345,28 @@ fn mix_names_are_refused_with_a_hint() {
     assert!(err.contains("--type q4_k"), "{err}");
     assert!(!out.exists());
 }
+
+#[test]
+fn split_input_gives_split_output_with_the_same_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = make_model(dir.path(), "m.gguf", None);
+    let mut c = tool("llama-gguf-split");
+    c.args(["--split", "--split-max-tensors", "8", s(&model)]);
+    c.arg(s(&dir.path().join("part")));
+    run_ok(c);
+    let first = dir.path().join("part-00001-of-00003.gguf");
+    let report = ours(&first, &dir.path().join("q.gguf"), "q4_k", None);
+    let outputs = report["outputs"].as_array().unwrap();
+    assert_eq!(outputs.len(), 3);
+    let joined = dir.path().join("joined.gguf");
+    let mut c = tool("llama-gguf-split");
+    c.args(["--merge", outputs[0].as_str().unwrap(), s(&joined)]);
+    run_ok(c);
+    let theirs = dir.path().join("l.gguf");
+    llama_quantize(&model, &theirs, "Q4_K_M", None);
+    let cmp = compare(&joined, &theirs);
+    for (name, t) in cmp["tensors"].as_object().unwrap() {
+        assert_eq!(t["identical"], true, "{name}");
+    }
+    assert_eq!(cmp["tensors"].as_object().unwrap().len(), 21);
+}
