@@ -12,5 +12,6 @@ pub mod inspect;
 pub mod merge;
 pub mod output;
 pub mod quant;
+pub mod quantize;
 pub mod safetensors_file;
 pub mod verify;

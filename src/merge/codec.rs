@@ -1,11 +1,12 @@
 //! The two codec calls the merge needs, in one place: dequantize rows of a base tensor to f32 and
 //! quantize merged f32 rows to the output type, through the crate's ggml-exact codecs (the reference
-//! quantizers: no importance matrix, so the result is what `ggml_quantize_chunk` gives).
+//! quantizers, or with an importance matrix the weighted ones: what `ggml_quantize_chunk` gives).
 //!
 //! Row by row on the calling thread: the merge already runs one row block per rayon task.
 
 use crate::quant::{self, GgmlType};
 
+use super::plan::Importance;
 use super::MergeError;
 
 fn codec_error(e: quant::QuantError) -> MergeError {
@@ -26,11 +27,24 @@ pub fn can_dequantize(ty: GgmlType) -> bool {
     quant::can_dequantize(ty)
 }
 
-/// Quantizes whole rows of `n` elements to `ty` with ggml's reference quantizer.
-pub fn quantize(ty: GgmlType, src: &[f32], dst: &mut [u8], n: usize) -> Result<(), MergeError> {
+/// Quantizes whole rows of `n` elements to `ty`; the rows are rows `r0..` of their tensor, which
+/// picks each row's importance weights (per expert) when `importance` is given.
+pub fn quantize(
+    ty: GgmlType,
+    src: &[f32],
+    dst: &mut [u8],
+    n: usize,
+    r0: usize,
+    importance: Option<&Importance<'_>>,
+) -> Result<(), MergeError> {
     let row_bytes = row_bytes(ty, n)?;
-    for (s, d) in src.chunks_exact(n).zip(dst.chunks_exact_mut(row_bytes)) {
-        quant::quantize_row(ty, s, d, None).map_err(codec_error)?;
+    for (i, (s, d)) in src
+        .chunks_exact(n)
+        .zip(dst.chunks_exact_mut(row_bytes))
+        .enumerate()
+    {
+        let w = importance.map(|imp| imp.for_row(r0 + i, n));
+        quant::quantize_row(ty, s, d, w).map_err(codec_error)?;
     }
     Ok(())
 }

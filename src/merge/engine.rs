@@ -1,8 +1,9 @@
 //! The per-tensor work and the streaming loop.
 //!
-//! A touched tensor is processed in blocks of whole rows, in parallel (rayon): dequantize the block,
-//! add each update in f32, requantize once to the output type, and measure on the spot how far the
-//! requantized rows are from the exact f32 merge. Only the block being worked on exists in f32, never
+//! A recoded tensor (touched by an adapter, or changing type as in `quantize`) is processed in blocks
+//! of whole rows, in parallel (rayon): dequantize the block, add each update in f32 (if any),
+//! quantize once to the output type (with the tensor's importance weights, if any), and measure on
+//! the spot how far the quantized rows are from the exact f32 values. Only the block being worked on exists in f32, never
 //! the whole tensor. Tensors go to the writer strictly in file order through a bounded channel, so
 //! while the writer thread copies or writes one tensor the next is being computed, and peak memory is
 //! a few output tensors, never the model.
@@ -17,7 +18,7 @@ use crate::quant::GgmlType;
 
 use super::codec::{self, row_bytes};
 use super::kernel::add_low_rank;
-use super::plan::TensorPlan;
+use super::plan::{Importance, TensorPlan};
 use super::{BaseTensor, MergeError, Update};
 
 /// f32 values per row block: a block of dequantized rows plus its copy stay in L2.
@@ -85,7 +86,8 @@ struct Buffers {
     out: Vec<u8>,
 }
 
-/// Rows `r0..r0 + rows` of the base (dequantized) and of the exact f32 merge.
+/// Rows `r0..r0 + rows` of the base (dequantized) and of the exact f32 merge; `merged` is left
+/// empty when no adapter touches the tensor (the base rows are then the exact values: see [`exact`]).
 fn merged_rows(
     p: &TensorPlan<'_>,
     data: &[u8],
@@ -107,6 +109,9 @@ fn merged_rows(
     codec::dequantize(p.ty_in, &data[r0 * in_row..(r0 + rows) * in_row], base, n)?;
     let t = lap(&phases.dequantize, t);
     merged.clear();
+    if !p.is_touched() {
+        return Ok(());
+    }
     merged.extend_from_slice(base);
     for op in &p.ops {
         match op.update {
@@ -164,11 +169,23 @@ fn merged_rows(
     Ok(())
 }
 
-/// Quantizes `merged` (whole rows) into `out` as `ty`, and returns the error sums against the exact
-/// merge and the base.
+/// The exact values to write: the merge, or the base rows themselves when nothing is added.
+fn exact<'b>(p: &TensorPlan<'_>, base: &'b [f32], merged: &'b [f32]) -> &'b [f32] {
+    if p.is_touched() {
+        merged
+    } else {
+        base
+    }
+}
+
+/// Quantizes `merged` (whole rows, starting at row `r0` of the tensor) into `out` as `ty`, and
+/// returns the error sums against the exact merge and the base.
+#[allow(clippy::too_many_arguments)]
 fn requantize_and_measure(
     ty: GgmlType,
     n: usize,
+    r0: usize,
+    importance: Option<&Importance<'_>>,
     base: &[f32],
     merged: &[f32],
     out: &mut [u8],
@@ -176,7 +193,7 @@ fn requantize_and_measure(
     phases: &Phases,
 ) -> Result<ErrorSums, MergeError> {
     let t = Instant::now();
-    codec::quantize(ty, merged, out, n)?;
+    codec::quantize(ty, merged, out, n, r0, importance)?;
     let t = lap(&phases.requantize, t);
     back.resize(merged.len(), 0.0);
     codec::dequantize(ty, out, back, n)?;
@@ -194,7 +211,7 @@ fn requantize_and_measure(
     Ok(s)
 }
 
-/// Merges one touched tensor: its bytes in `p.ty_out` and its error sums.
+/// Recodes one tensor (merge and/or type change): its bytes in `p.ty_out` and its error sums.
 pub fn merge_tensor(
     p: &TensorPlan<'_>,
     data: &[u8],
@@ -211,7 +228,12 @@ pub fn merge_tensor(
             let r0 = bi * rows_per_block;
             let rows = chunk.len() / out_row;
             merged_rows(p, data, r0, rows, b, phases)?;
-            requantize_and_measure(p.ty_out, n, &b.base, &b.merged, chunk, &mut b.back, phases)
+            let Buffers {
+                base, merged, back, ..
+            } = b;
+            let exact = exact(p, base, merged);
+            let imp = p.importance.as_ref();
+            requantize_and_measure(p.ty_out, n, r0, imp, base, exact, chunk, back, phases)
         })
         .try_reduce(ErrorSums::default, |a, b| Ok(a.add(b)))?;
     Ok((out, sums))
@@ -238,19 +260,20 @@ pub fn sample_errors(
         .par_iter()
         .map_init(Buffers::default, |b, &r| {
             merged_rows(p, data, r, 1, b, &discard)?;
+            let Buffers {
+                base,
+                merged,
+                back,
+                out,
+                ..
+            } = b;
+            let exact = exact(p, base, merged);
+            let imp = p.importance.as_ref();
             types
                 .iter()
                 .map(|&ty| {
-                    b.out.resize(row_bytes(ty, n)?, 0);
-                    requantize_and_measure(
-                        ty,
-                        n,
-                        &b.base,
-                        &b.merged,
-                        &mut b.out,
-                        &mut b.back,
-                        &discard,
-                    )
+                    out.resize(row_bytes(ty, n)?, 0);
+                    requantize_and_measure(ty, n, r, imp, base, exact, out, back, &discard)
                 })
                 .collect::<Result<Vec<_>, _>>()
         })
@@ -264,7 +287,7 @@ pub fn sample_errors(
     Ok(total)
 }
 
-/// Bytes handed to the writer: a base tensor's own bytes (untouched) or a merged tensor.
+/// Bytes handed to the writer: a base tensor's own bytes (copied) or a recoded tensor.
 pub enum Chunk<'a> {
     Borrowed(&'a [u8]),
     Owned(Vec<u8>),
@@ -281,7 +304,7 @@ impl Chunk<'_> {
 
 /// Runs every tensor through `plans` in order and hands the bytes to `sink` (on a writer thread) in
 /// the same order; `on_done(index, bytes)` is called as each tensor is handed over (progress).
-/// Returns the error sums of each touched tensor, by index.
+/// Returns the error sums of each recoded tensor, by index.
 pub fn stream<'a, S>(
     base: &[BaseTensor<'a>],
     plans: &[TensorPlan<'_>],
@@ -306,7 +329,7 @@ where
         let mut result = Ok(());
         for p in plans {
             let t = &base[p.index];
-            let chunk = if p.is_touched() {
+            let chunk = if p.is_recoded() {
                 match merge_tensor(p, t.data, phases) {
                     Ok((bytes, s)) => {
                         sums[p.index] = Some(s);

@@ -88,8 +88,27 @@ pub fn merge_model(
     let base = base_tensors(model);
     let prepared = prepare(meta0.get_str(KEY_ARCH), &base, adapters, opts)?;
     let out_types = prepared.output_types();
+    let metadata = merged_metadata(meta0, &base, &out_types, adapters, opts);
+    write_streamed(model, &out_types, metadata, output, |sink| {
+        prepared.run(sink, on_done)
+    })
+}
 
-    let mut metadata = merged_metadata(meta0, &base, &out_types, adapters, opts);
+/// The sink a streaming run writes each tensor's bytes to, in file order: `(tensor index, bytes)`.
+pub type Sink<'s> = dyn FnMut(usize, &[u8]) -> Result<(), MergeError> + Send + 's;
+
+/// Writes `model` with each tensor's new type (`out_types`, file order) and `metadata` (first shard;
+/// later shards of a split output keep their own): lays out the output (one file, or one per input
+/// shard unless `output.no_split`), opens one atomic writer per shard, and lets `run` push every
+/// tensor's bytes in order through the sink it is given (each input tensor's pages are released once
+/// written). Nothing is renamed into place unless `run` and every shard succeed.
+pub fn write_streamed<R>(
+    model: &GgufModel,
+    out_types: &[GgmlType],
+    mut metadata: Metadata,
+    output: &Output<'_>,
+    run: impl FnOnce(&mut Sink<'_>) -> Result<R, MergeError>,
+) -> Result<(R, Written), MergeError> {
     let split = model.is_split() && !output.no_split;
     if !split {
         for key in [KEY_SPLIT_NO, KEY_SPLIT_COUNT, KEY_SPLIT_TENSORS] {
@@ -106,7 +125,7 @@ pub fn merge_model(
     inputs.extend_from_slice(output.other_inputs);
 
     // Tensor index → output shard, and each shard's tensor descriptions with their new types.
-    let mut shard_of = Vec::with_capacity(base.len());
+    let mut shard_of = Vec::with_capacity(out_types.len());
     let mut descs: Vec<Vec<TensorDesc>> = vec![Vec::new(); targets.len()];
     for (i, (shard, t)) in model.tensors().enumerate() {
         let s = if split { shard } else { 0 };
@@ -135,30 +154,27 @@ pub fn merge_model(
         )?);
     }
     let infos: Vec<(usize, &crate::gguf::TensorInfo)> = model.tensors().collect();
-    let report = {
+    let result = {
         let writers = &mut writers;
         let shard_of = &shard_of;
         let infos = &infos;
-        prepared.run(
-            move |i, bytes| {
-                let (shard, info) = infos[i];
-                let file = &shards[shard];
-                // Untouched tensors come straight from the map: write them in pieces and drop each
-                // piece's pages once written, and the input pages of merged tensors once they are
-                // done, so the base never accumulates in our resident set.
-                writers[shard_of[i]].write_tensor_pieces(bytes.chunks(COPY_PIECE), |p| {
-                    file.release_slice_pages(p)
-                })?;
-                file.release_pages(info);
-                Ok(())
-            },
-            on_done,
-        )?
+        let mut sink = move |i: usize, bytes: &[u8]| -> Result<(), MergeError> {
+            let (shard, info) = infos[i];
+            let file = &shards[shard];
+            // Untouched tensors come straight from the map: write them in pieces and drop each
+            // piece's pages once written, and the input pages of recoded tensors once they are
+            // done, so the base never accumulates in our resident set.
+            writers[shard_of[i]]
+                .write_tensor_pieces(bytes.chunks(COPY_PIECE), |p| file.release_slice_pages(p))?;
+            file.release_pages(info);
+            Ok(())
+        };
+        run(&mut sink)?
     };
     for w in writers {
         w.finish()?;
     }
-    Ok((report, targets))
+    Ok((result, targets))
 }
 
 /// The base's metadata with what a merged model must say: no adapter keys, `general.type` a model,

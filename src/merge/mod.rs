@@ -24,7 +24,7 @@ pub mod types;
 use crate::quant::GgmlType;
 
 pub use engine::{ErrorSums, Phases};
-pub use plan::matrix_shape;
+pub use plan::{matrix_shape, Importance};
 pub use report::{CandidateReport, MergeReport, Summary, TensorReport, TypeOption, TypeSummary};
 
 /// One base tensor as the merge reads it: zero-copy bytes straight from the mapped file.
@@ -166,6 +166,58 @@ pub fn prepare<'a, 'u>(
         candidates,
         promoted,
         phases,
+    })
+}
+
+/// What [`prepare_recode`] does to one tensor.
+pub struct Recode<'u> {
+    /// Output type; the input's own type copies the bytes unchanged.
+    pub ty_out: GgmlType,
+    /// `ty_out` replaced a requested type that did not fit the rows (for the report).
+    pub fallback: bool,
+    pub importance: Option<Importance<'u>>,
+}
+
+/// A plan without adapters: each tensor of `base` written as `recode[i]` says (the engine behind
+/// `quantize`). Tensors whose type changes are dequantized and quantized again, row block by row
+/// block; the others are copied byte for byte. Fails, listing them, if some tensor must change type
+/// but cannot be read or written.
+pub fn prepare_recode<'a, 'u>(
+    base: &'a [BaseTensor<'a>],
+    recode: Vec<Recode<'u>>,
+) -> Result<Prepared<'a, 'u>, MergeError> {
+    let mut plans = plan::plan(None, base, &[], OutType::Keep)?;
+    let mut problems = Vec::new();
+    for ((p, r), t) in plans.iter_mut().zip(recode).zip(base) {
+        p.ty_out = r.ty_out;
+        p.fallback = r.fallback;
+        p.importance = r.importance;
+        if !p.is_recoded() {
+            continue;
+        }
+        if !codec::can_dequantize(p.ty_in) {
+            problems.push(format!(
+                "tensor '{}': type {} cannot be read",
+                t.name, p.ty_in
+            ));
+        } else if !types::is_writable(p.ty_out) || codec::row_bytes(p.ty_out, p.n_cols).is_err() {
+            problems.push(format!(
+                "tensor '{}': cannot be written as {} (rows of {})",
+                t.name, p.ty_out, p.n_cols
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(MergeError::Plan(problems));
+    }
+    let n = plans.len();
+    Ok(Prepared {
+        base,
+        adapters: &[],
+        plans,
+        candidates: (0..n).map(|_| Vec::new()).collect(),
+        promoted: vec![false; n],
+        phases: Phases::default(),
     })
 }
 

@@ -31,13 +31,38 @@ pub struct TensorPlan<'u> {
     pub ty_out: GgmlType,
     /// The requested type did not fit this tensor (or cannot be written) and `ty_out` replaced it.
     pub fallback: bool,
-    /// Empty: copied byte for byte.
+    /// Empty: no adapter changes this tensor (copied byte for byte unless `ty_out` differs).
     pub ops: Vec<PlannedOp<'u>>,
+    /// Per-column importance weights for the quantizer (`quantize --imatrix`); `None`: the
+    /// reference quantizer.
+    pub importance: Option<Importance<'u>>,
+}
+
+/// An importance matrix for one tensor as llama-quantize applies it: `n_cols` weights per expert
+/// (one expert for a plain matrix), expert `e` owning rows `e·rows_per_expert..(e+1)·rows_per_expert`.
+#[derive(Clone, Copy)]
+pub struct Importance<'u> {
+    pub weights: &'u [f32],
+    pub rows_per_expert: usize,
+}
+
+impl<'u> Importance<'u> {
+    /// The weights that apply to row `row` of a tensor with `n_cols` columns.
+    pub fn for_row(&self, row: usize, n_cols: usize) -> &'u [f32] {
+        let e = row / self.rows_per_expert.max(1);
+        &self.weights[e * n_cols..(e + 1) * n_cols]
+    }
 }
 
 impl TensorPlan<'_> {
+    /// An adapter changes this tensor.
     pub fn is_touched(&self) -> bool {
         !self.ops.is_empty()
+    }
+
+    /// The tensor's bytes are computed (an adapter touches it or it changes type), not copied.
+    pub fn is_recoded(&self) -> bool {
+        self.is_touched() || self.ty_out != self.ty_in
     }
 }
 
@@ -76,6 +101,7 @@ pub fn plan<'u>(
             ty_out: t.ty,
             fallback: false,
             ops: Vec::new(),
+            importance: None,
         });
     }
     for (ai, adapter) in adapters.iter().enumerate() {

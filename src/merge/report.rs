@@ -154,7 +154,7 @@ pub fn build(
     for (p, cands) in plans.iter().zip(candidates) {
         let t = &base[p.index];
         let out = p.ty_out.row_bytes(p.n_cols as u64).unwrap_or(0) * p.n_rows as u64;
-        if !p.is_touched() {
+        if !p.is_recoded() {
             bytes_out += t.data.len() as u64;
             continue;
         }

@@ -4,7 +4,9 @@
 //! struct (clap) and a `run(args) -> anyhow::Result<Outcome>` that calls the library and prints. This
 //! file only dispatches and maps outcomes and errors to exit codes.
 
-mod merge;
+pub(crate) mod merge;
+mod progress;
+mod quantize;
 
 use std::process::ExitCode;
 
@@ -45,6 +47,8 @@ enum Command {
     Merge(merge::Args),
     Rewrite(rewrite::Args),
     Verify(verify::Args),
+    /// Quantize a whole model to one type (ggml-exact, like `llama-quantize --pure`).
+    Quantize(quantize::Args),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +59,7 @@ fn main() -> ExitCode {
         Command::Merge(args) => merge::run(args),
         Command::Rewrite(args) => rewrite::run(args),
         Command::Verify(args) => verify::run(args),
+        Command::Quantize(args) => quantize::run(args),
     };
     match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,

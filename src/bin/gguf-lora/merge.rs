@@ -1,6 +1,5 @@
 //! `gguf-lora merge`: flags, adapter loading, progress bar and the report as a table or JSON.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -13,6 +12,7 @@ use gguf_lora::merge::{AdapterInput, MergeOptions, MergeReport, OutType, Promote
 use gguf_lora::quant::GgmlType;
 use serde::Serialize;
 
+use crate::progress::TensorProgress;
 use crate::Outcome;
 
 /// Bake LoRA adapters into a base GGUF, keeping each tensor's quantization.
@@ -54,7 +54,7 @@ pub struct Args {
     pub json: bool,
 }
 
-fn parse_type(s: &str) -> anyhow::Result<GgmlType> {
+pub(crate) fn parse_type(s: &str) -> anyhow::Result<GgmlType> {
     match GgmlType::from_name(s) {
         Some(t) if is_writable(t) => Ok(t),
         _ => bail!("unknown or unsupported output type '{s}' (expected f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k or q6_k)"),
@@ -169,43 +169,15 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
             .map(|(s, scale)| load_adapter(s, *scale, &model))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let adapter_paths: Vec<&Path> = specs.iter().map(|(s, _)| Path::new(s.as_str())).collect();
-        let total: u64 = model.tensors().map(|(_, t)| t.n_bytes()).sum();
-        let bar = if std::io::stderr().is_terminal() {
-            let bar = indicatif::ProgressBar::new(total);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{bar:40} {bytes}/{total_bytes} {msg} ETA {eta}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            Some(bar)
-        } else {
-            None
-        };
-        let n_tensors = model.tensor_count();
-        let done = std::sync::atomic::AtomicUsize::new(0);
-        let progress = |_: usize, _: u64| {
-            let k = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            if let Some(bar) = &bar {
-                bar.set_message(format!("tensors {k}/{n_tensors}"));
-            }
-        };
-        let sizes: Vec<u64> = model.tensors().map(|(_, t)| t.n_bytes()).collect();
-        let on_done = |i: usize, b: u64| {
-            progress(i, b);
-            if let Some(bar) = &bar {
-                bar.inc(sizes[i]);
-            }
-        };
+        let progress = TensorProgress::new(&model);
+        let on_done = |i: usize, b: u64| progress.on_done(i, b);
         let output = Output {
             path: &args.output,
             no_split: args.no_split,
             other_inputs: &adapter_paths,
         };
         let (report, written) = merge_model(&model, &adapters, &opts, &output, &on_done)?;
-        if let Some(bar) = &bar {
-            bar.finish_and_clear();
-        }
+        progress.finish();
         let outputs: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
         if args.json {
             println!(

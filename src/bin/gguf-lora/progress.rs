@@ -1,0 +1,49 @@
+//! The progress bar of the streaming commands (`merge`, `quantize`): on stderr, and only when stderr
+//! is a terminal, so logs and pipes stay clean. Advances by each tensor's input bytes.
+
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use gguf_lora::gguf::GgufModel;
+
+pub struct TensorProgress {
+    bar: Option<indicatif::ProgressBar>,
+    sizes: Vec<u64>,
+    done: AtomicUsize,
+}
+
+impl TensorProgress {
+    pub fn new(model: &GgufModel) -> TensorProgress {
+        let sizes: Vec<u64> = model.tensors().map(|(_, t)| t.n_bytes()).collect();
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(sizes.iter().sum());
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {bytes}/{total_bytes} {msg} ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar
+        });
+        TensorProgress {
+            bar,
+            sizes,
+            done: AtomicUsize::new(0),
+        }
+    }
+
+    /// The engine's `on_done(index, bytes)` callback.
+    pub fn on_done(&self, index: usize, _bytes: u64) {
+        let k = self.done.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!("tensors {k}/{}", self.sizes.len()));
+            bar.inc(self.sizes.get(index).copied().unwrap_or(0));
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
