@@ -57,6 +57,11 @@ impl TensorEntry {
     pub fn n_elements(&self) -> usize {
         self.shape.iter().product()
     }
+
+    /// Absolute byte range of the data in the file.
+    pub fn byte_range(&self) -> std::ops::Range<usize> {
+        self.start..self.end
+    }
 }
 
 /// A mapped safetensors file. Tensors are listed in file (offset) order.
@@ -200,7 +205,10 @@ type ParsedHeader = (usize, Vec<ParsedTensor>, Vec<(String, String)>);
 /// Parses the header with the crate; returns the header length, tensors sorted by offset, and the
 /// sorted `__metadata__`.
 fn parse_header(bytes: &[u8]) -> Result<ParsedHeader, String> {
-    let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(|e| describe_error(&e))?;
+    let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(|e| match e {
+        safetensors::SafeTensorError::InvalidHeaderDeserialization => explain_bad_header(bytes),
+        e => describe_error(&e),
+    })?;
     let mut tensors: Vec<ParsedTensor> = meta
         .tensors()
         .into_iter()
@@ -214,6 +222,77 @@ fn parse_header(bytes: &[u8]) -> Result<ParsedHeader, String> {
         .unwrap_or_default();
     metadata.sort();
     Ok((header_len, tensors, metadata))
+}
+
+/// Says what is wrong with a header the crate could not deserialize (it only reports that it could
+/// not): JSON syntax with its position, an entry that is not a tensor description, or an unknown
+/// dtype. Only called on a header the crate has already bounded and found to be UTF-8.
+fn explain_bad_header(bytes: &[u8]) -> String {
+    let generic = || "header is not the expected JSON".to_string();
+    let Some(len) = bytes
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .and_then(|b| usize::try_from(u64::from_le_bytes(b)).ok())
+    else {
+        return generic();
+    };
+    let Some(text) = bytes
+        .get(8..8usize.saturating_add(len))
+        .and_then(|b| std::str::from_utf8(b).ok())
+    else {
+        return generic();
+    };
+    let value: serde_json::Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => return format!("header is not JSON: {e}"),
+    };
+    let Some(obj) = value.as_object() else {
+        return "header is not a JSON object".into();
+    };
+    for (name, entry) in obj {
+        if name == "__metadata__" {
+            if !entry
+                .as_object()
+                .is_some_and(|m| m.values().all(|v| v.is_string()))
+            {
+                return "__metadata__ is not an object of strings".into();
+            }
+            continue;
+        }
+        let Some(fields) = entry.as_object() else {
+            return format!("tensor '{name}': expected an object with dtype, shape, data_offsets");
+        };
+        if let Some(dtype) = fields.get("dtype") {
+            if serde_json::from_value::<Dtype>(dtype.clone()).is_err() {
+                return format!("tensor '{name}': unknown dtype {dtype}");
+            }
+        }
+        for key in ["dtype", "shape", "data_offsets"] {
+            if !fields.contains_key(key) {
+                return format!("tensor '{name}': no {key}");
+            }
+        }
+        let Some(shape) = fields.get("shape").and_then(|s| s.as_array()) else {
+            return format!("tensor '{name}': shape is not a list");
+        };
+        if !shape.iter().all(|d| d.as_u64().is_some()) {
+            return format!(
+                "tensor '{name}': shape {} is not a list of sizes",
+                fields["shape"]
+            );
+        }
+        let offsets_ok = fields
+            .get("data_offsets")
+            .and_then(|o| o.as_array())
+            .is_some_and(|o| o.len() == 2 && o.iter().all(|d| d.as_u64().is_some()));
+        if !offsets_ok {
+            return format!(
+                "tensor '{name}': data_offsets {} is not a [begin, end] pair",
+                fields["data_offsets"]
+            );
+        }
+    }
+    generic()
 }
 
 fn describe_error(e: &safetensors::SafeTensorError) -> String {
