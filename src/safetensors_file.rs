@@ -207,6 +207,13 @@ type ParsedHeader = (usize, Vec<ParsedTensor>, Vec<(String, String)>);
 fn parse_header(bytes: &[u8]) -> Result<ParsedHeader, String> {
     let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(|e| match e {
         safetensors::SafeTensorError::InvalidHeaderDeserialization => explain_bad_header(bytes),
+        e @ (safetensors::SafeTensorError::TensorInvalidInfo
+        | safetensors::SafeTensorError::ValidationOverflow) => {
+            match header_json(bytes).as_ref().and_then(tensor_with_bad_size) {
+                Some(detail) => detail,
+                None => describe_error(&e),
+            }
+        }
         e => describe_error(&e),
     })?;
     let mut tensors: Vec<ParsedTensor> = meta
@@ -222,6 +229,40 @@ fn parse_header(bytes: &[u8]) -> Result<ParsedHeader, String> {
         .unwrap_or_default();
     metadata.sort();
     Ok((header_len, tensors, metadata))
+}
+
+/// The header as JSON, for diagnosing a header the crate refused; `None` if it is not even that.
+fn header_json(bytes: &[u8]) -> Option<serde_json::Value> {
+    let len = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
+    let text = std::str::from_utf8(bytes.get(8..8usize.checked_add(len)?)?).ok()?;
+    serde_json::from_str(text).ok()
+}
+
+/// Names the first tensor whose shape × dtype size overflows or differs from its byte range.
+fn tensor_with_bad_size(header: &serde_json::Value) -> Option<String> {
+    for (name, entry) in header.as_object()? {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype: Dtype = serde_json::from_value(entry.get("dtype")?.clone()).ok()?;
+        let shape: Vec<u64> = serde_json::from_value(entry.get("shape")?.clone()).ok()?;
+        let [begin, end]: [u64; 2] =
+            serde_json::from_value(entry.get("data_offsets")?.clone()).ok()?;
+        let size = shape
+            .iter()
+            .try_fold(dtype.size() as u64, |acc, d| acc.checked_mul(*d));
+        match size {
+            None => return Some(format!("tensor '{name}': shape {shape:?} overflows")),
+            Some(n) if Some(n) != end.checked_sub(begin) => {
+                return Some(format!(
+                    "tensor '{name}': shape {shape:?} of {dtype:?} needs {n} bytes, data_offsets [{begin}, {end}] hold {}",
+                    i128::from(end) - i128::from(begin)
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    None
 }
 
 /// Says what is wrong with a header the crate could not deserialize (it only reports that it could
@@ -393,7 +434,7 @@ mod tests {
                     r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#,
                     &[0; 4],
                 ),
-                "shape and dtype",
+                "tensor 'a': shape [2] of F32 needs 8 bytes, data_offsets [0, 4] hold 4",
             ),
             (
                 build(
@@ -414,7 +455,7 @@ mod tests {
                     r#"{"a":{"dtype":"F32","shape":[4611686018427387904,8],"data_offsets":[0,4]}}"#,
                     &[0; 4],
                 ),
-                "overflow",
+                "tensor 'a': shape [4611686018427387904, 8] overflows",
             ),
         ];
         for (bytes, want) in cases {

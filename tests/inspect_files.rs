@@ -408,7 +408,7 @@ fn malformed() -> Vec<(&'static str, Vec<u8>, &'static str)> {
                 r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
                 &[0; 8],
             ),
-            "byte range does not match its shape and dtype",
+            "tensor 'a': shape [3] of F32 needs 12 bytes, data_offsets [0, 8] hold 8",
         ),
         (
             "offsets_overlap",
@@ -445,7 +445,7 @@ fn malformed() -> Vec<(&'static str, Vec<u8>, &'static str)> {
                 r#"{"a":{"dtype":"F32","shape":[4611686018427387904,8],"data_offsets":[0,8]}}"#,
                 &[0; 8],
             ),
-            "shape overflows",
+            "tensor 'a': shape [4611686018427387904, 8] overflows",
         ),
     ]
 }
