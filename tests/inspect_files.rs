@@ -154,6 +154,14 @@ fn reference_gguf_of_patterns_adapter_pairs_and_shapes() {
 }
 
 #[test]
+fn alora_invocation_tokens_in_config_and_reference_gguf() {
+    let v = inspect_json(&fx("llama/adapters/alora"));
+    let g = inspect_json(&fx("llama/adapters/alora/ref_convert.gguf"));
+    assert_eq!(v["config"]["alora_invocation_tokens"], json!([44, 152]));
+    assert_eq!(g["adapter"]["alora_invocation_tokens"], json!([44, 152]));
+}
+
+#[test]
 fn embedding_and_lm_head_in_peft_and_reference_gguf() {
     let v = inspect_json(&fx("llama/adapters/embed_lm_head"));
     let e = module(&v, "model.embed_tokens");
@@ -174,6 +182,9 @@ fn embedding_and_lm_head_in_peft_and_reference_gguf() {
     // llama.cpp stores the embedding A transposed, ne = [rank, n_vocab].
     assert_eq!(t["kind"], "embedding");
     assert_eq!(t["lora_a"], json!([8, 256]));
+    assert_eq!(g["adapter"]["layers"], json!([]));
+    let text = inspect_text(&fx("llama/adapters/embed_lm_head/ref_convert.gguf"));
+    assert!(text.contains("(no blk.N tensor adapted)"), "{text}");
 }
 
 #[test]

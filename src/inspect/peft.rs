@@ -270,3 +270,38 @@ pub fn inspect_peft(path: &Path) -> Result<PeftReport, AdapterError> {
         weights: safetensors_report(raw.weights.path(), &raw.weights),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_without_a_base_where_architectures_agree() {
+        let t = |p: &str| target_without_base(p).map(|m| m.target);
+        assert_eq!(
+            t("model.layers.3.self_attn.q_proj").as_deref(),
+            Some("blk.3.attn_q.weight")
+        );
+        // Only phi3 knows gate_up_proj, only the qwen MoE architectures know mlp.gate: one answer each.
+        assert_eq!(
+            t("model.layers.0.mlp.gate_up_proj").as_deref(),
+            Some("blk.0.ffn_up.weight")
+        );
+        assert_eq!(
+            t("model.layers.0.mlp.gate").as_deref(),
+            Some("blk.0.ffn_gate_inp.weight")
+        );
+        let e = target_without_base("model.layers.1.block_sparse_moe.experts.5.w2").unwrap();
+        assert_eq!(
+            (e.target.as_str(), e.expert, e.kind),
+            ("blk.1.ffn_down_exps.weight", Some(5), TargetKind::Experts)
+        );
+        // The q/k permutation is the architecture's business, not the name's.
+        assert_eq!(
+            target_without_base("model.layers.0.self_attn.k_proj").map(|m| m.rope),
+            Some(None)
+        );
+        assert_eq!(t("model.layers.0.mlp.unknown_proj"), None);
+        assert_eq!(t("transformer.h.0.attn.c_attn"), None);
+    }
+}

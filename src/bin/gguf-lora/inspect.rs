@@ -307,6 +307,9 @@ fn num(x: f64) -> String {
 }
 
 fn coverage_table(layers: &[gguf_lora::inspect::adapter::LayerCoverage]) -> String {
+    if layers.is_empty() {
+        return "  (no blk.N tensor adapted)\n".into();
+    }
     let mut t = Table::new(&[">layer", ">n", "targets"]);
     for l in layers {
         t.row(vec![
