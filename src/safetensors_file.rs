@@ -57,6 +57,11 @@ impl TensorEntry {
     pub fn n_elements(&self) -> usize {
         self.shape.iter().product()
     }
+
+    /// Absolute byte range of the data in the file.
+    pub fn byte_range(&self) -> std::ops::Range<usize> {
+        self.start..self.end
+    }
 }
 
 /// A mapped safetensors file. Tensors are listed in file (offset) order.
@@ -200,7 +205,17 @@ type ParsedHeader = (usize, Vec<ParsedTensor>, Vec<(String, String)>);
 /// Parses the header with the crate; returns the header length, tensors sorted by offset, and the
 /// sorted `__metadata__`.
 fn parse_header(bytes: &[u8]) -> Result<ParsedHeader, String> {
-    let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(|e| describe_error(&e))?;
+    let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(|e| match e {
+        safetensors::SafeTensorError::InvalidHeaderDeserialization => explain_bad_header(bytes),
+        e @ (safetensors::SafeTensorError::TensorInvalidInfo
+        | safetensors::SafeTensorError::ValidationOverflow) => {
+            match header_json(bytes).as_ref().and_then(tensor_with_bad_size) {
+                Some(detail) => detail,
+                None => describe_error(&e),
+            }
+        }
+        e => describe_error(&e),
+    })?;
     let mut tensors: Vec<ParsedTensor> = meta
         .tensors()
         .into_iter()
@@ -214,6 +229,111 @@ fn parse_header(bytes: &[u8]) -> Result<ParsedHeader, String> {
         .unwrap_or_default();
     metadata.sort();
     Ok((header_len, tensors, metadata))
+}
+
+/// The header as JSON, for diagnosing a header the crate refused; `None` if it is not even that.
+fn header_json(bytes: &[u8]) -> Option<serde_json::Value> {
+    let len = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
+    let text = std::str::from_utf8(bytes.get(8..8usize.checked_add(len)?)?).ok()?;
+    serde_json::from_str(text).ok()
+}
+
+/// Names the first tensor whose shape × dtype size overflows or differs from its byte range.
+fn tensor_with_bad_size(header: &serde_json::Value) -> Option<String> {
+    for (name, entry) in header.as_object()? {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype: Dtype = serde_json::from_value(entry.get("dtype")?.clone()).ok()?;
+        let shape: Vec<u64> = serde_json::from_value(entry.get("shape")?.clone()).ok()?;
+        let [begin, end]: [u64; 2] =
+            serde_json::from_value(entry.get("data_offsets")?.clone()).ok()?;
+        let size = shape
+            .iter()
+            .try_fold(dtype.size() as u64, |acc, d| acc.checked_mul(*d));
+        match size {
+            None => return Some(format!("tensor '{name}': shape {shape:?} overflows")),
+            Some(n) if Some(n) != end.checked_sub(begin) => {
+                return Some(format!(
+                    "tensor '{name}': shape {shape:?} of {dtype:?} needs {n} bytes, data_offsets [{begin}, {end}] hold {}",
+                    i128::from(end) - i128::from(begin)
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    None
+}
+
+/// Says what is wrong with a header the crate could not deserialize (it only reports that it could
+/// not): JSON syntax with its position, an entry that is not a tensor description, or an unknown
+/// dtype. Only called on a header the crate has already bounded and found to be UTF-8.
+fn explain_bad_header(bytes: &[u8]) -> String {
+    let generic = || "header is not the expected JSON".to_string();
+    let Some(len) = bytes
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .and_then(|b| usize::try_from(u64::from_le_bytes(b)).ok())
+    else {
+        return generic();
+    };
+    let Some(text) = bytes
+        .get(8..8usize.saturating_add(len))
+        .and_then(|b| std::str::from_utf8(b).ok())
+    else {
+        return generic();
+    };
+    let value: serde_json::Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => return format!("header is not JSON: {e}"),
+    };
+    let Some(obj) = value.as_object() else {
+        return "header is not a JSON object".into();
+    };
+    for (name, entry) in obj {
+        if name == "__metadata__" {
+            if !entry
+                .as_object()
+                .is_some_and(|m| m.values().all(|v| v.is_string()))
+            {
+                return "__metadata__ is not an object of strings".into();
+            }
+            continue;
+        }
+        let Some(fields) = entry.as_object() else {
+            return format!("tensor '{name}': expected an object with dtype, shape, data_offsets");
+        };
+        if let Some(dtype) = fields.get("dtype") {
+            if serde_json::from_value::<Dtype>(dtype.clone()).is_err() {
+                return format!("tensor '{name}': unknown dtype {dtype}");
+            }
+        }
+        for key in ["dtype", "shape", "data_offsets"] {
+            if !fields.contains_key(key) {
+                return format!("tensor '{name}': no {key}");
+            }
+        }
+        let Some(shape) = fields.get("shape").and_then(|s| s.as_array()) else {
+            return format!("tensor '{name}': shape is not a list");
+        };
+        if !shape.iter().all(|d| d.as_u64().is_some()) {
+            return format!(
+                "tensor '{name}': shape {} is not a list of sizes",
+                fields["shape"]
+            );
+        }
+        let offsets_ok = fields
+            .get("data_offsets")
+            .and_then(|o| o.as_array())
+            .is_some_and(|o| o.len() == 2 && o.iter().all(|d| d.as_u64().is_some()));
+        if !offsets_ok {
+            return format!(
+                "tensor '{name}': data_offsets {} is not a [begin, end] pair",
+                fields["data_offsets"]
+            );
+        }
+    }
+    generic()
 }
 
 fn describe_error(e: &safetensors::SafeTensorError) -> String {
@@ -314,7 +434,7 @@ mod tests {
                     r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#,
                     &[0; 4],
                 ),
-                "shape and dtype",
+                "tensor 'a': shape [2] of F32 needs 8 bytes, data_offsets [0, 4] hold 4",
             ),
             (
                 build(
@@ -335,7 +455,7 @@ mod tests {
                     r#"{"a":{"dtype":"F32","shape":[4611686018427387904,8],"data_offsets":[0,4]}}"#,
                     &[0; 4],
                 ),
-                "overflow",
+                "tensor 'a': shape [4611686018427387904, 8] overflows",
             ),
         ];
         for (bytes, want) in cases {

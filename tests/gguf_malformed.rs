@@ -5,7 +5,8 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
+
+use common::inspect_limited;
 
 /// Builds GGUF bytes field by field.
 #[derive(Clone, Default)]
@@ -326,18 +327,6 @@ impl G {
         self.0.extend_from_slice(&v.to_le_bytes());
         self
     }
-}
-
-/// Runs `gguf-lora inspect FILE` under `ulimit -v` (1 GB).
-fn inspect_limited(file: &Path) -> std::process::Output {
-    let bin = assert_cmd::cargo::cargo_bin("gguf-lora");
-    Command::new("bash")
-        .arg("-c")
-        .arg("ulimit -v 1048576 && exec \"$0\" inspect \"$1\"")
-        .arg(bin)
-        .arg(file)
-        .output()
-        .unwrap()
 }
 
 #[test]

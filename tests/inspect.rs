@@ -186,10 +186,14 @@ fn split_set_inspects_as_one_model() {
 }
 
 #[test]
-fn not_yet_supported_kinds_say_so() {
+fn a_directory_without_an_adapter_says_what_is_missing() {
     let dir = tempfile::tempdir().unwrap();
     let out = gguf_lora().arg("inspect").arg(dir.path()).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr)
-        .contains("PEFT adapter directories cannot be inspected yet"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&dir.path().display().to_string())
+            && stderr.contains("no adapter_model.safetensors"),
+        "{stderr}"
+    );
 }

@@ -96,7 +96,7 @@ pub struct AdapterMatchReport {
     pub reasons: Vec<String>,
 }
 
-fn ne_a(t: &LoraTensor) -> Vec<u64> {
+pub(crate) fn ne_a(t: &LoraTensor) -> Vec<u64> {
     let (r, i, e) = (t.rank() as u64, t.n_in() as u64, t.n_expert() as u64);
     match t.kind {
         TargetKind::Linear => vec![i, r],
@@ -105,7 +105,7 @@ fn ne_a(t: &LoraTensor) -> Vec<u64> {
     }
 }
 
-fn ne_b(t: &LoraTensor) -> Vec<u64> {
+pub(crate) fn ne_b(t: &LoraTensor) -> Vec<u64> {
     let (r, o, e) = (t.rank() as u64, t.n_out() as u64, t.n_expert() as u64);
     match t.kind {
         TargetKind::Experts => vec![r, o, e],
@@ -294,7 +294,23 @@ fn status_of(k: IssueKind) -> Status {
 }
 
 fn coverage(adapter: &Adapter, n_layer: Option<u32>) -> Vec<LayerCoverage> {
-    let max = adapter.tensors.iter().filter_map(|t| t.layer).max();
+    coverage_of(
+        adapter
+            .tensors
+            .iter()
+            .filter_map(|t| Some((t.layer?, t.target.as_str()))),
+        n_layer,
+    )
+}
+
+/// Per-layer coverage from `(layer, GGUF target)` pairs: layers `0..max(n_layer, highest + 1)`,
+/// each with its targets' short names (`attn_q`, `ffn_down`, ...), empty for untouched layers.
+pub(crate) fn coverage_of<'a>(
+    targets: impl Iterator<Item = (u32, &'a str)>,
+    n_layer: Option<u32>,
+) -> Vec<LayerCoverage> {
+    let targets: Vec<(u32, &str)> = targets.collect();
+    let max = targets.iter().map(|(l, _)| *l).max();
     let n = match (n_layer, max) {
         (Some(n), Some(m)) => n.max(m + 1),
         (Some(n), None) => n,
@@ -302,21 +318,24 @@ fn coverage(adapter: &Adapter, n_layer: Option<u32>) -> Vec<LayerCoverage> {
         (None, None) => 0,
     };
     (0..n)
-        .map(|layer| LayerCoverage {
-            layer,
-            targets: adapter
-                .tensors
-                .iter()
-                .filter(|t| t.layer == Some(layer))
-                .map(|t| {
-                    let prefix = format!("blk.{layer}.");
-                    t.target
-                        .strip_prefix(&prefix)
-                        .unwrap_or(&t.target)
-                        .trim_end_matches(".weight")
-                        .to_string()
-                })
-                .collect(),
+        .map(|layer| {
+            let prefix = format!("blk.{layer}.");
+            // Stacked experts appear once per expert in a PEFT adapter; list each target once.
+            let mut names: Vec<String> = Vec::new();
+            for (_, t) in targets.iter().filter(|(l, _)| *l == layer) {
+                let short = t
+                    .strip_prefix(&prefix)
+                    .unwrap_or(t)
+                    .trim_end_matches(".weight")
+                    .to_string();
+                if !names.contains(&short) {
+                    names.push(short);
+                }
+            }
+            LayerCoverage {
+                layer,
+                targets: names,
+            }
         })
         .collect()
 }

@@ -1,11 +1,15 @@
 //! `inspect`: what is in a model or adapter file. [`inspect`] detects the file kind and builds a
 //! [`Report`] once; the binary renders it as a table or serializes it as one JSON object.
 //!
-//! Each file kind is one [`Report`] variant with its own module (GGUF in [`gguf`]); safetensors
-//! files and PEFT directories are added as further variants beside it.
+//! Each file kind is one [`Report`] variant with its own module: GGUF in [`gguf`], GGUF LoRA
+//! adapters in [`gguf_adapter`], safetensors files in [`safetensors`], PEFT adapters in [`peft`], and
+//! an adapter matched against a base in [`adapter`].
 
 pub mod adapter;
 pub mod gguf;
+pub mod gguf_adapter;
+pub mod peft;
+pub mod safetensors;
 
 use std::fs::File;
 use std::io::Read;
@@ -14,7 +18,9 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::gguf::GgufError;
+use crate::adapter::AdapterError;
+use crate::gguf::{GgufError, GgufModel};
+use crate::safetensors_file::{SafetensorsError, SafetensorsFile};
 
 /// What `inspect` found, one variant per file kind; serialized with a `"kind"` tag.
 #[derive(Debug, Serialize)]
@@ -22,6 +28,12 @@ use crate::gguf::GgufError;
 pub enum Report {
     /// A GGUF model or adapter, single file or split set.
     Gguf(gguf::GgufReport),
+    /// A GGUF LoRA adapter (`general.type = adapter`): the GGUF view plus the adapter view.
+    GgufAdapter(gguf_adapter::GgufAdapterReport),
+    /// A `.safetensors` file that is not a PEFT adapter.
+    Safetensors(safetensors::SafetensorsReport),
+    /// A PEFT LoRA adapter: directory, or `.safetensors` with `adapter_config.json` beside it.
+    Peft(peft::PeftReport),
     /// An adapter matched against a base model (`inspect ADAPTER --base BASE.gguf`).
     AdapterMatch(adapter::AdapterMatchReport),
 }
@@ -32,9 +44,12 @@ pub enum InspectError {
     /// The GGUF reader refused the file.
     #[error(transparent)]
     Gguf(#[from] GgufError),
-    /// A kind of file this build cannot inspect yet.
-    #[error("{}: {what} cannot be inspected yet", path.display())]
-    Unsupported { path: PathBuf, what: &'static str },
+    /// The safetensors reader refused the file.
+    #[error(transparent)]
+    Safetensors(#[from] SafetensorsError),
+    /// The adapter (PEFT config and tensors, or GGUF LoRA pairs) is not a usable LoRA.
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
     /// The path could not be read at all.
     #[error("{}: cannot read: {error}", path.display())]
     Io {
@@ -78,14 +93,35 @@ pub fn detect(path: &Path) -> Result<FileKind, InspectError> {
 /// Inspects the file at `path`, whatever its kind.
 pub fn inspect(path: &Path) -> Result<Report, InspectError> {
     match detect(path)? {
-        FileKind::Gguf => Ok(Report::Gguf(gguf::inspect_gguf(path)?)),
-        FileKind::Safetensors => Err(InspectError::Unsupported {
-            path: path.to_path_buf(),
-            what: "safetensors files",
-        }),
-        FileKind::PeftDirectory => Err(InspectError::Unsupported {
-            path: path.to_path_buf(),
-            what: "PEFT adapter directories",
-        }),
+        FileKind::Gguf => {
+            let model = GgufModel::open(path)?;
+            if model.metadata().get_str("general.type") == Some("adapter") {
+                Ok(Report::GgufAdapter(gguf_adapter::report(path, &model)?))
+            } else {
+                Ok(Report::Gguf(gguf::report(path, &model)))
+            }
+        }
+        FileKind::Safetensors => {
+            let file = SafetensorsFile::open(path)?;
+            if is_peft_weights(path, &file) {
+                Ok(Report::Peft(peft::inspect_peft(path)?))
+            } else {
+                Ok(Report::Safetensors(safetensors::report(path, &file)))
+            }
+        }
+        FileKind::PeftDirectory => Ok(Report::Peft(peft::inspect_peft(path)?)),
     }
+}
+
+/// A `.safetensors` file is read as PEFT weights when `adapter_config.json` lies beside it and it
+/// holds at least one LoRA tensor: a merged model saved next to the adapter it came from stays a
+/// plain safetensors file.
+fn is_peft_weights(path: &Path, file: &SafetensorsFile) -> bool {
+    // A bare file name has the empty parent, which joins to a path relative to the working directory.
+    let dir = path.parent().unwrap_or(Path::new(""));
+    dir.join("adapter_config.json").is_file()
+        && file.tensors().iter().any(|t| {
+            crate::adapter::peft::parse_tensor_name(&t.name).1
+                != crate::adapter::peft::TensorRole::Full
+        })
 }

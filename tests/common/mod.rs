@@ -107,3 +107,16 @@ impl Interop {
 pub fn gguf_lora() -> assert_cmd::Command {
     assert_cmd::Command::cargo_bin("gguf-lora").expect("binary built")
 }
+
+/// Runs `gguf-lora inspect FILE` under `ulimit -v` (1 GB), so that trusting a lying size read from
+/// the file with a giant allocation fails instead of passing.
+pub fn inspect_limited(file: &Path) -> std::process::Output {
+    let bin = assert_cmd::cargo::cargo_bin("gguf-lora");
+    Command::new("bash")
+        .arg("-c")
+        .arg("ulimit -v 1048576 && exec \"$0\" inspect \"$1\"")
+        .arg(bin)
+        .arg(file)
+        .output()
+        .expect("run bash")
+}

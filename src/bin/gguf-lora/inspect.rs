@@ -1,4 +1,5 @@
-//! `gguf-lora inspect FILE [--json]`: prints what the library's [`gguf_lora::inspect`] found, as
+//! `gguf-lora inspect FILE [--json]`: prints what the library's [`gguf_lora::inspect`] found (GGUF
+//! model or adapter, safetensors file, PEFT adapter, or an adapter matched against `--base`), as
 //! aligned tables or as exactly one JSON object.
 
 use std::fmt::Write;
@@ -6,6 +7,9 @@ use std::path::PathBuf;
 
 use gguf_lora::inspect::adapter::{match_report, AdapterMatchReport};
 use gguf_lora::inspect::gguf::GgufReport;
+use gguf_lora::inspect::gguf_adapter::GgufAdapterReport;
+use gguf_lora::inspect::peft::PeftReport;
+use gguf_lora::inspect::safetensors::SafetensorsReport;
 use gguf_lora::inspect::{inspect, Report};
 use serde_json::Value as Json;
 
@@ -15,10 +19,11 @@ use crate::{print_stdout, Outcome};
 /// Longest string value shown in the human output before it is cut.
 const MAX_TEXT: usize = 72;
 
-/// Show what is in a GGUF model or adapter (single file or split set).
+/// Show what is in a GGUF model or adapter (single file or split set), a safetensors file or a PEFT
+/// LoRA adapter.
 #[derive(clap::Args)]
 pub struct Args {
-    /// GGUF file (or any shard of a split set).
+    /// GGUF file (or any shard of a split set), .safetensors file, or PEFT adapter directory.
     file: PathBuf,
     /// Base model GGUF: match the adapter FILE (PEFT or GGUF) against it; exit 3 if incompatible.
     #[arg(long)]
@@ -44,6 +49,9 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
     } else {
         match &report {
             Report::Gguf(r) => render_gguf(r),
+            Report::GgufAdapter(r) => render_gguf_adapter(r),
+            Report::Safetensors(r) => render_safetensors(r),
+            Report::Peft(r) => render_peft(r),
             Report::AdapterMatch(r) => render_match(r),
         }
     };
@@ -284,5 +292,300 @@ fn render_match(r: &AdapterMatchReport) -> String {
             let _ = writeln!(out, "  - {reason}");
         }
     }
+    out
+}
+
+fn dims(v: &[u64]) -> String {
+    v.iter().map(u64::to_string).collect::<Vec<_>>().join(" x ")
+}
+
+/// A scale or alpha: as few digits as say it exactly, at most 6 decimals.
+fn num(x: f64) -> String {
+    let s = format!("{x:.6}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    s.to_string()
+}
+
+fn coverage_table(layers: &[gguf_lora::inspect::adapter::LayerCoverage]) -> String {
+    if layers.is_empty() {
+        return "  (no blk.N tensor adapted)\n".into();
+    }
+    let mut t = Table::new(&[">layer", ">n", "targets"]);
+    for l in layers {
+        t.row(vec![
+            l.layer.to_string(),
+            l.targets.len().to_string(),
+            if l.targets.is_empty() {
+                "(none)".into()
+            } else {
+                l.targets.join(" ")
+            },
+        ]);
+    }
+    t.render(2)
+}
+
+fn render_gguf_adapter(r: &GgufAdapterReport) -> String {
+    let mut out = render_gguf(&r.gguf);
+    let a = &r.adapter;
+    let _ = writeln!(out, "\nLoRA adapter");
+    let mut head = Table::new(&["", ""]);
+    head.row(vec![
+        "alpha".into(),
+        a.alpha
+            .map_or_else(|| "absent (runtime scale = user scale)".into(), num),
+    ]);
+    head.row(vec!["pairs".into(), a.pairs.to_string()]);
+    head.row(vec![
+        "ranks".into(),
+        a.ranks
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+    ]);
+    if let Some(tokens) = &a.alora_invocation_tokens {
+        head.row(vec![
+            "aLoRA invocation".into(),
+            tokens
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(" "),
+        ]);
+    }
+    if !a.full_tensors.is_empty() {
+        head.row(vec!["full tensors".into(), a.full_tensors.join(" ")]);
+    }
+    out.push_str(&head.render(2));
+    let _ = writeln!(out, "\nLoRA pairs ({})", a.pairs);
+    let mut t = Table::new(&[
+        "target", ">layer", "kind", ">rank", ">alpha", ">scale", "lora_a", "lora_b", "types",
+    ]);
+    for x in &a.tensors {
+        t.row(vec![
+            x.target.clone(),
+            x.layer.map_or_else(|| "-".into(), |l| l.to_string()),
+            x.kind.clone(),
+            x.rank.to_string(),
+            num(x.alpha),
+            num(x.scale),
+            dims(&x.lora_a),
+            dims(&x.lora_b),
+            format!("{}/{}", x.lora_a_type, x.lora_b_type),
+        ]);
+    }
+    out.push_str(&t.render(2));
+    let _ = writeln!(out, "\nLayer coverage");
+    out.push_str(&coverage_table(&a.layers));
+    out
+}
+
+/// The tensor table and totals of a safetensors file (also the weights part of a PEFT report).
+fn safetensors_tables(r: &SafetensorsReport, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "\nTensors ({}, {} elements, {})",
+        r.total.tensors,
+        r.total.elements,
+        human_bytes(r.total.bytes)
+    );
+    let mut t = Table::new(&["name", "dtype", "shape", ">bytes"]);
+    for x in &r.tensors {
+        t.row(vec![
+            x.name.clone(),
+            x.dtype.clone(),
+            dims(&x.shape),
+            x.bytes.to_string(),
+        ]);
+    }
+    out.push_str(&t.render(2));
+    let _ = writeln!(out, "\nTotals by dtype");
+    let mut t = Table::new(&["dtype", ">tensors", ">elements", ">bytes", ">size"]);
+    for x in &r.totals_by_dtype {
+        t.row(vec![
+            x.dtype.clone(),
+            x.tensors.to_string(),
+            x.elements.to_string(),
+            x.bytes.to_string(),
+            human_bytes(x.bytes),
+        ]);
+    }
+    out.push_str(&t.render(2));
+}
+
+fn render_safetensors(r: &SafetensorsReport) -> String {
+    let mut out = String::new();
+    let mut head = Table::new(&["", ""]);
+    head.row(vec!["file".into(), r.path.clone()]);
+    head.row(vec![
+        "format".into(),
+        format!(
+            "safetensors, header {} bytes, {}",
+            r.data_offset,
+            human_bytes(r.file_size)
+        ),
+    ]);
+    out.push_str(&head.render(0));
+    if !r.metadata.is_empty() {
+        let _ = writeln!(out, "\nMetadata ({} keys)", r.metadata.len());
+        let mut t = Table::new(&["key", "value"]);
+        for (k, v) in &r.metadata {
+            t.row(vec![k.clone(), cut(&format!("{v:?}"), MAX_TEXT * 2)]);
+        }
+        out.push_str(&t.render(2));
+    }
+    safetensors_tables(r, &mut out);
+    out
+}
+
+fn render_peft(r: &PeftReport) -> String {
+    let mut out = String::new();
+    let c = &r.config;
+    let mut head = Table::new(&["", ""]);
+    head.row(vec!["adapter".into(), r.path.clone()]);
+    head.row(vec!["config".into(), r.config_path.clone()]);
+    head.row(vec![
+        "weights".into(),
+        format!("{} ({})", r.weights_path, human_bytes(r.weights.file_size)),
+    ]);
+    out.push_str(&head.render(0));
+
+    let _ = writeln!(out, "\nConfig");
+    let mut t = Table::new(&["key", "value"]);
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    let map = |m: &serde_json::Map<String, Json>| {
+        if m.is_empty() {
+            "-".to_string()
+        } else {
+            m.iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    let rows: Vec<(&str, String)> = vec![
+        (
+            "peft_type",
+            c.peft_type.clone().unwrap_or_else(|| "-".into()),
+        ),
+        ("r", c.r.to_string()),
+        ("lora_alpha", num(c.lora_alpha)),
+        ("use_rslora", c.use_rslora.to_string()),
+        ("rank_pattern", map(&c.rank_pattern)),
+        ("alpha_pattern", map(&c.alpha_pattern)),
+        ("target_modules", list(&c.target_modules)),
+        ("use_dora", c.use_dora.to_string()),
+        ("lora_bias", c.lora_bias.to_string()),
+        ("modules_to_save", list(&c.modules_to_save)),
+        ("fan_in_fan_out", c.fan_in_fan_out.to_string()),
+        (
+            "alora_invocation_tokens",
+            c.alora_invocation_tokens.as_ref().map_or_else(
+                || "-".into(),
+                |t| t.iter().map(u32::to_string).collect::<Vec<_>>().join(" "),
+            ),
+        ),
+        (
+            "base_model_name_or_path",
+            c.base_model_name_or_path
+                .clone()
+                .unwrap_or_else(|| "-".into()),
+        ),
+    ];
+    for (k, v) in rows {
+        t.row(vec![k.into(), cut(&v, MAX_TEXT * 2)]);
+    }
+    if let Some(s) = &c.invocation_string {
+        t.row(vec![
+            "invocation_string".into(),
+            cut(&format!("{s:?}"), MAX_TEXT),
+        ]);
+    }
+    out.push_str(&t.render(2));
+
+    let _ = writeln!(
+        out,
+        "\nModules ({}; ranks {}; GGUF targets as every supported architecture names them)",
+        r.modules.len(),
+        r.ranks
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut t = Table::new(&[
+        "source", "target", ">layer", "kind", ">rank", ">alpha", ">scale", "lora_A", "lora_B",
+        "dtype", "status",
+    ]);
+    for m in &r.modules {
+        let mut flags = Vec::new();
+        if m.dora {
+            flags.push("DoRA");
+        }
+        if m.lora_bias {
+            flags.push("bias");
+        }
+        let status = if m.representable {
+            "ok".to_string()
+        } else if flags.is_empty() {
+            "NOT REPRESENTABLE".to_string()
+        } else {
+            format!("NOT REPRESENTABLE ({})", flags.join(", "))
+        };
+        t.row(vec![
+            m.source.clone(),
+            m.target.clone().unwrap_or_else(|| "?".into()),
+            m.layer.map_or_else(|| "-".into(), |l| l.to_string()),
+            m.kind.clone(),
+            m.rank.to_string(),
+            num(m.alpha),
+            num(m.scale),
+            dims(&m.lora_a),
+            dims(&m.lora_b),
+            m.dtype.clone(),
+            status,
+        ]);
+    }
+    out.push_str(&t.render(2));
+
+    if !r.full_tensors.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nFull tensors ({}; modules_to_save or norms: not representable as LoRA)",
+            r.full_tensors.len()
+        );
+        let mut t = Table::new(&["name", "target", "shape", "dtype"]);
+        for f in &r.full_tensors {
+            t.row(vec![
+                f.name.clone(),
+                f.target.clone().unwrap_or_else(|| "?".into()),
+                dims(&f.shape),
+                f.dtype.clone(),
+            ]);
+        }
+        out.push_str(&t.render(2));
+    }
+    let _ = writeln!(out, "\nLayer coverage");
+    out.push_str(&coverage_table(&r.layers));
+    if r.not_representable.is_empty() {
+        let _ = writeln!(out, "\nGGUF LoRA: representable (convert can write it)");
+    } else {
+        let _ = writeln!(
+            out,
+            "\nGGUF LoRA: NOT representable ({}); `merge` can apply what a LoRA cannot hold",
+            r.not_representable.len()
+        );
+        for line in &r.not_representable {
+            let _ = writeln!(out, "  - {line}");
+        }
+    }
+    safetensors_tables(&r.weights, &mut out);
     out
 }
