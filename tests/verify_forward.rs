@@ -91,12 +91,9 @@ fn our_logits(
         .unwrap()
         .with_llama_cpp_activations(like_llama_cpp);
     let mut set = RuntimeLora::new();
-    let adapters: Vec<GgufModel> = loras
-        .iter()
-        .map(|(p, _)| GgufModel::open(p).unwrap())
-        .collect();
-    for (a, (_, s)) in adapters.iter().zip(loras) {
-        set.add_gguf_adapter(a, *s).unwrap();
+    for (p, s) in loras {
+        set.add_adapter(&gguf_lora::adapter::gguf::read(p).unwrap(), *s)
+            .unwrap();
     }
     let lora = (!loras.is_empty()).then_some(&set);
     m.logits(tokens, &[lora]).unwrap().remove(0)

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use anyhow::{bail, Context, Result};
 
 use super::matmul::{matmul, Matrix};
-use super::source::WeightSource;
+use crate::adapter::{Adapter, TargetKind};
 
 /// The tensor whose LoRA is applied at lookup rather than as a product.
 pub const TOKEN_EMBD: &str = "token_embd.weight";
@@ -70,51 +70,35 @@ impl RuntimeLora {
         self.terms.get(tensor).map(Vec::as_slice).unwrap_or(&[])
     }
 
-    /// Adds every pair of a GGUF LoRA adapter (`NAME.lora_a` ne=[n_in, rank], `NAME.lora_b`
-    /// ne=[rank, n_out]; token_embd's `lora_a` ne=[rank, n_vocab]) at `user_scale`, checking the
-    /// header as `llama_adapter_lora_init_impl` does.
-    pub fn add_gguf_adapter(&mut self, src: &dyn WeightSource, user_scale: f32) -> Result<()> {
-        let what = src.describe();
-        if src.meta_str("general.type").as_deref() != Some("adapter") {
-            bail!("{what}: general.type is not 'adapter'; not a LoRA adapter");
-        }
-        if src.meta_str("adapter.type").as_deref() != Some("lora") {
-            bail!("{what}: adapter.type is not 'lora'");
-        }
-        let alpha = src.meta_f32("adapter.lora.alpha").unwrap_or(0.0);
-        let names = src.tensor_names();
-        for name in &names {
-            let Some(base) = name.strip_suffix(".lora_a") else {
-                continue;
+    /// Adds every LoRA tensor of a normalized adapter (read from a GGUF LoRA file by
+    /// [`crate::adapter::gguf::read`] or from PEFT by [`crate::adapter::peft::read`]) at `user_scale`.
+    /// Full replacement tensors are not LoRA and are left out, as llama.cpp's loader skips a GGUF
+    /// adapter's `*_norm.weight`; callers that must refuse them check [`Adapter::unrepresentable`].
+    pub fn add_adapter(&mut self, adapter: &Adapter, user_scale: f32) -> Result<()> {
+        for t in &adapter.tensors {
+            let loaded = t.load()?;
+            let scale = user_scale * loaded.scale() as f32;
+            let term = match t.kind {
+                TargetKind::Linear => LoraTerm {
+                    a: loaded.a.data,
+                    b: loaded.b.data,
+                    rank: loaded.rank,
+                    scale,
+                },
+                // Normalized A is rank × n_vocab; the runtime looks rows up per token.
+                TargetKind::Embedding => LoraTerm {
+                    a: loaded.a.transposed().data,
+                    b: loaded.b.data,
+                    rank: loaded.rank,
+                    scale,
+                },
+                TargetKind::Experts => bail!(
+                    "{}: {} is a stacked expert tensor; verify does not run MoE models",
+                    adapter.provenance.path.display(),
+                    t.target
+                ),
             };
-            let b_name = format!("{base}.lora_b");
-            let a = src.tensor(name).context("listed tensor missing")?;
-            let b = src
-                .tensor(&b_name)
-                .with_context(|| format!("{what}: {name} has no matching {b_name}"))?;
-            let rank = b.row_len();
-            if rank == 0 || rank > 1 << 16 {
-                bail!("{what}: {b_name} has implausible rank {rank}");
-            }
-            let is_embd = base == TOKEN_EMBD;
-            let a_rank = if is_embd { a.row_len() } else { a.n_rows() };
-            if a_rank != rank {
-                bail!("{what}: {name} has rank {a_rank} but {b_name} has rank {rank}");
-            }
-            let term = LoraTerm {
-                a: a.to_f32()?,
-                b: b.to_f32()?,
-                rank,
-                scale: effective_scale(user_scale, alpha, rank),
-            };
-            self.add(base, term);
-        }
-        for name in &names {
-            if let Some(base) = name.strip_suffix(".lora_b") {
-                if src.tensor(&format!("{base}.lora_a")).is_none() {
-                    bail!("{what}: {name} has no matching {base}.lora_a");
-                }
-            }
+            self.add(&t.target, term);
         }
         Ok(())
     }

@@ -35,12 +35,12 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::adapter::{self, TargetKind};
+use crate::adapter;
 use crate::arch::{self, BaseInfo};
 use crate::gguf::GgufModel;
 use compare::{Comparison, Fidelity, Thresholds};
 use forward::{Logits, Model};
-use lora::{LoraTerm, RuntimeLora, TOKEN_EMBD};
+use lora::RuntimeLora;
 use source::WeightSource;
 
 /// Tokens checked when the user gives neither `--tokens` nor `--n-tokens`.
@@ -261,8 +261,9 @@ fn base_info(base: &GgufModel) -> BaseInfo {
     }
 }
 
-/// Adds a PEFT adapter (directory or `.safetensors` with its config), mapped onto `base`.
-fn add_peft_adapter(set: &mut RuntimeLora, base: &GgufModel, path: &Path, user: f32) -> Result<()> {
+/// Reads a PEFT adapter (directory or `.safetensors` with its config), mapped onto `base`, refusing
+/// what llama.cpp could not apply at runtime (there would be no reference to verify against).
+fn read_peft_adapter(base: &GgufModel, path: &Path) -> Result<adapter::Adapter> {
     let (adapter, issues) = adapter::peft::read(path, &base_info(base))?;
     if let Some(issue) = issues.first() {
         bail!(
@@ -272,40 +273,13 @@ fn add_peft_adapter(set: &mut RuntimeLora, base: &GgufModel, path: &Path, user: 
             issues.len()
         );
     }
-    let unrepresentable = adapter.unrepresentable();
-    if let Some(first) = unrepresentable.first() {
+    if let Some(first) = adapter.unrepresentable().first() {
         bail!(
             "{}: {first} cannot be applied at runtime by llama.cpp, so there is no runtime reference to verify against",
             path.display()
         );
     }
-    for t in &adapter.tensors {
-        let loaded = t.load()?;
-        let scale = user * loaded.scale() as f32;
-        let term = match t.kind {
-            TargetKind::Linear => LoraTerm {
-                a: loaded.a.data,
-                b: loaded.b.data,
-                rank: loaded.rank,
-                scale,
-            },
-            // Normalized A is rank × n_vocab; the runtime looks rows up per token.
-            TargetKind::Embedding => LoraTerm {
-                a: loaded.a.transposed().data,
-                b: loaded.b.data,
-                rank: loaded.rank,
-                scale,
-            },
-            TargetKind::Experts => bail!(
-                "{}: {} is a stacked expert tensor; verify does not run MoE models",
-                path.display(),
-                t.target
-            ),
-        };
-        debug_assert!(t.kind != TargetKind::Embedding || t.target == TOKEN_EMBD);
-        set.add(&t.target, term);
-    }
-    Ok(())
+    Ok(adapter)
 }
 
 /// Loads adapters given as `(path, user scale)`: GGUF LoRA files or PEFT adapters.
@@ -316,12 +290,12 @@ pub fn load_adapters(base: &GgufModel, specs: &[(String, f32)]) -> Result<Runtim
         if spec.contains(".gguf#") && !path.exists() {
             bail!("{spec}: adapters inside named bundles are not supported by verify yet; extract it with `gguf-lora bundle --extract`");
         }
-        if adapter::peft::is_peft(path) && !spec.ends_with(".gguf") {
-            add_peft_adapter(&mut set, base, path, *scale)?;
+        let adapter = if adapter::peft::is_peft(path) && !spec.ends_with(".gguf") {
+            read_peft_adapter(base, path)?
         } else {
-            let file = GgufModel::open(path)?;
-            set.add_gguf_adapter(&file, *scale)?;
-        }
+            adapter::gguf::read(path)?
+        };
+        set.add_adapter(&adapter, *scale)?;
     }
     if let Some(name) = set.tensors().find(|n| base.tensor(n).is_none()) {
         bail!("the adapters adapt {name}, which the base model does not have (hint: wrong base model?)");

@@ -12,6 +12,7 @@ use gguf_lora::merge::{AdapterInput, MergeOptions, MergeReport, OutType, Promote
 use gguf_lora::quant::GgmlType;
 use serde::Serialize;
 
+use crate::lora_args::LoraArgs;
 use crate::progress::TensorProgress;
 use crate::Outcome;
 
@@ -20,20 +21,8 @@ use crate::Outcome;
 pub struct Args {
     /// Base model: a GGUF file or any shard of a gguf-split set.
     pub base: PathBuf,
-    /// Adapters at scale 1 (GGUF LoRA, PEFT dir or .safetensors, BUNDLE.gguf#NAME); comma-separated, repeatable.
-    #[arg(
-        long = "lora",
-        value_name = "ADAPTER[,ADAPTER...]",
-        value_delimiter = ','
-    )]
-    pub lora: Vec<String>,
-    /// Adapters with a scale, ADAPTER:SCALE; comma-separated, repeatable.
-    #[arg(
-        long = "lora-scaled",
-        value_name = "ADAPTER:SCALE[,...]",
-        value_delimiter = ','
-    )]
-    pub lora_scaled: Vec<String>,
+    #[command(flatten)]
+    pub lora: LoraArgs,
     /// Output file (for a split base, the shards are named after it).
     #[arg(short = 'o', long = "output", value_name = "OUT.gguf")]
     pub output: PathBuf,
@@ -100,31 +89,6 @@ fn parse_promote(s: &str) -> anyhow::Result<Promote> {
     Ok(Promote::Type(parse_type(s)?))
 }
 
-/// `(path or BUNDLE#NAME, scale)` of every adapter, in command-line order (--lora first).
-fn adapter_specs(args: &Args) -> anyhow::Result<Vec<(String, f32)>> {
-    let mut out: Vec<(String, f32)> = args
-        .lora
-        .iter()
-        .filter(|s| !s.is_empty())
-        .map(|s| (s.clone(), 1.0))
-        .collect();
-    for spec in args.lora_scaled.iter().filter(|s| !s.is_empty()) {
-        let (path, scale) = spec
-            .rsplit_once(':')
-            .with_context(|| format!("--lora-scaled '{spec}': expected ADAPTER:SCALE"))?;
-        let scale: f32 = scale
-            .parse()
-            .ok()
-            .filter(|s: &f32| s.is_finite())
-            .with_context(|| format!("--lora-scaled '{spec}': scale '{scale}' is not a number"))?;
-        out.push((path.to_string(), scale));
-    }
-    if out.is_empty() {
-        bail!("no adapter given (use --lora ADAPTER or --lora-scaled ADAPTER:SCALE)");
-    }
-    Ok(out)
-}
-
 fn load_adapter(spec: &str, scale: f32, base: &GgufModel) -> anyhow::Result<AdapterInput> {
     let path = Path::new(spec);
     let name = path
@@ -157,7 +121,7 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
         promote,
         ..Default::default()
     };
-    let specs = adapter_specs(&args)?;
+    let specs = args.lora.adapters()?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(args.threads.unwrap_or(0))
         .build()
