@@ -4,7 +4,11 @@
 //! (merge, convert, bundle, verify) → the streaming, atomic GGUF writer. The binary in `src/bin` only
 //! parses flags and prints; everything it does is reachable from this library.
 
+pub mod adapter;
+pub mod arch;
+pub mod convert;
 pub mod gguf;
 pub mod inspect;
 pub mod output;
 pub mod quant;
+pub mod safetensors_file;

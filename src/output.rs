@@ -25,12 +25,11 @@ pub enum OutputError {
     #[error("{}: output is the same file as input {}", target.display(), input.display())]
     SameAsInput { target: PathBuf, input: PathBuf },
     /// An operating-system error on the temporary file or the target.
-    #[error("{}: cannot {op}: {source}", path.display())]
+    #[error("{}: cannot {op}: {error}", path.display())]
     Io {
         op: &'static str,
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
 }
 
@@ -125,7 +124,7 @@ impl AtomicOutput {
         let name = target.file_name().ok_or_else(|| OutputError::Io {
             op: "create a file there",
             path: target.to_path_buf(),
-            source: io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"),
+            error: io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"),
         })?;
         let dir = parent_dir(target);
         let mut live = registry();
@@ -151,7 +150,7 @@ impl AtomicOutput {
                     return Err(OutputError::Io {
                         op: "create a temporary file beside it",
                         path: target.to_path_buf(),
-                        source,
+                        error: source,
                     })
                 }
             }
@@ -172,7 +171,7 @@ impl AtomicOutput {
         OutputError::Io {
             op,
             path: self.target.clone(),
-            source,
+            error: source,
         }
     }
 

@@ -14,8 +14,7 @@ use crate::quant::GgmlType;
 pub struct GgufError {
     /// The file read or written (the target, for writer errors).
     pub path: PathBuf,
-    /// What is wrong.
-    #[source]
+    /// What is wrong (already part of the message, so not also reported as the error's source).
     pub kind: GgufErrorKind,
 }
 
@@ -32,12 +31,8 @@ impl GgufError {
 #[derive(Debug, Error)]
 pub enum GgufErrorKind {
     /// An operating-system error while opening, reading, writing or renaming.
-    #[error("cannot {op}: {source}")]
-    Io {
-        op: &'static str,
-        #[source]
-        source: io::Error,
-    },
+    #[error("cannot {op}: {error}")]
+    Io { op: &'static str, error: io::Error },
     /// The file does not start with the magic bytes `GGUF`.
     #[error("not a GGUF file (starts with {found:02x?}, expected \"GGUF\")")]
     BadMagic { found: Vec<u8> },

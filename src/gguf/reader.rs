@@ -89,7 +89,7 @@ impl GgufFile {
     /// Opens and parses `path`, memory-mapping it.
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile> {
         let path = path.as_ref();
-        let io = |op, source| GgufError::new(path, GgufErrorKind::Io { op, source });
+        let io = |op, source| GgufError::new(path, GgufErrorKind::Io { op, error: source });
         let file = File::open(path).map_err(|e| io("open", e))?;
         let len = file.metadata().map_err(|e| io("stat", e))?.len();
         let backing = if len == 0 {

@@ -115,10 +115,7 @@ impl GgufWriter {
             layout.push((t.name.clone(), size));
         }
 
-        let out = AtomicOutput::create(target, inputs).map_err(|e| match e {
-            OutputError::SameAsInput { input, .. } => err(GgufErrorKind::OutputIsInput { input }),
-            OutputError::Io { op, source, .. } => err(GgufErrorKind::Io { op, source }),
-        })?;
+        let out = AtomicOutput::create(target, inputs).map_err(|e| output_error(target, e))?;
         let slow_write = std::env::var(SLOW_WRITE_ENV)
             .ok()
             .and_then(|v| v.parse().ok())
@@ -136,14 +133,8 @@ impl GgufWriter {
         Ok(w)
     }
 
-    fn io_err(&self, source: std::io::Error) -> GgufError {
-        GgufError::new(
-            &self.path,
-            GgufErrorKind::Io {
-                op: "write",
-                source,
-            },
-        )
+    fn io_err(&self, error: std::io::Error) -> GgufError {
+        GgufError::new(&self.path, GgufErrorKind::Io { op: "write", error })
     }
 
     fn put(&mut self, bytes: &[u8]) -> Result<()> {
@@ -264,15 +255,16 @@ impl GgufWriter {
             ));
         }
         let path = self.path;
-        self.out.finish().map_err(|e| match e {
-            OutputError::Io { op, source, .. } => {
-                GgufError::new(&path, GgufErrorKind::Io { op, source })
-            }
-            OutputError::SameAsInput { input, .. } => {
-                GgufError::new(&path, GgufErrorKind::OutputIsInput { input })
-            }
-        })
+        self.out.finish().map_err(|e| output_error(&path, e))
     }
+}
+
+fn output_error(target: &Path, e: OutputError) -> GgufError {
+    let kind = match e {
+        OutputError::SameAsInput { input, .. } => GgufErrorKind::OutputIsInput { input },
+        OutputError::Io { op, error, .. } => GgufErrorKind::Io { op, error },
+    };
+    GgufError::new(target, kind)
 }
 
 /// Appends the on-disk encoding of one key-value pair.

@@ -4,6 +4,7 @@
 //! Each file kind is one [`Report`] variant with its own module (GGUF in [`gguf`]); safetensors
 //! files and PEFT directories are added as further variants beside it.
 
+pub mod adapter;
 pub mod gguf;
 
 use std::fs::File;
@@ -21,6 +22,8 @@ use crate::gguf::GgufError;
 pub enum Report {
     /// A GGUF model or adapter, single file or split set.
     Gguf(gguf::GgufReport),
+    /// An adapter matched against a base model (`inspect ADAPTER --base BASE.gguf`).
+    AdapterMatch(adapter::AdapterMatchReport),
 }
 
 /// Why a file could not be inspected.
@@ -30,14 +33,13 @@ pub enum InspectError {
     #[error(transparent)]
     Gguf(#[from] GgufError),
     /// A kind of file this build cannot inspect yet.
-    #[error("{}: {what} files cannot be inspected yet", path.display())]
+    #[error("{}: {what} cannot be inspected yet", path.display())]
     Unsupported { path: PathBuf, what: &'static str },
     /// The path could not be read at all.
-    #[error("{}: cannot read: {source}", path.display())]
+    #[error("{}: cannot read: {error}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -52,9 +54,9 @@ pub enum FileKind {
 /// Tells the file kind from the first bytes (GGUF magic), the extension or being a directory.
 /// Anything unrecognized is treated as GGUF so that the reader names what is wrong with it.
 pub fn detect(path: &Path) -> Result<FileKind, InspectError> {
-    let io = |source| InspectError::Io {
+    let io = |error| InspectError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     let meta = std::fs::metadata(path).map_err(io)?;
     if meta.is_dir() {
@@ -79,11 +81,11 @@ pub fn inspect(path: &Path) -> Result<Report, InspectError> {
         FileKind::Gguf => Ok(Report::Gguf(gguf::inspect_gguf(path)?)),
         FileKind::Safetensors => Err(InspectError::Unsupported {
             path: path.to_path_buf(),
-            what: "safetensors",
+            what: "safetensors files",
         }),
         FileKind::PeftDirectory => Err(InspectError::Unsupported {
             path: path.to_path_buf(),
-            what: "PEFT adapter directory",
+            what: "PEFT adapter directories",
         }),
     }
 }

@@ -4,6 +4,7 @@
 use std::fmt::Write;
 use std::path::PathBuf;
 
+use gguf_lora::inspect::adapter::{match_report, AdapterMatchReport};
 use gguf_lora::inspect::gguf::GgufReport;
 use gguf_lora::inspect::{inspect, Report};
 use serde_json::Value as Json;
@@ -19,13 +20,23 @@ const MAX_TEXT: usize = 72;
 pub struct Args {
     /// GGUF file (or any shard of a split set).
     file: PathBuf,
+    /// Base model GGUF: match the adapter FILE (PEFT or GGUF) against it; exit 3 if incompatible.
+    #[arg(long)]
+    base: Option<PathBuf>,
     /// Print exactly one JSON object on stdout instead of tables.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<Outcome> {
-    let report = inspect(&args.file)?;
+    let report = match &args.base {
+        Some(base) => Report::AdapterMatch(match_report(&args.file, base)?),
+        None => inspect(&args.file)?,
+    };
+    let outcome = match &report {
+        Report::AdapterMatch(r) if !r.compatible => Outcome::CheckFailed,
+        _ => Outcome::Success,
+    };
     let text = if args.json {
         let mut s = serde_json::to_string_pretty(&report)?;
         s.push('\n');
@@ -33,10 +44,11 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
     } else {
         match &report {
             Report::Gguf(r) => render_gguf(r),
+            Report::AdapterMatch(r) => render_match(r),
         }
     };
     print_stdout(&text)?;
-    Ok(Outcome::Success)
+    Ok(outcome)
 }
 
 fn render_gguf(r: &GgufReport) -> String {
@@ -188,4 +200,89 @@ fn cut(s: &str, max: usize) -> String {
     let mut t: String = s.chars().take(max.saturating_sub(3)).collect();
     t.push_str("...");
     t
+}
+
+fn shape(s: &Option<Vec<u64>>) -> String {
+    s.as_ref().map_or_else(
+        || "-".into(),
+        |v| v.iter().map(u64::to_string).collect::<Vec<_>>().join(" x "),
+    )
+}
+
+fn render_match(r: &AdapterMatchReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "adapter  {} ({})", r.adapter, r.format);
+    let _ = writeln!(out, "base     {} ({})", r.base, r.arch);
+    let _ = writeln!(out, "\nModules ({})", r.rows.len());
+    let mut t = Table::new(&[
+        "source", "target", ">layer", "kind", ">rank", ">alpha", ">scale", "lora_a", "lora_b",
+        "base", "type", "status",
+    ]);
+    let num = |v: Option<f64>| v.map_or_else(|| "-".into(), |x| format!("{x:.4}"));
+    for row in &r.rows {
+        t.row(vec![
+            row.source.clone(),
+            row.target.clone().unwrap_or_else(|| "-".into()),
+            row.layer.map_or_else(|| "-".into(), |l| l.to_string()),
+            row.kind.clone(),
+            row.rank.map_or_else(|| "-".into(), |v| v.to_string()),
+            num(row.alpha),
+            num(row.scale),
+            shape(&row.lora_a),
+            shape(&row.lora_b),
+            shape(&row.base_shape),
+            row.base_type.clone().unwrap_or_else(|| "-".into()),
+            row.status.name().to_string(),
+        ]);
+    }
+    out.push_str(&t.render(2));
+    let problems: Vec<_> = r.rows.iter().filter(|x| !x.message.is_empty()).collect();
+    if !problems.is_empty() {
+        let _ = writeln!(out, "\nProblems");
+        for p in problems {
+            let _ = writeln!(out, "  {}: {}", p.source, p.message);
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\nLayer coverage ({} base layers)",
+        r.base_layers.map_or_else(|| "?".into(), |n| n.to_string())
+    );
+    let mut t = Table::new(&[">layer", ">n", "targets"]);
+    for l in &r.layers {
+        t.row(vec![
+            l.layer.to_string(),
+            l.targets.len().to_string(),
+            if l.targets.is_empty() {
+                "(none)".into()
+            } else {
+                l.targets.join(" ")
+            },
+        ]);
+    }
+    out.push_str(&t.render(2));
+    let _ = writeln!(out, "\nIdentity");
+    let mut t = Table::new(&["", "adapter", "base", ""]);
+    for h in &r.hints {
+        t.row(vec![
+            h.what.clone(),
+            h.adapter.clone().unwrap_or_else(|| "-".into()),
+            h.base.clone().unwrap_or_else(|| "-".into()),
+            match h.agree {
+                Some(true) => "agree".into(),
+                Some(false) => "DIFFER".into(),
+                None => String::new(),
+            },
+        ]);
+    }
+    out.push_str(&t.render(2));
+    if r.compatible {
+        let _ = writeln!(out, "\nverdict: compatible");
+    } else {
+        let _ = writeln!(out, "\nverdict: INCOMPATIBLE");
+        for reason in &r.reasons {
+            let _ = writeln!(out, "  - {reason}");
+        }
+    }
+    out
 }

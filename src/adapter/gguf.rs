@@ -1,0 +1,603 @@
+//! GGUF LoRA adapters: reading one into the normalized [`Adapter`], and writing one exactly as
+//! llama.cpp's loader (`src/llama-adapter.cpp`) and `convert_lora_to_gguf.py` lay it out.
+//!
+//! Layout: `general.architecture` (the base's), `general.type = "adapter"`, `adapter.type = "lora"`,
+//! `adapter.lora.alpha` (F32), `adapter.alora.invocation_tokens` (ARRAY[U32]) when present; per
+//! adapted base tensor `NAME.lora_a` with `ne = [n_in, rank]` and `NAME.lora_b` with
+//! `ne = [rank, n_out]` (stacked experts add `n_expert` as `ne[2]`), except `token_embd.weight.lora_a`,
+//! stored transposed (`ne = [rank, n_vocab]`) so the runtime can `get_rows` it.
+//!
+//! # Alpha
+//! A GGUF adapter has one alpha per file and the runtime divides by each tensor's own rank
+//! (`scale = user · alpha / lora_b.ne[0]`, or `user` when alpha is 0). We write the alpha most tensors
+//! share (so a plain, rsLoRA or rank_pattern adapter is written exactly as trained, and alpha stays
+//! meaningful to tools that show it) and fold `alpha_i / alpha_file` into `B` of every tensor whose
+//! PEFT alpha differs (`alpha_pattern`, rsLoRA with several ranks). Every tensor then gets exactly
+//! PEFT's scale at user scale 1, in llama.cpp, `llama-export-lora` and our `merge` alike. We never
+//! write alpha 0: its "no scaling" meaning is a llama.cpp convention other readers may not share.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::{
+    Adapter, AdapterError, Factor, FullTensor, Layout, LoraPair, LoraTensor, Matrix, Provenance,
+    SourceFormat, TargetKind,
+};
+use crate::gguf::{Array, GgufModel, GgufWriter, Metadata, TensorDesc, Value};
+use crate::quant::{self, GgmlType};
+
+pub const KEY_ARCH: &str = "general.architecture";
+pub const KEY_TYPE: &str = "general.type";
+pub const KEY_ADAPTER_TYPE: &str = "adapter.type";
+pub const KEY_ALPHA: &str = "adapter.lora.alpha";
+pub const KEY_ALORA: &str = "adapter.alora.invocation_tokens";
+pub const SUFFIX_A: &str = ".lora_a";
+pub const SUFFIX_B: &str = ".lora_b";
+
+/// Tensor type of a written adapter (`--outtype`), as `convert_lora_to_gguf.py` offers them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutType {
+    F32,
+    F16,
+    Bf16,
+    #[value(name = "q8_0")]
+    #[serde(rename = "q8_0")]
+    Q8_0,
+}
+
+impl OutType {
+    /// The ggml type for a tensor whose rows are `row_len` long: Q8_0 needs whole 32-element blocks
+    /// and falls back to F16 otherwise (the reference converter's `QuantError` fallback).
+    pub fn ggml_type(self, row_len: u64) -> GgmlType {
+        match self {
+            OutType::F32 => GgmlType::F32,
+            OutType::F16 => GgmlType::F16,
+            OutType::Bf16 => GgmlType::BF16,
+            OutType::Q8_0 if row_len.is_multiple_of(32) => GgmlType::Q8_0,
+            OutType::Q8_0 => GgmlType::F16,
+        }
+    }
+}
+
+/// The two tensors a target becomes, with shapes, before any data is read.
+fn descs(t: &LoraTensor, outtype: OutType) -> [TensorDesc; 2] {
+    let (rank, n_in, n_out, n_exp) = (
+        t.rank() as u64,
+        t.n_in() as u64,
+        t.n_out() as u64,
+        t.n_expert() as u64,
+    );
+    let (a_dims, b_dims) = match t.kind {
+        TargetKind::Linear => (vec![n_in, rank], vec![rank, n_out]),
+        TargetKind::Embedding => (vec![rank, n_in], vec![rank, n_out]),
+        TargetKind::Experts => (vec![n_in, rank, n_exp], vec![rank, n_out, n_exp]),
+    };
+    let desc = |suffix: &str, dims: Vec<u64>| TensorDesc {
+        name: format!("{}{suffix}", t.target),
+        ty: outtype.ggml_type(dims[0]),
+        dims,
+    };
+    [desc(SUFFIX_A, a_dims), desc(SUFFIX_B, b_dims)]
+}
+
+/// The file alpha: the llama.cpp-convention alpha most tensors share (ties: the source config's
+/// `lora_alpha` if among them, else the first), never 0.
+pub fn choose_file_alpha(adapter: &Adapter) -> f64 {
+    let mut counts: Vec<(f64, usize)> = Vec::new();
+    for t in &adapter.tensors {
+        let a = t.alpha();
+        if a == 0.0 || !a.is_finite() {
+            continue;
+        }
+        match counts.iter_mut().find(|(v, _)| *v == a) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((a, 1)),
+        }
+    }
+    let Some(best) = counts.iter().map(|(_, n)| *n).max() else {
+        return 1.0;
+    };
+    let preferred = adapter.provenance.lora_alpha;
+    counts
+        .iter()
+        .filter(|(_, n)| *n == best)
+        .map(|(v, _)| *v)
+        .find(|v| Some(*v) == preferred)
+        .or_else(|| counts.iter().find(|(_, n)| *n == best).map(|(v, _)| *v))
+        .unwrap_or(1.0)
+}
+
+/// What `write` did, for reports.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct WriteSummary {
+    /// `adapter.lora.alpha` written.
+    pub alpha: f32,
+    pub n_tensors: usize,
+    /// Targets whose `B` carries a folded factor `alpha_i / alpha_file` (and that factor).
+    pub folded: Vec<(String, f64)>,
+    /// Tensors written as F16 because their rows are not whole Q8_0 blocks.
+    pub f16_fallback: Vec<String>,
+    pub bytes: u64,
+}
+
+/// Writes `adapter` as a GGUF LoRA to `target` through the atomic streaming writer, loading one
+/// target at a time. `inputs` are refused as `target`. On any error (a non-finite value found while
+/// loading, I/O) nothing is left at `target`.
+pub fn write(
+    adapter: &Adapter,
+    target: &Path,
+    inputs: &[&Path],
+    outtype: OutType,
+) -> Result<WriteSummary, AdapterError> {
+    let arch = adapter.arch.as_deref().ok_or_else(|| {
+        AdapterError::Invalid(format!(
+            "{}: the architecture is unknown; pass --base BASE.gguf or --arch ARCH",
+            adapter.provenance.path.display()
+        ))
+    })?;
+    if adapter.tensors.is_empty() {
+        return Err(AdapterError::Invalid(format!(
+            "{}: the adapter has no LoRA tensors",
+            adapter.provenance.path.display()
+        )));
+    }
+    let file_alpha = choose_file_alpha(adapter);
+    let alpha32 = file_alpha as f32;
+    let metadata = metadata(adapter, arch, alpha32);
+    let mut all_descs = Vec::with_capacity(adapter.tensors.len() * 2);
+    let mut summary = WriteSummary {
+        alpha: alpha32,
+        n_tensors: adapter.tensors.len() * 2,
+        folded: Vec::new(),
+        f16_fallback: Vec::new(),
+        bytes: 0,
+    };
+    for t in &adapter.tensors {
+        for d in descs(t, outtype) {
+            if outtype == OutType::Q8_0 && d.ty != GgmlType::Q8_0 {
+                summary.f16_fallback.push(d.name.clone());
+            }
+            all_descs.push(d);
+        }
+    }
+    let gerr = |e: crate::gguf::GgufError| AdapterError::Invalid(e.to_string());
+    let mut w = GgufWriter::create(
+        target,
+        inputs,
+        crate::gguf::VERSION,
+        crate::gguf::DEFAULT_ALIGNMENT,
+        &metadata,
+        &all_descs,
+    )
+    .map_err(gerr)?;
+    for (t, d) in adapter.tensors.iter().zip(all_descs.chunks(2)) {
+        let mut l = t.load()?;
+        if l.alpha != file_alpha {
+            let factor = if file_alpha == 0.0 {
+                0.0
+            } else {
+                l.alpha / file_alpha
+            };
+            l.b.scale_in_place(factor as f32);
+            summary.folded.push((t.target.clone(), factor));
+        }
+        let a = if t.kind == TargetKind::Embedding {
+            l.a.transposed()
+        } else {
+            l.a
+        };
+        for (m, desc) in [(&a, &d[0]), (&l.b, &d[1])] {
+            let bytes = encode(&m.data, desc)?;
+            summary.bytes += bytes.len() as u64;
+            w.write_tensor(&bytes).map_err(gerr)?;
+        }
+    }
+    w.finish().map_err(gerr)?;
+    Ok(summary)
+}
+
+/// Encodes f32 values into `desc.ty`, row by row (`desc.dims[0]` per row).
+fn encode(values: &[f32], desc: &TensorDesc) -> Result<Vec<u8>, AdapterError> {
+    let row = desc.dims[0] as usize;
+    let row_bytes = desc.ty.row_bytes(row as u64).unwrap_or(0) as usize;
+    let rows = values.len().checked_div(row).unwrap_or(0);
+    let mut out = vec![0u8; rows * row_bytes];
+    quant::quantize_rows(desc.ty, values, row, &mut out, None)
+        .map_err(|e| AdapterError::Invalid(format!("{}: {e}", desc.name)))?;
+    Ok(out)
+}
+
+fn metadata(adapter: &Adapter, arch: &str, alpha: f32) -> Metadata {
+    let mut m = Metadata::new();
+    m.set(KEY_ARCH, Value::String(arch.to_string()));
+    m.set(KEY_TYPE, Value::String("adapter".into()));
+    m.set(KEY_ADAPTER_TYPE, Value::String("lora".into()));
+    let p = &adapter.provenance;
+    if let Some(base) = &p.base_model {
+        m.set("general.base_model.count", Value::U32(1));
+        m.set("general.base_model.0.name", Value::String(base.clone()));
+    }
+    m.set(KEY_ALPHA, Value::F32(alpha));
+    if let Some(tokens) = &adapter.alora_invocation_tokens {
+        m.set(KEY_ALORA, Value::Array(Array::U32(tokens.clone())));
+    }
+    m.set("general.quantization_version", Value::U32(2));
+    // Provenance: what the source said, so a reader can tell how scales were derived.
+    m.set(
+        "gguf_lora.version",
+        Value::String(env!("CARGO_PKG_VERSION").to_string()),
+    );
+    if let Some(f) = p.format {
+        let name = match f {
+            SourceFormat::Peft => "peft",
+            SourceFormat::Gguf => "gguf",
+        };
+        m.set("gguf_lora.source.format", Value::String(name.into()));
+    }
+    if let Some(r) = p.r {
+        m.set("gguf_lora.source.r", Value::U32(r));
+    }
+    if let Some(a) = p.lora_alpha {
+        m.set("gguf_lora.source.lora_alpha", Value::F32(a as f32));
+    }
+    if p.format == Some(SourceFormat::Peft) {
+        m.set("gguf_lora.source.use_rslora", Value::Bool(p.use_rslora));
+        if !p.rank_pattern.is_empty() {
+            m.set(
+                "gguf_lora.source.rank_pattern",
+                Value::Array(Array::String(
+                    p.rank_pattern
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect(),
+                )),
+            );
+        }
+        if !p.alpha_pattern.is_empty() {
+            m.set(
+                "gguf_lora.source.alpha_pattern",
+                Value::Array(Array::String(
+                    p.alpha_pattern
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect(),
+                )),
+            );
+        }
+    }
+    if !p.target_modules.is_empty() {
+        m.set(
+            "gguf_lora.source.target_modules",
+            Value::Array(Array::String(p.target_modules.clone())),
+        );
+    }
+    m
+}
+
+/// Reads a GGUF LoRA adapter (any tensor type we can dequantize) into the normalized model. Tensors
+/// are dequantized into memory: adapters are small next to their bases.
+pub fn read(path: &Path) -> Result<Adapter, AdapterError> {
+    let model = GgufModel::open(path).map_err(|e| AdapterError::Invalid(e.to_string()))?;
+    let invalid = |m: String| AdapterError::Invalid(format!("{}: {m}", path.display()));
+    let md = model.metadata();
+    match md.get_str(KEY_TYPE) {
+        Some("adapter") => {}
+        other => {
+            return Err(invalid(format!(
+                "general.type is {other:?}; expected \"adapter\" (is this a base model?)"
+            )))
+        }
+    }
+    match md.get_str(KEY_ADAPTER_TYPE) {
+        Some("lora") => {}
+        other => {
+            return Err(invalid(format!(
+                "adapter.type is {other:?}; expected \"lora\""
+            )))
+        }
+    }
+    let file_alpha = match md.get(KEY_ALPHA) {
+        None => 0.0,
+        Some(Value::F32(a)) => *a as f64,
+        Some(v) => {
+            return Err(invalid(format!(
+                "{KEY_ALPHA} is {}, llama.cpp requires F32",
+                v.type_name()
+            )))
+        }
+    };
+    let alora = match md.get(KEY_ALORA) {
+        None => None,
+        Some(Value::Array(Array::U32(t))) => Some(t.clone()),
+        Some(v) => {
+            return Err(invalid(format!(
+                "{KEY_ALORA} is {}, llama.cpp requires ARRAY[UINT32]",
+                v.type_name()
+            )))
+        }
+    };
+    let mut pairs: BTreeMap<String, (Option<String>, Option<String>)> = BTreeMap::new();
+    let mut full = Vec::new();
+    let mut order = Vec::new();
+    for (_, t) in model.tensors() {
+        if let Some(base) = t.name.strip_suffix(SUFFIX_A) {
+            if !pairs.contains_key(base) {
+                order.push(base.to_string());
+            }
+            pairs.entry(base.to_string()).or_default().0 = Some(t.name.clone());
+        } else if let Some(base) = t.name.strip_suffix(SUFFIX_B) {
+            if !pairs.contains_key(base) {
+                order.push(base.to_string());
+            }
+            pairs.entry(base.to_string()).or_default().1 = Some(t.name.clone());
+        } else if t.name.ends_with("_norm.weight") {
+            full.push(FullTensor {
+                source: t.name.clone(),
+                target: Some(t.name.clone()),
+                data: Factor::owned(dequantize(&model, &t.name, path)?),
+            });
+        } else {
+            return Err(invalid(format!(
+                "tensor '{}' has an unexpected suffix (llama.cpp accepts .lora_a, .lora_b and *_norm.weight)",
+                t.name
+            )));
+        }
+    }
+    let mut tensors = Vec::new();
+    for base in order {
+        let (Some(a_name), Some(b_name)) = pairs[&base].clone() else {
+            return Err(invalid(format!(
+                "LoRA tensor pair for '{base}' is missing one component"
+            )));
+        };
+        let a_info = model.tensor(&a_name).cloned();
+        let b_info = model.tensor(&b_name).cloned();
+        let (Some(ai), Some(bi)) = (a_info, b_info) else {
+            continue;
+        };
+        let a = dequantize(&model, &a_name, path)?;
+        let b = dequantize(&model, &b_name, path)?;
+        let is_embd = base.ends_with("token_embd.weight");
+        let n_exp = if ai.dims.len() == 3 {
+            ai.dims[2] as usize
+        } else {
+            1
+        };
+        // Ranks: ne[1] of A (ne[0] of the transposed token_embd A) must equal ne[0] of B.
+        let rank = bi.dims[0] as usize;
+        let a_rank = if is_embd {
+            ai.dims[0]
+        } else {
+            ai.dims.get(1).copied().unwrap_or(0)
+        } as usize;
+        if a_rank != rank || ai.dims.len() != bi.dims.len() || rank == 0 {
+            return Err(invalid(format!(
+                "'{a_name}' (ne {:?}) and '{b_name}' (ne {:?}) do not form a LoRA pair (rank mismatch)",
+                ai.dims, bi.dims
+            )));
+        }
+        let alpha = if file_alpha == 0.0 {
+            rank as f64
+        } else {
+            file_alpha
+        };
+        let pair = |source: String, a: Matrix, b: Matrix| LoraPair {
+            source,
+            a: Factor::owned(a),
+            b: Factor::owned(b),
+            alpha,
+            b_rows: None,
+        };
+        let (kind, layout) = if is_embd {
+            // Stored (vocab rows × rank); the model keeps A as rank × vocab.
+            (
+                TargetKind::Embedding,
+                Layout::Single(Box::new(pair(base.clone(), a.transposed(), b))),
+            )
+        } else if n_exp > 1 || ai.dims.len() == 3 {
+            let (n_in, n_out) = (ai.dims[0] as usize, bi.dims[1] as usize);
+            let mut ps = Vec::with_capacity(n_exp);
+            for e in 0..n_exp {
+                let ae = a.rows_range(e * rank..(e + 1) * rank);
+                let be = b.rows_range(e * n_out..(e + 1) * n_out);
+                debug_assert_eq!(ae.cols, n_in);
+                ps.push(pair(format!("{base}[{e}]"), ae, be));
+            }
+            (TargetKind::Experts, Layout::Experts(ps))
+        } else {
+            (
+                TargetKind::Linear,
+                Layout::Single(Box::new(pair(base.clone(), a, b))),
+            )
+        };
+        tensors.push(LoraTensor {
+            layer: crate::gguf::layer_of(&base),
+            target: base,
+            kind,
+            layout,
+            permute_heads: None,
+            dora_magnitude: None,
+            lora_bias: None,
+        });
+    }
+    Ok(Adapter {
+        arch: md.get_str(KEY_ARCH).map(str::to_string),
+        tensors,
+        full_tensors: full,
+        alora_invocation_tokens: alora,
+        provenance: Provenance {
+            path: path.to_path_buf(),
+            format: Some(SourceFormat::Gguf),
+            lora_alpha: md.get(KEY_ALPHA).and_then(Value::as_f64),
+            base_model: md.get_str("general.base_model.0.name").map(str::to_string),
+            ..Provenance::default()
+        },
+    })
+}
+
+/// A tensor's values as a `rows × ne[0]` f32 matrix (all dimensions past the first folded into rows).
+fn dequantize(model: &GgufModel, name: &str, path: &Path) -> Result<Matrix, AdapterError> {
+    let invalid =
+        |m: String| AdapterError::Invalid(format!("{}: tensor '{name}': {m}", path.display()));
+    let info = model
+        .tensor(name)
+        .ok_or_else(|| invalid("missing".into()))?;
+    let data = model
+        .tensor_data(name)
+        .ok_or_else(|| invalid("no data".into()))?;
+    let row = info.row_len() as usize;
+    let rows = info.rows() as usize;
+    let n = rows
+        .checked_mul(row)
+        .ok_or_else(|| invalid("size overflows".into()))?;
+    // The reader checked that the data holds exactly these elements, so `n` is bounded by the file.
+    let mut out = vec![0f32; n];
+    quant::dequantize_rows(info.ty, data, row.max(1), &mut out)
+        .map_err(|e| invalid(e.to_string()))?;
+    let m = Matrix::new(rows, row, out).ok_or_else(|| invalid("shape".into()))?;
+    if let Some(i) = m.first_non_finite() {
+        return Err(invalid(format!(
+            "value {} at index {i} is not finite",
+            m.data[i]
+        )));
+    }
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(rows: usize, cols: usize, seed: f32) -> Matrix {
+        let data = (0..rows * cols)
+            .map(|i| (i as f32 * 0.37 + seed).sin() * 0.5)
+            .collect();
+        Matrix::new(rows, cols, data).unwrap()
+    }
+
+    fn pair(a: Matrix, b: Matrix, alpha: f64) -> LoraPair {
+        LoraPair {
+            source: "s".into(),
+            a: Factor::owned(a),
+            b: Factor::owned(b),
+            alpha,
+            b_rows: None,
+        }
+    }
+
+    fn tensor(target: &str, kind: TargetKind, layout: Layout) -> LoraTensor {
+        LoraTensor {
+            target: target.into(),
+            layer: crate::gguf::layer_of(target),
+            kind,
+            layout,
+            permute_heads: None,
+            dora_magnitude: None,
+            lora_bias: None,
+        }
+    }
+
+    /// Written and read back, every target keeps its A, B·scale and kind; shapes follow llama.cpp.
+    #[test]
+    fn write_read_round_trip_keeps_effective_updates() {
+        let adapter = Adapter {
+            arch: Some("qwen2moe".into()),
+            tensors: vec![
+                tensor(
+                    "token_embd.weight",
+                    TargetKind::Embedding,
+                    Layout::Single(Box::new(pair(m(4, 40, 1.0), m(8, 4, 2.0), 8.0))),
+                ),
+                tensor(
+                    "blk.0.attn_q.weight",
+                    TargetKind::Linear,
+                    // alpha 16 on rank 4 while the file alpha will be 8: folded ×2 into B.
+                    Layout::Single(Box::new(pair(m(4, 8, 3.0), m(8, 4, 4.0), 16.0))),
+                ),
+                tensor(
+                    "blk.0.ffn_up_exps.weight",
+                    TargetKind::Experts,
+                    Layout::Experts(vec![
+                        pair(m(4, 8, 5.0), m(6, 4, 6.0), 8.0),
+                        pair(m(4, 8, 7.0), m(6, 4, 8.0), 8.0),
+                    ]),
+                ),
+            ],
+            alora_invocation_tokens: Some(vec![7, 9]),
+            ..Adapter::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.gguf");
+        let summary = write(&adapter, &path, &[], OutType::F32).unwrap();
+        assert_eq!(summary.alpha, 8.0);
+        assert_eq!(summary.folded, [("blk.0.attn_q.weight".to_string(), 2.0)]);
+
+        let file = crate::gguf::GgufFile::open(&path).unwrap();
+        let dims = |n: &str| file.tensor(n).unwrap().dims.clone();
+        assert_eq!(dims("token_embd.weight.lora_a"), [4, 40]);
+        assert_eq!(dims("token_embd.weight.lora_b"), [4, 8]);
+        assert_eq!(dims("blk.0.attn_q.weight.lora_a"), [8, 4]);
+        assert_eq!(dims("blk.0.attn_q.weight.lora_b"), [4, 8]);
+        assert_eq!(dims("blk.0.ffn_up_exps.weight.lora_a"), [8, 4, 2]);
+        assert_eq!(dims("blk.0.ffn_up_exps.weight.lora_b"), [4, 6, 2]);
+        assert_eq!(
+            file.metadata().get(KEY_ALORA),
+            Some(&Value::Array(Array::U32(vec![7, 9])))
+        );
+
+        let back = read(&path).unwrap();
+        assert_eq!(back.arch.as_deref(), Some("qwen2moe"));
+        for t in &adapter.tensors {
+            let r = back.tensor(&t.target).unwrap();
+            assert_eq!(r.kind, t.kind, "{}", t.target);
+            let (x, y) = (t.load().unwrap(), r.load().unwrap());
+            assert_eq!(x.a, y.a, "{}", t.target);
+            let (n, rank, n_out) = (x.n_expert, x.rank, x.n_out());
+            for e in 0..n {
+                let delta = |l: &crate::adapter::LoadedLora| {
+                    let b = l.b.rows_range(e * n_out..(e + 1) * n_out);
+                    let a = l.a.rows_range(e * rank..(e + 1) * rank);
+                    b.matmul(&a)
+                };
+                let (dx, dy) = (delta(&x), delta(&y));
+                for (p, q) in dx.data.iter().zip(&dy.data) {
+                    let (p, q) = (p * x.scale() as f32, q * y.scale() as f32);
+                    assert!(
+                        (p - q).abs() <= 1e-6 * p.abs().max(1.0),
+                        "{}: {p} vs {q}",
+                        t.target
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn file_alpha_is_the_most_common_and_never_zero() {
+        let t = |alpha| {
+            tensor(
+                "blk.0.attn_q.weight",
+                TargetKind::Linear,
+                Layout::Single(Box::new(pair(m(2, 2, 0.0), m(2, 2, 0.0), alpha))),
+            )
+        };
+        let mut a = Adapter {
+            tensors: vec![t(4.0), t(8.0), t(8.0), t(0.0), t(0.0), t(0.0)],
+            ..Adapter::default()
+        };
+        assert_eq!(choose_file_alpha(&a), 8.0);
+        a.tensors = vec![t(4.0), t(8.0)];
+        a.provenance.lora_alpha = Some(8.0);
+        assert_eq!(choose_file_alpha(&a), 8.0);
+        a.tensors = vec![t(0.0)];
+        assert_eq!(choose_file_alpha(&a), 1.0);
+    }
+
+    #[test]
+    fn q8_0_falls_back_to_f16_for_short_rows() {
+        assert_eq!(OutType::Q8_0.ggml_type(64), GgmlType::Q8_0);
+        assert_eq!(OutType::Q8_0.ggml_type(16), GgmlType::F16);
+        assert_eq!(OutType::Bf16.ggml_type(16), GgmlType::BF16);
+    }
+}
