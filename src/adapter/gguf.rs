@@ -19,11 +19,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use super::bundle::GgufSource;
 use super::{
     Adapter, AdapterError, Factor, FullTensor, Layout, LoraPair, LoraTensor, Matrix, Provenance,
     SourceFormat, TargetKind,
 };
-use crate::gguf::{Array, GgufModel, GgufWriter, Metadata, TensorDesc, Value};
+use crate::gguf::{Array, GgufWriter, Metadata, TensorDesc, Value};
 use crate::quant::{self, GgmlType};
 
 pub const KEY_ARCH: &str = "general.architecture";
@@ -275,12 +276,27 @@ fn metadata(adapter: &Adapter, arch: &str, alpha: f32) -> Metadata {
     m
 }
 
-/// Reads a GGUF LoRA adapter (any tensor type we can dequantize) into the normalized model. Tensors
+/// Reads a GGUF LoRA adapter (any tensor type we can dequantize) into the normalized model: a GGUF
+/// file, or `BUNDLE.gguf#NAME` for one adapter of a named bundle (see [`super::bundle`]). Tensors
 /// are dequantized into memory: adapters are small next to their bases.
 pub fn read(path: &Path) -> Result<Adapter, AdapterError> {
-    let model = GgufModel::open(path).map_err(|e| AdapterError::Invalid(e.to_string()))?;
+    read_source(&GgufSource::open(path)?)
+}
+
+/// [`read`] on an opened [`GgufSource`].
+pub fn read_source(src: &GgufSource) -> Result<Adapter, AdapterError> {
+    let path = src.label.as_path();
     let invalid = |m: String| AdapterError::Invalid(format!("{}: {m}", path.display()));
-    let md = model.metadata();
+    let md = &src.metadata;
+    if src.is_bundle() {
+        let names = super::bundle::Listing::read(path, md)
+            .map(|l| l.names().join(", "))
+            .unwrap_or_default();
+        return Err(invalid(format!(
+            "this is a named bundle of adapters ({names}); select one as {}#NAME",
+            path.display()
+        )));
+    }
     match md.get_str(KEY_TYPE) {
         Some("adapter") => {}
         other => {
@@ -320,7 +336,7 @@ pub fn read(path: &Path) -> Result<Adapter, AdapterError> {
     let mut pairs: BTreeMap<String, (Option<String>, Option<String>)> = BTreeMap::new();
     let mut full = Vec::new();
     let mut order = Vec::new();
-    for (_, t) in model.tensors() {
+    for t in src.tensors.iter().map(|t| &t.info) {
         if let Some(base) = t.name.strip_suffix(SUFFIX_A) {
             if !pairs.contains_key(base) {
                 order.push(base.to_string());
@@ -335,7 +351,7 @@ pub fn read(path: &Path) -> Result<Adapter, AdapterError> {
             full.push(FullTensor {
                 source: t.name.clone(),
                 target: Some(t.name.clone()),
-                data: Factor::owned(dequantize(&model, &t.name, path)?),
+                data: Factor::owned(dequantize(src, &t.name)?),
             });
         } else {
             return Err(invalid(format!(
@@ -351,13 +367,13 @@ pub fn read(path: &Path) -> Result<Adapter, AdapterError> {
                 "LoRA tensor pair for '{base}' is missing one component"
             )));
         };
-        let a_info = model.tensor(&a_name).cloned();
-        let b_info = model.tensor(&b_name).cloned();
+        let a_info = src.tensor(&a_name).map(|t| t.info.clone());
+        let b_info = src.tensor(&b_name).map(|t| t.info.clone());
         let (Some(ai), Some(bi)) = (a_info, b_info) else {
             continue;
         };
-        let a = dequantize(&model, &a_name, path)?;
-        let b = dequantize(&model, &b_name, path)?;
+        let a = dequantize(src, &a_name)?;
+        let b = dequantize(src, &b_name)?;
         let is_embd = base.ends_with("token_embd.weight");
         let n_exp = if ai.dims.len() == 3 {
             ai.dims[2] as usize
@@ -437,15 +453,11 @@ pub fn read(path: &Path) -> Result<Adapter, AdapterError> {
 }
 
 /// A tensor's values as a `rows × ne[0]` f32 matrix (all dimensions past the first folded into rows).
-fn dequantize(model: &GgufModel, name: &str, path: &Path) -> Result<Matrix, AdapterError> {
+fn dequantize(src: &GgufSource, name: &str) -> Result<Matrix, AdapterError> {
     let invalid =
-        |m: String| AdapterError::Invalid(format!("{}: tensor '{name}': {m}", path.display()));
-    let info = model
-        .tensor(name)
-        .ok_or_else(|| invalid("missing".into()))?;
-    let data = model
-        .tensor_data(name)
-        .ok_or_else(|| invalid("no data".into()))?;
+        |m: String| AdapterError::Invalid(format!("{}: tensor '{name}': {m}", src.label.display()));
+    let t = src.tensor(name).ok_or_else(|| invalid("missing".into()))?;
+    let (info, data) = (&t.info, src.data(t));
     let row = info.row_len() as usize;
     let rows = info.rows() as usize;
     let n = rows
