@@ -94,6 +94,15 @@ impl GgufSource {
     /// Opens `spec`: a GGUF file (any shard of a split set), or `BUNDLE.gguf#NAME`.
     pub fn open(spec: &Path) -> Result<GgufSource, AdapterError> {
         let (file, member) = split_spec(spec);
+        GgufSource::open_member(spec.to_path_buf(), file, member)
+    }
+
+    /// Opens `file`, or adapter `member` of the named bundle `file`; `label` names it in messages.
+    pub fn open_member(
+        label: PathBuf,
+        file: PathBuf,
+        member: Option<String>,
+    ) -> Result<GgufSource, AdapterError> {
         let model = GgufModel::open(&file).map_err(|e| AdapterError::Invalid(e.to_string()))?;
         match member {
             None => {
@@ -115,7 +124,7 @@ impl GgufSource {
                     }
                 }
                 Ok(GgufSource {
-                    label: spec.to_path_buf(),
+                    label,
                     version: model.shards()[0].version(),
                     file,
                     model,
@@ -134,7 +143,7 @@ impl GgufSource {
                 };
                 let member = entry.member(&file, &model)?;
                 Ok(GgufSource {
-                    label: spec.to_path_buf(),
+                    label,
                     file,
                     model,
                     version: member.0,

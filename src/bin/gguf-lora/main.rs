@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bundle;
 mod convert;
 mod inspect;
 mod rewrite;
@@ -35,6 +36,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    Bundle(bundle::Args),
     Convert(convert::Args),
     Inspect(inspect::Args),
     Rewrite(rewrite::Args),
@@ -43,6 +45,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: anyhow::Result<Outcome> = match cli.command {
+        Command::Bundle(args) => bundle::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Rewrite(args) => rewrite::run(args),
