@@ -39,8 +39,9 @@ measure() {
     sort -n -k1,1 "$TMP/samples" | awk -v name="$name" '
         { w[NR]=$1; r[NR]=$2 } END {
           n=NR; m=int((n+1)/2)
-          printf "| %-44s | %6.3f (%.3f-%.3f) |", name, w[m], w[1], w[n] }'
-    sort -n -k2,2 "$TMP/samples" | awk '{ r[NR]=$2 } END { m=int((NR+1)/2); printf " %7.1f |\n", r[m]/1024 }'
+          cell = sprintf("%.3f (%.3f-%.3f)", w[m], w[1], w[n])
+          printf "| %-44s | %-24s |", name, cell }'
+    sort -n -k2,2 "$TMP/samples" | awk '{ r[NR]=$2 } END { m=int((NR+1)/2); printf " %12.1f |\n", r[m]/1024 }'
 }
 
 echo "model: $MODEL ($(du -h "$MODEL" | cut -f1)), $RUNS runs after a warm-up, $(nproc) cores"

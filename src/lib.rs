@@ -10,6 +10,7 @@ pub mod bundle;
 pub mod convert;
 pub mod gguf;
 pub mod inspect;
+pub mod merge;
 pub mod output;
 pub mod quant;
 pub mod safetensors_file;

@@ -171,7 +171,26 @@ impl SafetensorsFile {
                 })
             }
         };
+        self.release(entry);
         Ok(values)
+    }
+
+    /// Hands the tensor's mapped pages back to the kernel once its values are copied out, so
+    /// streaming through a large file keeps the resident set at about one tensor.
+    fn release(&self, entry: &TensorEntry) {
+        #[cfg(unix)]
+        if entry.end > entry.start && entry.end <= self.mmap.len() {
+            // SAFETY: the mapping is read-only and backed by the file, so after MADV_DONTNEED any
+            // later access (including through slices handed out earlier) re-reads the same bytes
+            // from the file; no memory we own changes. Errors only mean the pages stay resident.
+            let _ = unsafe {
+                self.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    entry.start,
+                    entry.end - entry.start,
+                )
+            };
+        }
     }
 }
 
@@ -218,9 +237,24 @@ fn describe_error(e: &safetensors::SafeTensorError) -> String {
     }
 }
 
-/// Parses an in-memory buffer the way [`SafetensorsFile::open`] parses a file; for tests and fuzzing.
-pub fn check_bytes(bytes: &[u8]) -> Result<usize, String> {
-    parse_header(bytes).map(|(_, t, _)| t.len())
+/// Parses an in-memory buffer the way [`SafetensorsFile::open`] parses a file and returns its entries
+/// with absolute byte ranges; for tests and fuzzing.
+pub fn check_bytes(bytes: &[u8]) -> Result<Vec<(TensorEntry, std::ops::Range<usize>)>, String> {
+    let (header_len, tensors, _) = parse_header(bytes)?;
+    Ok(tensors
+        .into_iter()
+        .map(|(name, dtype, shape, (s, e))| {
+            let range = 8 + header_len + s..8 + header_len + e;
+            let entry = TensorEntry {
+                name,
+                dtype,
+                shape,
+                start: range.start,
+                end: range.end,
+            };
+            (entry, range)
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -320,5 +354,24 @@ mod tests {
         let err = st.to_f32(st.entry("ids").unwrap()).unwrap_err().to_string();
         assert!(err.contains("'ids'") && err.contains("I32"), "{err}");
         assert!(st.entry("nope").is_err());
+    }
+
+    proptest::proptest! {
+        /// Any corruption of a valid file (one byte changed, or cut short) parses or is refused, never
+        /// panics, and what parses stays inside the buffer.
+        #[test]
+        fn corrupted_files_never_panic(pos in 0usize..200, byte in proptest::num::u8::ANY, cut in 0usize..220) {
+            let header = r#"{"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"b":{"dtype":"BF16","shape":[4],"data_offsets":[16,24]}}"#;
+            let mut bytes = build(header, &[7u8; 24]);
+            if pos < bytes.len() {
+                bytes[pos] = byte;
+            }
+            bytes.truncate(cut.min(bytes.len()));
+            if let Ok(entries) = check_bytes(&bytes) {
+                for (_, r) in entries {
+                    proptest::prop_assert!(r.start <= r.end && r.end <= bytes.len());
+                }
+            }
+        }
     }
 }

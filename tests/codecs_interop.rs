@@ -1,5 +1,5 @@
 //! Float, legacy and IQ4 codecs against the live libggml on rows generated here: a few hundred rows
-//! of many shapes (normal, uniform, exact ties, raw finite bit patterns of any magnitude, sparse,
+//! of many shapes (normal, uniform, exact ties, raw finite bit patterns of any magnitude, sparse on ±0,
 //! constant, per-block magnitudes, negative-only) quantized without and with a per-row imatrix, and
 //! random encoded blocks dequantized, all compared bit for bit with what libggml does in the same run
 //! (`testdata/codecs/ggml_legacy_batch.py`).
@@ -7,9 +7,6 @@
 mod common;
 
 use gguf_lora::quant::{self, GgmlType};
-
-const N_PER_ROW: usize = 256;
-const N_ROWS: usize = 320;
 
 /// SplitMix64: a fixed-seed generator so a failure reproduces.
 struct Rng(u64);
@@ -39,8 +36,8 @@ impl Rng {
     }
 }
 
-fn make_row(rng: &mut Rng, kind: usize) -> Vec<f32> {
-    let mut row = vec![0f32; N_PER_ROW];
+fn make_row(rng: &mut Rng, kind: usize, n_per_row: usize) -> Vec<f32> {
+    let mut row = vec![0f32; n_per_row];
     match kind {
         0 => {
             let scale = 10f32.powf(rng.range(-3.0, 3.0));
@@ -73,8 +70,11 @@ fn make_row(rng: &mut Rng, kind: usize) -> Vec<f32> {
             }
         }
         4 => {
+            // Sparse, on zeros of both signs (which one a block's min/max keeps shows in Q4_1/Q5_1's m).
+            row.iter_mut()
+                .for_each(|v| *v = if rng.below(2) == 0 { 0.0 } else { -0.0 });
             for _ in 0..rng.below(6) {
-                row[rng.below(N_PER_ROW as u64) as usize] = rng.normal() * 5.0;
+                row[rng.below(n_per_row as u64) as usize] = rng.normal() * 5.0;
             }
         }
         5 => {
@@ -92,8 +92,8 @@ fn make_row(rng: &mut Rng, kind: usize) -> Vec<f32> {
     row
 }
 
-fn make_imatrix(rng: &mut Rng) -> Vec<f32> {
-    (0..N_PER_ROW)
+fn make_imatrix(rng: &mut Rng, n_per_row: usize) -> Vec<f32> {
+    (0..n_per_row)
         .map(|_| {
             if rng.below(16) == 0 {
                 0.0
@@ -135,16 +135,24 @@ fn le_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-#[test]
-fn random_rows_match_live_libggml() {
-    use GgmlType::*;
-    let quantized = [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, F16, BF16];
-    let dequantized = [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, IQ4_XS, F16, BF16];
-    let n_deq = 64 * N_PER_ROW;
+/// Generates `n_rows` rows of `n_per_row`, has libggml and us quantize them (types `quantized`, with
+/// and without a per-row imatrix) and dequantize random blocks (types `dequantized`), and compares.
+fn compare_with_live_libggml(
+    seed: u64,
+    n_per_row: usize,
+    n_rows: usize,
+    quantized: &[GgmlType],
+    dequantized: &[GgmlType],
+) {
+    let n_deq = 64 * n_per_row;
 
-    let mut rng = Rng(0x005E_ED1E_6AC7);
-    let rows: Vec<Vec<f32>> = (0..N_ROWS).map(|i| make_row(&mut rng, i % 8)).collect();
-    let imats: Vec<Vec<f32>> = (0..N_ROWS).map(|_| make_imatrix(&mut rng)).collect();
+    let mut rng = Rng(seed);
+    let rows: Vec<Vec<f32>> = (0..n_rows)
+        .map(|i| make_row(&mut rng, i % 8, n_per_row))
+        .collect();
+    let imats: Vec<Vec<f32>> = (0..n_rows)
+        .map(|_| make_imatrix(&mut rng, n_per_row))
+        .collect();
     let blocks: Vec<(GgmlType, Vec<u8>)> = dequantized
         .iter()
         .map(|&t| (t, random_blocks(&mut rng, t, n_deq)))
@@ -158,7 +166,7 @@ fn random_rows_match_live_libggml() {
         std::fs::write(d.join(format!("{t}.in.bin")), b).unwrap();
     }
     let spec = serde_json::json!({
-        "n_per_row": N_PER_ROW,
+        "n_per_row": n_per_row,
         "quantize": quantized.iter().map(|t| t.name()).collect::<Vec<_>>(),
         "dequantize": dequantized.iter().map(|t| (t.name().to_string(), serde_json::json!(n_deq))).collect::<serde_json::Map<_, _>>(),
     });
@@ -167,8 +175,8 @@ fn random_rows_match_live_libggml() {
     common::interop().python(&script, &[d.to_str().unwrap()]);
 
     let mut failures = Vec::new();
-    for ty in quantized {
-        let row_bytes = ty.row_bytes(N_PER_ROW as u64).unwrap() as usize;
+    for &ty in quantized {
+        let row_bytes = ty.row_bytes(n_per_row as u64).unwrap() as usize;
         for (suffix, with_imatrix) in [("q", false), ("qi", true)] {
             let ggml = std::fs::read(d.join(format!("{ty}.{suffix}.bin"))).unwrap();
             let mut ours = vec![0u8; row_bytes];
@@ -187,7 +195,7 @@ fn random_rows_match_live_libggml() {
     for (ty, b) in &blocks {
         let ggml = std::fs::read(d.join(format!("{ty}.deq.f32"))).unwrap();
         let mut ours = vec![0f32; n_deq];
-        quant::dequantize_rows(*ty, b, N_PER_ROW, &mut ours).unwrap();
+        quant::dequantize_rows(*ty, b, n_per_row, &mut ours).unwrap();
         if let Some(i) = ours
             .iter()
             .zip(f32s(&ggml))
@@ -200,4 +208,22 @@ fn random_rows_match_live_libggml() {
         failures.is_empty(),
         "differences from libggml: {failures:#?}"
     );
+}
+
+#[test]
+fn random_rows_match_live_libggml() {
+    use GgmlType::*;
+    let all = [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, IQ4_XS, F16, BF16];
+    // Q8_1 has no `to_float` (ggml only quantizes to it, through `quantize_row_q8_1_ref`).
+    let quantized = [&all[..], &[Q8_1]].concat();
+    compare_with_live_libggml(0x005E_ED1E_6AC7, 256, 320, &quantized, &all);
+}
+
+/// Rows of 11 blocks: the importance-weighted legacy quantizers search 8 blocks at a time in SIMD
+/// lanes and the remaining 3 one by one; both paths must match.
+#[test]
+fn rows_not_a_multiple_of_eight_blocks_match_live_libggml() {
+    use GgmlType::*;
+    let legacy = [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL];
+    compare_with_live_libggml(0x0BAD_5EED, 11 * 32, 160, &legacy, &legacy);
 }

@@ -182,13 +182,13 @@ fn bf16_matches_ggml() {
 }
 
 #[test]
-fn iq4_nl_dequantizes_like_ggml() {
-    check_type("iq4_nl", false);
+fn iq4_nl_matches_ggml() {
+    check_type("iq4_nl", true);
 }
 
 #[test]
-fn iq4_xs_dequantizes_like_ggml() {
-    check_type("iq4_xs", false);
+fn iq4_xs_matches_ggml() {
+    check_type("iq4_xs", true);
 }
 
 #[test]

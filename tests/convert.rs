@@ -399,3 +399,37 @@ fn output_may_not_be_an_input() {
         .code(1);
     assert_eq!(std::fs::read(&weights).unwrap(), before);
 }
+
+#[test]
+fn a_gguf_adapter_converts_to_itself_and_can_be_retyped() {
+    // GGUF in, GGUF out: the reference converter's files (with token_embd's transposed lora_a, and
+    // the rsLoRA file's odd alpha) come back tensor for tensor.
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["embed_lm_head", "standard", "rslora"] {
+        let input = fixtures()
+            .join("llama/adapters")
+            .join(name)
+            .join("ref_convert.gguf");
+        let out = dir.path().join(format!("{name}.gguf"));
+        common::gguf_lora()
+            .arg("convert")
+            .arg(&input)
+            .arg("-o")
+            .arg(&out)
+            .args(str_args(&base_args("llama")))
+            .assert()
+            .success();
+        assert_same_adapter(&out, &input);
+    }
+    // Another architecture's base is refused.
+    let out = dir.path().join("x.gguf");
+    common::gguf_lora()
+        .arg("convert")
+        .arg(fixtures().join("llama/adapters/standard/ref_convert.gguf"))
+        .arg("-o")
+        .arg(&out)
+        .args(str_args(&base_args("qwen2")))
+        .assert()
+        .code(1);
+    assert!(!out.exists());
+}

@@ -166,6 +166,26 @@ impl GgufFile {
         slice.unwrap_or(&[])
     }
 
+    /// Lets the OS drop the tensor's pages from this process's resident set (they stay in the page
+    /// cache): a streaming pass over a model calls this once it is done with a tensor, so its peak
+    /// RSS stays flat in the model's size. No-op for in-memory files and off Unix.
+    pub fn release_tensor_pages(&self, info: &TensorInfo) {
+        #[cfg(unix)]
+        if let Backing::Mmap(m) = &self.backing {
+            let start = self.data_offset.saturating_add(info.offset);
+            if let (Ok(off), Ok(len)) = (usize::try_from(start), usize::try_from(info.n_bytes())) {
+                if off.checked_add(len).is_some_and(|end| end <= m.len()) {
+                    // SAFETY: the map is read-only and file-backed, so after MADV_DONTNEED the next
+                    // access (any slice still borrowed from it) faults the same bytes back in from
+                    // the file; nothing is lost. An error only means the advice was not taken.
+                    let _ = unsafe {
+                        m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, off, len)
+                    };
+                }
+            }
+        }
+    }
+
     /// Byte offset of the data section from the start of the file.
     pub fn data_offset(&self) -> u64 {
         self.data_offset

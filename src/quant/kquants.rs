@@ -16,6 +16,11 @@
 //! `half`, whose round-to-nearest-even and canonical quiet NaN (`0x7e00 | sign`) match
 //! `GGML_FP32_TO_FP16` for every value these codecs produce (see the tests).
 //!
+//! Speed without changing bits: the scale searches of all sub-blocks of a super-block run in SIMD
+//! lanes (see [`super::search`]), and every quantizer and dequantizer is also compiled for AVX2 and
+//! picked at run time when the CPU has it; only the vector width differs, never the operation order.
+//! Rust never contracts `a * b + c` into an FMA, so the AVX2 build rounds exactly like ggml's SSE2 C.
+//!
 //! Lengths are the caller's contract: `x` holds whole 256-element super-blocks and `y` exactly the
 //! matching number of bytes; a mismatch is a programming error and panics.
 
@@ -23,8 +28,8 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::search::{
-    make_q3_quants, make_qkx2_quants, make_qkx3_quants, make_qp_quants, make_qx_quants,
-    nearest_int, GROUP_MAX_EPS,
+    make_q3_quants_lanes, make_qkx_quants_lanes, make_qp_quants, make_qx_quants,
+    make_qx_quants_lanes, nearest_int, portable_only, GROUP_MAX_EPS,
 };
 use super::{Codec, QK_K};
 use half::f16;
@@ -42,9 +47,21 @@ fn fp32_to_fp16(x: f32) -> [u8; 2] {
     f16::from_f32(x).to_le_bytes()
 }
 
+/// ggml's `ggml_compute_fp16_to_fp32`, branch-free and inlined (it equals `half`'s conversion for all
+/// 65536 inputs, see the tests; `half` would check CPU features on every call of the hot dequantizers).
 #[inline(always)]
 fn fp16_to_fp32(b: [u8; 2]) -> f32 {
-    f16::from_le_bytes(b).to_f32()
+    let w = (u16::from_le_bytes(b) as u32) << 16;
+    let sign = w & 0x8000_0000;
+    let two_w = w.wrapping_add(w);
+    let normalized = f32::from_bits((two_w >> 4) + (0xE0 << 23)) * f32::from_bits(0x0780_0000);
+    let denormalized = f32::from_bits((two_w >> 17) | (126 << 23)) - 0.5;
+    let bits = if two_w < (1 << 27) {
+        denormalized.to_bits()
+    } else {
+        normalized.to_bits()
+    };
+    f32::from_bits(sign | bits)
 }
 
 #[inline(always)]
@@ -98,33 +115,114 @@ fn as_array_mut<T, const N: usize>(s: &mut [T]) -> &mut [T; N] {
     s.try_into().expect("chunks_exact yields whole chunks")
 }
 
-/// Runs `quantize_row` over each row of `imatrix.len()` values in `x`, like ggml's `quantize_qX_K`
-/// loop over rows when given an importance matrix.
-fn rows_with_imatrix(
-    x: &[f32],
-    y: &mut [u8],
-    quant_weights: &[f32],
-    block_bytes: usize,
+/// Every super-block of `x` with its bytes in `y` and, with an importance matrix, its 256 weights.
+/// This is the row loop of ggml's `quantize_qX_K`: without an imatrix every block goes through the
+/// reference quantizer (rows do not matter); with one, `x` is rows of `imatrix.len()` values and block
+/// `i` of each row gets weights `imatrix[256 i..256 (i + 1)]`.
+#[inline(always)]
+fn blocks_with_weights<'a, const B: usize>(
+    x: &'a [f32],
+    y: &'a mut [u8],
+    imatrix: Option<&'a [f32]>,
     what: &str,
-    quantize_row: impl Fn(&[f32], &mut [u8], &[f32]),
+) -> impl Iterator<Item = (&'a [f32; QK_K], &'a mut [u8; B], Option<&'a [f32; QK_K]>)> {
+    let blocks_per_row = match imatrix {
+        None => 1,
+        Some(qw) => {
+            let n_per_row = qw.len();
+            assert!(
+                n_per_row > 0 && n_per_row.is_multiple_of(QK_K) && x.len().is_multiple_of(n_per_row),
+                "{what}: the importance matrix has {n_per_row} values, which does not divide the {} \
+                 values into rows of whole super-blocks",
+                x.len()
+            );
+            n_per_row / QK_K
+        }
+    };
+    blocks_mut::<B>(x, y, what)
+        .enumerate()
+        .map(move |(i, (xb, yb))| {
+            let qw = imatrix.map(|qw| as_array(&qw[(i % blocks_per_row) * QK_K..][..QK_K]));
+            (xb, yb, qw)
+        })
+}
+
+/// The body of every public K-quant dequantizer: `$block` on each block, compiled for AVX2 when the
+/// CPU has it (see [`quantize_blocks`]; same bits either way).
+macro_rules! dequantize_blocks {
+    ($bytes:expr, $what:expr, $block:ident, $x:expr, $y:expr) => {{
+        #[inline(always)]
+        fn run(x: &[u8], y: &mut [f32]) {
+            for (xb, yb) in blocks_out::<{ $bytes }>(x, y, $what) {
+                $block(xb, yb);
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2")]
+            unsafe fn avx2(x: &[u8], y: &mut [f32]) {
+                run(x, y)
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && !portable_only() {
+                // SAFETY: the CPU supports AVX2, checked just above.
+                return unsafe { avx2($x, $y) };
+            }
+        }
+        run($x, $y)
+    }};
+}
+
+/// The body of every public K-quant quantizer: runs `$block(x, y, weights)` on each super-block (see
+/// [`blocks_with_weights`]), compiled for AVX2 when the CPU has it so the lane-parallel searches run
+/// 8 lanes per instruction instead of 4. Same bits either way: only the vector width changes, never
+/// the order of operations, and Rust never fuses a multiply and an add. A macro rather than a generic
+/// function so that the block function is called directly, and inlined, inside the AVX2 function.
+macro_rules! quantize_blocks {
+    ($bytes:expr, $what:expr, $block:ident, $x:expr, $y:expr, $imatrix:expr) => {{
+        #[inline(always)]
+        fn run(x: &[f32], y: &mut [u8], imatrix: Option<&[f32]>) {
+            for (xb, yb, qw) in blocks_with_weights::<{ $bytes }>(x, y, imatrix, $what) {
+                $block(xb, yb, qw);
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2")]
+            unsafe fn avx2(x: &[f32], y: &mut [u8], imatrix: Option<&[f32]>) {
+                run(x, y, imatrix)
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && !portable_only() {
+                // SAFETY: the CPU supports AVX2, checked just above.
+                return unsafe { avx2($x, $y, $imatrix) };
+            }
+        }
+        run($x, $y, $imatrix)
+    }};
+}
+
+/// One super-block as `LANES` groups of `N` values, lane-major: `out[i][k] = x[N*k + i]`, the layout
+/// of the lane-parallel searches in [`super::search`].
+#[inline(always)]
+fn transpose<const LANES: usize, const N: usize>(x: &[f32; QK_K]) -> [[f32; LANES]; N] {
+    let mut out = [[0f32; LANES]; N];
+    for k in 0..LANES {
+        for i in 0..N {
+            out[i][k] = x[N * k + i];
+        }
+    }
+    out
+}
+
+/// The inverse of [`transpose`] for levels.
+#[inline(always)]
+fn untranspose<T: Copy, const LANES: usize, const N: usize>(
+    lt: &[[T; LANES]; N],
+    levels: &mut [T; QK_K],
 ) {
-    let n_per_row = quant_weights.len();
-    assert!(
-        n_per_row > 0 && n_per_row.is_multiple_of(QK_K) && x.len().is_multiple_of(n_per_row),
-        "{what}: the importance matrix has {n_per_row} values, which does not divide the {} values \
-         into rows of whole super-blocks",
-        x.len()
-    );
-    let row_bytes = n_per_row / QK_K * block_bytes;
-    assert!(
-        y.len() == x.len() / n_per_row * row_bytes,
-        "{what}: {} values need {} bytes, got {}",
-        x.len(),
-        x.len() / n_per_row * row_bytes,
-        y.len()
-    );
-    for (xr, yr) in x.chunks_exact(n_per_row).zip(y.chunks_exact_mut(row_bytes)) {
-        quantize_row(xr, yr, quant_weights);
+    for k in 0..LANES {
+        for i in 0..N {
+            levels[N * k + i] = lt[i][k];
+        }
     }
 }
 
@@ -170,32 +268,26 @@ fn q2_k_requantize(x: &[f32; QK_K], y: &[u8; Q2_K_BYTES], levels: &mut [u8; QK_K
     }
 }
 
+#[inline(always)]
 fn quantize_block_q2_k_ref(x: &[f32; QK_K], y: &mut [u8; Q2_K_BYTES]) {
-    let mut levels = [0u8; QK_K];
-    let mut laux = [0u8; 16];
-    let mut weights = [0f32; 16];
-    let mut mins = [0f32; QK_K / 16];
-    let mut scales = [0f32; QK_K / 16];
     const Q4SCALE: f32 = 15.0;
+    let mut levels = [0u8; QK_K];
+    let xt = transpose::<16, 16>(x);
+    let mut wt = [[0f32; 16]; 16];
+    for i in 0..16 {
+        for k in 0..16 {
+            wt[i][k] = xt[i][k].abs();
+        }
+    }
+    let mut lt = [[0u8; 16]; 16];
+    let mut laux = [[0f32; 16]; 16];
+    let (scales, mins) =
+        make_qkx_quants_lanes(3, &xt, &wt, &mut lt, &mut laux, -0.5, 0.1, 15, true, false);
+    untranspose(&lt, &mut levels);
 
     let mut max_scale = 0.0f32;
     let mut max_min = 0.0f32;
     for j in 0..QK_K / 16 {
-        let xs = &x[16 * j..16 * j + 16];
-        for l in 0..16 {
-            weights[l] = xs[l].abs();
-        }
-        (scales[j], mins[j]) = make_qkx2_quants(
-            3,
-            xs,
-            &weights,
-            &mut levels[16 * j..16 * j + 16],
-            &mut laux,
-            -0.5,
-            0.1,
-            15,
-            true,
-        );
         if scales[j] > max_scale {
             max_scale = scales[j];
         }
@@ -228,20 +320,10 @@ fn quantize_block_q2_k_ref(x: &[f32; QK_K], y: &mut [u8; Q2_K_BYTES]) {
     pack_2bit(&levels, &mut y[Q2_QS..Q2_QS + 64]);
 }
 
-/// Q2_K reference quantizer over whole super-blocks; mirrors ggml's `quantize_row_q2_K_ref`.
-pub fn quantize_row_q2_k_ref(x: &[f32], y: &mut [u8]) {
-    for (xb, yb) in blocks_mut::<Q2_K_BYTES>(x, y, "q2_K") {
-        quantize_block_q2_k_ref(xb, yb);
-    }
-}
-
-fn quantize_block_q2_k_impl(x: &[f32; QK_K], y: &mut [u8; Q2_K_BYTES], qw: &[f32]) {
+#[inline(always)]
+fn quantize_block_q2_k_impl(x: &[f32; QK_K], y: &mut [u8; Q2_K_BYTES], qw: &[f32; QK_K]) {
     let mut levels = [0u8; QK_K];
-    let mut laux = [0u8; 16];
-    let mut mins = [0f32; QK_K / 16];
-    let mut scales = [0f32; QK_K / 16];
     let mut sw = [0f32; QK_K / 16];
-    let mut weight = [0f32; 16];
     let mut ls = [0u8; QK_K / 16];
     let mut lm = [0u8; QK_K / 16];
 
@@ -250,27 +332,24 @@ fn quantize_block_q2_k_impl(x: &[f32; QK_K], y: &mut [u8; Q2_K_BYTES], qw: &[f32
         sumx2 += x[j] * x[j];
     }
     let sigma2 = sumx2 / QK_K as f32;
-    for j in 0..QK_K / 16 {
-        let qw = &qw[16 * j..16 * j + 16];
-        let xs = &x[16 * j..16 * j + 16];
-        for l in 0..16 {
-            weight[l] = qw[l] * (sigma2 + xs[l] * xs[l]).sqrt();
+    let xt = transpose::<16, 16>(x);
+    let qwt = transpose::<16, 16>(qw);
+    let mut wt = [[0f32; 16]; 16];
+    for i in 0..16 {
+        for k in 0..16 {
+            wt[i][k] = qwt[i][k] * (sigma2 + xt[i][k] * xt[i][k]).sqrt();
         }
-        for l in 0..QK_K / 16 {
-            sw[j] += weight[l];
-        }
-        (scales[j], mins[j]) = make_qkx3_quants(
-            3,
-            xs,
-            Some(&weight),
-            &mut levels[16 * j..16 * j + 16],
-            &mut laux,
-            -0.9,
-            0.05,
-            36,
-            false,
-        );
     }
+    for i in 0..16 {
+        for k in 0..16 {
+            sw[k] += wt[i][k];
+        }
+    }
+    let mut lt = [[0u8; 16]; 16];
+    let mut laux = [[0f32; 16]; 16];
+    let (scales, mins) =
+        make_qkx_quants_lanes(3, &xt, &wt, &mut lt, &mut laux, -0.9, 0.05, 36, false, true);
+    untranspose(&lt, &mut levels);
 
     let dm = make_qp_quants(15, &scales, &mut ls, &sw);
     let mm = make_qp_quants(15, &mins, &mut lm, &sw);
@@ -283,14 +362,30 @@ fn quantize_block_q2_k_impl(x: &[f32; QK_K], y: &mut [u8; Q2_K_BYTES], qw: &[f32
     pack_2bit(&levels, &mut y[Q2_QS..Q2_QS + 64]);
 }
 
-/// Importance-weighted Q2_K quantizer for rows of `quant_weights.len()` values; mirrors ggml's
+#[inline(always)]
+fn quantize_block_q2_k(x: &[f32; QK_K], y: &mut [u8; Q2_K_BYTES], qw: Option<&[f32; QK_K]>) {
+    match qw {
+        Some(qw) => quantize_block_q2_k_impl(x, y, qw),
+        None => quantize_block_q2_k_ref(x, y),
+    }
+}
+
+/// q2_K reference quantizer over whole super-blocks; mirrors ggml's `quantize_row_q2_K_ref`.
+pub fn quantize_row_q2_k_ref(x: &[f32], y: &mut [u8]) {
+    quantize_blocks!(Q2_K_BYTES, "q2_K", quantize_block_q2_k, x, y, None);
+}
+
+/// Importance-weighted q2_K quantizer for rows of `quant_weights.len()` values; mirrors ggml's
 /// `quantize_row_q2_K_impl` (as looped over rows by `quantize_q2_K`).
 pub fn quantize_row_q2_k_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-    rows_with_imatrix(x, y, quant_weights, Q2_K_BYTES, "q2_K", |x, y, qw| {
-        for (i, (xb, yb)) in blocks_mut::<Q2_K_BYTES>(x, y, "q2_K").enumerate() {
-            quantize_block_q2_k_impl(xb, yb, &qw[QK_K * i..QK_K * (i + 1)]);
-        }
-    });
+    quantize_blocks!(
+        Q2_K_BYTES,
+        "q2_K",
+        quantize_block_q2_k,
+        x,
+        y,
+        Some(quant_weights)
+    );
 }
 
 /// Q2_K quantizer as `ggml_quantize_chunk` runs it: weighted by `imatrix` (one weight per column)
@@ -304,24 +399,27 @@ pub fn quantize_row_q2_k(x: &[f32], y: &mut [u8], imatrix: Option<&[f32]>) {
 
 /// Q2_K to f32; mirrors ggml's `dequantize_row_q2_K`.
 pub fn dequantize_row_q2_k(x: &[u8], y: &mut [f32]) {
-    for (xb, yb) in blocks_out::<Q2_K_BYTES>(x, y, "q2_K") {
-        let d = read_f16(xb, Q2_D);
-        let min = read_f16(xb, Q2_DMIN);
-        let scales = &xb[Q2_SCALES..Q2_SCALES + 16];
-        let mut out = 0;
-        let mut is = 0;
-        for half in 0..2 {
-            let q = &xb[Q2_QS + 32 * half..Q2_QS + 32 * half + 32];
-            for shift in [0, 2, 4, 6] {
-                for part in 0..2 {
-                    let sc = scales[is];
-                    is += 1;
-                    let dl = d * (sc & 0xF) as f32;
-                    let ml = min * (sc >> 4) as f32;
-                    for l in 0..16 {
-                        yb[out] = dl * ((q[16 * part + l] >> shift) & 3) as f32 - ml;
-                        out += 1;
-                    }
+    dequantize_blocks!(Q2_K_BYTES, "q2_K", dequantize_block_q2_k, x, y);
+}
+
+#[inline(always)]
+fn dequantize_block_q2_k(xb: &[u8; Q2_K_BYTES], yb: &mut [f32; QK_K]) {
+    let d = read_f16(xb, Q2_D);
+    let min = read_f16(xb, Q2_DMIN);
+    let scales = &xb[Q2_SCALES..Q2_SCALES + 16];
+    let mut out = 0;
+    let mut is = 0;
+    for half in 0..2 {
+        let q = &xb[Q2_QS + 32 * half..Q2_QS + 32 * half + 32];
+        for shift in [0, 2, 4, 6] {
+            for part in 0..2 {
+                let sc = scales[is];
+                is += 1;
+                let dl = d * (sc & 0xF) as f32;
+                let ml = min * (sc >> 4) as f32;
+                for l in 0..16 {
+                    yb[out] = dl * ((q[16 * part + l] >> shift) & 3) as f32 - ml;
+                    out += 1;
                 }
             }
         }
@@ -392,19 +490,18 @@ fn q3_k_finish(x: &[f32; QK_K], y: &mut [u8; Q3_K_BYTES], levels: &mut [i8; QK_K
     pack_2bit(&low, &mut y[Q3_QS..Q3_QS + 64]);
 }
 
+#[inline(always)]
 fn quantize_block_q3_k_ref(x: &[f32; QK_K], y: &mut [u8; Q3_K_BYTES]) {
+    let xt = transpose::<16, 16>(x);
+    let mut lt = [[0i8; 16]; 16];
+    let mut laux = [[0f32; 16]; 16];
+    let scales = make_q3_quants_lanes(4, &xt, &mut lt, &mut laux);
     let mut levels = [0i8; QK_K];
-    let mut scales = [0f32; QK_K / 16];
+    untranspose(&lt, &mut levels);
 
     let mut max_scale = 0.0f32;
     let mut amax = 0.0f32;
     for j in 0..QK_K / 16 {
-        scales[j] = make_q3_quants(
-            4,
-            &x[16 * j..16 * j + 16],
-            &mut levels[16 * j..16 * j + 16],
-            true,
-        );
         let scale = scales[j].abs();
         if scale > amax {
             amax = scale;
@@ -427,17 +524,8 @@ fn quantize_block_q3_k_ref(x: &[f32; QK_K], y: &mut [u8; Q3_K_BYTES]) {
     q3_k_finish(x, y, &mut levels);
 }
 
-/// Q3_K reference quantizer over whole super-blocks; mirrors ggml's `quantize_row_q3_K_ref`.
-pub fn quantize_row_q3_k_ref(x: &[f32], y: &mut [u8]) {
-    for (xb, yb) in blocks_mut::<Q3_K_BYTES>(x, y, "q3_K") {
-        quantize_block_q3_k_ref(xb, yb);
-    }
-}
-
-fn quantize_block_q3_k_impl(x: &[f32; QK_K], y: &mut [u8; Q3_K_BYTES], qw: &[f32]) {
-    let mut levels = [0i8; QK_K];
-    let mut scales = [0f32; QK_K / 16];
-    let mut weight = [0f32; 16];
+#[inline(always)]
+fn quantize_block_q3_k_impl(x: &[f32; QK_K], y: &mut [u8; Q3_K_BYTES], qw: &[f32; QK_K]) {
     let mut sw = [0f32; QK_K / 16];
     let mut ls = [0i8; QK_K / 16];
 
@@ -446,19 +534,24 @@ fn quantize_block_q3_k_impl(x: &[f32; QK_K], y: &mut [u8; Q3_K_BYTES], qw: &[f32
         sumx2 += x[j] * x[j];
     }
     let sigma2 = 2.0 * sumx2 / QK_K as f32;
-    for j in 0..QK_K / 16 {
-        let qw = &qw[16 * j..16 * j + 16];
-        let xs = &x[16 * j..16 * j + 16];
-        for l in 0..16 {
-            weight[l] = qw[l] * (sigma2 + xs[l] * xs[l]).sqrt();
+    let xt = transpose::<16, 16>(x);
+    let qwt = transpose::<16, 16>(qw);
+    let mut wt = [[0f32; 16]; 16];
+    for i in 0..16 {
+        for k in 0..16 {
+            wt[i][k] = qwt[i][k] * (sigma2 + xt[i][k] * xt[i][k]).sqrt();
         }
-        let mut sumw = 0.0f32;
-        for l in 0..16 {
-            sumw += weight[l];
-        }
-        sw[j] = sumw;
-        scales[j] = make_qx_quants(4, xs, &mut levels[16 * j..16 * j + 16], 1, Some(&weight));
     }
+    for i in 0..16 {
+        for k in 0..16 {
+            sw[k] += wt[i][k];
+        }
+    }
+    let mut lt = [[0i8; 16]; 16];
+    let mut laux = [[0f32; 16]; 16];
+    let scales = make_qx_quants_lanes(4, &xt, &wt, &mut lt, &mut laux);
+    let mut levels = [0i8; QK_K];
+    untranspose(&lt, &mut levels);
 
     y[Q3_SCALES..Q3_SCALES + 12].fill(0);
     let d_block = make_qx_quants(32, &scales, &mut ls, 1, Some(&sw));
@@ -469,14 +562,30 @@ fn quantize_block_q3_k_impl(x: &[f32; QK_K], y: &mut [u8; Q3_K_BYTES], qw: &[f32
     q3_k_finish(x, y, &mut levels);
 }
 
-/// Importance-weighted Q3_K quantizer for rows of `quant_weights.len()` values; mirrors ggml's
+#[inline(always)]
+fn quantize_block_q3_k(x: &[f32; QK_K], y: &mut [u8; Q3_K_BYTES], qw: Option<&[f32; QK_K]>) {
+    match qw {
+        Some(qw) => quantize_block_q3_k_impl(x, y, qw),
+        None => quantize_block_q3_k_ref(x, y),
+    }
+}
+
+/// q3_K reference quantizer over whole super-blocks; mirrors ggml's `quantize_row_q3_K_ref`.
+pub fn quantize_row_q3_k_ref(x: &[f32], y: &mut [u8]) {
+    quantize_blocks!(Q3_K_BYTES, "q3_K", quantize_block_q3_k, x, y, None);
+}
+
+/// Importance-weighted q3_K quantizer for rows of `quant_weights.len()` values; mirrors ggml's
 /// `quantize_row_q3_K_impl` (as looped over rows by `quantize_q3_K`).
 pub fn quantize_row_q3_k_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-    rows_with_imatrix(x, y, quant_weights, Q3_K_BYTES, "q3_K", |x, y, qw| {
-        for (i, (xb, yb)) in blocks_mut::<Q3_K_BYTES>(x, y, "q3_K").enumerate() {
-            quantize_block_q3_k_impl(xb, yb, &qw[QK_K * i..QK_K * (i + 1)]);
-        }
-    });
+    quantize_blocks!(
+        Q3_K_BYTES,
+        "q3_K",
+        quantize_block_q3_k,
+        x,
+        y,
+        Some(quant_weights)
+    );
 }
 
 /// Q3_K quantizer as `ggml_quantize_chunk` runs it (see [`quantize_row_q2_k`]).
@@ -489,29 +598,32 @@ pub fn quantize_row_q3_k(x: &[f32], y: &mut [u8], imatrix: Option<&[f32]>) {
 
 /// Q3_K to f32; mirrors ggml's `dequantize_row_q3_K`.
 pub fn dequantize_row_q3_k(x: &[u8], y: &mut [f32]) {
-    for (xb, yb) in blocks_out::<Q3_K_BYTES>(x, y, "q3_K") {
-        let d_all = read_f16(xb, Q3_D);
-        let scale_bytes = &xb[Q3_SCALES..Q3_SCALES + 12];
-        let hm = &xb[Q3_HMASK..Q3_HMASK + 32];
-        let mut out = 0;
-        let mut is = 0;
-        let mut m = 1u8;
-        for half in 0..2 {
-            let q = &xb[Q3_QS + 32 * half..Q3_QS + 32 * half + 32];
-            for shift in [0, 2, 4, 6] {
-                for part in 0..2 {
-                    let dl = d_all * q3_k_scale(scale_bytes, is) as f32;
-                    is += 1;
-                    for l in 0..16 {
-                        let k = 16 * part + l;
-                        let low = ((q[k] >> shift) & 3) as i32;
-                        let high = if hm[k] & m != 0 { 0 } else { 4 };
-                        yb[out] = dl * (low - high) as f32;
-                        out += 1;
-                    }
+    dequantize_blocks!(Q3_K_BYTES, "q3_K", dequantize_block_q3_k, x, y);
+}
+
+#[inline(always)]
+fn dequantize_block_q3_k(xb: &[u8; Q3_K_BYTES], yb: &mut [f32; QK_K]) {
+    let d_all = read_f16(xb, Q3_D);
+    let scale_bytes = &xb[Q3_SCALES..Q3_SCALES + 12];
+    let hm = &xb[Q3_HMASK..Q3_HMASK + 32];
+    let mut out = 0;
+    let mut is = 0;
+    let mut m = 1u8;
+    for half in 0..2 {
+        let q = &xb[Q3_QS + 32 * half..Q3_QS + 32 * half + 32];
+        for shift in [0, 2, 4, 6] {
+            for part in 0..2 {
+                let dl = d_all * q3_k_scale(scale_bytes, is) as f32;
+                is += 1;
+                for l in 0..16 {
+                    let k = 16 * part + l;
+                    let low = ((q[k] >> shift) & 3) as i32;
+                    let high = if hm[k] & m != 0 { 0 } else { 4 };
+                    yb[out] = dl * (low - high) as f32;
+                    out += 1;
                 }
-                m <<= 1;
             }
+            m <<= 1;
         }
     }
 }
@@ -582,34 +694,30 @@ fn qk4_ref_scales(
     nstep: i32,
     levels: &mut [u8; QK_K],
 ) {
-    let mut laux = [0u8; 32];
-    let mut weights = [0f32; 32];
-    let mut mins = [0f32; QK_K / 32];
-    let mut scales = [0f32; QK_K / 32];
+    let xt = transpose::<8, 32>(x);
+    let mut sum_x2 = [0f32; 8];
+    for i in 0..32 {
+        for k in 0..8 {
+            sum_x2[k] += xt[i][k] * xt[i][k];
+        }
+    }
+    let mut wt = [[0f32; 8]; 32];
+    for k in 0..8 {
+        let av_x = (sum_x2[k] / 32.0).sqrt();
+        for i in 0..32 {
+            wt[i][k] = av_x + xt[i][k].abs();
+        }
+    }
+    let mut lt = [[0u8; 8]; 32];
+    let mut laux = [[0f32; 8]; 32];
+    let (scales, mins) = make_qkx_quants_lanes(
+        nmax, &xt, &wt, &mut lt, &mut laux, rmin, rdelta, nstep, false, false,
+    );
+    untranspose(&lt, levels);
 
     let mut max_scale = 0.0f32;
     let mut max_min = 0.0f32;
     for j in 0..QK_K / 32 {
-        let xs = &x[32 * j..32 * j + 32];
-        let mut sum_x2 = 0.0f32;
-        for l in 0..32 {
-            sum_x2 += xs[l] * xs[l];
-        }
-        let av_x = (sum_x2 / 32.0).sqrt();
-        for l in 0..32 {
-            weights[l] = av_x + xs[l].abs();
-        }
-        (scales[j], mins[j]) = make_qkx2_quants(
-            nmax,
-            xs,
-            &weights,
-            &mut levels[32 * j..32 * j + 32],
-            &mut laux,
-            rmin,
-            rdelta,
-            nstep,
-            false,
-        );
         if scales[j] > max_scale {
             max_scale = scales[j];
         }
@@ -642,47 +750,39 @@ fn qk4_ref_scales(
 fn qk4_impl_scales(
     x: &[f32; QK_K],
     block: &mut [u8],
-    qw: &[f32],
+    qw: &[f32; QK_K],
     nmax: i32,
     clamp_63: bool,
     levels: &mut [u8; QK_K],
 ) {
-    let mut laux = [0u8; 32];
     let mut ls = [0u8; QK_K / 32];
     let mut lm = [0u8; QK_K / 32];
-    let mut weights = [0f32; 32];
     let mut sw = [0f32; QK_K / 32];
-    let mut mins = [0f32; QK_K / 32];
-    let mut scales = [0f32; QK_K / 32];
 
     let mut sum_x2 = 0.0f32;
     for l in 0..QK_K {
         sum_x2 += x[l] * x[l];
     }
     let sigma2 = 2.0 * sum_x2 / QK_K as f32;
-    for j in 0..QK_K / 32 {
-        let qw = &qw[32 * j..32 * j + 32];
-        let xs = &x[32 * j..32 * j + 32];
-        for l in 0..32 {
-            weights[l] = qw[l] * (sigma2 + xs[l] * xs[l]).sqrt();
+    let xt = transpose::<8, 32>(x);
+    let qwt = transpose::<8, 32>(qw);
+    let mut wt = [[0f32; 8]; 32];
+    for i in 0..32 {
+        for k in 0..8 {
+            wt[i][k] = qwt[i][k] * (sigma2 + xt[i][k] * xt[i][k]).sqrt();
         }
-        let mut sumw = 0.0f32;
-        for l in 0..32 {
-            sumw += weights[l];
-        }
-        sw[j] = sumw;
-        (scales[j], mins[j]) = make_qkx3_quants(
-            nmax,
-            xs,
-            Some(&weights),
-            &mut levels[32 * j..32 * j + 32],
-            &mut laux,
-            -0.9,
-            0.05,
-            36,
-            false,
-        );
     }
+    for i in 0..32 {
+        for k in 0..8 {
+            sw[k] += wt[i][k];
+        }
+    }
+    let mut lt = [[0u8; 8]; 32];
+    let mut laux = [[0f32; 8]; 32];
+    let (scales, mins) = make_qkx_quants_lanes(
+        nmax, &xt, &wt, &mut lt, &mut laux, -0.9, 0.05, 36, false, true,
+    );
+    untranspose(&lt, levels);
 
     let d_block = make_qp_quants(63, &scales, &mut ls, &sw);
     let m_block = make_qp_quants(63, &mins, &mut lm, &sw);
@@ -703,6 +803,7 @@ fn qk4_impl_scales(
 // block_q4_K: d, dmin, scales[12], qs[128] (two sub-blocks of 32 per 32 bytes: low then high nibble).
 const Q4_QS: usize = 16;
 
+#[inline(always)]
 fn q4_k_pack(levels: &[u8; QK_K], y: &mut [u8; Q4_K_BYTES]) {
     let q = &mut y[Q4_QS..Q4_QS + QK_K / 2];
     for (jb, j) in (0..QK_K).step_by(64).enumerate() {
@@ -712,32 +813,32 @@ fn q4_k_pack(levels: &[u8; QK_K], y: &mut [u8; Q4_K_BYTES]) {
     }
 }
 
-/// Q4_K reference quantizer over whole super-blocks; mirrors ggml's `quantize_row_q4_K_ref`.
-pub fn quantize_row_q4_k_ref(x: &[f32], y: &mut [u8]) {
-    for (xb, yb) in blocks_mut::<Q4_K_BYTES>(x, y, "q4_K") {
-        let mut levels = [0u8; QK_K];
-        qk4_ref_scales(xb, yb, 15, -1.0, 0.1, 20, &mut levels);
-        q4_k_pack(&levels, yb);
+#[inline(always)]
+fn quantize_block_q4_k(x: &[f32; QK_K], y: &mut [u8; Q4_K_BYTES], qw: Option<&[f32; QK_K]>) {
+    let mut levels = [0u8; QK_K];
+    match qw {
+        Some(qw) => qk4_impl_scales(x, y, qw, 15, false, &mut levels),
+        None => qk4_ref_scales(x, y, 15, -1.0, 0.1, 20, &mut levels),
     }
+    q4_k_pack(&levels, y);
 }
 
-/// Importance-weighted Q4_K quantizer for rows of `quant_weights.len()` values; mirrors ggml's
+/// q4_K reference quantizer over whole super-blocks; mirrors ggml's `quantize_row_q4_K_ref`.
+pub fn quantize_row_q4_k_ref(x: &[f32], y: &mut [u8]) {
+    quantize_blocks!(Q4_K_BYTES, "q4_K", quantize_block_q4_k, x, y, None);
+}
+
+/// Importance-weighted q4_K quantizer for rows of `quant_weights.len()` values; mirrors ggml's
 /// `quantize_row_q4_K_impl` (as looped over rows by `quantize_q4_K`).
 pub fn quantize_row_q4_k_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-    rows_with_imatrix(x, y, quant_weights, Q4_K_BYTES, "q4_K", |x, y, qw| {
-        for (i, (xb, yb)) in blocks_mut::<Q4_K_BYTES>(x, y, "q4_K").enumerate() {
-            let mut levels = [0u8; QK_K];
-            qk4_impl_scales(
-                xb,
-                yb,
-                &qw[QK_K * i..QK_K * (i + 1)],
-                15,
-                false,
-                &mut levels,
-            );
-            q4_k_pack(&levels, yb);
-        }
-    });
+    quantize_blocks!(
+        Q4_K_BYTES,
+        "q4_K",
+        quantize_block_q4_k,
+        x,
+        y,
+        Some(quant_weights)
+    );
 }
 
 /// Q4_K quantizer as `ggml_quantize_chunk` runs it (see [`quantize_row_q2_k`]).
@@ -750,23 +851,26 @@ pub fn quantize_row_q4_k(x: &[f32], y: &mut [u8], imatrix: Option<&[f32]>) {
 
 /// Q4_K to f32; mirrors ggml's `dequantize_row_q4_K`.
 pub fn dequantize_row_q4_k(x: &[u8], y: &mut [f32]) {
-    for (xb, yb) in blocks_out::<Q4_K_BYTES>(x, y, "q4_K") {
-        let d = read_f16(xb, QK4_D);
-        let min = read_f16(xb, QK4_DMIN);
-        let scales = &xb[QK4_SCALES..QK4_SCALES + 12];
-        for jb in 0..QK_K / 64 {
-            let q = &xb[Q4_QS + 32 * jb..Q4_QS + 32 * jb + 32];
-            let (sc, m) = get_scale_min_k4(2 * jb, scales);
-            let (d1, m1) = (d * sc as f32, min * m as f32);
-            let (sc, m) = get_scale_min_k4(2 * jb + 1, scales);
-            let (d2, m2) = (d * sc as f32, min * m as f32);
-            let out = &mut yb[64 * jb..64 * jb + 64];
-            for l in 0..32 {
-                out[l] = d1 * (q[l] & 0xF) as f32 - m1;
-            }
-            for l in 0..32 {
-                out[32 + l] = d2 * (q[l] >> 4) as f32 - m2;
-            }
+    dequantize_blocks!(Q4_K_BYTES, "q4_K", dequantize_block_q4_k, x, y);
+}
+
+#[inline(always)]
+fn dequantize_block_q4_k(xb: &[u8; Q4_K_BYTES], yb: &mut [f32; QK_K]) {
+    let d = read_f16(xb, QK4_D);
+    let min = read_f16(xb, QK4_DMIN);
+    let scales = &xb[QK4_SCALES..QK4_SCALES + 12];
+    for jb in 0..QK_K / 64 {
+        let q = &xb[Q4_QS + 32 * jb..Q4_QS + 32 * jb + 32];
+        let (sc, m) = get_scale_min_k4(2 * jb, scales);
+        let (d1, m1) = (d * sc as f32, min * m as f32);
+        let (sc, m) = get_scale_min_k4(2 * jb + 1, scales);
+        let (d2, m2) = (d * sc as f32, min * m as f32);
+        let out = &mut yb[64 * jb..64 * jb + 64];
+        for l in 0..32 {
+            out[l] = d1 * (q[l] & 0xF) as f32 - m1;
+        }
+        for l in 0..32 {
+            out[32 + l] = d2 * (q[l] >> 4) as f32 - m2;
         }
     }
 }
@@ -776,6 +880,7 @@ pub fn dequantize_row_q4_k(x: &[u8], y: &mut [f32]) {
 const Q5_QH: usize = 16;
 const Q5_QS: usize = 48;
 
+#[inline(always)]
 fn q5_k_pack(levels: &[u8; QK_K], y: &mut [u8; Q5_K_BYTES]) {
     let (qh, ql) = y[Q5_QH..].split_at_mut(32);
     qh.fill(0);
@@ -800,25 +905,32 @@ fn q5_k_pack(levels: &[u8; QK_K], y: &mut [u8; Q5_K_BYTES]) {
     }
 }
 
-/// Q5_K reference quantizer over whole super-blocks; mirrors ggml's `quantize_row_q5_K_ref`.
-pub fn quantize_row_q5_k_ref(x: &[f32], y: &mut [u8]) {
-    for (xb, yb) in blocks_mut::<Q5_K_BYTES>(x, y, "q5_K") {
-        let mut levels = [0u8; QK_K];
-        qk4_ref_scales(xb, yb, 31, -0.5, 0.1, 15, &mut levels);
-        q5_k_pack(&levels, yb);
+#[inline(always)]
+fn quantize_block_q5_k(x: &[f32; QK_K], y: &mut [u8; Q5_K_BYTES], qw: Option<&[f32; QK_K]>) {
+    let mut levels = [0u8; QK_K];
+    match qw {
+        Some(qw) => qk4_impl_scales(x, y, qw, 31, true, &mut levels),
+        None => qk4_ref_scales(x, y, 31, -0.5, 0.1, 15, &mut levels),
     }
+    q5_k_pack(&levels, y);
 }
 
-/// Importance-weighted Q5_K quantizer for rows of `quant_weights.len()` values; mirrors ggml's
+/// q5_K reference quantizer over whole super-blocks; mirrors ggml's `quantize_row_q5_K_ref`.
+pub fn quantize_row_q5_k_ref(x: &[f32], y: &mut [u8]) {
+    quantize_blocks!(Q5_K_BYTES, "q5_K", quantize_block_q5_k, x, y, None);
+}
+
+/// Importance-weighted q5_K quantizer for rows of `quant_weights.len()` values; mirrors ggml's
 /// `quantize_row_q5_K_impl` (as looped over rows by `quantize_q5_K`).
 pub fn quantize_row_q5_k_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-    rows_with_imatrix(x, y, quant_weights, Q5_K_BYTES, "q5_K", |x, y, qw| {
-        for (i, (xb, yb)) in blocks_mut::<Q5_K_BYTES>(x, y, "q5_K").enumerate() {
-            let mut levels = [0u8; QK_K];
-            qk4_impl_scales(xb, yb, &qw[QK_K * i..QK_K * (i + 1)], 31, true, &mut levels);
-            q5_k_pack(&levels, yb);
-        }
-    });
+    quantize_blocks!(
+        Q5_K_BYTES,
+        "q5_K",
+        quantize_block_q5_k,
+        x,
+        y,
+        Some(quant_weights)
+    );
 }
 
 /// Q5_K quantizer as `ggml_quantize_chunk` runs it (see [`quantize_row_q2_k`]).
@@ -831,31 +943,34 @@ pub fn quantize_row_q5_k(x: &[f32], y: &mut [u8], imatrix: Option<&[f32]>) {
 
 /// Q5_K to f32; mirrors ggml's `dequantize_row_q5_K`.
 pub fn dequantize_row_q5_k(x: &[u8], y: &mut [f32]) {
-    for (xb, yb) in blocks_out::<Q5_K_BYTES>(x, y, "q5_K") {
-        let d = read_f16(xb, QK4_D);
-        let min = read_f16(xb, QK4_DMIN);
-        let scales = &xb[QK4_SCALES..QK4_SCALES + 12];
-        let qh = &xb[Q5_QH..Q5_QH + 32];
-        let mut u1 = 1u8;
-        let mut u2 = 2u8;
-        for jb in 0..QK_K / 64 {
-            let ql = &xb[Q5_QS + 32 * jb..Q5_QS + 32 * jb + 32];
-            let (sc, m) = get_scale_min_k4(2 * jb, scales);
-            let (d1, m1) = (d * sc as f32, min * m as f32);
-            let (sc, m) = get_scale_min_k4(2 * jb + 1, scales);
-            let (d2, m2) = (d * sc as f32, min * m as f32);
-            let out = &mut yb[64 * jb..64 * jb + 64];
-            for l in 0..32 {
-                let high = if qh[l] & u1 != 0 { 16 } else { 0 };
-                out[l] = d1 * ((ql[l] & 0xF) + high) as f32 - m1;
-            }
-            for l in 0..32 {
-                let high = if qh[l] & u2 != 0 { 16 } else { 0 };
-                out[32 + l] = d2 * ((ql[l] >> 4) + high) as f32 - m2;
-            }
-            u1 <<= 2;
-            u2 <<= 2;
+    dequantize_blocks!(Q5_K_BYTES, "q5_K", dequantize_block_q5_k, x, y);
+}
+
+#[inline(always)]
+fn dequantize_block_q5_k(xb: &[u8; Q5_K_BYTES], yb: &mut [f32; QK_K]) {
+    let d = read_f16(xb, QK4_D);
+    let min = read_f16(xb, QK4_DMIN);
+    let scales = &xb[QK4_SCALES..QK4_SCALES + 12];
+    let qh = &xb[Q5_QH..Q5_QH + 32];
+    let mut u1 = 1u8;
+    let mut u2 = 2u8;
+    for jb in 0..QK_K / 64 {
+        let ql = &xb[Q5_QS + 32 * jb..Q5_QS + 32 * jb + 32];
+        let (sc, m) = get_scale_min_k4(2 * jb, scales);
+        let (d1, m1) = (d * sc as f32, min * m as f32);
+        let (sc, m) = get_scale_min_k4(2 * jb + 1, scales);
+        let (d2, m2) = (d * sc as f32, min * m as f32);
+        let out = &mut yb[64 * jb..64 * jb + 64];
+        for l in 0..32 {
+            let high = if qh[l] & u1 != 0 { 16 } else { 0 };
+            out[l] = d1 * ((ql[l] & 0xF) + high) as f32 - m1;
         }
+        for l in 0..32 {
+            let high = if qh[l] & u2 != 0 { 16 } else { 0 };
+            out[32 + l] = d2 * ((ql[l] >> 4) + high) as f32 - m2;
+        }
+        u1 <<= 2;
+        u2 <<= 2;
     }
 }
 
@@ -867,25 +982,33 @@ const Q6_SCALES: usize = 192;
 const Q6_D: usize = 208;
 
 /// The shared body of `quantize_row_q6_K_ref` (`qw` None) and `quantize_row_q6_K_impl`.
-fn quantize_block_q6_k(x: &[f32; QK_K], y: &mut [u8; Q6_K_BYTES], qw: Option<&[f32]>) {
+#[inline(always)]
+fn quantize_block_q6_k(x: &[f32; QK_K], y: &mut [u8; Q6_K_BYTES], qw: Option<&[f32; QK_K]>) {
+    let xt = transpose::<16, 16>(x);
+    let mut wt = [[0f32; 16]; 16];
+    match qw {
+        Some(qw) => wt = transpose::<16, 16>(qw),
+        None => {
+            for i in 0..16 {
+                for k in 0..16 {
+                    wt[i][k] = xt[i][k] * xt[i][k];
+                }
+            }
+        }
+    }
+    let mut lt = [[0i8; 16]; 16];
+    let mut laux = [[0f32; 16]; 16];
+    let scales = make_qx_quants_lanes(32, &xt, &wt, &mut lt, &mut laux);
     let mut levels = [0i8; QK_K];
-    let mut scales = [0f32; QK_K / 16];
+    untranspose(&lt, &mut levels);
 
     let mut max_scale = 0.0f32;
     let mut max_abs_scale = 0.0f32;
     for ib in 0..QK_K / 16 {
-        let scale = make_qx_quants(
-            32,
-            &x[16 * ib..16 * ib + 16],
-            &mut levels[16 * ib..16 * ib + 16],
-            1,
-            qw.map(|w| &w[16 * ib..16 * ib + 16]),
-        );
-        scales[ib] = scale;
-        let abs_scale = scale.abs();
+        let abs_scale = scales[ib].abs();
         if abs_scale > max_abs_scale {
             max_abs_scale = abs_scale;
-            max_scale = scale;
+            max_scale = scales[ib];
         }
     }
 
@@ -929,21 +1052,22 @@ fn quantize_block_q6_k(x: &[f32; QK_K], y: &mut [u8; Q6_K_BYTES], qw: Option<&[f
     }
 }
 
-/// Q6_K reference quantizer over whole super-blocks; mirrors ggml's `quantize_row_q6_K_ref`.
+/// q6_K reference quantizer over whole super-blocks; mirrors ggml's `quantize_row_q6_K_ref`.
 pub fn quantize_row_q6_k_ref(x: &[f32], y: &mut [u8]) {
-    for (xb, yb) in blocks_mut::<Q6_K_BYTES>(x, y, "q6_K") {
-        quantize_block_q6_k(xb, yb, None);
-    }
+    quantize_blocks!(Q6_K_BYTES, "q6_K", quantize_block_q6_k, x, y, None);
 }
 
-/// Importance-weighted Q6_K quantizer for rows of `quant_weights.len()` values; mirrors ggml's
+/// Importance-weighted q6_K quantizer for rows of `quant_weights.len()` values; mirrors ggml's
 /// `quantize_row_q6_K_impl` (as looped over rows by `quantize_q6_K`).
 pub fn quantize_row_q6_k_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-    rows_with_imatrix(x, y, quant_weights, Q6_K_BYTES, "q6_K", |x, y, qw| {
-        for (i, (xb, yb)) in blocks_mut::<Q6_K_BYTES>(x, y, "q6_K").enumerate() {
-            quantize_block_q6_k(xb, yb, Some(&qw[QK_K * i..QK_K * (i + 1)]));
-        }
-    });
+    quantize_blocks!(
+        Q6_K_BYTES,
+        "q6_K",
+        quantize_block_q6_k,
+        x,
+        y,
+        Some(quant_weights)
+    );
 }
 
 /// Q6_K quantizer as `ggml_quantize_chunk` runs it (see [`quantize_row_q2_k`]).
@@ -956,24 +1080,27 @@ pub fn quantize_row_q6_k(x: &[f32], y: &mut [u8], imatrix: Option<&[f32]>) {
 
 /// Q6_K to f32; mirrors ggml's `dequantize_row_q6_K`.
 pub fn dequantize_row_q6_k(x: &[u8], y: &mut [f32]) {
-    for (xb, yb) in blocks_out::<Q6_K_BYTES>(x, y, "q6_K") {
-        let d = read_f16(xb, Q6_D);
-        for half in 0..2 {
-            let ql = &xb[Q6_QL + 64 * half..Q6_QL + 64 * half + 64];
-            let qh = &xb[Q6_QH + 32 * half..Q6_QH + 32 * half + 32];
-            let sc = &xb[Q6_SCALES + 8 * half..Q6_SCALES + 8 * half + 8];
-            let out = &mut yb[128 * half..128 * half + 128];
-            for l in 0..32 {
-                let is = l / 16;
-                let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
-                let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-                let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-                let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-                out[l] = d * (sc[is] as i8) as f32 * q1 as f32;
-                out[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
-                out[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
-                out[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
-            }
+    dequantize_blocks!(Q6_K_BYTES, "q6_K", dequantize_block_q6_k, x, y);
+}
+
+#[inline(always)]
+fn dequantize_block_q6_k(xb: &[u8; Q6_K_BYTES], yb: &mut [f32; QK_K]) {
+    let d = read_f16(xb, Q6_D);
+    for half in 0..2 {
+        let ql = &xb[Q6_QL + 64 * half..Q6_QL + 64 * half + 64];
+        let qh = &xb[Q6_QH + 32 * half..Q6_QH + 32 * half + 32];
+        let sc = &xb[Q6_SCALES + 8 * half..Q6_SCALES + 8 * half + 8];
+        let out = &mut yb[128 * half..128 * half + 128];
+        for l in 0..32 {
+            let is = l / 16;
+            let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+            let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+            let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+            let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+            out[l] = d * (sc[is] as i8) as f32 * q1 as f32;
+            out[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
+            out[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
+            out[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
         }
     }
 }
@@ -1026,11 +1153,14 @@ pub fn quantize_row_q8_k(x: &[f32], y: &mut [u8], _imatrix: Option<&[f32]>) {
 
 /// Q8_K to f32; mirrors ggml's `dequantize_row_q8_K`.
 pub fn dequantize_row_q8_k(x: &[u8], y: &mut [f32]) {
-    for (xb, yb) in blocks_out::<Q8_K_BYTES>(x, y, "q8_K") {
-        let d = f32::from_le_bytes([xb[0], xb[1], xb[2], xb[3]]);
-        for j in 0..QK_K {
-            yb[j] = d * (xb[Q8_QS + j] as i8) as f32;
-        }
+    dequantize_blocks!(Q8_K_BYTES, "q8_K", dequantize_block_q8_k, x, y);
+}
+
+#[inline(always)]
+fn dequantize_block_q8_k(xb: &[u8; Q8_K_BYTES], yb: &mut [f32; QK_K]) {
+    let d = f32::from_le_bytes([xb[0], xb[1], xb[2], xb[3]]);
+    for j in 0..QK_K {
+        yb[j] = d * (xb[Q8_QS + j] as i8) as f32;
     }
 }
 
@@ -1079,3 +1209,176 @@ pub const Q8_K: Codec = Codec {
     quantize: Some(quantize_row_q8_k_ref),
     quantize_imatrix: None,
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ggml's `ggml_compute_fp32_to_fp16` (ggml-impl.h), restated: the conversion libggml-base uses
+    /// (it is built without F16C).
+    fn ggml_fp32_to_fp16(f: f32) -> u16 {
+        let scale_to_inf = f32::from_bits(0x7780_0000);
+        let scale_to_zero = f32::from_bits(0x0880_0000);
+        let mut base = (f.abs() * scale_to_inf) * scale_to_zero;
+        let w = f.to_bits();
+        let shl1_w = w.wrapping_add(w);
+        let sign = w & 0x8000_0000;
+        let bias = (shl1_w & 0xFF00_0000).max(0x7100_0000);
+        base += f32::from_bits((bias >> 1) + 0x0780_0000);
+        let bits = base.to_bits();
+        let nonsign = ((bits >> 13) & 0x7C00) + (bits & 0x0FFF);
+        ((sign >> 16)
+            | if shl1_w > 0xFF00_0000 {
+                0x7E00
+            } else {
+                nonsign
+            }) as u16
+    }
+
+    /// ggml's `ggml_compute_fp16_to_fp32`, restated.
+    fn ggml_fp16_to_fp32(h: u16) -> f32 {
+        let w = (h as u32) << 16;
+        let sign = w & 0x8000_0000;
+        let two_w = w.wrapping_add(w);
+        let normalized = f32::from_bits((two_w >> 4) + (0xE0 << 23)) * f32::from_bits(0x0780_0000);
+        let denormalized = f32::from_bits((two_w >> 17) | (126 << 23)) - 0.5;
+        let result = sign
+            | if two_w < (1 << 27) {
+                denormalized.to_bits()
+            } else {
+                normalized.to_bits()
+            };
+        f32::from_bits(result)
+    }
+
+    #[test]
+    fn half_matches_ggml_fp16_conversions() {
+        for h in 0..=u16::MAX {
+            assert_eq!(
+                fp16_to_fp32(h.to_le_bytes()).to_bits(),
+                ggml_fp16_to_fp32(h).to_bits(),
+                "f16 {h:#06x}"
+            );
+            assert_eq!(
+                f16::from_bits(h).to_f32().to_bits(),
+                ggml_fp16_to_fp32(h).to_bits(),
+                "half, f16 {h:#06x}"
+            );
+        }
+        // Every f32 with a stride prime to 2^32, plus the neighbourhoods of the f16 rounding
+        // boundaries (halfway points, subnormal and overflow edges), in both signs. NaNs only in the
+        // canonical quiet form arithmetic produces: ggml drops NaN payloads, `half` keeps some.
+        let mut bits: Vec<u32> = (0..=u32::MAX).step_by(4099).collect();
+        for h in 0..0x7C00u32 {
+            let mid =
+                (ggml_fp16_to_fp32(h as u16) as f64 + ggml_fp16_to_fp32(h as u16 + 1) as f64) / 2.0;
+            let mid = (mid as f32).to_bits();
+            bits.extend([mid.wrapping_sub(1), mid, mid + 1]);
+        }
+        bits.extend([
+            0x7F80_0000,
+            0x7FC0_0000,
+            0x477F_E000,
+            0x477F_F000,
+            0x477F_EFFF,
+            0x3380_0000,
+        ]);
+        for b in bits {
+            for f in [f32::from_bits(b), -f32::from_bits(b)] {
+                if f.is_nan() && (f.to_bits() & 0x7FFF_FFFF) != 0x7FC0_0000 {
+                    continue;
+                }
+                assert_eq!(
+                    u16::from_le_bytes(fp32_to_fp16(f)),
+                    ggml_fp32_to_fp16(f),
+                    "f32 {:#010x}",
+                    f.to_bits()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_are_read_at_any_alignment() {
+        let x: Vec<f32> = (0..512)
+            .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let mut q = vec![0u8; 2 * Q5_K_BYTES + 1];
+        quantize_row_q5_k_ref(&x, &mut q[1..]);
+        let mut aligned = vec![0u8; 2 * Q5_K_BYTES];
+        quantize_row_q5_k_ref(&x, &mut aligned);
+        assert_eq!(&q[1..], &aligned[..]);
+        let (mut a, mut b) = (vec![0f32; 512], vec![0f32; 512]);
+        dequantize_row_q5_k(&q[1..], &mut a);
+        dequantize_row_q5_k(&aligned, &mut b);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn portable_and_avx2_builds_give_the_same_bits() {
+        // Rows with zeros, ties, outliers and wide magnitudes; the interop tests compare the dispatched
+        // build with libggml, this pins the portable build to it.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let x: Vec<f32> = (0..4096)
+            .map(|i| {
+                let r = next();
+                let v = (r >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                match i % 7 {
+                    0 => 0.0,
+                    1 => (v * 16.0).round() * 0.5,
+                    2 => v * 1e4,
+                    _ => v * 10f32.powi((r % 13) as i32 - 6),
+                }
+            })
+            .collect();
+        let imatrix: Vec<f32> = (0..1024)
+            .map(|i| if i % 5 == 0 { 0.0 } else { (i % 11) as f32 })
+            .collect();
+        type Quantize = fn(&[f32], &mut [u8], Option<&[f32]>);
+        type Dequantize = fn(&[u8], &mut [f32]);
+        let codecs: [(Quantize, Dequantize, usize); 6] = [
+            (quantize_row_q2_k, dequantize_row_q2_k, Q2_K_BYTES),
+            (quantize_row_q3_k, dequantize_row_q3_k, Q3_K_BYTES),
+            (quantize_row_q4_k, dequantize_row_q4_k, Q4_K_BYTES),
+            (quantize_row_q5_k, dequantize_row_q5_k, Q5_K_BYTES),
+            (quantize_row_q6_k, dequantize_row_q6_k, Q6_K_BYTES),
+            (quantize_row_q8_k, dequantize_row_q8_k, Q8_K_BYTES),
+        ];
+        for (quantize, dequantize, bytes) in codecs {
+            for imat in [None, Some(&imatrix[..])] {
+                let mut dispatched = vec![0u8; x.len() / QK_K * bytes];
+                quantize(&x, &mut dispatched, imat);
+                crate::quant::search::PORTABLE_ONLY
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                let mut portable = vec![0u8; dispatched.len()];
+                quantize(&x, &mut portable, imat);
+                crate::quant::search::PORTABLE_ONLY
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                assert!(
+                    portable == dispatched,
+                    "{bytes}-byte blocks, imatrix {}",
+                    imat.is_some()
+                );
+                let mut dispatched_f32 = vec![0f32; x.len()];
+                dequantize(&dispatched, &mut dispatched_f32);
+                crate::quant::search::PORTABLE_ONLY
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                let mut portable_f32 = vec![0f32; x.len()];
+                dequantize(&dispatched, &mut portable_f32);
+                crate::quant::search::PORTABLE_ONLY
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert!(
+                    bits(&portable_f32) == bits(&dispatched_f32),
+                    "{bytes}-byte dequantize"
+                );
+            }
+        }
+    }
+}

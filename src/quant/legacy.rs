@@ -10,24 +10,67 @@
 //! Rust never contracts `a * b + c` on its own.
 
 use super::float::{read_f16, write_f16};
-use super::search::{make_qkx3_quants, make_qx_quants};
+use super::search::{
+    make_qkx3_quants, make_qkx_quants_lanes, make_qx_quants, make_qx_quants_lanes,
+};
 use super::Codec;
 
 /// Elements per block of every legacy type (`QK4_0`, `QK4_1`, `QK5_0`, `QK5_1`, `QK8_0`, `QK8_1`).
 pub const QK: usize = 32;
 
-/// C's float → integer conversion as x86-64 executes it (`cvttss2si`/`cvttps2dq`): truncation toward
-/// zero, and the "integer indefinite" `i32::MIN` for NaN and out-of-range values, where Rust's `as`
-/// would saturate instead. ggml then narrows to `int8_t`/`uint8_t` by keeping the low byte, which the
-/// callers do with `as i8`/`as u8`. Matters only for degenerate blocks (e.g. a tiny scale whose inverse
-/// overflows to inf), but those must match too.
-#[inline]
-fn c_float_to_int(x: f32) -> i32 {
-    if x.is_nan() || !(-2_147_483_648.0..2_147_483_648.0).contains(&x) {
-        i32::MIN
-    } else {
-        x as i32
+/// C's float → `int` conversion of a whole block, as the platform executes it. On x86-64 that is
+/// `cvttps2dq`: truncation toward zero, and the "integer indefinite" `i32::MIN` for NaN and out-of-range
+/// values, where Rust's `as` would saturate; ggml then narrows to `int8_t`/`uint8_t` by keeping the low
+/// byte, which callers do with `as i8`/`as u8`. This only matters for degenerate blocks (a scale whose
+/// inverse overflows to inf), but those must match too. Elsewhere (AArch64's `fcvtzs`) C saturates
+/// and maps NaN to 0, exactly like Rust's `as`.
+#[inline(always)]
+fn c_float_to_int_block(v: &[f32; QK]) -> [i32; QK] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__m128i, _mm_cvttps_epi32, _mm_loadu_ps, _mm_storeu_si128};
+        let mut out = [0i32; QK];
+        for k in (0..QK).step_by(4) {
+            // SAFETY: SSE2 is part of the x86-64 baseline; the unaligned loads and stores stay inside
+            // the two 32-element arrays (k + 4 <= QK).
+            unsafe {
+                let x = _mm_loadu_ps(v.as_ptr().add(k));
+                _mm_storeu_si128(
+                    out.as_mut_ptr().add(k).cast::<__m128i>(),
+                    _mm_cvttps_epi32(x),
+                );
+            }
+        }
+        out
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        v.map(|x| x as i32)
+    }
+}
+
+/// `(int)roundf(x)` for a whole block, as C computes it on this platform: `roundf` rounds half away
+/// from zero, then [`c_float_to_int_block`] converts. Done without calling `roundf` (a libm call on
+/// baseline x86-64): truncate, then step away from zero when the dropped fraction is at least one
+/// half. The fraction `x - trunc(x)` is exact for every float whose truncation fits an `i32`; values
+/// that do not fit, infinities and NaN keep the conversion's own result (`roundf` leaves them
+/// integral or NaN, so converting them rounded or not gives the same integer).
+#[inline(always)]
+fn c_round_to_int_block(v: &[f32; QK]) -> [i32; QK] {
+    let t = c_float_to_int_block(v);
+    let mut out = [0i32; QK];
+    for j in 0..QK {
+        let frac = v[j] - t[j] as f32;
+        let fits = t[j] != i32::MIN && t[j] != i32::MAX;
+        out[j] = if fits && frac >= 0.5 {
+            t[j] + 1
+        } else if fits && frac <= -0.5 {
+            t[j] - 1
+        } else {
+            t[j]
+        };
+    }
+    out
 }
 
 /// The value of largest magnitude in a block, keeping its sign (the first one wins a tie), as the
@@ -45,17 +88,38 @@ fn signed_absmax(x: &[f32]) -> f32 {
     max
 }
 
-/// Minimum and maximum of a block, starting from `FLT_MAX`/`-FLT_MAX` as ggml does.
-#[inline]
+/// Minimum and maximum of a block (a multiple of 8 elements) exactly as ggml's sequential loop finds them (start at
+/// `FLT_MAX`/`-FLT_MAX`, replace on strict `<`/`>`), computed in 8 lanes so it vectorizes. The lanes
+/// find the right values; which bits represent them is decided after: the sequential loop keeps the
+/// first element that compares equal to the extreme, and only ±0 compare equal with different bits,
+/// so a zero extreme takes the sign of the first zero in the block.
+#[inline(always)]
 fn min_max(x: &[f32]) -> (f32, f32) {
+    let mut mn = [f32::MAX; 8];
+    let mut mx = [-f32::MAX; 8];
+    for c in x.chunks_exact(8) {
+        for k in 0..8 {
+            mn[k] = if c[k] < mn[k] { c[k] } else { mn[k] };
+            mx[k] = if c[k] > mx[k] { c[k] } else { mx[k] };
+        }
+    }
     let mut min = f32::MAX;
     let mut max = -f32::MAX;
-    for &v in x {
-        if v < min {
-            min = v;
+    for k in 0..8 {
+        if mn[k] < min {
+            min = mn[k];
         }
-        if v > max {
-            max = v;
+        if mx[k] > max {
+            max = mx[k];
+        }
+    }
+    if min == 0.0 || max == 0.0 {
+        let first_zero = x.iter().copied().find(|&v| v == 0.0).unwrap_or(0.0);
+        if min == 0.0 {
+            min = first_zero;
+        }
+        if max == 0.0 {
+            max = first_zero;
         }
     }
     (min, max)
@@ -79,6 +143,176 @@ fn block_weights(xb: &[f32], qw: &[f32], sigma2: f32) -> [f32; QK] {
         weight[j] = qw[j] * (sigma2 + xb[j] * xb[j]).sqrt();
     }
     weight
+}
+
+/// Blocks searched side by side, one per SIMD lane, by the importance-weighted quantizers.
+const LANES: usize = 8;
+
+/// Defines `pub fn $name(x, y, quant_weights)` running `$body` (a closure over those three), compiled
+/// for AVX2 as well and dispatched to it when the CPU has it: the lane searches then run 8 lanes per
+/// instruction instead of 4. Same bits either way: only the vector width changes, never the order of
+/// operations, and Rust never fuses a multiply and an add (the same scheme as `kquants`).
+macro_rules! with_avx2_dispatch {
+    ($(#[$doc:meta])* $name:ident, $body:expr) => {
+        $(#[$doc])*
+        pub fn $name(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
+            #[inline(always)]
+            fn run(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
+                ($body)(x, y, quant_weights)
+            }
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
+                    run(x, y, quant_weights)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && !portable_only() {
+                    // SAFETY: the CPU supports AVX2, checked just above.
+                    return unsafe { avx2(x, y, quant_weights) };
+                }
+            }
+            run(x, y, quant_weights)
+        }
+    };
+}
+
+/// Tests set this to run the portable (baseline x86-64) build on a CPU with AVX2.
+#[cfg(test)]
+static PORTABLE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+#[inline(always)]
+fn portable_only() -> bool {
+    #[cfg(test)]
+    return PORTABLE_ONLY.load(std::sync::atomic::Ordering::Relaxed);
+    #[cfg(not(test))]
+    false
+}
+
+/// Value `i` of block `k` at `xt[i][k]`: the lane layout of the `search::*_lanes` functions.
+#[inline(always)]
+fn to_lanes(
+    blocks: &[f32],
+    weights: &[[f32; QK]; LANES],
+) -> ([[f32; LANES]; QK], [[f32; LANES]; QK]) {
+    let mut xt = [[0f32; LANES]; QK];
+    let mut wt = [[0f32; LANES]; QK];
+    for (k, (xb, w)) in blocks.chunks_exact(QK).zip(weights).enumerate() {
+        for i in 0..QK {
+            xt[i][k] = xb[i];
+            wt[i][k] = w[i];
+        }
+    }
+    (xt, wt)
+}
+
+/// The weights of `LANES` consecutive blocks (see [`block_weights`]).
+#[inline(always)]
+fn lane_weights(blocks: &[f32], qw: &[f32], sigma2: f32) -> [[f32; QK]; LANES] {
+    let mut w = [[0f32; QK]; LANES];
+    for (k, wk) in w.iter_mut().enumerate() {
+        *wk = block_weights(&blocks[k * QK..][..QK], &qw[k * QK..][..QK], sigma2);
+    }
+    w
+}
+
+/// The shared body of `quantize_row_q4_0_impl` and `quantize_row_q5_0_impl`: per block,
+/// `make_qx_quants(32, nmax, x, L, 1, w)` with `w = imatrix * sqrt(sigma2 + x²)`, then `write(block,
+/// d, L)`. Runs [`LANES`] blocks at a time through [`make_qx_quants_lanes`] (each lane in the scalar
+/// function's exact operation order) and the remainder through [`make_qx_quants`].
+#[inline(always)]
+fn symmetric_impl(
+    nmax: i32,
+    x: &[f32],
+    y: &mut [u8],
+    block_bytes: usize,
+    quant_weights: &[f32],
+    write: impl Fn(&mut [u8], f32, &[i8; QK]),
+) {
+    let sigma2 = row_sigma2(x);
+    let lanes_end = x.len() / (QK * LANES) * (QK * LANES);
+    let (x_lanes, x_rest) = x.split_at(lanes_end);
+    let (y_lanes, y_rest) = y.split_at_mut(lanes_end / QK * block_bytes);
+    let (w_lanes, w_rest) = quant_weights.split_at(lanes_end);
+    for ((xs, ys), qw) in x_lanes
+        .chunks_exact(QK * LANES)
+        .zip(y_lanes.chunks_exact_mut(block_bytes * LANES))
+        .zip(w_lanes.chunks_exact(QK * LANES))
+    {
+        let (xt, wt) = to_lanes(xs, &lane_weights(xs, qw, sigma2));
+        let mut lt = [[0i8; LANES]; QK];
+        let mut laux = [[0f32; LANES]; QK];
+        let d = make_qx_quants_lanes(nmax, &xt, &wt, &mut lt, &mut laux);
+        for (k, yb) in ys.chunks_exact_mut(block_bytes).enumerate() {
+            write(yb, d[k], &std::array::from_fn(|i| lt[i][k]));
+        }
+    }
+    let mut l = [0i8; QK];
+    for ((xb, yb), qw) in x_rest
+        .chunks_exact(QK)
+        .zip(y_rest.chunks_exact_mut(block_bytes))
+        .zip(w_rest.chunks_exact(QK))
+    {
+        let weight = block_weights(xb, qw, sigma2);
+        let d = make_qx_quants(nmax, xb, &mut l, 1, Some(&weight));
+        write(yb, d, &l);
+    }
+}
+
+/// The shared body of `quantize_row_q4_1_impl` and `quantize_row_q5_1_impl`: per block,
+/// `make_qkx3_quants(32, nmax, x, w, L, &the_min, Laux, -0.9, 0.05, 36, false)` with
+/// `w = imatrix * sqrt(sigma2 + x²)`, then `write(block, d, the_min, L)`. Runs [`LANES`] blocks at a
+/// time through [`make_qkx_quants_lanes`] and the remainder through [`make_qkx3_quants`].
+#[inline(always)]
+fn asymmetric_impl(
+    nmax: i32,
+    x: &[f32],
+    y: &mut [u8],
+    block_bytes: usize,
+    quant_weights: &[f32],
+    write: impl Fn(&mut [u8], f32, f32, &[u8; QK]),
+) {
+    let sigma2 = row_sigma2(x);
+    let lanes_end = x.len() / (QK * LANES) * (QK * LANES);
+    let (x_lanes, x_rest) = x.split_at(lanes_end);
+    let (y_lanes, y_rest) = y.split_at_mut(lanes_end / QK * block_bytes);
+    let (w_lanes, w_rest) = quant_weights.split_at(lanes_end);
+    for ((xs, ys), qw) in x_lanes
+        .chunks_exact(QK * LANES)
+        .zip(y_lanes.chunks_exact_mut(block_bytes * LANES))
+        .zip(w_lanes.chunks_exact(QK * LANES))
+    {
+        let (xt, wt) = to_lanes(xs, &lane_weights(xs, qw, sigma2));
+        let mut lt = [[0u8; LANES]; QK];
+        let mut laux = [[0f32; LANES]; QK];
+        // `flat_is_le = true`: make_qkx3_quants' test for a flat block.
+        let (d, the_min) = make_qkx_quants_lanes(
+            nmax, &xt, &wt, &mut lt, &mut laux, -0.9, 0.05, 36, false, true,
+        );
+        for (k, yb) in ys.chunks_exact_mut(block_bytes).enumerate() {
+            write(yb, d[k], the_min[k], &std::array::from_fn(|i| lt[i][k]));
+        }
+    }
+    let mut l = [0u8; QK];
+    let mut laux = [0u8; QK];
+    for ((xb, yb), qw) in x_rest
+        .chunks_exact(QK)
+        .zip(y_rest.chunks_exact_mut(block_bytes))
+        .zip(w_rest.chunks_exact(QK))
+    {
+        let weight = block_weights(xb, qw, sigma2);
+        let (d, the_min) = make_qkx3_quants(
+            nmax,
+            xb,
+            Some(&weight),
+            &mut l,
+            &mut laux,
+            -0.9,
+            0.05,
+            36,
+            false,
+        );
+        write(yb, d, the_min, &l);
+    }
 }
 
 /// Packs 32 5-bit levels into `qs` (low nibbles, element j and j+16 share a byte) and the `qh` bit
@@ -108,35 +342,33 @@ pub fn quantize_row_q4_0_ref(x: &[f32], y: &mut [u8]) {
         let d = max / -8.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         write_f16(&mut yb[0..2], d);
+        let mut v = [0f32; QK];
+        for (vj, &xj) in v.iter_mut().zip(xb) {
+            *vj = xj * id + 8.5;
+        }
+        let q = c_float_to_int_block(&v);
         for j in 0..QK / 2 {
-            let x0 = xb[j] * id;
-            let x1 = xb[QK / 2 + j] * id;
-            // C: MIN(15, (int8_t)(x + 8.5f)) compared as int, then stored as uint8_t.
-            let xi0 = (c_float_to_int(x0 + 8.5) as i8).min(15) as u8;
-            let xi1 = (c_float_to_int(x1 + 8.5) as i8).min(15) as u8;
+            // C: MIN(15, (int8_t)(x*id + 8.5f)) compared as int, then stored as uint8_t.
+            let xi0 = (q[j] as i8).min(15) as u8;
+            let xi1 = (q[QK / 2 + j] as i8).min(15) as u8;
             yb[2 + j] = xi0 | (xi1 << 4);
         }
     }
 }
 
-/// Mirrors `quantize_row_q4_0_impl`: per block, `make_qx_quants(32, 8, x, L, 1, w)` with
-/// `w = imatrix * sqrt(sigma2 + x²)`.
-pub fn quantize_row_q4_0_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-    let sigma2 = row_sigma2(x);
-    let mut l = [0i8; QK];
-    for ((xb, yb), qw) in x
-        .chunks_exact(QK)
-        .zip(y.chunks_exact_mut(Q4_0_BYTES))
-        .zip(quant_weights.chunks_exact(QK))
-    {
-        let weight = block_weights(xb, qw, sigma2);
-        let d = make_qx_quants(8, xb, &mut l, 1, Some(&weight));
-        write_f16(&mut yb[0..2], d);
-        for j in 0..QK / 2 {
-            yb[2 + j] = (l[j] as u8) | ((l[j + 16] as u8) << 4);
-        }
+with_avx2_dispatch!(
+    /// Mirrors `quantize_row_q4_0_impl`: per block, `make_qx_quants(32, 8, x, L, 1, w)` with
+    /// `w = imatrix * sqrt(sigma2 + x²)`.
+    quantize_row_q4_0_impl,
+    |x: &[f32], y: &mut [u8], quant_weights: &[f32]| {
+        symmetric_impl(8, x, y, Q4_0_BYTES, quant_weights, |yb, d, l| {
+            write_f16(&mut yb[0..2], d);
+            for j in 0..QK / 2 {
+                yb[2 + j] = (l[j] as u8) | ((l[j + 16] as u8) << 4);
+            }
+        });
     }
-}
+);
 
 /// Mirrors `dequantize_row_q4_0`: `(q - 8) * d`.
 pub fn dequantize_row_q4_0(x: &[u8], y: &mut [f32]) {
@@ -165,46 +397,33 @@ pub fn quantize_row_q4_1_ref(x: &[f32], y: &mut [u8]) {
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         write_f16(&mut yb[0..2], d);
         write_f16(&mut yb[2..4], min);
+        let mut v = [0f32; QK];
+        for (vj, &xj) in v.iter_mut().zip(xb) {
+            *vj = (xj - min) * id + 0.5;
+        }
+        let q = c_float_to_int_block(&v);
         for j in 0..QK / 2 {
-            let x0 = (xb[j] - min) * id;
-            let x1 = (xb[QK / 2 + j] - min) * id;
-            let xi0 = (c_float_to_int(x0 + 0.5) as i8).min(15) as u8;
-            let xi1 = (c_float_to_int(x1 + 0.5) as i8).min(15) as u8;
+            let xi0 = (q[j] as i8).min(15) as u8;
+            let xi1 = (q[QK / 2 + j] as i8).min(15) as u8;
             yb[4 + j] = xi0 | (xi1 << 4);
         }
     }
 }
 
-/// Mirrors `quantize_row_q4_1_impl`: per block, `make_qkx3_quants(32, 15, x, w, L, &min, Laux, -0.9,
-/// 0.05, 36, false)` with `w = imatrix * sqrt(sigma2 + x²)`; stores `d` and `m = -min`.
-pub fn quantize_row_q4_1_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-    let sigma2 = row_sigma2(x);
-    let mut l = [0u8; QK];
-    let mut laux = [0u8; QK];
-    for ((xb, yb), qw) in x
-        .chunks_exact(QK)
-        .zip(y.chunks_exact_mut(Q4_1_BYTES))
-        .zip(quant_weights.chunks_exact(QK))
-    {
-        let weight = block_weights(xb, qw, sigma2);
-        let (d, the_min) = make_qkx3_quants(
-            15,
-            xb,
-            Some(&weight),
-            &mut l,
-            &mut laux,
-            -0.9,
-            0.05,
-            36,
-            false,
-        );
-        write_f16(&mut yb[0..2], d);
-        write_f16(&mut yb[2..4], -the_min);
-        for j in 0..QK / 2 {
-            yb[4 + j] = l[j] | (l[j + 16] << 4);
-        }
+with_avx2_dispatch!(
+    /// Mirrors `quantize_row_q4_1_impl`: per block, `make_qkx3_quants(32, 15, x, w, L, &min, Laux, -0.9,
+    /// 0.05, 36, false)` with `w = imatrix * sqrt(sigma2 + x²)`; stores `d` and `m = -min`.
+    quantize_row_q4_1_impl,
+    |x: &[f32], y: &mut [u8], quant_weights: &[f32]| {
+        asymmetric_impl(15, x, y, Q4_1_BYTES, quant_weights, |yb, d, the_min, l| {
+            write_f16(&mut yb[0..2], d);
+            write_f16(&mut yb[2..4], -the_min);
+            for j in 0..QK / 2 {
+                yb[4 + j] = l[j] | (l[j + 16] << 4);
+            }
+        });
     }
-}
+);
 
 /// Mirrors `dequantize_row_q4_1`: `q * d + m`.
 pub fn dequantize_row_q4_1(x: &[u8], y: &mut [f32]) {
@@ -233,8 +452,13 @@ pub fn quantize_row_q5_0_ref(x: &[f32], y: &mut [u8]) {
         let d = max / -16.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         write_f16(&mut yb[0..2], d);
-        for (level, &v) in levels.iter_mut().zip(xb) {
-            *level = (c_float_to_int(v * id + 16.5) as i8).min(31) as u8;
+        let mut v = [0f32; QK];
+        for (vj, &xj) in v.iter_mut().zip(xb) {
+            *vj = xj * id + 16.5;
+        }
+        let q = c_float_to_int_block(&v);
+        for (level, &qj) in levels.iter_mut().zip(&q) {
+            *level = (qj as i8).min(31) as u8;
         }
         let (head, qs) = yb.split_at_mut(6);
         pack_5bit(&levels, qs, &mut head[2..6]);
@@ -247,27 +471,19 @@ fn read_qh(b: &[u8]) -> u32 {
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
-/// Mirrors `quantize_row_q5_0_impl`: per block, `make_qx_quants(32, 16, x, L, 1, w)` with
-/// `w = imatrix * sqrt(sigma2 + x²)`.
-pub fn quantize_row_q5_0_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-    let sigma2 = row_sigma2(x);
-    let mut l = [0i8; QK];
-    let mut levels = [0u8; QK];
-    for ((xb, yb), qw) in x
-        .chunks_exact(QK)
-        .zip(y.chunks_exact_mut(Q5_0_BYTES))
-        .zip(quant_weights.chunks_exact(QK))
-    {
-        let weight = block_weights(xb, qw, sigma2);
-        let d = make_qx_quants(16, xb, &mut l, 1, Some(&weight));
-        write_f16(&mut yb[0..2], d);
-        for (level, &q) in levels.iter_mut().zip(&l) {
-            *level = q as u8;
-        }
-        let (head, qs) = yb.split_at_mut(6);
-        pack_5bit(&levels, qs, &mut head[2..6]);
+with_avx2_dispatch!(
+    /// Mirrors `quantize_row_q5_0_impl`: per block, `make_qx_quants(32, 16, x, L, 1, w)` with
+    /// `w = imatrix * sqrt(sigma2 + x²)`.
+    quantize_row_q5_0_impl,
+    |x: &[f32], y: &mut [u8], quant_weights: &[f32]| {
+        symmetric_impl(16, x, y, Q5_0_BYTES, quant_weights, |yb, d, l| {
+            write_f16(&mut yb[0..2], d);
+            let levels = l.map(|q| q as u8);
+            let (head, qs) = yb.split_at_mut(6);
+            pack_5bit(&levels, qs, &mut head[2..6]);
+        });
     }
-}
+);
 
 /// Mirrors `dequantize_row_q5_0`: `(q - 16) * d`.
 pub fn dequantize_row_q5_0(x: &[u8], y: &mut [f32]) {
@@ -300,43 +516,32 @@ pub fn quantize_row_q5_1_ref(x: &[f32], y: &mut [u8]) {
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         write_f16(&mut yb[0..2], d);
         write_f16(&mut yb[2..4], min);
-        for (level, &v) in levels.iter_mut().zip(xb) {
-            *level = c_float_to_int((v - min) * id + 0.5) as u8;
+        let mut v = [0f32; QK];
+        for (vj, &xj) in v.iter_mut().zip(xb) {
+            *vj = (xj - min) * id + 0.5;
+        }
+        let q = c_float_to_int_block(&v);
+        for (level, &qj) in levels.iter_mut().zip(&q) {
+            *level = qj as u8;
         }
         let (head, qs) = yb.split_at_mut(8);
         pack_5bit(&levels, qs, &mut head[4..8]);
     }
 }
 
-/// Mirrors `quantize_row_q5_1_impl`: per block, `make_qkx3_quants(32, 31, x, w, L, &min, Laux, -0.9,
-/// 0.05, 36, false)` with `w = imatrix * sqrt(sigma2 + x²)`; stores `d` and `m = -min`.
-pub fn quantize_row_q5_1_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-    let sigma2 = row_sigma2(x);
-    let mut l = [0u8; QK];
-    let mut laux = [0u8; QK];
-    for ((xb, yb), qw) in x
-        .chunks_exact(QK)
-        .zip(y.chunks_exact_mut(Q5_1_BYTES))
-        .zip(quant_weights.chunks_exact(QK))
-    {
-        let weight = block_weights(xb, qw, sigma2);
-        let (d, the_min) = make_qkx3_quants(
-            31,
-            xb,
-            Some(&weight),
-            &mut l,
-            &mut laux,
-            -0.9,
-            0.05,
-            36,
-            false,
-        );
-        write_f16(&mut yb[0..2], d);
-        write_f16(&mut yb[2..4], -the_min);
-        let (head, qs) = yb.split_at_mut(8);
-        pack_5bit(&l, qs, &mut head[4..8]);
+with_avx2_dispatch!(
+    /// Mirrors `quantize_row_q5_1_impl`: per block, `make_qkx3_quants(32, 31, x, w, L, &min, Laux, -0.9,
+    /// 0.05, 36, false)` with `w = imatrix * sqrt(sigma2 + x²)`; stores `d` and `m = -min`.
+    quantize_row_q5_1_impl,
+    |x: &[f32], y: &mut [u8], quant_weights: &[f32]| {
+        asymmetric_impl(31, x, y, Q5_1_BYTES, quant_weights, |yb, d, the_min, l| {
+            write_f16(&mut yb[0..2], d);
+            write_f16(&mut yb[2..4], -the_min);
+            let (head, qs) = yb.split_at_mut(8);
+            pack_5bit(l, qs, &mut head[4..8]);
+        });
     }
-}
+);
 
 /// Mirrors `dequantize_row_q5_1`: `q * d + m`.
 pub fn dequantize_row_q5_1(x: &[u8], y: &mut [f32]) {
@@ -371,8 +576,13 @@ pub fn quantize_row_q8_0_ref(x: &[f32], y: &mut [u8]) {
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         write_f16(&mut yb[0..2], d);
-        for (q, &v) in yb[2..].iter_mut().zip(xb) {
-            *q = c_float_to_int((v * id).round()) as u8;
+        let mut v = [0f32; QK];
+        for (vj, &xj) in v.iter_mut().zip(xb) {
+            *vj = xj * id;
+        }
+        let q = c_round_to_int_block(&v);
+        for (out, &qj) in yb[2..].iter_mut().zip(&q) {
+            *out = qj as u8;
         }
     }
 }
@@ -403,13 +613,15 @@ pub fn quantize_row_q8_1_ref(x: &[f32], y: &mut [u8]) {
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         write_f16(&mut yb[0..2], d);
+        let mut v = [0f32; QK];
+        for (vj, &xj) in v.iter_mut().zip(xb) {
+            *vj = xj * id;
+        }
+        let q = c_round_to_int_block(&v);
         let mut sum = 0i32;
-        for j in 0..QK / 2 {
-            let q0 = c_float_to_int((xb[j] * id).round()) as i8;
-            let q1 = c_float_to_int((xb[QK / 2 + j] * id).round()) as i8;
-            yb[4 + j] = q0 as u8;
-            yb[4 + QK / 2 + j] = q1 as u8;
-            sum += q0 as i32 + q1 as i32;
+        for (out, &qj) in yb[4..].iter_mut().zip(&q) {
+            *out = qj as u8;
+            sum += (qj as i8) as i32;
         }
         write_f16(&mut yb[2..4], sum as f32 * d);
     }
@@ -456,3 +668,89 @@ pub const Q8_1: Codec = Codec {
     quantize: Some(quantize_row_q8_1_ref),
     quantize_imatrix: None,
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ggml's loop, restated plainly.
+    fn sequential_min_max(x: &[f32]) -> (f32, f32) {
+        let (mut min, mut max) = (f32::MAX, -f32::MAX);
+        for &v in x {
+            if v < min {
+                min = v;
+            }
+            if v > max {
+                max = v;
+            }
+        }
+        (min, max)
+    }
+
+    #[test]
+    fn lane_min_max_keeps_the_sign_of_the_first_zero_like_ggml() {
+        let mut state = 7u32;
+        for case in 0..2000 {
+            let mut block = [0f32; QK];
+            for v in block.iter_mut() {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                *v = match (state >> 24) % 5 {
+                    0 => 0.0,
+                    1 => -0.0,
+                    2 => (state >> 8) as f32 / 1e6,
+                    3 => -((state >> 8) as f32) / 1e6,
+                    _ => f32::MAX,
+                };
+            }
+            if case % 3 == 0 {
+                // Zero (of either sign, kept) is the minimum.
+                block
+                    .iter_mut()
+                    .filter(|v| **v != 0.0)
+                    .for_each(|v| *v = v.abs());
+            } else if case % 3 == 1 {
+                // Zero (of either sign, kept) is the maximum.
+                block
+                    .iter_mut()
+                    .filter(|v| **v != 0.0)
+                    .for_each(|v| *v = -v.abs());
+            }
+            let (a, b) = (min_max(&block), sequential_min_max(&block));
+            assert_eq!(
+                (a.0.to_bits(), a.1.to_bits()),
+                (b.0.to_bits(), b.1.to_bits()),
+                "{block:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn portable_and_avx2_builds_give_the_same_bits() {
+        let n_per_row = 11 * 32; // 8 blocks in lanes, 3 one by one
+        let x: Vec<f32> = (0..n_per_row * 40)
+            .map(|i| (((i * 2654435761usize) % 10007) as f32 / 5000.0 - 1.0) * (1 + i % 7) as f32)
+            .collect();
+        let w: Vec<f32> = (0..n_per_row).map(|i| (i % 5) as f32 * 0.7).collect();
+        type Impl = fn(&[f32], &mut [u8], &[f32]);
+        let impls: [(Impl, usize); 4] = [
+            (quantize_row_q4_0_impl, Q4_0_BYTES),
+            (quantize_row_q4_1_impl, Q4_1_BYTES),
+            (quantize_row_q5_0_impl, Q5_0_BYTES),
+            (quantize_row_q5_1_impl, Q5_1_BYTES),
+        ];
+        for (f, bytes) in impls {
+            let row_bytes = n_per_row / QK * bytes;
+            let run = |portable: bool| {
+                PORTABLE_ONLY.store(portable, std::sync::atomic::Ordering::Relaxed);
+                let mut y = vec![0u8; row_bytes * 40];
+                for (xr, yr) in x.chunks(n_per_row).zip(y.chunks_mut(row_bytes)) {
+                    f(xr, yr, &w);
+                }
+                y
+            };
+            let (portable, dispatched) = (run(true), run(false));
+            PORTABLE_ONLY.store(false, std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(portable, dispatched);
+        }
+    }
+}

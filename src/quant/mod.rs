@@ -7,8 +7,11 @@
 //! row is a whole number of blocks.
 //!
 //! The entry points check sizes and dispatch through the table: [`dequantize_row`] / [`quantize_row`]
-//! for one row, [`dequantize_rows`] / [`quantize_rows`] for a block of rows spread over rayon's threads.
-//! Callers hand in row blocks of the size they can afford; nothing here copies a whole tensor.
+//! for one row, [`dequantize_rows`] / [`quantize_rows`] for a block of rows spread over rayon's threads,
+//! [`convert_rows`] to re-encode rows from one type to another through a bounded f32 buffer. Callers
+//! hand in row blocks of the size they can afford; nothing here copies a whole tensor. "Quantize" means
+//! exactly what `ggml_quantize_chunk` does: the reference quantizer without an imatrix, the
+//! importance-weighted `quantize_row_X_impl` with one (types without such a variant ignore it).
 
 pub mod float;
 pub mod iquants;
@@ -525,6 +528,54 @@ pub fn quantize_rows(
     Ok(())
 }
 
+/// Elements of f32 scratch [`convert_rows`] uses per step (4 MiB), however large the tensor.
+const CONVERT_BLOCK_ELEMENTS: usize = 1 << 20;
+
+/// Re-encodes whole rows from `src_ty` to `dst_ty` (dequantize, then quantize as [`quantize_rows`]
+/// does, with `imatrix` if given) through a bounded f32 buffer of a few rows at a time: what
+/// `quantize --type` needs for every tensor it converts. `src` holds whole `src_ty` rows of
+/// `n_per_row` elements and `dst` the same rows in `dst_ty`.
+pub fn convert_rows(
+    src_ty: GgmlType,
+    src: &[u8],
+    dst_ty: GgmlType,
+    dst: &mut [u8],
+    n_per_row: usize,
+    imatrix: Option<&[f32]>,
+) -> Result<(), QuantError> {
+    dequantizer(src_ty)?;
+    quantizer(dst_ty, imatrix)?;
+    let src_row = checked_row_bytes(src_ty, n_per_row)?;
+    let dst_row = checked_row_bytes(dst_ty, n_per_row)?;
+    if n_per_row == 0 || src_row == 0 || !src.len().is_multiple_of(src_row) {
+        return Err(QuantError::NotWholeRows {
+            ty: src_ty,
+            what: "source",
+            len: src.len(),
+            n_per_row,
+        });
+    }
+    let nrows = src.len() / src_row;
+    expect_len(
+        dst_ty,
+        "destination rows",
+        "bytes",
+        nrows.saturating_mul(dst_row),
+        dst.len(),
+    )?;
+    let rows_per_step = (CONVERT_BLOCK_ELEMENTS / n_per_row).max(1);
+    let mut buf = vec![0f32; rows_per_step.min(nrows) * n_per_row];
+    for (s, d) in src
+        .chunks(rows_per_step * src_row)
+        .zip(dst.chunks_mut(rows_per_step * dst_row))
+    {
+        let f = &mut buf[..s.len() / src_row * n_per_row];
+        dequantize_rows(src_ty, s, n_per_row, f)?;
+        quantize_rows(dst_ty, f, n_per_row, d, imatrix)?;
+    }
+    Ok(())
+}
+
 impl fmt::Display for GgmlType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -558,5 +609,163 @@ mod tests {
         assert_eq!(GgmlType::IQ4_XS.type_size(), 136);
         assert_eq!(GgmlType::Q8_0.row_bytes(64), Some(68));
         assert_eq!(GgmlType::Q4_K.row_bytes(640), None);
+    }
+
+    #[test]
+    fn unsupported_types_are_refused_by_name() {
+        let e = dequantize_row(GgmlType::IQ2_XXS, &[0; 66], &mut [0.0; 256]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "ggml type iq2_xxs is not supported for dequantization"
+        );
+        let e = quantize_row(GgmlType::IQ3_S, &[0.0; 256], &mut [0; 110], None).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                QuantError::Unsupported {
+                    ty: GgmlType::IQ3_S,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(quantize_rows(GgmlType::I32, &[0.0; 4], 4, &mut [0; 16], None).is_err());
+        // Like ggml: Q8_1 has a reference quantizer but no `to_float`.
+        assert!(can_quantize(GgmlType::Q8_1) && !can_dequantize(GgmlType::Q8_1));
+    }
+
+    #[test]
+    fn sizes_are_checked_before_any_codec_runs() {
+        let ty = GgmlType::Q4_0;
+        let e = dequantize_row(ty, &[0; 18], &mut [0.0; 33]).unwrap_err();
+        assert!(matches!(
+            e,
+            QuantError::RowNotWholeBlocks {
+                n_per_row: 33,
+                block_size: 32,
+                ..
+            }
+        ));
+        let e = dequantize_row(ty, &[0; 17], &mut [0.0; 32]).unwrap_err();
+        assert_eq!(e.to_string(), "q4_0: source row has 17 bytes, expected 18");
+        let e = quantize_row(ty, &[0.0; 32], &mut [0; 19], None).unwrap_err();
+        assert!(matches!(
+            e,
+            QuantError::BufferLength {
+                expected: 18,
+                got: 19,
+                ..
+            }
+        ));
+        let e = quantize_row(ty, &[0.0; 64], &mut [0; 36], Some(&[1.0; 32])).unwrap_err();
+        assert!(matches!(
+            e,
+            QuantError::BufferLength {
+                what: "importance matrix",
+                ..
+            }
+        ));
+        let e = quantize_rows(ty, &[0.0; 96], 64, &mut [0; 54], None).unwrap_err();
+        assert!(matches!(
+            e,
+            QuantError::NotWholeRows {
+                len: 96,
+                n_per_row: 64,
+                ..
+            }
+        ));
+        let e = dequantize_rows(ty, &[0; 36], 0, &mut []).unwrap_err();
+        assert!(matches!(e, QuantError::NotWholeRows { n_per_row: 0, .. }));
+        let e = dequantize_rows(ty, &[0; 35], 64, &mut [0.0; 64]).unwrap_err();
+        assert!(matches!(
+            e,
+            QuantError::BufferLength {
+                expected: 36,
+                got: 35,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn imatrix_is_ignored_exactly_where_ggml_has_no_weighted_variant() {
+        use GgmlType::*;
+        for ty in [
+            Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS,
+        ] {
+            assert!(has_imatrix_variant(ty), "{ty}");
+        }
+        for ty in [F32, F16, BF16, Q8_0] {
+            assert!(can_quantize(ty) && !has_imatrix_variant(ty), "{ty}");
+            let x: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
+            let n = ty.row_bytes(64).unwrap() as usize;
+            let (mut a, mut b) = (vec![0; n], vec![0; n]);
+            quantize_row(ty, &x, &mut a, None).unwrap();
+            quantize_row(ty, &x, &mut b, Some(&[0.5; 64])).unwrap();
+            assert_eq!(a, b, "{ty}");
+        }
+    }
+
+    #[test]
+    fn parallel_rows_equal_row_by_row() {
+        let n_per_row = 256;
+        let x: Vec<f32> = (0..n_per_row * 300)
+            .map(|i| ((i * 7919) % 1000) as f32 / 333.0 - 1.5)
+            .collect();
+        let w: Vec<f32> = (0..n_per_row).map(|i| 1.0 + (i % 5) as f32).collect();
+        for ty in [GgmlType::Q5_1, GgmlType::Q4_K, GgmlType::BF16] {
+            let rb = ty.row_bytes(n_per_row as u64).unwrap() as usize;
+            let mut all = vec![0u8; rb * 300];
+            quantize_rows(ty, &x, n_per_row, &mut all, Some(&w)).unwrap();
+            let mut deq = vec![0f32; x.len()];
+            dequantize_rows(ty, &all, n_per_row, &mut deq).unwrap();
+            for r in 0..300 {
+                let mut row = vec![0u8; rb];
+                quantize_row(ty, &x[r * n_per_row..][..n_per_row], &mut row, Some(&w)).unwrap();
+                assert_eq!(row, all[r * rb..][..rb], "{ty} row {r}");
+                let mut back = vec![0f32; n_per_row];
+                dequantize_row(ty, &row, &mut back).unwrap();
+                assert_eq!(back, deq[r * n_per_row..][..n_per_row], "{ty} row {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn convert_rows_equals_dequantize_then_quantize() {
+        let n_per_row = 512;
+        let nrows = 2100; // more than one step of the bounded buffer
+        let x: Vec<f32> = (0..n_per_row * nrows)
+            .map(|i| ((i * 2654435761usize) % 10007) as f32 / 5000.0 - 1.0)
+            .collect();
+        let mut f16 = vec![0u8; x.len() * 2];
+        quantize_rows(GgmlType::F16, &x, n_per_row, &mut f16, None).unwrap();
+        let mut back = vec![0f32; x.len()];
+        dequantize_rows(GgmlType::F16, &f16, n_per_row, &mut back).unwrap();
+        let w = vec![1.5f32; n_per_row];
+        for imatrix in [None, Some(w.as_slice())] {
+            let rb = GgmlType::Q5_0.row_bytes(n_per_row as u64).unwrap() as usize;
+            let mut want = vec![0u8; rb * nrows];
+            quantize_rows(GgmlType::Q5_0, &back, n_per_row, &mut want, imatrix).unwrap();
+            let mut got = vec![0u8; rb * nrows];
+            convert_rows(
+                GgmlType::F16,
+                &f16,
+                GgmlType::Q5_0,
+                &mut got,
+                n_per_row,
+                imatrix,
+            )
+            .unwrap();
+            assert_eq!(got, want);
+        }
+        let e = convert_rows(
+            GgmlType::F16,
+            &f16[..3],
+            GgmlType::Q8_0,
+            &mut [],
+            n_per_row,
+            None,
+        );
+        assert!(matches!(e, Err(QuantError::NotWholeRows { .. })));
     }
 }

@@ -6,9 +6,11 @@ Reads DIR/spec.json {"n_per_row": n, "quantize": ["q4_0", ...], "dequantize": {"
 DIR/rows.f32 (rows of n float32) and DIR/imatrix.f32 (one row of n weights per input row), and
 DIR/<type>.in.bin (encoded data of n_elements for each type to dequantize). Writes:
   DIR/<type>.q.bin    every row quantized by ggml_quantize_chunk without an imatrix, concatenated
+                      (Q8_1, which ggml_quantize_chunk does not handle: by quantize_row_q8_1_ref)
   DIR/<type>.qi.bin   every row quantized with its own imatrix row
   DIR/<type>.deq.f32  ggml's to_float of <type>.in.bin
 """
+import ctypes
 import json
 import os
 import sys
@@ -24,7 +26,21 @@ def main(d):
     n = spec["n_per_row"]
     rows = np.fromfile(os.path.join(d, "rows.f32"), dtype="<f4").reshape(-1, n)
     imats = np.fromfile(os.path.join(d, "imatrix.f32"), dtype="<f4").reshape(-1, n)
+    q8_1 = g.lib.quantize_row_q8_1_ref
+    q8_1.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+
+    def quantize_q8_1(r, _imatrix=None):
+        r = np.ascontiguousarray(r, dtype=np.float32)
+        out = np.zeros(n // 32 * 36, dtype=np.uint8)
+        q8_1(r.ctypes.data, out.ctypes.data, n)
+        return out.tobytes()
+
     for t in spec["quantize"]:
+        if t == "q8_1":
+            data = b"".join(quantize_q8_1(r) for r in rows)
+            open(os.path.join(d, t + ".q.bin"), "wb").write(data)
+            open(os.path.join(d, t + ".qi.bin"), "wb").write(data)
+            continue
         plain = [g.quantize(t, r.reshape(1, -1)) for r in rows]
         weighted = [g.quantize(t, r.reshape(1, -1), w) for r, w in zip(rows, imats)]
         open(os.path.join(d, t + ".q.bin"), "wb").write(b"".join(plain))

@@ -4,6 +4,8 @@
 //! struct (clap) and a `run(args) -> anyhow::Result<Outcome>` that calls the library and prints. This
 //! file only dispatches and maps outcomes and errors to exit codes.
 
+mod merge;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -40,6 +42,8 @@ enum Command {
     Convert(convert::Args),
     Inspect(inspect::Args),
     Rewrite(rewrite::Args),
+    /// Bake LoRA adapters into a base GGUF, keeping each tensor's quantization.
+    Merge(merge::Args),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +53,7 @@ fn main() -> ExitCode {
         Command::Convert(args) => convert::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Rewrite(args) => rewrite::run(args),
+        Command::Merge(args) => merge::run(args),
     };
     match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,

@@ -1,0 +1,282 @@
+//! The per-tensor work and the streaming loop.
+//!
+//! A touched tensor is processed in blocks of whole rows, in parallel (rayon): dequantize the block,
+//! add each update in f32, requantize once to the output type, and measure on the spot how far the
+//! requantized rows are from the exact f32 merge. Only the block being worked on exists in f32, never
+//! the whole tensor. Tensors go to the writer strictly in file order through a bounded channel, so
+//! while the writer thread copies or writes one tensor the next is being computed, and peak memory is
+//! a few output tensors, never the model.
+
+use std::sync::mpsc;
+
+use rayon::prelude::*;
+
+use crate::quant::GgmlType;
+
+use super::codec::{self, row_bytes};
+use super::kernel::add_low_rank;
+use super::plan::TensorPlan;
+use super::{BaseTensor, MergeError, Update};
+
+/// f32 values per row block: a block of dequantized rows plus its copy stay in L2.
+const BLOCK_ELEMS: usize = 32 * 1024;
+/// Tensors in flight between the compute loop and the writer.
+const WINDOW: usize = 2;
+
+/// Sums that give a tensor's fidelity: Σ(requantized − exact)², Σ(exact − base)², element count.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ErrorSums {
+    pub sq_requant: f64,
+    pub sq_delta: f64,
+    pub n: u64,
+}
+
+impl ErrorSums {
+    fn add(self, o: ErrorSums) -> ErrorSums {
+        ErrorSums {
+            sq_requant: self.sq_requant + o.sq_requant,
+            sq_delta: self.sq_delta + o.sq_delta,
+            n: self.n + o.n,
+        }
+    }
+
+    pub fn rms_requant(&self) -> f64 {
+        (self.sq_requant / self.n.max(1) as f64).sqrt()
+    }
+
+    pub fn rms_delta(&self) -> f64 {
+        (self.sq_delta / self.n.max(1) as f64).sqrt()
+    }
+
+    /// RMS(requantized − exact) / RMS(delta); `None` when the delta is zero.
+    pub fn relative(&self) -> Option<f64> {
+        (self.sq_delta > 0.0).then(|| (self.sq_requant / self.sq_delta).sqrt())
+    }
+}
+
+/// Rows `r0..r0 + rows` of the base (dequantized) and of the exact f32 merge.
+fn merged_rows(
+    p: &TensorPlan<'_>,
+    data: &[u8],
+    r0: usize,
+    rows: usize,
+    base: &mut Vec<f32>,
+    merged: &mut Vec<f32>,
+    scratch: &mut Vec<f32>,
+) -> Result<(), MergeError> {
+    let n = p.n_cols;
+    let in_row = row_bytes(p.ty_in, n)?;
+    base.resize(rows * n, 0.0);
+    codec::dequantize(p.ty_in, &data[r0 * in_row..(r0 + rows) * in_row], base, n)?;
+    merged.clear();
+    merged.extend_from_slice(base);
+    for op in &p.ops {
+        match op.update {
+            Update::LowRank(lr) => {
+                let r = lr.rank;
+                // The update goes into its own buffer first so that, as in W + s·(B·A), the delta is
+                // summed over the rank before it meets the (much larger) weight.
+                scratch.clear();
+                scratch.resize(rows * n, 0.0);
+                // Stacked experts: each run of rows inside one expert uses that expert's A block.
+                let per_expert = p.n_rows / lr.n_expert;
+                let mut i = r0;
+                while i < r0 + rows {
+                    let e = i / per_expert;
+                    let end = ((e + 1) * per_expert).min(r0 + rows);
+                    add_low_rank(
+                        &mut scratch[(i - r0) * n..(end - r0) * n],
+                        &lr.b[i * r..end * r],
+                        &lr.a[e * r * n..(e + 1) * r * n],
+                        n,
+                        r,
+                        op.scale,
+                    );
+                    i = end;
+                }
+                for (m, d) in merged.iter_mut().zip(scratch.iter()) {
+                    *m += d;
+                }
+                if let Some(mag) = &lr.magnitude {
+                    // DoRA (PEFT `dora.py`): W' = m / ‖W + s·B·A‖_row · (W + s·B·A).
+                    for (i, row) in merged.chunks_mut(n).enumerate() {
+                        let norm = row
+                            .iter()
+                            .map(|&v| (v as f64) * (v as f64))
+                            .sum::<f64>()
+                            .sqrt();
+                        let f = (mag[r0 + i] as f64 / norm) as f32;
+                        for v in row.iter_mut() {
+                            *v *= f;
+                        }
+                    }
+                }
+            }
+            Update::Replace(values) => {
+                merged.copy_from_slice(&values[r0 * n..(r0 + rows) * n]);
+            }
+            Update::Add(values) => {
+                for (m, v) in merged.iter_mut().zip(&values[r0 * n..(r0 + rows) * n]) {
+                    *m += op.scale * v;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Quantizes `merged` (whole rows) into `out` as `ty`, and returns the error sums against the exact
+/// merge and the base.
+fn requantize_and_measure(
+    ty: GgmlType,
+    n: usize,
+    base: &[f32],
+    merged: &[f32],
+    out: &mut [u8],
+    back: &mut Vec<f32>,
+) -> Result<ErrorSums, MergeError> {
+    codec::quantize(ty, merged, out, n)?;
+    back.resize(merged.len(), 0.0);
+    codec::dequantize(ty, out, back, n)?;
+    let mut s = ErrorSums {
+        n: merged.len() as u64,
+        ..Default::default()
+    };
+    for ((q, m), b) in back.iter().zip(merged).zip(base) {
+        let e = (*q - *m) as f64;
+        let d = (*m - *b) as f64;
+        s.sq_requant += e * e;
+        s.sq_delta += d * d;
+    }
+    Ok(s)
+}
+
+/// Merges one touched tensor: its bytes in `p.ty_out` and its error sums.
+pub fn merge_tensor(p: &TensorPlan<'_>, data: &[u8]) -> Result<(Vec<u8>, ErrorSums), MergeError> {
+    let n = p.n_cols;
+    let out_row = row_bytes(p.ty_out, n)?;
+    let rows_per_block = (BLOCK_ELEMS / n.max(1)).max(1);
+    let mut out = vec![0u8; p.n_rows * out_row];
+    let sums = out
+        .par_chunks_mut(rows_per_block * out_row)
+        .enumerate()
+        .map_init(
+            || (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
+            |(base, merged, scratch, back), (bi, chunk)| {
+                let r0 = bi * rows_per_block;
+                let rows = chunk.len() / out_row;
+                merged_rows(p, data, r0, rows, base, merged, scratch)?;
+                requantize_and_measure(p.ty_out, n, base, merged, chunk, back)
+            },
+        )
+        .try_reduce(ErrorSums::default, |a, b| Ok(a.add(b)))?;
+    Ok((out, sums))
+}
+
+/// Rows at which candidate types are tried: `count` rows spread evenly (all rows if fewer).
+pub fn sample_rows(n_rows: usize, count: usize) -> Vec<usize> {
+    if n_rows <= count {
+        return (0..n_rows).collect();
+    }
+    (0..count).map(|i| i * n_rows / count).collect()
+}
+
+/// Error sums of writing this tensor as each of `types`, measured on the sampled rows only.
+pub fn sample_errors(
+    p: &TensorPlan<'_>,
+    data: &[u8],
+    rows: &[usize],
+    types: &[GgmlType],
+) -> Result<Vec<ErrorSums>, MergeError> {
+    let n = p.n_cols;
+    let per_row: Vec<Vec<ErrorSums>> = rows
+        .par_iter()
+        .map_init(
+            || (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()),
+            |(base, merged, scratch, back, out), &r| {
+                merged_rows(p, data, r, 1, base, merged, scratch)?;
+                types
+                    .iter()
+                    .map(|&ty| {
+                        out.resize(row_bytes(ty, n)?, 0);
+                        requantize_and_measure(ty, n, base, merged, out, back)
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            },
+        )
+        .collect::<Result<_, _>>()?;
+    let mut total = vec![ErrorSums::default(); types.len()];
+    for row in per_row {
+        for (t, s) in total.iter_mut().zip(row) {
+            *t = t.add(s);
+        }
+    }
+    Ok(total)
+}
+
+/// Bytes handed to the writer: a base tensor's own bytes (untouched) or a merged tensor.
+pub enum Chunk<'a> {
+    Borrowed(&'a [u8]),
+    Owned(Vec<u8>),
+}
+
+impl Chunk<'_> {
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Chunk::Borrowed(b) => b,
+            Chunk::Owned(v) => v,
+        }
+    }
+}
+
+/// Runs every tensor through `plans` in order and hands the bytes to `sink` (on a writer thread) in
+/// the same order; `on_done(index, bytes)` is called as each tensor is handed over (progress).
+/// Returns the error sums of each touched tensor, by index.
+pub fn stream<'a, S>(
+    base: &[BaseTensor<'a>],
+    plans: &[TensorPlan<'_>],
+    mut sink: S,
+    on_done: &(dyn Fn(usize, u64) + Sync),
+) -> Result<Vec<Option<ErrorSums>>, MergeError>
+where
+    S: FnMut(usize, &[u8]) -> Result<(), MergeError> + Send,
+{
+    let (tx, rx) = mpsc::sync_channel::<(usize, Chunk<'a>)>(WINDOW);
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> Result<(), MergeError> {
+            for (index, chunk) in rx {
+                sink(index, chunk.bytes())?;
+            }
+            Ok(())
+        });
+        let mut sums = vec![None; plans.len()];
+        let mut result = Ok(());
+        for p in plans {
+            let t = &base[p.index];
+            let chunk = if p.is_touched() {
+                match merge_tensor(p, t.data) {
+                    Ok((bytes, s)) => {
+                        sums[p.index] = Some(s);
+                        Chunk::Owned(bytes)
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            } else {
+                Chunk::Borrowed(t.data)
+            };
+            let len = chunk.bytes().len() as u64;
+            if tx.send((p.index, chunk)).is_err() {
+                break; // the writer stopped: its error is reported below
+            }
+            on_done(p.index, len);
+        }
+        drop(tx);
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(MergeError::Codec("the writer thread panicked".into())));
+        result.and(written).map(|()| sums)
+    })
+}

@@ -1,0 +1,367 @@
+//! Unit tests of the merge engine on synthetic F32/F16 bases.
+
+use super::*;
+
+fn lcg(seed: &mut u64) -> f32 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn floats(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn low_rank(seed: &mut u64, rows: usize, cols: usize, rank: usize, scale: f32) -> LowRank {
+    LowRank {
+        a: (0..rank * cols).map(|_| lcg(seed)).collect(),
+        b: (0..rows * rank).map(|_| lcg(seed)).collect(),
+        rank,
+        n_expert: 1,
+        scale,
+        magnitude: None,
+    }
+}
+
+/// W + s·B·A in f64 (the independent reference).
+fn reference(w: &[f32], lr: &LowRank, s: f64, cols: usize) -> Vec<f64> {
+    let rows = w.len() / cols;
+    let mut out: Vec<f64> = w.iter().map(|&x| x as f64).collect();
+    for i in 0..rows {
+        for j in 0..cols {
+            let d: f64 = (0..lr.rank)
+                .map(|k| lr.b[i * lr.rank + k] as f64 * lr.a[k * cols + j] as f64)
+                .sum();
+            out[i * cols + j] += s * d;
+        }
+    }
+    out
+}
+
+struct Fixture {
+    data: Vec<Vec<u8>>,
+    dims: Vec<Vec<u64>>,
+    names: Vec<String>,
+}
+
+impl Fixture {
+    fn new(seed: &mut u64) -> Fixture {
+        let shapes = [
+            ("tok", vec![64u64, 10]),
+            ("blk.0.attn_q.weight", vec![96, 40]),
+            ("blk.0.norm", vec![96]),
+            ("blk.0.ffn_up.weight", vec![96, 700]),
+        ];
+        let mut f = Fixture {
+            data: vec![],
+            dims: vec![],
+            names: vec![],
+        };
+        for (name, dims) in shapes {
+            let n: u64 = dims.iter().product();
+            f.data
+                .push(f32_bytes(&(0..n).map(|_| lcg(seed)).collect::<Vec<_>>()));
+            f.dims.push(dims);
+            f.names.push(name.to_string());
+        }
+        f
+    }
+
+    fn base(&self) -> Vec<BaseTensor<'_>> {
+        (0..self.data.len())
+            .map(|i| BaseTensor {
+                name: self.names[i].clone(),
+                dims: self.dims[i].clone(),
+                ty: GgmlType::F32,
+                data: &self.data[i],
+            })
+            .collect()
+    }
+}
+
+fn run(
+    base: &[BaseTensor<'_>],
+    adapters: &[AdapterInput],
+    opts: MergeOptions,
+) -> (Vec<(usize, Vec<u8>)>, MergeReport) {
+    let prepared = prepare(Some("llama"), base, adapters, &opts).unwrap();
+    let mut written = Vec::new();
+    let report = prepared
+        .run(
+            |i, b| {
+                written.push((i, b.to_vec()));
+                Ok(())
+            },
+            &|_, _| {},
+        )
+        .unwrap();
+    (written, report)
+}
+
+#[test]
+fn f32_merge_equals_reference_and_untouched_tensors_are_copied() {
+    let mut seed = 1;
+    let fx = Fixture::new(&mut seed);
+    let base = fx.base();
+    let lr1 = low_rank(&mut seed, 40, 96, 4, 0.5);
+    let lr2 = low_rank(&mut seed, 700, 96, 8, 2.0);
+    let want_q = reference(&floats(&fx.data[1]), &lr1, 0.5 * 1.5, 96);
+    let want_up = reference(&floats(&fx.data[3]), &lr2, 2.0 * 1.5, 96);
+    let adapters = vec![AdapterInput {
+        name: "a".into(),
+        architecture: Some("llama".into()),
+        scale: 1.5,
+        updates: vec![
+            ("blk.0.attn_q.weight".into(), Update::LowRank(lr1)),
+            ("blk.0.ffn_up.weight".into(), Update::LowRank(lr2)),
+        ],
+    }];
+    let (written, report) = run(&base, &adapters, MergeOptions::default());
+    assert_eq!(
+        written.iter().map(|w| w.0).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3]
+    );
+    assert_eq!(written[0].1, fx.data[0]);
+    assert_eq!(written[2].1, fx.data[2]);
+    for (got, want) in [
+        (floats(&written[1].1), want_q),
+        (floats(&written[3].1), want_up),
+    ] {
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (*g as f64 - w).abs() <= 1e-6 * (1.0 + w.abs()),
+                "{g} vs {w}"
+            );
+        }
+    }
+    assert_eq!(report.summary.tensors_merged, 2);
+    assert_eq!(report.summary.tensors_copied, 2);
+    assert_eq!(report.tensors[0].ranks, vec![4]);
+    // F32 → F32: nothing lost.
+    assert_eq!(report.tensors[0].relative_error, Some(0.0));
+    assert!(report.tensors[0].rms_delta > 0.0);
+}
+
+#[test]
+fn two_adapters_with_different_tensor_sets_sum() {
+    let mut seed = 2;
+    let fx = Fixture::new(&mut seed);
+    let base = fx.base();
+    let a1 = low_rank(&mut seed, 40, 96, 2, 1.0);
+    let a2 = low_rank(&mut seed, 40, 96, 3, 1.0);
+    let a3 = low_rank(&mut seed, 700, 96, 3, 1.0);
+    let step1 = reference(&floats(&fx.data[1]), &a1, 0.7, 96);
+    let step1_f32: Vec<f32> = step1.iter().map(|&x| x as f32).collect();
+    let want_q = reference(&step1_f32, &a2, -0.3, 96);
+    let want_up = reference(&floats(&fx.data[3]), &a3, -0.3, 96);
+    let adapters = vec![
+        AdapterInput {
+            name: "one".into(),
+            architecture: None,
+            scale: 0.7,
+            updates: vec![("blk.0.attn_q.weight".into(), Update::LowRank(a1))],
+        },
+        AdapterInput {
+            name: "two".into(),
+            architecture: Some("llama".into()),
+            scale: -0.3,
+            updates: vec![
+                ("blk.0.attn_q.weight".into(), Update::LowRank(a2)),
+                ("blk.0.ffn_up.weight".into(), Update::LowRank(a3)),
+            ],
+        },
+    ];
+    let (written, report) = run(&base, &adapters, MergeOptions::default());
+    for (got, want) in [
+        (floats(&written[1].1), want_q),
+        (floats(&written[3].1), want_up),
+    ] {
+        for (g, w) in got.iter().zip(&want) {
+            assert!((*g as f64 - w).abs() <= 1e-6 * (1.0 + w.abs()));
+        }
+    }
+    assert_eq!(report.tensors[0].adapters, vec!["one", "two"]);
+    assert_eq!(report.tensors[1].adapters, vec!["two"]);
+}
+
+#[test]
+fn dora_rescales_each_row_to_its_magnitude() {
+    let mut seed = 3;
+    let fx = Fixture::new(&mut seed);
+    let base = fx.base();
+    let mut lr = low_rank(&mut seed, 40, 96, 4, 1.0);
+    let mag: Vec<f32> = (0..40).map(|i| 0.5 + i as f32 * 0.1).collect();
+    lr.magnitude = Some(mag.clone());
+    let plain = reference(&floats(&fx.data[1]), &lr, 1.0, 96);
+    let adapters = vec![AdapterInput {
+        name: "d".into(),
+        architecture: None,
+        scale: 1.0,
+        updates: vec![("blk.0.attn_q.weight".into(), Update::LowRank(lr))],
+    }];
+    let (written, report) = run(&base, &adapters, MergeOptions::default());
+    let got = floats(&written[1].1);
+    for i in 0..40 {
+        let row = &plain[i * 96..(i + 1) * 96];
+        let norm = row.iter().map(|x| x * x).sum::<f64>().sqrt();
+        for j in 0..96 {
+            let want = mag[i] as f64 / norm * row[j];
+            assert!((got[i * 96 + j] as f64 - want).abs() < 1e-5, "row {i}");
+        }
+    }
+    assert!(report.tensors[0].dora);
+}
+
+#[test]
+fn replace_and_add_updates() {
+    let mut seed = 4;
+    let fx = Fixture::new(&mut seed);
+    let base = fx.base();
+    let replacement: Vec<f32> = (0..640).map(|i| i as f32).collect();
+    let bias: Vec<f32> = (0..96).map(|i| i as f32 * 0.01).collect();
+    let adapters = vec![AdapterInput {
+        name: "m".into(),
+        architecture: None,
+        scale: 2.0,
+        updates: vec![
+            ("tok".into(), Update::Replace(replacement.clone())),
+            ("blk.0.norm".into(), Update::Add(bias.clone())),
+        ],
+    }];
+    let (written, _) = run(&base, &adapters, MergeOptions::default());
+    assert_eq!(floats(&written[0].1), replacement);
+    let norm0 = floats(&fx.data[2]);
+    let got = floats(&written[2].1);
+    for j in 0..96 {
+        assert_eq!(got[j], norm0[j] + 2.0 * bias[j]);
+    }
+}
+
+#[test]
+fn every_problem_is_listed_and_nothing_is_written() {
+    let mut seed = 5;
+    let fx = Fixture::new(&mut seed);
+    let base = fx.base();
+    let adapters = vec![
+        AdapterInput {
+            name: "bad1".into(),
+            architecture: Some("qwen2".into()),
+            scale: 1.0,
+            updates: vec![
+                (
+                    "blk.9.attn_q.weight".into(),
+                    Update::LowRank(low_rank(&mut seed, 40, 96, 2, 1.0)),
+                ),
+                (
+                    "blk.0.attn_q.weight".into(),
+                    Update::LowRank(low_rank(&mut seed, 41, 96, 2, 1.0)),
+                ),
+            ],
+        },
+        AdapterInput {
+            name: "bad2".into(),
+            architecture: None,
+            scale: 1.0,
+            updates: vec![(
+                "blk.0.ffn_up.weight".into(),
+                Update::LowRank(low_rank(&mut seed, 700, 95, 2, 1.0)),
+            )],
+        },
+    ];
+    let err = prepare(Some("llama"), &base, &adapters, &MergeOptions::default())
+        .err()
+        .expect("refused");
+    let MergeError::Plan(lines) = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    let text = err.to_string();
+    for needle in [
+        "qwen2",
+        "blk.9.attn_q.weight",
+        "expected 40 × rank 2",
+        "expected rank 2 × 96",
+    ] {
+        assert!(text.contains(needle), "{needle} missing in {text}");
+    }
+}
+
+#[test]
+fn outtype_f16_and_fallback_reporting() {
+    let mut seed = 6;
+    let fx = Fixture::new(&mut seed);
+    let base = fx.base();
+    let adapters = vec![AdapterInput {
+        name: "a".into(),
+        architecture: None,
+        scale: 1.0,
+        updates: vec![(
+            "blk.0.attn_q.weight".into(),
+            Update::LowRank(low_rank(&mut seed, 40, 96, 4, 1.0)),
+        )],
+    }];
+    let opts = MergeOptions {
+        outtype: OutType::Type(GgmlType::F16),
+        ..Default::default()
+    };
+    let prepared = prepare(None, &base, &adapters, &opts).unwrap();
+    let types = prepared.output_types();
+    assert_eq!(
+        types,
+        vec![GgmlType::F32, GgmlType::F16, GgmlType::F32, GgmlType::F32]
+    );
+    let mut sizes = Vec::new();
+    let report = prepared
+        .run(
+            |_, b| {
+                sizes.push(b.len());
+                Ok(())
+            },
+            &|_, _| {},
+        )
+        .unwrap();
+    assert_eq!(sizes[1], 40 * 96 * 2);
+    let t = &report.tensors[0];
+    assert_eq!(
+        (t.type_in.as_str(), t.type_out.as_str(), t.fallback),
+        ("f32", "f16", false)
+    );
+    assert!(t.relative_error.unwrap() > 0.0 && t.relative_error.unwrap() < 0.01);
+}
+
+#[test]
+fn a_failing_sink_stops_the_merge_with_its_error() {
+    let mut seed = 7;
+    let fx = Fixture::new(&mut seed);
+    let base = fx.base();
+    let adapters = vec![AdapterInput {
+        name: "a".into(),
+        architecture: None,
+        scale: 1.0,
+        updates: vec![(
+            "blk.0.ffn_up.weight".into(),
+            Update::LowRank(low_rank(&mut seed, 700, 96, 4, 1.0)),
+        )],
+    }];
+    let prepared = prepare(None, &base, &adapters, &MergeOptions::default()).unwrap();
+    let err = prepared
+        .run(
+            |i, _| {
+                if i == 1 {
+                    Err(MergeError::Write("disk full".into()))
+                } else {
+                    Ok(())
+                }
+            },
+            &|_, _| {},
+        )
+        .expect_err("error");
+    assert_eq!(err.to_string(), "disk full");
+}

@@ -1,0 +1,192 @@
+//! `gguf-lora merge` on the real gemma3-270m Q4_K_M (from PyPI through the interop set-up): a base with
+//! Q4_K, Q5_0, Q6_K and Q8_0 tensors, and a rank-16 adapter on every attention and MLP projection,
+//! written by gguf-py. Checked with libggml (requantization bit for bit) and llama.cpp (logits against
+//! the same adapter applied at runtime).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use common::{gguf_lora, interop, repo_root};
+use serde_json::Value;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn script(name: &str) -> PathBuf {
+    repo_root().join("testdata/merge").join(name)
+}
+
+/// The rank-16 adapter, made once per test binary.
+fn adapter() -> &'static PathBuf {
+    static A: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &A.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("gemma3-r16.gguf");
+        let base = interop().gemma.clone();
+        interop().python(
+            &script("make_lora.py"),
+            &[s(&base), s(&out), "--rank", "16", "--alpha", "32"],
+        );
+        (dir, out)
+    })
+    .1
+}
+
+fn merge(out: &Path, extra: &[&str]) -> Value {
+    let a = gguf_lora()
+        .args([
+            "merge",
+            s(&interop().gemma),
+            "--lora",
+            s(adapter()),
+            "-o",
+            s(out),
+            "--json",
+        ])
+        .args(extra)
+        .assert()
+        .success();
+    serde_json::from_slice(&a.get_output().stdout).unwrap()
+}
+
+fn check(args: &[&str]) -> Value {
+    let out = interop().python(&script("check_merge.py"), args);
+    serde_json::from_str(out.lines().last().unwrap()).unwrap()
+}
+
+fn file_type(path: &Path) -> u64 {
+    let code = "import sys\nfrom gguf import GGUFReader\nprint(int(GGUFReader(sys.argv[1]).fields['general.file_type'].contents()))";
+    interop()
+        .python_code(code, &[s(path)])
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn keep_is_libggml_s_requantization_of_the_f32_merge_and_copies_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let keep = dir.path().join("keep.gguf");
+    let f32 = dir.path().join("f32.gguf");
+    let report = merge(&keep, &[]);
+    merge(&f32, &["--outtype", "f32"]);
+    let report_path = dir.path().join("keep.json");
+    std::fs::write(&report_path, report.to_string()).unwrap();
+    let r = check(&[
+        "keep",
+        s(&report_path),
+        s(&interop().gemma),
+        s(&keep),
+        s(&f32),
+    ]);
+    assert_eq!(r["mismatched"], serde_json::json!([]), "{r}");
+    assert_eq!(r["copied_differ"], serde_json::json!([]), "{r}");
+    assert_eq!(r["checked"], 126, "{r}");
+    for ty in ["Q4_K", "Q5_0", "Q6_K", "Q8_0"] {
+        assert!(r["per_type"][ty].as_u64().unwrap() > 0, "{ty} covered: {r}");
+    }
+    let base_len = std::fs::metadata(&interop().gemma).unwrap().len() as f64;
+    let keep_len = std::fs::metadata(&keep).unwrap().len() as f64;
+    assert!(
+        (keep_len / base_len - 1.0).abs() < 0.01,
+        "size {keep_len} vs {base_len}"
+    );
+    assert_eq!(file_type(&keep), 15, "MOSTLY_Q4_K_M kept");
+    assert_eq!(file_type(&f32), 0, "mostly F32 now");
+    // The report: every merged tensor measured, Q4_K flagged as losing much of the adapter.
+    let q4k = report["summary"]["per_type"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["type_in"] == "q4_K")
+        .unwrap();
+    assert_eq!(q4k["lossy"], true, "{q4k}");
+    assert!(q4k["suggested_promotion"].is_string(), "{q4k}");
+    for t in report["tensors"].as_array().unwrap() {
+        let e = t["relative_error"].as_f64().unwrap();
+        assert!(e > 0.0 && e < 2.0, "{t}");
+    }
+}
+
+#[test]
+fn f32_merge_of_the_quantized_base_equals_numpy_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let f32 = dir.path().join("f32.gguf");
+    merge(&f32, &["--outtype", "f32"]);
+    let r = check(&[
+        "reference",
+        s(&f32),
+        s(&interop().gemma),
+        &format!("{}:1", s(adapter())),
+    ]);
+    assert!(r["worst_over_tolerance"].as_f64().unwrap() <= 1.0, "{r}");
+    assert_eq!(r["untouched_equal"], true, "{r}");
+    assert_eq!(r["touched"], 126, "{r}");
+}
+
+#[test]
+fn llama_cpp_loads_merges_and_promotions_buy_back_the_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let keep = dir.path().join("keep.gguf");
+    let q8 = dir.path().join("q8.gguf");
+    let auto = dir.path().join("auto.gguf");
+    let q4q6 = dir.path().join("q4q6.gguf");
+    merge(&keep, &[]);
+    let rq8 = merge(&q8, &["--promote", "q8_0"]);
+    let rauto = merge(&auto, &["--promote", "auto"]);
+    merge(&q4q6, &["--promote", "q4_k=q6_k"]);
+    // --promote q8_0: every merged tensor in Q8_0 (none was larger), every other tensor untouched.
+    for t in rq8["tensors"].as_array().unwrap() {
+        assert_eq!(t["type_out"], "q8_0", "{t}");
+    }
+    let report_path = dir.path().join("q8.json");
+    std::fs::write(&report_path, rq8.to_string()).unwrap();
+    let f32 = dir.path().join("f32.gguf");
+    merge(&f32, &["--outtype", "f32"]);
+    let r = check(&[
+        "keep",
+        s(&report_path),
+        s(&interop().gemma),
+        s(&q8),
+        s(&f32),
+    ]);
+    assert_eq!(
+        (r["mismatched"].clone(), r["copied_differ"].clone()),
+        (serde_json::json!([]), serde_json::json!([])),
+        "{r}"
+    );
+    // auto: within the default 5% budget, and the tensor types it reports are the file's.
+    let base_bytes = rauto["summary"]["bytes_in"].as_f64().unwrap();
+    assert!(
+        rauto["summary"]["bytes_out"].as_f64().unwrap() <= base_bytes * 1.05,
+        "{}",
+        rauto["summary"]
+    );
+    assert!(rauto["summary"]["tensors_promoted"].as_u64().unwrap() > 0);
+    let base_len = std::fs::metadata(&interop().gemma).unwrap().len() as f64;
+    assert!(std::fs::metadata(&auto).unwrap().len() as f64 <= base_len * 1.05 + 65536.0);
+
+    let spec = format!("{}:1", s(adapter()));
+    let l = check(&[
+        "logits",
+        s(&interop().gemma),
+        &spec,
+        s(&keep),
+        s(&q8),
+        s(&auto),
+        s(&q4q6),
+    ]);
+    let kl = |p: &Path| l[s(p)]["kl"].as_f64().unwrap();
+    let kl_base = l["base"]["kl"].as_f64().unwrap();
+    eprintln!(
+        "gemma3-270m Q4_K_M + rank-16, mean KL to runtime LoRA over 20 tokens: base {kl_base:.4}, keep {:.4}, q4_k=q6_k {:.4}, auto(5%) {:.4}, q8_0 {:.4}",
+        kl(&keep), kl(&q4q6), kl(&auto), kl(&q8)
+    );
+    assert!(kl(&keep) < kl_base, "{l}");
+    assert!(kl(&q8) < kl(&keep) / 2.0, "{l}");
+    assert!(kl(&auto) <= kl(&q4q6), "{l}");
+    assert!(kl(&q4q6) < kl(&keep), "{l}");
+}

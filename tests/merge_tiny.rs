@@ -1,0 +1,518 @@
+//! `gguf-lora merge` on the tiny fixture models (testdata/fixtures, made by transformers/llama.cpp) with
+//! adapters written by gguf-py (testdata/merge/make_lora.py); results checked by gguf-py, numpy and
+//! llama.cpp (testdata/merge/check_merge.py), never by our own reader alone.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{gguf_lora, interop, repo_root};
+use serde_json::Value;
+
+fn fixture(rel: &str) -> PathBuf {
+    repo_root().join("testdata/fixtures").join(rel)
+}
+
+fn script(name: &str) -> PathBuf {
+    repo_root().join("testdata/merge").join(name)
+}
+
+/// Writes a GGUF LoRA with gguf-py for `base`; returns its path.
+fn make_lora(dir: &Path, name: &str, base: &Path, args: &[&str]) -> PathBuf {
+    let out = dir.join(name);
+    let mut all = vec![base.to_str().unwrap(), out.to_str().unwrap()];
+    all.extend_from_slice(args);
+    interop().python(&script("make_lora.py"), &all);
+    out
+}
+
+fn check(args: &[&str]) -> Value {
+    let out = interop().python(&script("check_merge.py"), args);
+    serde_json::from_str(out.lines().last().unwrap()).unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Files in `dir` (to prove a refusal left nothing behind).
+fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn outtype_f32_equals_numpy_reference_for_two_adapters_with_different_tensor_sets() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = fixture("gemma3/base-f32.gguf");
+    // One adapter on q, v, down and the token embeddings; one (F16 tensors) on q and up of layer 1 only.
+    let a1 = make_lora(
+        dir.path(),
+        "a1.gguf",
+        &base,
+        &[
+            "--rank",
+            "4",
+            "--alpha",
+            "8",
+            "--targets",
+            "attn_q,attn_v,ffn_down",
+            "--embd",
+            "--seed",
+            "1",
+            "--b-std",
+            "0.1",
+        ],
+    );
+    let a2 = make_lora(
+        dir.path(),
+        "a2.gguf",
+        &base,
+        &[
+            "--rank",
+            "8",
+            "--alpha",
+            "4",
+            "--targets",
+            "attn_q,ffn_up",
+            "--layers",
+            "1",
+            "--seed",
+            "2",
+            "--dtype",
+            "f16",
+            "--b-std",
+            "0.1",
+        ],
+    );
+    let out = dir.path().join("merged.gguf");
+    let assert = gguf_lora()
+        .args([
+            "merge",
+            s(&base),
+            "--lora",
+            s(&a1),
+            "--lora-scaled",
+            &format!("{}:-0.5", s(&a2)),
+            "-o",
+            s(&out),
+            "--outtype",
+            "f32",
+            "--json",
+        ])
+        .assert()
+        .success();
+    let report: Value = serde_json::from_slice(&assert.get_output().stdout).unwrap();
+    let r = check(&[
+        "reference",
+        s(&out),
+        s(&base),
+        &format!("{}:1", s(&a1)),
+        &format!("{}:-0.5", s(&a2)),
+    ]);
+    assert!(r["worst_over_tolerance"].as_f64().unwrap() <= 1.0, "{r}");
+    assert_eq!(r["untouched_equal"], true, "{r}");
+    assert!(
+        r["min_max_delta"].as_f64().unwrap() > 1e-4,
+        "every touched tensor changed: {r}"
+    );
+    assert_eq!(
+        r["touched"].as_u64().unwrap() as usize,
+        report["summary"]["tensors_merged"].as_u64().unwrap() as usize
+    );
+    // blk.1.attn_q has both adapters, blk.1.ffn_up only the second.
+    let t = |name: &str| {
+        report["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(t("blk.1.attn_q.weight")["ranks"], serde_json::json!([4, 8]));
+    assert_eq!(
+        t("blk.1.ffn_up.weight")["adapters"],
+        serde_json::json!(["a2.gguf"])
+    );
+    assert_eq!(report["summary"]["scales"], serde_json::json!([1.0, -0.5]));
+}
+
+#[test]
+fn llama_cpp_runs_the_f32_merge_like_the_runtime_lora() {
+    let dir = tempfile::tempdir().unwrap();
+    // llama has untied embeddings: llama.cpp aborts on a token_embd LoRA when they are tied (gemma3),
+    // because the runtime applies it to the output head too.
+    let base = fixture("llama/base-f32.gguf");
+    let a = make_lora(
+        dir.path(),
+        "a.gguf",
+        &base,
+        &[
+            "--rank", "4", "--alpha", "8", "--embd", "--seed", "3", "--b-std", "0.2",
+        ],
+    );
+    let out = dir.path().join("merged.gguf");
+    gguf_lora()
+        .args([
+            "merge",
+            s(&base),
+            "--lora-scaled",
+            &format!("{}:0.7", s(&a)),
+            "-o",
+            s(&out),
+            "--outtype",
+            "f32",
+        ])
+        .assert()
+        .success();
+    let r = check(&["logits", s(&base), &format!("{}:0.7", s(&a)), s(&out)]);
+    let merged = &r[s(&out)];
+    eprintln!(
+        "tiny gemma3, f32 merge vs runtime LoRA: {merged}; base vs runtime: {}",
+        r["base"]
+    );
+    assert!(
+        r["base"]["kl"].as_f64().unwrap() > 1e-3,
+        "the adapter changes the output: {r}"
+    );
+    assert!(merged["kl"].as_f64().unwrap() < 1e-5, "{r}");
+    assert!(merged["max_abs"].as_f64().unwrap() < 1e-2, "{r}");
+    assert_eq!(merged["top1"].as_f64().unwrap(), 1.0, "{r}");
+}
+
+#[test]
+fn metadata_is_the_base_s_with_provenance_and_no_adapter_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = fixture("gemma3/base-f16.gguf");
+    let a = make_lora(
+        dir.path(),
+        "a.gguf",
+        &base,
+        &["--rank", "4", "--targets", "attn_q"],
+    );
+    let out = dir.path().join("m.gguf");
+    gguf_lora()
+        .args([
+            "merge",
+            s(&base),
+            "--lora-scaled",
+            &format!("{}:0.5", s(&a)),
+            "-o",
+            s(&out),
+        ])
+        .assert()
+        .success();
+    let code = r#"
+import json, sys
+from gguf import GGUFReader
+def kv(p):
+    r = GGUFReader(p)
+    out = {}
+    for k, f in r.fields.items():
+        if k.startswith("GGUF."):
+            continue
+        v = f.contents()
+        out[k] = v if not isinstance(v, float) else round(v, 6)
+    return out, {t.name: t.tensor_type.name for t in r.tensors}
+b, bt = kv(sys.argv[1]); m, mt = kv(sys.argv[2])
+print(json.dumps({"base": b, "merged": m, "base_types": bt, "merged_types": mt}))
+"#;
+    let v: Value =
+        serde_json::from_str(interop().python_code(code, &[s(&base), s(&out)]).trim()).unwrap();
+    let (b, m) = (
+        v["base"].as_object().unwrap(),
+        v["merged"].as_object().unwrap(),
+    );
+    for (k, val) in b {
+        assert_eq!(&m[k], val, "key {k} kept");
+    }
+    assert!(!m.keys().any(|k| k.starts_with("adapter.")));
+    assert_eq!(
+        m["general.type"],
+        b.get("general.type")
+            .cloned()
+            .unwrap_or(Value::Null)
+            .as_str()
+            .map_or(Value::Null, |_| b["general.type"].clone())
+    );
+    assert_eq!(m["gguf_lora.merge.adapters"], serde_json::json!(["a.gguf"]));
+    assert_eq!(m["gguf_lora.merge.scales"], serde_json::json!([0.5]));
+    assert_eq!(m["gguf_lora.merge.outtype"], "keep");
+    assert!(m.contains_key("gguf_lora.version"));
+    // keep: every tensor in its base type.
+    assert_eq!(v["base_types"], v["merged_types"]);
+}
+
+#[test]
+fn refusals_exit_1_name_every_offending_tensor_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = fixture("gemma3/base-f32.gguf");
+    let good = make_lora(
+        dir.path(),
+        "good.gguf",
+        &base,
+        &["--rank", "4", "--targets", "attn_q"],
+    );
+    let missing = make_lora(
+        dir.path(),
+        "missing.gguf",
+        &base,
+        &[
+            "--rank",
+            "4",
+            "--targets",
+            "attn_q",
+            "--bogus",
+            "blk.99.attn_q.weight:64:64",
+            "--bogus",
+            "blk.98.ffn_up.weight:64:64",
+        ],
+    );
+    let other_arch = make_lora(
+        dir.path(),
+        "arch.gguf",
+        &base,
+        &["--rank", "4", "--targets", "attn_q", "--arch", "llama"],
+    );
+    let wrong_shape = make_lora(
+        dir.path(),
+        "shape.gguf",
+        &base,
+        &[
+            "--rank",
+            "4",
+            "--targets",
+            "attn_q",
+            "--bogus",
+            "blk.0.ffn_up.weight:48:128",
+            "--bogus",
+            "blk.1.ffn_down.weight:128:48",
+        ],
+    );
+    let before = listing(dir.path());
+    let out = dir.path().join("out.gguf");
+    let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
+        (
+            vec!["--lora".into(), s(&missing).into()],
+            vec![
+                "blk.99.attn_q.weight",
+                "blk.98.ffn_up.weight",
+                "does not exist in the base",
+            ],
+        ),
+        (
+            vec!["--lora".into(), s(&other_arch).into()],
+            vec!["architecture 'llama'", "'gemma3'"],
+        ),
+        (
+            vec!["--lora".into(), s(&wrong_shape).into()],
+            vec!["blk.0.ffn_up.weight", "blk.1.ffn_down.weight", "expected"],
+        ),
+        // Both problems of both adapters in one message.
+        (
+            vec![
+                "--lora".into(),
+                format!("{},{}", s(&missing), s(&other_arch)),
+            ],
+            vec!["blk.99.attn_q.weight", "architecture 'llama'"],
+        ),
+    ];
+    for (args, needles) in cases {
+        let a = gguf_lora()
+            .arg("merge")
+            .arg(&base)
+            .args(&args)
+            .args(["-o", s(&out)])
+            .assert()
+            .code(1);
+        let err = String::from_utf8_lossy(&a.get_output().stderr).into_owned();
+        for n in needles {
+            assert!(err.contains(n), "{n:?} not in {err}");
+        }
+        assert_eq!(listing(dir.path()), before, "nothing written for {args:?}");
+    }
+    // The output may not be an input: neither the base nor an adapter.
+    let base_copy = dir.path().join("base.gguf");
+    std::fs::copy(&base, &base_copy).unwrap();
+    let original = std::fs::read(&base_copy).unwrap();
+    gguf_lora()
+        .args([
+            "merge",
+            s(&base_copy),
+            "--lora",
+            s(&good),
+            "-o",
+            s(&base_copy),
+        ])
+        .assert()
+        .code(1);
+    gguf_lora()
+        .args(["merge", s(&base_copy), "--lora", s(&good), "-o", s(&good)])
+        .assert()
+        .code(1);
+    assert_eq!(std::fs::read(&base_copy).unwrap(), original);
+    // A base that is not a GGUF, an adapter that is a model, a bad type: clear errors, exit 1.
+    let a = gguf_lora()
+        .args(["merge", s(&good), "--lora", s(&good), "-o", s(&out)])
+        .assert()
+        .code(1);
+    assert!(
+        String::from_utf8_lossy(&a.get_output().stderr).contains("cannot merge") || !out.exists()
+    );
+    let a = gguf_lora()
+        .args(["merge", s(&base), "--lora", s(&base), "-o", s(&out)])
+        .assert()
+        .code(1);
+    assert!(String::from_utf8_lossy(&a.get_output().stderr).contains("expected \"adapter\""));
+    gguf_lora()
+        .args([
+            "merge",
+            s(&base),
+            "--lora",
+            s(&good),
+            "-o",
+            s(&out),
+            "--outtype",
+            "q7_k",
+        ])
+        .assert()
+        .code(1);
+    assert!(!out.exists());
+}
+
+#[test]
+fn split_base_gives_split_output_with_the_same_layout_or_one_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = fixture("gemma3/base-f32.gguf");
+    let prefix = dir.path().join("base");
+    let st = std::process::Command::new(interop().tools.join("llama-gguf-split"))
+        .args(["--split", "--split-max-tensors", "30", s(&base), s(&prefix)])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let shard1 = dir.path().join("base-00001-of-00003.gguf");
+    assert!(shard1.exists());
+    let a = make_lora(dir.path(), "a.gguf", &base, &["--rank", "4", "--seed", "5"]);
+    let out = dir.path().join("merged.gguf");
+    gguf_lora()
+        .args(["merge", s(&shard1), "--lora", s(&a), "-o", s(&out)])
+        .assert()
+        .success();
+    let one = dir.path().join("one.gguf");
+    gguf_lora()
+        .args([
+            "merge",
+            s(&shard1),
+            "--lora",
+            s(&a),
+            "-o",
+            s(&one),
+            "--no-split",
+        ])
+        .assert()
+        .success();
+    let direct = dir.path().join("direct.gguf");
+    gguf_lora()
+        .args(["merge", s(&base), "--lora", s(&a), "-o", s(&direct)])
+        .assert()
+        .success();
+    let code = r#"
+import json, sys
+from gguf import GGUFReader
+out = []
+for p in sys.argv[1:]:
+    r = GGUFReader(p)
+    split = {k: int(r.fields[k].contents()) for k in ("split.no", "split.count", "split.tensors.count") if k in r.fields}
+    out.append({"tensors": [t.name for t in r.tensors], "split": split,
+                "data": {t.name: t.data.tobytes().hex() for t in r.tensors}})
+print(json.dumps(out))
+"#;
+    let files: Vec<PathBuf> = (1..=3)
+        .map(|k| dir.path().join(format!("base-{k:05}-of-00003.gguf")))
+        .chain((1..=3).map(|k| dir.path().join(format!("merged-{k:05}-of-00003.gguf"))))
+        .chain([one.clone(), direct.clone()])
+        .collect();
+    let args: Vec<&str> = files.iter().map(|p| s(p)).collect();
+    let v: Value = serde_json::from_str(interop().python_code(code, &args).trim()).unwrap();
+    let v = v.as_array().unwrap();
+    for k in 0..3 {
+        assert_eq!(
+            v[k]["tensors"],
+            v[3 + k]["tensors"],
+            "shard {k} holds the same tensors"
+        );
+        assert_eq!(v[3 + k]["split"]["split.no"], k);
+        assert_eq!(v[3 + k]["split"]["split.count"], 3);
+    }
+    assert_eq!(
+        v[6]["split"],
+        serde_json::json!({}),
+        "--no-split writes no split keys"
+    );
+    // Same bytes whichever way the base was read or the output written.
+    let mut joined = serde_json::Map::new();
+    for shard in &v[3..6] {
+        joined.extend(shard["data"].as_object().unwrap().clone());
+    }
+    assert_eq!(Value::Object(joined), v[6]["data"]);
+    assert_eq!(v[6]["data"], v[7]["data"]);
+}
+
+#[test]
+fn peft_directories_merge_like_peft_merge_and_unload() {
+    // DoRA (llama q/k rows RoPE-permuted, magnitudes too), modules_to_save (lm_head replaced) and
+    // lora_B biases (qwen2's q/k/v biases): PEFT's own merge, converted by convert_hf_to_gguf.py, is
+    // the reference; the PEFT directory goes straight to merge.
+    let dir = tempfile::tempdir().unwrap();
+    for (arch, name) in [
+        ("llama", "dora"),
+        ("llama", "modules_to_save"),
+        ("qwen2", "lora_bias"),
+    ] {
+        let base = fixture(&format!("{arch}/base-f32.gguf"));
+        let adapter = fixture(&format!("{arch}/adapters/{name}"));
+        let reference = adapter.join("merged-f32.gguf");
+        let out = dir.path().join(format!("{arch}-{name}.gguf"));
+        let a = gguf_lora()
+            .args([
+                "merge",
+                s(&base),
+                "--lora",
+                s(&adapter),
+                "-o",
+                s(&out),
+                "--json",
+            ])
+            .assert()
+            .success();
+        let report: Value = serde_json::from_slice(&a.get_output().stdout).unwrap();
+        let r = check(&["same", s(&out), s(&reference)]);
+        let before = check(&["same", s(&base), s(&reference)]);
+        eprintln!("{arch}/{name}: ours vs PEFT merge {r}; base vs PEFT merge {before}");
+        assert_eq!(r["names_equal"], true, "{arch}/{name}: {r}");
+        assert!(
+            r["worst_rel"].as_f64().unwrap() < 1e-5,
+            "{arch}/{name}: {r}"
+        );
+        assert!(
+            before["worst_rel"].as_f64().unwrap() > 0.05,
+            "{arch}/{name}: the merge changes something: {before}"
+        );
+        if name == "dora" {
+            assert!(report["tensors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|t| t["dora"] == true));
+        }
+    }
+}
