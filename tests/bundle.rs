@@ -82,6 +82,49 @@ fn concat_equals_the_inputs_applied_together() {
         effect > 0.1 * max,
         "the adapters must visibly change the logits: {check}"
     );
+    // merge --outtype f32 of the bundle at scale 1 equals the merge of the three at their scales.
+    let merged_bundle = dir.path().join("m-bundle.gguf");
+    let merged_inputs = dir.path().join("m-inputs.gguf");
+    gguf_lora()
+        .args([
+            "merge",
+            &s(&base),
+            "--lora",
+            &s(&out),
+            "--outtype",
+            "f32",
+            "-o",
+        ])
+        .arg(&merged_bundle)
+        .assert()
+        .success();
+    gguf_lora()
+        .args(["merge", &s(&base), "--outtype", "f32", "-o"])
+        .arg(&merged_inputs)
+        .arg("--lora-scaled")
+        .arg(specs.join(","))
+        .assert()
+        .success();
+    let worst: f64 = interop()
+        .python_code(
+            r#"
+import sys, gguf, numpy as np
+t = [{x.name: np.array(x.data, dtype=np.float64) for x in gguf.GGUFReader(p).tensors} for p in sys.argv[1:]]
+base, a, b = t
+changed = [n for n in base if np.abs(b[n] - base[n]).max() > 0]
+assert len(changed) == 16, changed
+assert all(np.array_equal(a[n], base[n]) for n in base if n not in changed)
+print(max(float(np.abs(a[n] - b[n]).max() / np.abs(b[n] - base[n]).max()) for n in changed))
+"#,
+            &[&s(&base), &s(&merged_bundle), &s(&merged_inputs)],
+        )
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        worst < 1e-5,
+        "merged weights differ by {worst} of the delta"
+    );
 }
 
 /// F16 inputs are read through their exact dequantization; the bundle keeps ΔW to f32 rounding.
@@ -261,6 +304,24 @@ print(bytes(r.get_field("general.type").parts[-1]).decode())
     assert_eq!(
         inspect(&format!("{}#pat", s(&bundle))),
         inspect(&s(&patterns))
+    );
+    // merge with BUNDLE#NAME writes the same tensors as merge with the original file.
+    let merged = |adapter: &str, out: &Path| {
+        gguf_lora()
+            .args(["merge", &s(&base), "--lora", adapter, "-o", &s(out)])
+            .assert()
+            .success();
+        let f = gguf_lora::gguf::GgufFile::open(out).unwrap();
+        f.tensors()
+            .iter()
+            .map(|t| (t.clone(), f.tensor_data(t).to_vec()))
+            .collect::<Vec<_>>()
+    };
+    let by_name = merged(&format!("{}#std", s(&bundle)), &d.join("m1.gguf"));
+    let by_file = merged(&s(&converted), &d.join("m2.gguf"));
+    assert!(
+        by_name == by_file,
+        "merge of BUNDLE#std differs from merge of the converted file"
     );
     gguf_lora()
         .args([
