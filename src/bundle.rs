@@ -364,7 +364,7 @@ pub fn bundle(
     let (inputs, _) = read_inputs(specs, opts)?;
     match opts.mode {
         Mode::Concat => concat(&inputs, output, opts),
-        Mode::Named => named(&inputs, output, opts),
+        Mode::Named => named(inputs, output, opts),
     }
 }
 
@@ -491,12 +491,12 @@ fn concat(
 }
 
 fn named(
-    inputs: &[Input],
+    mut inputs: Vec<Input>,
     output: &Path,
     opts: &BundleOptions,
 ) -> Result<BundleReport, BundleError> {
     let mut names: HashMap<&str, &Path> = HashMap::new();
-    for i in inputs {
+    for i in &inputs {
         if !valid_name(&i.name) {
             return Err(BundleError::Invalid(format!(
                 "{}: '{}' cannot name an adapter (it must be non-empty, without '#', ':', '=', '/', '\\'); name it with NAME=PATH",
@@ -514,6 +514,23 @@ fn named(
         }
     }
     let arch = inputs[0].adapter.arch.clone().unwrap_or_default();
+    // What the listing needs from the checked adapters; their values (read to check them) are
+    // dropped before the tensors are copied, so peak memory stays near one adapter.
+    let coverage: Vec<(Vec<String>, Vec<u32>)> = inputs
+        .iter()
+        .map(|i| {
+            let t = &i.adapter.tensors;
+            (
+                t.iter().map(|t| t.target.clone()).collect(),
+                t.iter().map(|t| t.rank() as u32).collect(),
+            )
+        })
+        .collect();
+    let summaries: Vec<BundledAdapter> = inputs.iter().map(|i| summary(i, 0.0)).collect();
+    for i in &mut inputs {
+        i.adapter.tensors = Vec::new();
+        i.adapter.full_tensors = Vec::new();
+    }
     // Each adapter as its GGUF file has it; PEFT inputs through `convert`, into a scratch directory.
     let scratch = tempfile::tempdir()
         .map_err(|e| BundleError::Invalid(format!("cannot create a scratch directory: {e}")))?;
@@ -555,7 +572,7 @@ fn named(
     );
     let mut descs = Vec::new();
     let mut adapters = Vec::with_capacity(inputs.len());
-    for (k, (i, src)) in inputs.iter().zip(&sources).enumerate() {
+    for (k, ((i, src), (targets, ranks))) in inputs.iter().zip(&sources).zip(coverage).enumerate() {
         let alpha = src.metadata.get_f32(gguf_adapter::KEY_ALPHA).unwrap_or(0.0);
         let format = match i.format {
             SourceFormat::Gguf => "gguf",
@@ -571,18 +588,8 @@ fn named(
         );
         md.set(key(k, "format"), Value::String(format.into()));
         md.set(key(k, "gguf_version"), Value::U32(src.version));
-        md.set(
-            key(k, "targets"),
-            Value::Array(Array::String(
-                i.adapter.tensors.iter().map(|t| t.target.clone()).collect(),
-            )),
-        );
-        md.set(
-            key(k, "ranks"),
-            Value::Array(Array::U32(
-                i.adapter.tensors.iter().map(|t| t.rank() as u32).collect(),
-            )),
-        );
+        md.set(key(k, "targets"), Value::Array(Array::String(targets)));
+        md.set(key(k, "ranks"), Value::Array(Array::U32(ranks)));
         md.set(
             key(k, "tensors"),
             Value::Array(Array::String(
@@ -600,9 +607,12 @@ fn named(
                 ty: t.info.ty,
             });
         }
-        adapters.push(summary(i, alpha));
+        adapters.push(BundledAdapter {
+            alpha,
+            ..summaries[k].clone()
+        });
     }
-    let files = input_files(inputs, opts.base.as_deref());
+    let files = input_files(&inputs, opts.base.as_deref());
     let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
     let gerr = |e: crate::gguf::GgufError| BundleError::Invalid(e.to_string());
     let mut w = GgufWriter::create(
