@@ -30,38 +30,46 @@ fn make_lora(dir: &Path, kind: &str, extra: &[&str]) -> PathBuf {
     out
 }
 
-/// Concat of three adapters with different ranks (4/8/12, 8, 2/3), scales (0.7, 1.3, -0.5), tensor
-/// sets (all linear; token_embd + output; attn_q, ffn_down, token_embd) and alphas (16, 16, none):
-/// numpy finds ΔW = Σ sᵢ·BᵢAᵢ per tensor and llama.cpp the same logits as with the three at runtime.
+/// Concat of four adapters with different ranks (4/8/12, 8, 2/3, 8), scales (0.7, 1.3, -0.5, 0.3),
+/// tensor sets (all linear; token_embd + output; attn_q, ffn_down, token_embd; all linear), alphas
+/// (16, 16, none, 16) and formats (GGUF from llama.cpp's converter, from gguf-py, a PEFT directory):
+/// numpy finds ΔW = Σ sᵢ·BᵢAᵢ per tensor, llama.cpp the same logits as with the four at runtime,
+/// and `merge --outtype f32` the same weights.
 #[test]
 fn concat_equals_the_inputs_applied_together() {
     let dir = tempfile::tempdir().unwrap();
     let patterns = fixture("llama/adapters/patterns/ref_convert.gguf");
     let embed = fixture("llama/adapters/embed_lm_head/ref_convert.gguf");
     let ours = make_lora(dir.path(), "concat", &[]);
+    let standard_gguf = fixture("llama/adapters/standard/ref_convert.gguf");
     let base = fixture("llama/base-f32.gguf");
     let out = dir.path().join("bundle.gguf");
     let specs = [
         format!("{}:0.7", s(&patterns)),
         format!("{}:1.3", s(&embed)),
         format!("{}:-0.5", s(&ours)),
+        format!("{}:0.3", s(&standard_gguf)),
     ];
+    // The fourth input goes in as the PEFT directory (q/k rows RoPE-permuted on the way in); the
+    // checks use llama.cpp's own conversion of it.
+    let mut bundle_specs = specs.clone();
+    bundle_specs[3] = format!("{}:0.3", s(&fixture("llama/adapters/standard")));
     let assert = gguf_lora()
         .arg("bundle")
-        .args(&specs)
+        .args(&bundle_specs)
         .args(["-o", &s(&out), "--base", &s(&base), "--json"])
         .assert()
         .success();
     let report: serde_json::Value = serde_json::from_slice(&assert.get_output().stdout).unwrap();
     assert_eq!(report["mode"], "concat");
-    // Shared tensors stack ranks: attn_q of layer 0 is 4 (patterns) + 3 (gguf-py).
+    // Shared tensors stack ranks: attn_q of layer 0 is 4 (patterns) + 3 (gguf-py) + 8 (standard).
     let q0 = report["targets"]
         .as_array()
         .unwrap()
         .iter()
         .find(|t| t["target"] == "blk.0.attn_q.weight")
         .unwrap();
-    assert_eq!(q0["rank"], 7);
+    assert_eq!(q0["rank"], 15);
 
     let mut args = vec![s(&base), s(&fixture("llama/tokens.json")), s(&out)];
     args.extend(specs.iter().cloned());
@@ -82,7 +90,7 @@ fn concat_equals_the_inputs_applied_together() {
         effect > 0.1 * max,
         "the adapters must visibly change the logits: {check}"
     );
-    // merge --outtype f32 of the bundle at scale 1 equals the merge of the three at their scales.
+    // merge --outtype f32 of the bundle at scale 1 equals the merge of the four at their scales.
     let merged_bundle = dir.path().join("m-bundle.gguf");
     let merged_inputs = dir.path().join("m-inputs.gguf");
     gguf_lora()
