@@ -113,8 +113,9 @@ fn equals_the_reference_converter_where_it_is_right() {
         assert_same_adapter(&out, &reference);
         checked += 1;
     }
-    // llama: standard, named, embed_lm_head, standard_bf16; one standard per other architecture.
-    assert!(checked >= 11, "only {checked} reference adapters compared");
+    // llama: standard, named, rank_pattern, embed_lm_head, alora, standard_bf16, standard_f16; one
+    // standard per other architecture.
+    assert!(checked >= 14, "only {checked} reference adapters compared");
 }
 
 #[test]
@@ -136,23 +137,33 @@ fn named_adapter_keys_convert_like_the_plain_ones() {
     );
 }
 
-/// Logits of llama.cpp (llama-cpp-python) with each converted adapter, against PyTorch + PEFT.
+/// Logits of llama.cpp (llama-cpp-python) with each converted adapter, against PyTorch + PEFT, through
+/// the fixtures' own chain check (an aLoRA is switched on at its invocation sequence, as PEFT does).
 const LOGITS_CHECK: &str = r#"
 import json, sys
+from pathlib import Path
 import numpy as np
-import llama_cpp
+sys.path.insert(0, sys.argv[2])
+import chain_check
 cases = json.loads(sys.argv[1])
 worst = {}
 for c in cases:
-    llm = llama_cpp.Llama(model_path=c["base"], lora_path=c["lora"], n_ctx=64, logits_all=True,
-                          n_threads=1, n_threads_batch=1, verbose=False, type_k=0, type_v=0)
-    llm.eval(c["tokens"])
-    ours = np.array(llm.scores[: len(c["tokens"])], dtype=np.float32)
-    llm.close()
+    tokens, inv, at = c["tokens"], c.get("alora"), 0
+    if inv:
+        at = next(i for i in range(len(tokens)) if tokens[i:i + len(inv)] == inv)
+    ours = chain_check.llama_logits(Path(c["base"]), tokens, [(Path(c["lora"]), 1.0)], at)
     ref = np.load(c["logits"])
     worst[c["name"]] = float(np.abs(ours - ref).max() / np.abs(ref).max())
 print(json.dumps(worst))
 "#;
+
+fn logits_check(cases: &Json) -> serde_json::Map<String, Json> {
+    let out = common::interop().python_code(
+        LOGITS_CHECK,
+        &[&cases.to_string(), fixtures().to_str().unwrap()],
+    );
+    serde_json::from_str(out.lines().last().unwrap()).unwrap()
+}
 
 #[test]
 fn llama_cpp_with_our_adapters_gives_pytorch_logits() {
@@ -161,6 +172,9 @@ fn llama_cpp_with_our_adapters_gives_pytorch_logits() {
     for (arch, name, entry) in adapters() {
         if entry["ref_convert"]["ok"] != Json::Bool(true) && name != "named_in_keys" {
             continue; // DoRA, modules_to_save, lora_bias: refused (tested below)
+        }
+        if name == "lm_head_tied" {
+            continue; // lm_head LoRA on a tied base: refused (tested below)
         }
         let d = fixtures().join(&arch);
         let out = dir.path().join(format!("{arch}-{name}.gguf"));
@@ -173,13 +187,18 @@ fn llama_cpp_with_our_adapters_gives_pytorch_logits() {
             "lora": out,
             "tokens": tokens["tokens"],
             "logits": d.join("adapters").join(&name).join("logits_peft.npy"),
+            "alora": entry["alora_invocation_tokens"],
         }));
     }
-    let out =
-        common::interop().python_code(LOGITS_CHECK, &[&serde_json::to_string(&cases).unwrap()]);
-    let worst: serde_json::Map<String, Json> =
-        serde_json::from_str(out.lines().last().unwrap()).unwrap();
-    assert!(worst.contains_key("llama/rslora") && worst.contains_key("llama/patterns"));
+    let worst = logits_check(&Json::Array(cases));
+    for must in [
+        "llama/rslora",
+        "llama/patterns",
+        "llama/alpha_pattern",
+        "llama/alora",
+    ] {
+        assert!(worst.contains_key(must), "{must} not checked");
+    }
     for (name, rel) in &worst {
         let rel = rel.as_f64().unwrap();
         // The chain check's F32 tolerance; the reference converter's rsLoRA/pattern files are at 0.8-1.3.
@@ -320,6 +339,12 @@ fn lm_head_on_a_tied_base_is_refused() {
     let stderr = String::from_utf8_lossy(&assert.get_output().stderr).into_owned();
     assert!(stderr.contains("ties its output to token_embd"), "{stderr}");
     assert!(!out.exists());
+    // The qwen2 fixture trained with lm_head on its own tied model: the reference converter writes a
+    // file llama.cpp refuses to load (manifest: llama_cpp_load_failed); we refuse up front.
+    let assert = convert("qwen2", "lm_head_tied", &out, &str_args(&qbase)).code(1);
+    let stderr = String::from_utf8_lossy(&assert.get_output().stderr).into_owned();
+    assert!(stderr.contains("lm_head → output.weight"), "{stderr}");
+    assert!(!out.exists());
 }
 
 #[test]
@@ -431,5 +456,98 @@ fn a_gguf_adapter_converts_to_itself_and_can_be_retyped() {
         .args(str_args(&base_args("qwen2")))
         .assert()
         .code(1);
+    assert!(!out.exists());
+}
+
+#[test]
+fn moe_experts_stack_like_the_reference_and_give_pytorch_logits() {
+    // testdata/fixtures/qwen2moe (make_moe_fixture.py): 4 experts and a shared expert per layer, all
+    // adapted; llama.cpp's converters stack the experts into ffn_*_exps.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("moe.gguf");
+    let d = fixtures().join("qwen2moe");
+    let assert = convert(
+        "qwen2moe",
+        "standard",
+        &out,
+        &str_args(&base_args("qwen2moe")),
+    )
+    .success();
+    let stdout = String::from_utf8_lossy(&assert.get_output().stdout).into_owned();
+    assert!(
+        stdout.contains("model.layers.1.mlp.experts.*.down_proj (4 experts)"),
+        "{stdout}"
+    );
+    assert_same_adapter(&out, &d.join("adapters/standard/ref_convert.gguf"));
+    let tokens: Json =
+        serde_json::from_str(&std::fs::read_to_string(d.join("tokens.json")).unwrap()).unwrap();
+    let cases = serde_json::json!([{
+        "name": "qwen2moe/standard",
+        "base": d.join("base-f32.gguf"),
+        "lora": out,
+        "tokens": tokens["tokens"],
+        "logits": d.join("adapters/standard/logits_peft.npy"),
+    }]);
+    let worst = logits_check(&cases);
+    let rel = worst["qwen2moe/standard"].as_f64().unwrap();
+    assert!(rel < 1e-3, "max |Δlogit| / max |logit| = {rel}");
+}
+
+#[test]
+fn alora_invocation_tokens_are_written_and_text_only_invocations_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixtures().join("qwen2/adapters/standard");
+    let with_config = |name: &str, extra: serde_json::Value| {
+        let d = dir.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        let mut cfg: Json = serde_json::from_str(
+            &std::fs::read_to_string(src.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        for (k, v) in extra.as_object().unwrap() {
+            cfg[k] = v.clone();
+        }
+        std::fs::write(d.join("adapter_config.json"), cfg.to_string()).unwrap();
+        std::fs::copy(
+            src.join("adapter_model.safetensors"),
+            d.join("adapter_model.safetensors"),
+        )
+        .unwrap();
+        d
+    };
+    let tokens = with_config(
+        "tokens",
+        serde_json::json!({"alora_invocation_tokens": [5, 17, 200]}),
+    );
+    let out = dir.path().join("a.gguf");
+    common::gguf_lora()
+        .arg("convert")
+        .arg(&tokens)
+        .arg("-o")
+        .arg(&out)
+        .args(str_args(&base_args("qwen2")))
+        .assert()
+        .success();
+    let f = GgufFile::open(&out).unwrap();
+    assert_eq!(
+        f.metadata().get("adapter.alora.invocation_tokens"),
+        Some(&Value::Array(gguf_lora::gguf::Array::U32(vec![5, 17, 200])))
+    );
+
+    let text = with_config(
+        "text",
+        serde_json::json!({"invocation_string": "<|start_of_role|>assistant"}),
+    );
+    let out = dir.path().join("b.gguf");
+    let assert = common::gguf_lora()
+        .arg("convert")
+        .arg(&text)
+        .arg("-o")
+        .arg(&out)
+        .args(str_args(&base_args("qwen2")))
+        .assert()
+        .code(1);
+    let stderr = String::from_utf8_lossy(&assert.get_output().stderr).into_owned();
+    assert!(stderr.contains("alora_invocation_tokens"), "{stderr}");
     assert!(!out.exists());
 }

@@ -398,13 +398,57 @@ impl LoraTensor {
         scale_of(self.alpha(), self.rank())
     }
 
-    /// Source names for messages, joined with `+`.
+    /// Source names for messages: joined with `+` for fused parts; for stacked experts one name with
+    /// the expert index as `*`.
     pub fn source(&self) -> String {
+        if let Layout::Experts(ps) = &self.layout {
+            if let Some(p) = ps.iter().find(|p| !p.source.starts_with('(')) {
+                let generic = match p.source.split_once(".experts.") {
+                    Some((head, tail)) => match tail.split_once('.') {
+                        Some((_, rest)) => format!("{head}.experts.*.{rest}"),
+                        None => p.source.clone(),
+                    },
+                    None => p.source.clone(),
+                };
+                return format!("{generic} ({} experts)", ps.len());
+            }
+        }
         self.pairs()
             .iter()
             .map(|p| p.source.as_str())
             .collect::<Vec<_>>()
             .join("+")
+    }
+
+    /// The DoRA magnitude vector (`n_out` values), rows in GGUF order (RoPE-permuted like `B`).
+    pub fn load_magnitude(&self) -> Result<Option<Vec<f32>>, AdapterError> {
+        self.load_row_vector(self.dora_magnitude.as_ref())
+    }
+
+    /// The `lora_B.bias` vector (`n_out` values, to be multiplied by [`LoraTensor::scale`]), rows in
+    /// GGUF order.
+    pub fn load_lora_bias(&self) -> Result<Option<Vec<f32>>, AdapterError> {
+        self.load_row_vector(self.lora_bias.as_ref())
+    }
+
+    fn load_row_vector(&self, f: Option<&Factor>) -> Result<Option<Vec<f32>>, AdapterError> {
+        let Some(f) = f else { return Ok(None) };
+        let v = f.load()?;
+        let rows: Option<Range<usize>> = match &self.layout {
+            Layout::Single(p) => p.b_rows.clone(),
+            _ => None,
+        };
+        let data = match rows {
+            Some(r) if r.end <= v.data.len() => v.data[r].to_vec(),
+            Some(_) => return Err(shape_err(&self.target)),
+            None => v.data,
+        };
+        let col = Matrix::new(data.len(), 1, data).ok_or_else(|| shape_err(&self.target))?;
+        let col = match self.permute_heads {
+            Some(n) => permute_rows(&col, n).ok_or_else(|| shape_err(&self.target))?,
+            None => col,
+        };
+        Ok(Some(col.data))
     }
 
     /// Reads and combines the data: stacks experts, builds fused block-diagonal factors (folding
@@ -727,6 +771,8 @@ pub enum IssueKind {
     RankMismatch,
     /// Needs facts only a base GGUF gives (head counts for the llama q/k permutation, ...).
     NeedsBase,
+    /// An aLoRA whose invocation is given as text only.
+    NeedsTokens,
 }
 
 /// Checks every target against the base GGUF: present, and shaped as llama.cpp's loader will check.
@@ -953,5 +999,22 @@ mod tests {
             1.0,
         ))));
         assert!(t.load().unwrap_err().to_string().contains("not finite"));
+    }
+
+    #[test]
+    fn dora_magnitude_and_bias_follow_the_b_row_permutation() {
+        let mut t = tensor(Layout::Single(Box::new(pair(
+            m(1, 2, |_, _| 1.),
+            m(8, 1, |r, _| r as f32),
+            1.0,
+        ))));
+        t.permute_heads = Some(2);
+        t.dora_magnitude = Some(Factor::owned(m(1, 8, |_, c| c as f32)));
+        let l = t.load().unwrap();
+        let mag = t.load_magnitude().unwrap().unwrap();
+        // The magnitude of each output row travels with that row of B.
+        assert_eq!(l.b.data, mag);
+        assert_eq!(mag, [0., 2., 1., 3., 4., 6., 5., 7.]);
+        assert_eq!(t.load_lora_bias().unwrap(), None);
     }
 }

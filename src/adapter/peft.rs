@@ -48,6 +48,9 @@ pub struct PeftConfig {
     /// List entries, or the single regex string.
     pub target_modules: Vec<String>,
     pub alora_invocation_tokens: Option<Vec<u32>>,
+    /// Older aLoRA configs give the invocation as text only; turning it into token ids needs the base
+    /// tokenizer, so `convert` refuses such a config instead of writing an always-on adapter.
+    pub invocation_string: Option<String>,
     pub base_model_name_or_path: Option<String>,
     compiled_rank: Vec<(regex::Regex, u32)>,
     compiled_alpha: Vec<(regex::Regex, f64)>,
@@ -163,6 +166,10 @@ impl PeftConfig {
             modules_to_save: strings("modules_to_save")?,
             target_modules: strings("target_modules")?,
             alora_invocation_tokens,
+            invocation_string: get("invocation_string")
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string),
             base_model_name_or_path: get("base_model_name_or_path")
                 .and_then(Value::as_str)
                 .map(str::to_string),
@@ -657,6 +664,18 @@ pub fn build(raw: &PeftAdapter, base: &BaseInfo, path: &Path) -> (Adapter, Vec<I
                 }
             }
         }
+        let pair = match trim_embedding_vocab(arch, &map, pair, base) {
+            Ok(p) => p,
+            Err(message) => {
+                issues.push(Issue {
+                    source: md.path.clone(),
+                    target: Some(map.target.clone()),
+                    status: IssueKind::ShapeMismatch,
+                    message,
+                });
+                continue;
+            }
+        };
         let mut t = plain_tensor(map.target.clone(), map.layer, map.kind, pair, md);
         if let Some(rope) = map.rope {
             match head_count(base, rope) {
@@ -799,6 +818,18 @@ pub fn build(raw: &PeftAdapter, base: &BaseInfo, path: &Path) -> (Adapter, Vec<I
     }
 
     issues.extend(check_against_base(&tensors, base));
+    if cfg.alora_invocation_tokens.is_none() {
+        if let Some(text) = &cfg.invocation_string {
+            issues.push(Issue {
+                source: raw.config_path.display().to_string(),
+                target: None,
+                status: IssueKind::NeedsTokens,
+                message: format!(
+                    "an aLoRA with invocation_string {text:?} but no alora_invocation_tokens: add the base tokenizer's ids for it (convert_lora_to_gguf.py drops the first token) as alora_invocation_tokens"
+                ),
+            });
+        }
+    }
     tensors.sort_by_key(tensor_order);
     let full_tensors = raw
         .full
@@ -841,6 +872,43 @@ fn plain_tensor(
         dora_magnitude: md.magnitude.clone(),
         lora_bias: md.bias.clone(),
     }
+}
+
+/// gemma3's converter drops the embedding rows past the tokenizer's real vocabulary
+/// (`data_torch[:n_vocab_real]`), so its GGUF `token_embd` can be shorter than the HF embedding. The
+/// LoRA's `A` (one column per token) is cut the same way: the dropped columns belong to tokens the
+/// GGUF model can never see. (llama.cpp's own LoRA converter slices `B` there instead, leaving an
+/// adapter its loader rejects.)
+fn trim_embedding_vocab(
+    arch: &str,
+    map: &arch::ModuleMap,
+    pair: LoraPair,
+    base: &BaseInfo,
+) -> Result<LoraPair, String> {
+    if map.kind != TargetKind::Embedding || !arch.starts_with("gemma3") {
+        return Ok(pair);
+    }
+    let Some(n_vocab) = base
+        .tensor(&map.target)
+        .and_then(|t| t.dims.get(1))
+        .map(|v| *v as usize)
+    else {
+        return Ok(pair);
+    };
+    let (rank, cols) = pair.a.shape();
+    if cols <= n_vocab {
+        return Ok(pair);
+    }
+    let a = pair.a.load().map_err(|e| e.to_string())?;
+    let mut data = Vec::with_capacity(rank * n_vocab);
+    for r in 0..rank {
+        data.extend_from_slice(&a.row(r)[..n_vocab]);
+    }
+    let a = Matrix::new(rank, n_vocab, data).ok_or("embedding LoRA shape")?;
+    Ok(LoraPair {
+        a: Factor::owned(a),
+        ..pair
+    })
 }
 
 fn head_count(base: &BaseInfo, rope: Rope) -> Option<usize> {
@@ -1248,5 +1316,44 @@ mod tests {
             err.contains("rank 2") && err.contains("rank 3") && err.contains("lora_B"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn gemma3_embedding_lora_is_cut_to_the_gguf_vocabulary() {
+        let dir = peft_dir(
+            r#"{"r":2,"lora_alpha":2}"#,
+            &[
+                (
+                    "base_model.model.model.embed_tokens.lora_embedding_A",
+                    vec![2, 12],
+                ),
+                (
+                    "base_model.model.model.embed_tokens.lora_embedding_B",
+                    vec![4, 2],
+                ),
+            ],
+        );
+        let b = base("gemma3", 2, 1, &[("token_embd.weight", vec![4, 10])]);
+        let (a, issues) = read(dir.path(), &b).unwrap();
+        assert!(issues.is_empty(), "{issues:?}");
+        let t = a.tensor("token_embd.weight").unwrap();
+        assert_eq!(
+            (t.kind, t.n_in(), t.n_out()),
+            (TargetKind::Embedding, 10, 4)
+        );
+        let full = read_raw(dir.path()).unwrap().modules[0]
+            .a
+            .as_ref()
+            .unwrap()
+            .load()
+            .unwrap();
+        let cut = t.load().unwrap().a;
+        for r in 0..2 {
+            assert_eq!(cut.row(r), &full.row(r)[..10]);
+        }
+        // Other architectures keep the mismatch visible.
+        let b = base("llama", 2, 1, &[("token_embd.weight", vec![4, 10])]);
+        let (_, issues) = read(dir.path(), &b).unwrap();
+        assert_eq!(issues[0].status, IssueKind::ShapeMismatch);
     }
 }

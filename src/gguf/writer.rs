@@ -358,7 +358,10 @@ pub fn copy_model(model: &super::GgufModel, target: &Path) -> Result<()> {
         &descs,
     )?;
     for (shard, t) in model.tensors() {
-        w.write_tensor(model.shards()[shard].tensor_data(t))?;
+        let file = &model.shards()[shard];
+        w.write_tensor(file.tensor_data(t))?;
+        // Keep the resident set near one tensor rather than the whole input.
+        file.release_pages(t);
     }
     w.finish()
 }

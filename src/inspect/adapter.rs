@@ -24,6 +24,7 @@ pub enum Status {
     NotRepresentable,
     UnknownModule,
     NeedsBase,
+    NeedsTokens,
 }
 
 impl Status {
@@ -37,6 +38,7 @@ impl Status {
             Status::NotRepresentable => "not representable",
             Status::UnknownModule => "unknown module",
             Status::NeedsBase => "needs base",
+            Status::NeedsTokens => "needs token ids",
         }
     }
 }
@@ -287,6 +289,7 @@ fn status_of(k: IssueKind) -> Status {
         IssueKind::ShapeMismatch => Status::ShapeMismatch,
         IssueKind::RankMismatch => Status::RankMismatch,
         IssueKind::NeedsBase => Status::NeedsBase,
+        IssueKind::NeedsTokens => Status::NeedsTokens,
     }
 }
 

@@ -141,7 +141,7 @@ pub fn merge_model(
                 writers[shard_of[i]].write_tensor(bytes)?;
                 // Done with this tensor's input: keep the base's pages out of our resident set.
                 let (shard, info) = infos[i];
-                shards[shard].release_tensor_pages(info);
+                shards[shard].release_pages(info);
                 Ok(())
             },
             on_done,

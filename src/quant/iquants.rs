@@ -46,6 +46,38 @@ fn best_index_int8(val: &[i8; 16], x: f32) -> u8 {
     }
 }
 
+/// [`best_index_int8`] for `id * xb[j]` over a 32-element sub-block, branch-free so it vectorizes.
+/// Same answers: strictly inside the table, the binary search ends at `mu` = the number of levels
+/// `<= x` (the levels are strictly increasing), then picks the nearer neighbour, ties going up;
+/// outside it clamps; a NaN falls through every comparison of the search and ends at 15.
+#[inline(always)]
+fn best_indices(values: &[i8; 16], id: f32, xb: &[f32], out: &mut [u8; IQ4_BLOCK]) {
+    let vf: [f32; 16] = values.map(|v| v as f32);
+    let mut x = [0f32; IQ4_BLOCK];
+    for (xj, &v) in x.iter_mut().zip(xb) {
+        *xj = id * v;
+    }
+    // Levels at or below each x, counted level by level so the loop runs across the 32 values.
+    let mut count = [0i32; IQ4_BLOCK];
+    for v in vf {
+        for j in 0..IQ4_BLOCK {
+            count[j] += (v <= x[j]) as i32;
+        }
+    }
+    for j in 0..IQ4_BLOCK {
+        let mu = count[j].clamp(1, 15) as usize;
+        let (lo, hi) = (vf[mu - 1], vf[mu]);
+        let near = if x[j] - lo < hi - x[j] { mu - 1 } else { mu };
+        out[j] = if x[j] <= vf[0] {
+            0
+        } else if x[j] >= vf[15] || x[j].is_nan() {
+            15
+        } else {
+            near as u8
+        };
+    }
+}
+
 /// Sub-block size of both IQ4 types' scale search.
 const IQ4_BLOCK: usize = 32;
 /// Scales tried either side of the first guess by `ggml_quantize_chunk` (`ntry = 7`).
@@ -114,10 +146,11 @@ fn quantize_iq4(x: &[f32], out: Iq4Out<'_>, quant_weights: Option<&[f32]>) {
         let mut id = 1.0 / d;
         let mut sumqx = 0f32;
         let mut sumq2 = 0f32;
+        let mut idx = [0u8; IQ4_BLOCK];
+        best_indices(values, id, xb, &mut idx);
+        lb.copy_from_slice(&idx);
         for j in 0..IQ4_BLOCK {
-            let al = id * xb[j];
-            let li = best_index_int8(values, al);
-            lb[j] = li;
+            let li = idx[j];
             let q = values[li as usize] as f32;
             let w = weight[j];
             sumqx += w * q * xb[j];
@@ -129,9 +162,9 @@ fn quantize_iq4(x: &[f32], out: Iq4Out<'_>, quant_weights: Option<&[f32]>) {
             id = (itry + values[0] as i32) as f32 / max;
             sumqx = 0.0;
             sumq2 = 0.0;
+            best_indices(values, id, xb, &mut idx);
             for j in 0..IQ4_BLOCK {
-                let al = id * xb[j];
-                let li = best_index_int8(values, al);
+                let li = idx[j];
                 let q = values[li as usize] as f32;
                 let w = weight[j];
                 sumqx += w * q * xb[j];
@@ -309,3 +342,42 @@ pub const IQ4_XS: Codec = Codec {
     quantize: Some(quantize_row_iq4_xs),
     quantize_imatrix: Some(quantize_row_iq4_xs_imatrix),
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn branch_free_best_indices_equal_the_binary_search() {
+        // Every level, every midpoint (a tie), points just around them, far outside, inf and NaN.
+        let mut probes = vec![
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -1e9,
+            1e9,
+            0.0,
+            -0.0,
+        ];
+        for w in KVALUES_IQ4NL.windows(2) {
+            let (a, b) = (w[0] as f32, w[1] as f32);
+            let mid = (a + b) / 2.0;
+            for v in [a, b, mid] {
+                probes.extend([
+                    v,
+                    f32::from_bits(v.to_bits() + 1),
+                    f32::from_bits(v.to_bits() - 1),
+                ]);
+            }
+        }
+        for chunk in probes.chunks(IQ4_BLOCK) {
+            let mut xb = [0f32; IQ4_BLOCK];
+            xb[..chunk.len()].copy_from_slice(chunk);
+            let mut out = [0u8; IQ4_BLOCK];
+            best_indices(&KVALUES_IQ4NL, 1.0, &xb, &mut out);
+            for (x, got) in xb.iter().zip(out) {
+                assert_eq!(got, best_index_int8(&KVALUES_IQ4NL, *x), "x = {x:e}");
+            }
+        }
+    }
+}

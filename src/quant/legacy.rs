@@ -73,19 +73,29 @@ fn c_round_to_int_block(v: &[f32; QK]) -> [i32; QK] {
     out
 }
 
-/// The value of largest magnitude in a block, keeping its sign (the first one wins a tie), as the
-/// `if (amax < fabsf(v)) { amax = fabsf(v); max = v; }` loops of ggml compute it.
-#[inline]
+/// The value of largest magnitude in a block (a multiple of 8 elements), keeping its sign, exactly as
+/// ggml's `if (amax < fabsf(v)) { amax = fabsf(v); max = v; }` loops find it: the first element whose
+/// magnitude is the block's largest, or `+0.0` when every element is zero. The largest magnitude is
+/// found in 8 lanes (a maximum does not depend on order), then the first element reaching it.
+#[inline(always)]
 fn signed_absmax(x: &[f32]) -> f32 {
-    let mut amax = 0.0f32;
-    let mut max = 0.0f32;
-    for &v in x {
-        if amax < v.abs() {
-            amax = v.abs();
-            max = v;
+    let mut lanes = [0.0f32; 8];
+    for c in x.chunks_exact(8) {
+        for k in 0..8 {
+            let a = c[k].abs();
+            lanes[k] = if lanes[k] < a { a } else { lanes[k] };
         }
     }
-    max
+    let mut amax = 0.0f32;
+    for a in lanes {
+        if amax < a {
+            amax = a;
+        }
+    }
+    if amax == 0.0 {
+        return 0.0;
+    }
+    x.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0)
 }
 
 /// Minimum and maximum of a block (a multiple of 8 elements) exactly as ggml's sequential loop finds them (start at
@@ -685,6 +695,34 @@ mod tests {
             }
         }
         (min, max)
+    }
+
+    /// ggml's signed-absmax loop, restated plainly.
+    fn sequential_signed_absmax(x: &[f32]) -> f32 {
+        let (mut amax, mut max) = (0.0f32, 0.0f32);
+        for &v in x {
+            if amax < v.abs() {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        max
+    }
+
+    #[test]
+    fn lane_signed_absmax_picks_the_first_extreme_like_ggml() {
+        let mut state = 11u32;
+        for _ in 0..3000 {
+            let mut block = [0f32; QK];
+            for v in block.iter_mut() {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                // Few distinct magnitudes of both signs, so ties between +m and -m are common.
+                let m = [0.0f32, 1.5, 2.0, 1e-40][((state >> 20) % 4) as usize];
+                *v = if state >> 31 == 0 { m } else { -m };
+            }
+            let (a, b) = (signed_absmax(&block), sequential_signed_absmax(&block));
+            assert_eq!(a.to_bits(), b.to_bits(), "{block:?}");
+        }
     }
 
     #[test]
