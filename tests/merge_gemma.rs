@@ -190,3 +190,46 @@ fn llama_cpp_loads_merges_and_promotions_buy_back_the_adapter() {
     assert!(kl(&auto) <= kl(&q4q6), "{l}");
     assert!(kl(&q4q6) < kl(&keep), "{l}");
 }
+
+#[test]
+fn weights_are_as_close_to_the_exact_merge_as_export_lora_then_llama_quantize() {
+    let dir = tempfile::tempdir().unwrap();
+    let keep = dir.path().join("keep.gguf");
+    let f32 = dir.path().join("f32.gguf");
+    let report = merge(&keep, &[]);
+    merge(&f32, &["--outtype", "f32"]);
+    let f16 = dir.path().join("export-lora-f16.gguf");
+    let requant = dir.path().join("export-lora-q4km.gguf");
+    let tools = &interop().tools;
+    let run = |cmd: &mut std::process::Command| {
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    run(
+        std::process::Command::new(tools.join("llama-export-lora")).args([
+            "-m",
+            s(&interop().gemma),
+            "--lora",
+            s(adapter()),
+            "-o",
+            s(&f16),
+        ]),
+    );
+    run(
+        std::process::Command::new(tools.join("llama-quantize")).args([
+            "--allow-requantize",
+            s(&f16),
+            s(&requant),
+            "Q4_K_M",
+        ]),
+    );
+    let report_path = dir.path().join("keep.json");
+    std::fs::write(&report_path, report.to_string()).unwrap();
+    let r = check(&["versus", s(&report_path), s(&f32), s(&keep), s(&requant)]);
+    eprintln!(
+        "ours (keep) vs export-lora + llama-quantize Q4_K_M, RMS error to the exact merge: {r}"
+    );
+    assert_eq!(r["tensors"], 126);
+    assert!(r["max_ratio"].as_f64().unwrap() <= 1.001, "{r}");
+    assert!(r["mean_ratio"].as_f64().unwrap() <= 1.0, "{r}");
+}

@@ -7,7 +7,9 @@
 //! while the writer thread copies or writes one tensor the next is being computed, and peak memory is
 //! a few output tensors, never the model.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
+use std::time::Instant;
 
 use rayon::prelude::*;
 
@@ -22,6 +24,25 @@ use super::{BaseTensor, MergeError, Update};
 const BLOCK_ELEMS: usize = 32 * 1024;
 /// Tensors in flight between the compute loop and the writer.
 const WINDOW: usize = 2;
+
+/// CPU time spent in each phase of the merge, summed over threads (nanoseconds), and the writer
+/// thread's busy time: where a merge's time goes.
+#[derive(Debug, Default)]
+pub struct Phases {
+    pub sample: AtomicU64,
+    pub dequantize: AtomicU64,
+    pub delta: AtomicU64,
+    pub requantize: AtomicU64,
+    pub measure: AtomicU64,
+    pub write: AtomicU64,
+}
+
+/// Adds the time since `start` to `counter`; returns now.
+fn lap(counter: &AtomicU64, start: Instant) -> Instant {
+    let now = Instant::now();
+    counter.fetch_add((now - start).as_nanos() as u64, Ordering::Relaxed);
+    now
+}
 
 /// Sums that give a tensor's fidelity: Σ(requantized − exact)², Σ(exact − base)², element count.
 #[derive(Clone, Copy, Debug, Default)]
@@ -63,11 +84,14 @@ fn merged_rows(
     base: &mut Vec<f32>,
     merged: &mut Vec<f32>,
     scratch: &mut Vec<f32>,
+    phases: &Phases,
 ) -> Result<(), MergeError> {
+    let t = Instant::now();
     let n = p.n_cols;
     let in_row = row_bytes(p.ty_in, n)?;
     base.resize(rows * n, 0.0);
     codec::dequantize(p.ty_in, &data[r0 * in_row..(r0 + rows) * in_row], base, n)?;
+    let t = lap(&phases.dequantize, t);
     merged.clear();
     merged.extend_from_slice(base);
     for op in &p.ops {
@@ -122,6 +146,7 @@ fn merged_rows(
             }
         }
     }
+    lap(&phases.delta, t);
     Ok(())
 }
 
@@ -134,8 +159,11 @@ fn requantize_and_measure(
     merged: &[f32],
     out: &mut [u8],
     back: &mut Vec<f32>,
+    phases: &Phases,
 ) -> Result<ErrorSums, MergeError> {
+    let t = Instant::now();
     codec::quantize(ty, merged, out, n)?;
+    let t = lap(&phases.requantize, t);
     back.resize(merged.len(), 0.0);
     codec::dequantize(ty, out, back, n)?;
     let mut s = ErrorSums {
@@ -148,11 +176,16 @@ fn requantize_and_measure(
         s.sq_requant += e * e;
         s.sq_delta += d * d;
     }
+    lap(&phases.measure, t);
     Ok(s)
 }
 
 /// Merges one touched tensor: its bytes in `p.ty_out` and its error sums.
-pub fn merge_tensor(p: &TensorPlan<'_>, data: &[u8]) -> Result<(Vec<u8>, ErrorSums), MergeError> {
+pub fn merge_tensor(
+    p: &TensorPlan<'_>,
+    data: &[u8],
+    phases: &Phases,
+) -> Result<(Vec<u8>, ErrorSums), MergeError> {
     let n = p.n_cols;
     let out_row = row_bytes(p.ty_out, n)?;
     let rows_per_block = (BLOCK_ELEMS / n.max(1)).max(1);
@@ -165,8 +198,8 @@ pub fn merge_tensor(p: &TensorPlan<'_>, data: &[u8]) -> Result<(Vec<u8>, ErrorSu
             |(base, merged, scratch, back), (bi, chunk)| {
                 let r0 = bi * rows_per_block;
                 let rows = chunk.len() / out_row;
-                merged_rows(p, data, r0, rows, base, merged, scratch)?;
-                requantize_and_measure(p.ty_out, n, base, merged, chunk, back)
+                merged_rows(p, data, r0, rows, base, merged, scratch, phases)?;
+                requantize_and_measure(p.ty_out, n, base, merged, chunk, back, phases)
             },
         )
         .try_reduce(ErrorSums::default, |a, b| Ok(a.add(b)))?;
@@ -189,17 +222,18 @@ pub fn sample_errors(
     types: &[GgmlType],
 ) -> Result<Vec<ErrorSums>, MergeError> {
     let n = p.n_cols;
+    let discard = Phases::default();
     let per_row: Vec<Vec<ErrorSums>> = rows
         .par_iter()
         .map_init(
             || (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()),
             |(base, merged, scratch, back, out), &r| {
-                merged_rows(p, data, r, 1, base, merged, scratch)?;
+                merged_rows(p, data, r, 1, base, merged, scratch, &discard)?;
                 types
                     .iter()
                     .map(|&ty| {
                         out.resize(row_bytes(ty, n)?, 0);
-                        requantize_and_measure(ty, n, base, merged, out, back)
+                        requantize_and_measure(ty, n, base, merged, out, back, &discard)
                     })
                     .collect::<Result<Vec<_>, _>>()
             },
@@ -237,6 +271,7 @@ pub fn stream<'a, S>(
     plans: &[TensorPlan<'_>],
     mut sink: S,
     on_done: &(dyn Fn(usize, u64) + Sync),
+    phases: &Phases,
 ) -> Result<Vec<Option<ErrorSums>>, MergeError>
 where
     S: FnMut(usize, &[u8]) -> Result<(), MergeError> + Send,
@@ -245,7 +280,9 @@ where
     std::thread::scope(|scope| {
         let writer = scope.spawn(move || -> Result<(), MergeError> {
             for (index, chunk) in rx {
+                let t = Instant::now();
                 sink(index, chunk.bytes())?;
+                lap(&phases.write, t);
             }
             Ok(())
         });
@@ -254,7 +291,7 @@ where
         for p in plans {
             let t = &base[p.index];
             let chunk = if p.is_touched() {
-                match merge_tensor(p, t.data) {
+                match merge_tensor(p, t.data, phases) {
                     Ok((bytes, s)) => {
                         sums[p.index] = Some(s);
                         Chunk::Owned(bytes)

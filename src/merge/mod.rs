@@ -23,7 +23,7 @@ pub mod types;
 
 use crate::quant::GgmlType;
 
-pub use engine::ErrorSums;
+pub use engine::{ErrorSums, Phases};
 pub use plan::matrix_shape;
 pub use report::{CandidateReport, MergeReport, Summary, TensorReport, TypeOption, TypeSummary};
 
@@ -140,6 +140,7 @@ pub struct Prepared<'a, 'u> {
     plans: Vec<plan::TensorPlan<'u>>,
     candidates: Vec<Vec<CandidateReport>>,
     promoted: Vec<bool>,
+    phases: Phases,
 }
 
 /// Checks the inputs, plans the merge and chooses promotions. Nothing is written.
@@ -150,7 +151,13 @@ pub fn prepare<'a, 'u>(
     opts: &MergeOptions,
 ) -> Result<Prepared<'a, 'u>, MergeError> {
     let mut plans = plan::plan(base_arch, base, adapters, opts.outtype)?;
+    let phases = Phases::default();
+    let start = std::time::Instant::now();
     let candidates = promote::measure_candidates(base, &plans, opts)?;
+    phases.sample.store(
+        start.elapsed().as_nanos() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let promoted = promote::apply(base, &mut plans, &candidates, opts.promote);
     Ok(Prepared {
         base,
@@ -158,6 +165,7 @@ pub fn prepare<'a, 'u>(
         plans,
         candidates,
         promoted,
+        phases,
     })
 }
 
@@ -182,15 +190,18 @@ impl Prepared<'_, '_> {
     where
         S: FnMut(usize, &[u8]) -> Result<(), MergeError> + Send,
     {
-        let sums = engine::stream(self.base, &self.plans, sink, on_done)?;
-        Ok(report::build(
+        let start = std::time::Instant::now();
+        let sums = engine::stream(self.base, &self.plans, sink, on_done, &self.phases)?;
+        let mut report = report::build(
             self.base,
             self.adapters,
             &self.plans,
             &sums,
             self.candidates,
             &self.promoted,
-        ))
+        );
+        report.summary.seconds = report::Seconds::from_phases(&self.phases, start.elapsed());
+        Ok(report)
     }
 }
 

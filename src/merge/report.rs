@@ -94,6 +94,38 @@ pub struct Summary {
     /// Pooled over every merged tensor.
     pub relative_error: Option<f64>,
     pub per_type: Vec<TypeSummary>,
+    pub seconds: Seconds,
+}
+
+/// Where the time went. Phases inside the merge are CPU seconds summed over worker threads; `sample`
+/// (trying candidate types before streaming) and `stream` are wall seconds; `write` is the writer
+/// thread's busy time (copying untouched tensors and writing merged ones), overlapped with the rest.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Seconds {
+    pub sample: f64,
+    pub dequantize: f64,
+    pub delta: f64,
+    pub requantize: f64,
+    pub measure: f64,
+    pub write: f64,
+    pub stream: f64,
+}
+
+impl Seconds {
+    pub fn from_phases(p: &super::Phases, stream: std::time::Duration) -> Seconds {
+        let s = |a: &std::sync::atomic::AtomicU64| {
+            a.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9
+        };
+        Seconds {
+            sample: s(&p.sample),
+            dequantize: s(&p.dequantize),
+            delta: s(&p.delta),
+            requantize: s(&p.requantize),
+            measure: s(&p.measure),
+            write: s(&p.write),
+            stream: stream.as_secs_f64(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -180,6 +212,7 @@ pub fn build(
             size_ratio: bytes_out as f64 / bytes_in.max(1) as f64,
             relative_error: all.relative(),
             per_type,
+            seconds: Seconds::default(),
         },
         tensors,
     }

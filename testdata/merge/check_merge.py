@@ -7,6 +7,7 @@ dequantizers), numpy, libggml through ctypes, llama.cpp through llama-cpp-python
                                                type the report says; every other tensor == the base's bytes
   logits BASE ADAPTER:SCALE MERGED...          llama.cpp logits of each MERGED vs base + adapter at runtime
   same OURS REF                                every tensor of OURS vs REF (max |Δ| / max |REF|)
+  versus REPORT.json EXACT OURS THEIRS         per merged tensor RMS(ours − exact) / RMS(theirs − exact)
 """
 import json
 import sys
@@ -174,6 +175,23 @@ def cmd_same(ours, ref):
     print(json.dumps({"names_equal": names_equal, "worst_rel": worst, "worst_tensor": worst_name}))
 
 
+def cmd_versus(report_path, exact, ours, theirs):
+    """Per merged tensor (from our JSON report): RMS(ours − exact) / RMS(theirs − exact), where EXACT is the
+    f32 merge and THEIRS e.g. export-lora + llama-quantize. Also the types THEIRS chose."""
+    names = [t["name"] for t in json.load(open(report_path))["tensors"]]
+    e, o, t = ({x.name: x for x in GGUFReader(p).tensors} for p in (exact, ours, theirs))
+    ratios, same_type = {}, 0
+    for n in names:
+        x = dequantize(e[n].data, e[n].tensor_type).astype(np.float64).ravel()
+        a = dequantize(o[n].data, o[n].tensor_type).astype(np.float64).ravel()
+        b = dequantize(t[n].data, t[n].tensor_type).astype(np.float64).ravel()
+        ratios[n] = float(np.sqrt(np.mean((a - x) ** 2) / np.mean((b - x) ** 2)))
+        same_type += o[n].tensor_type == t[n].tensor_type
+    worst = max(ratios, key=ratios.get)
+    print(json.dumps({"tensors": len(names), "same_type": same_type, "max_ratio": ratios[worst],
+                      "worst_tensor": worst, "mean_ratio": float(np.mean(list(ratios.values())))}))
+
+
 if __name__ == "__main__":
     cmd, *rest = sys.argv[1:]
-    {"reference": cmd_reference, "keep": cmd_keep, "logits": cmd_logits, "same": cmd_same}[cmd](*rest)
+    {"reference": cmd_reference, "keep": cmd_keep, "logits": cmd_logits, "same": cmd_same, "versus": cmd_versus}[cmd](*rest)
