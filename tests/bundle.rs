@@ -345,6 +345,16 @@ print(bytes(r.get_field("general.type").parts[-1]).decode())
         .stderr(predicates::str::contains("no adapter named 'nope'"));
     assert!(!d.join("n.gguf").exists());
 
+    // inspect BUNDLE#NAME shows that adapter as its own file.
+    let out = gguf_lora()
+        .args(["inspect", &format!("{}#emb", s(&bundle)), "--json"])
+        .assert()
+        .success();
+    let v: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).unwrap();
+    assert_eq!(v["general_type"], "adapter");
+    assert_eq!(v["tensors"].as_array().unwrap().len(), 4);
+    assert_eq!(v["tensors"][0]["name"], "token_embd.weight.lora_a");
+
     // inspect on the bundle lists the adapters with their coverage.
     let out = gguf_lora()
         .args(["inspect", &s(&bundle), "--json"])

@@ -35,6 +35,9 @@ pub enum InspectError {
     /// A kind of file this build cannot inspect yet.
     #[error("{}: {what} cannot be inspected yet", path.display())]
     Unsupported { path: PathBuf, what: &'static str },
+    /// `BUNDLE.gguf#NAME` could not be resolved.
+    #[error(transparent)]
+    Adapter(#[from] crate::adapter::AdapterError),
     /// The path could not be read at all.
     #[error("{}: cannot read: {error}", path.display())]
     Io {
@@ -75,8 +78,20 @@ pub fn detect(path: &Path) -> Result<FileKind, InspectError> {
     Ok(FileKind::Gguf)
 }
 
-/// Inspects the file at `path`, whatever its kind.
+/// Inspects the file at `path`, whatever its kind; `BUNDLE.gguf#NAME` shows that adapter of a named
+/// bundle as its own file would be (it is extracted to a scratch file and read back).
 pub fn inspect(path: &Path) -> Result<Report, InspectError> {
+    if let (_, Some(_)) = crate::adapter::bundle::split_spec(path) {
+        let src = crate::adapter::bundle::GgufSource::open(path)?;
+        let scratch = tempfile::tempdir().map_err(|error| InspectError::Io {
+            path: std::env::temp_dir(),
+            error,
+        })?;
+        let file = scratch.path().join("member.gguf");
+        src.write(&file, &[])?;
+        let model = crate::gguf::GgufModel::open(&file)?;
+        return Ok(Report::Gguf(gguf::report(path, &model)));
+    }
     match detect(path)? {
         FileKind::Gguf => Ok(Report::Gguf(gguf::inspect_gguf(path)?)),
         FileKind::Safetensors => Err(InspectError::Unsupported {
