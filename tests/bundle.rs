@@ -353,7 +353,7 @@ print(bytes(r.get_field("general.type").parts[-1]).decode())
     let v: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).unwrap();
     assert_eq!(v["general_type"], "adapter");
     assert_eq!(v["tensors"].as_array().unwrap().len(), 4);
-    assert_eq!(v["tensors"][0]["name"], "token_embd.weight.lora_a");
+    assert_eq!(v["tensors"][0]["name"], "output.weight.lora_a");
 
     // inspect on the bundle lists the adapters with their coverage.
     let out = gguf_lora()
