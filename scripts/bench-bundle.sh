@@ -18,7 +18,7 @@ for k in 1 2 3 4; do
   [ -f "$f" ] || PYTHONPATH=testdata/tools "$GGUF_LORA_PYTHON" testdata/tools/make_synthetic.py lora "$f" \
     --base "$BASE" --rank 16 --seed $k
 done
-cargo build --release --quiet
+[ -n "${NO_BUILD:-}" ] || cargo build --release --quiet   # NO_BUILD=1: use the binary as built
 BIN=target/release/gguf-lora
 OUT=$BENCH/bundle-out
 mkdir -p "$OUT"

@@ -235,6 +235,43 @@ impl GgufWriter {
         Ok(())
     }
 
+    /// Writes the next tensor from consecutive pieces whose lengths add up to its size, calling
+    /// `done(piece)` after each: a caller streaming a large tensor from a memory map releases each
+    /// piece's pages as it goes, so the tensor is never resident all at once.
+    pub fn write_tensor_pieces<'d>(
+        &mut self,
+        pieces: impl IntoIterator<Item = &'d [u8]>,
+        mut done: impl FnMut(&'d [u8]),
+    ) -> Result<()> {
+        let Some((name, size)) = self.tensors.get(self.next).cloned() else {
+            return Err(self.write_err(format!(
+                "more tensors written than the {} declared",
+                self.tensors.len()
+            )));
+        };
+        let mut written = 0u64;
+        for piece in pieces {
+            written += piece.len() as u64;
+            if written > size {
+                break;
+            }
+            self.put(piece)?;
+            done(piece);
+        }
+        if written != size {
+            return Err(self.write_err(format!(
+                "tensor '{name}' has {written} or more bytes of data, expected {size}"
+            )));
+        }
+        self.pad_to_alignment()?;
+        self.next += 1;
+        Ok(())
+    }
+
+    fn write_err(&self, problem: String) -> GgufError {
+        GgufError::new(&self.path, GgufErrorKind::Write { problem })
+    }
+
     /// Name of the tensor [`GgufWriter::write_tensor`] expects next, if any.
     pub fn next_tensor(&self) -> Option<&str> {
         self.tensors.get(self.next).map(|(n, _)| n.as_str())
@@ -361,7 +398,7 @@ pub fn copy_model(model: &super::GgufModel, target: &Path) -> Result<()> {
         let file = &model.shards()[shard];
         w.write_tensor(file.tensor_data(t))?;
         // Keep the resident set near one tensor rather than the whole input.
-        file.release_pages(t);
+        file.release_tensor_pages(t);
     }
     w.finish()
 }

@@ -75,17 +75,31 @@ impl ErrorSums {
     }
 }
 
+/// Per-task working memory, reused from one row block to the next.
+#[derive(Default)]
+struct Buffers {
+    base: Vec<f32>,
+    merged: Vec<f32>,
+    scratch: Vec<f32>,
+    back: Vec<f32>,
+    out: Vec<u8>,
+}
+
 /// Rows `r0..r0 + rows` of the base (dequantized) and of the exact f32 merge.
 fn merged_rows(
     p: &TensorPlan<'_>,
     data: &[u8],
     r0: usize,
     rows: usize,
-    base: &mut Vec<f32>,
-    merged: &mut Vec<f32>,
-    scratch: &mut Vec<f32>,
+    bufs: &mut Buffers,
     phases: &Phases,
 ) -> Result<(), MergeError> {
+    let Buffers {
+        base,
+        merged,
+        scratch,
+        ..
+    } = bufs;
     let t = Instant::now();
     let n = p.n_cols;
     let in_row = row_bytes(p.ty_in, n)?;
@@ -193,15 +207,12 @@ pub fn merge_tensor(
     let sums = out
         .par_chunks_mut(rows_per_block * out_row)
         .enumerate()
-        .map_init(
-            || (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
-            |(base, merged, scratch, back), (bi, chunk)| {
-                let r0 = bi * rows_per_block;
-                let rows = chunk.len() / out_row;
-                merged_rows(p, data, r0, rows, base, merged, scratch, phases)?;
-                requantize_and_measure(p.ty_out, n, base, merged, chunk, back, phases)
-            },
-        )
+        .map_init(Buffers::default, |b, (bi, chunk)| {
+            let r0 = bi * rows_per_block;
+            let rows = chunk.len() / out_row;
+            merged_rows(p, data, r0, rows, b, phases)?;
+            requantize_and_measure(p.ty_out, n, &b.base, &b.merged, chunk, &mut b.back, phases)
+        })
         .try_reduce(ErrorSums::default, |a, b| Ok(a.add(b)))?;
     Ok((out, sums))
 }
@@ -225,19 +236,24 @@ pub fn sample_errors(
     let discard = Phases::default();
     let per_row: Vec<Vec<ErrorSums>> = rows
         .par_iter()
-        .map_init(
-            || (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()),
-            |(base, merged, scratch, back, out), &r| {
-                merged_rows(p, data, r, 1, base, merged, scratch, &discard)?;
-                types
-                    .iter()
-                    .map(|&ty| {
-                        out.resize(row_bytes(ty, n)?, 0);
-                        requantize_and_measure(ty, n, base, merged, out, back, &discard)
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-            },
-        )
+        .map_init(Buffers::default, |b, &r| {
+            merged_rows(p, data, r, 1, b, &discard)?;
+            types
+                .iter()
+                .map(|&ty| {
+                    b.out.resize(row_bytes(ty, n)?, 0);
+                    requantize_and_measure(
+                        ty,
+                        n,
+                        &b.base,
+                        &b.merged,
+                        &mut b.out,
+                        &mut b.back,
+                        &discard,
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
         .collect::<Result<_, _>>()?;
     let mut total = vec![ErrorSums::default(); types.len()];
     for row in per_row {

@@ -25,6 +25,9 @@ pub const KEY_SCALES: &str = "gguf_lora.merge.scales";
 pub const KEY_OUTTYPE: &str = "gguf_lora.merge.outtype";
 pub const KEY_PROMOTE: &str = "gguf_lora.merge.promote";
 
+/// Bytes written at a time when copying an untouched tensor from the base's map.
+const COPY_PIECE: usize = 8 << 20;
+
 /// Where and how to write the merged model.
 pub struct Output<'p> {
     /// `-o`: the file, or for a split output the name its shards are derived from.
@@ -138,10 +141,14 @@ pub fn merge_model(
         let infos = &infos;
         prepared.run(
             move |i, bytes| {
-                writers[shard_of[i]].write_tensor(bytes)?;
-                // Done with this tensor's input: keep the base's pages out of our resident set.
                 let (shard, info) = infos[i];
-                shards[shard].release_pages(info);
+                let file = &shards[shard];
+                // Untouched tensors come straight from the map: write them in pieces and drop each
+                // piece's pages once written, and the input pages of merged tensors once they are
+                // done, so the base never accumulates in our resident set.
+                writers[shard_of[i]]
+                    .write_tensor_pieces(bytes.chunks(COPY_PIECE), |p| file.release_pages(p))?;
+                file.release_tensor_pages(info);
                 Ok(())
             },
             on_done,
