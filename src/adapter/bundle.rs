@@ -19,13 +19,15 @@
 //! (alignment included), its tensors in order with their bytes. A file written with llama.cpp's
 //! layout rules (as gguf-py and our writer do) comes back byte for byte.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use super::AdapterError;
+use super::{AdapterError, Matrix};
 use crate::gguf::{
     Array, GgufModel, GgufWriter, Metadata, TensorDesc, TensorInfo, Value, DEFAULT_ALIGNMENT,
     KEY_ALIGNMENT, MAX_NAME_LEN,
 };
+use crate::quant;
 
 /// `general.type` of a named bundle.
 pub const BUNDLE_TYPE: &str = "lora_bundle";
@@ -88,6 +90,15 @@ pub struct GgufSource {
     pub version: u32,
     pub metadata: Metadata,
     pub tensors: Vec<SourceTensor>,
+}
+
+impl std::fmt::Debug for GgufSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufSource")
+            .field("label", &self.label)
+            .field("tensors", &self.tensors.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl GgufSource {
@@ -161,6 +172,38 @@ impl GgufSource {
 
     pub fn tensor(&self, name: &str) -> Option<&SourceTensor> {
         self.tensors.iter().find(|t| t.info.name == name)
+    }
+
+    /// Rows `rows` of tensor `name` (every dimension past `ne[0]` folded into rows) as f32, then
+    /// lets the OS drop the tensor's mapped pages, so streaming through an adapter keeps only what
+    /// is being worked on resident.
+    pub fn dequantize_rows(&self, name: &str, rows: Range<usize>) -> Result<Matrix, AdapterError> {
+        let invalid = |m: String| {
+            AdapterError::Invalid(format!("{}: tensor '{name}': {m}", self.label.display()))
+        };
+        let t = self.tensor(name).ok_or_else(|| invalid("missing".into()))?;
+        let (row_len, n_rows) = (t.info.row_len(), t.info.rows());
+        if rows.start > rows.end || rows.end as u64 > n_rows {
+            return Err(invalid(format!(
+                "rows {rows:?} asked of a tensor with {n_rows} rows"
+            )));
+        }
+        let row_bytes = t.info.row_bytes() as usize;
+        let data = self.data(t);
+        // The reader checked that the data holds exactly `n_rows` rows, so these bounds are too.
+        let bytes = data
+            .get(rows.start * row_bytes..rows.end * row_bytes)
+            .ok_or_else(|| invalid("data shorter than its shape".into()))?;
+        let cols = row_len as usize;
+        let mut out = vec![0f32; rows.len() * cols];
+        quant::dequantize_rows(t.info.ty, bytes, cols.max(1), &mut out)
+            .map_err(|e| invalid(e.to_string()))?;
+        if let (Some(s), Some(info)) =
+            (self.model.shard_of(&t.stored), self.model.tensor(&t.stored))
+        {
+            self.model.shards()[s].release_tensor_pages(info);
+        }
+        Matrix::new(rows.len(), cols, out).ok_or_else(|| invalid("shape".into()))
     }
 
     /// `general.alignment` of the adapter's own metadata (32 when absent).

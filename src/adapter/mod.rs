@@ -138,6 +138,17 @@ pub enum Factor {
         rows: usize,
         cols: usize,
     },
+    /// Rows `rows` of a GGUF adapter tensor (of a file or a bundle member; every dimension past
+    /// `ne[0] = cols` folded into rows), dequantized on load and transposed when `transpose`
+    /// (`token_embd`'s stored `lora_a`). Nothing is read until then, so a 7B adapter is never
+    /// held in memory whole.
+    Gguf {
+        src: Arc<bundle::GgufSource>,
+        tensor: String,
+        rows: Range<usize>,
+        cols: usize,
+        transpose: bool,
+    },
 }
 
 impl Factor {
@@ -149,6 +160,18 @@ impl Factor {
         match self {
             Factor::Owned(m) => (m.rows, m.cols),
             Factor::Safetensors { rows, cols, .. } => (*rows, *cols),
+            Factor::Gguf {
+                rows,
+                cols,
+                transpose,
+                ..
+            } => {
+                if *transpose {
+                    (*cols, rows.len())
+                } else {
+                    (rows.len(), *cols)
+                }
+            }
         }
     }
 
@@ -171,6 +194,20 @@ impl Factor {
                     ))
                 })?
             }
+            Factor::Gguf {
+                src,
+                tensor,
+                rows,
+                transpose,
+                ..
+            } => {
+                let m = src.dequantize_rows(tensor, rows.clone())?;
+                if *transpose {
+                    m.transposed()
+                } else {
+                    m
+                }
+            }
         };
         if let Some(i) = m.first_non_finite() {
             return Err(AdapterError::Invalid(format!(
@@ -190,6 +227,9 @@ impl Factor {
             Factor::Owned(_) => "in-memory tensor".to_string(),
             Factor::Safetensors { file, entry, .. } => {
                 format!("{}: tensor '{}'", file.path().display(), entry.name)
+            }
+            Factor::Gguf { src, tensor, .. } => {
+                format!("{}: tensor '{tensor}'", src.label.display())
             }
         }
     }
