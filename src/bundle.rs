@@ -630,6 +630,7 @@ fn named(
             let data = src.data(t);
             bytes += data.len() as u64;
             w.write_tensor(data).map_err(gerr)?;
+            src.release(t);
         }
     }
     w.finish().map_err(gerr)?;

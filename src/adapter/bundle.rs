@@ -174,6 +174,16 @@ impl GgufSource {
         self.tensors.iter().find(|t| t.info.name == name)
     }
 
+    /// Lets the OS drop `t`'s mapped pages from the resident set (they are read back from the file
+    /// if touched again): streaming passes call it when done with a tensor.
+    pub fn release(&self, t: &SourceTensor) {
+        if let (Some(s), Some(info)) =
+            (self.model.shard_of(&t.stored), self.model.tensor(&t.stored))
+        {
+            self.model.shards()[s].release_tensor_pages(info);
+        }
+    }
+
     /// Rows `rows` of tensor `name` (every dimension past `ne[0]` folded into rows) as f32, then
     /// lets the OS drop the tensor's mapped pages, so streaming through an adapter keeps only what
     /// is being worked on resident.
@@ -237,6 +247,7 @@ impl GgufSource {
             let data = self.data(t);
             bytes += data.len() as u64;
             w.write_tensor(data).map_err(gerr)?;
+            self.release(t);
         }
         w.finish().map_err(gerr)?;
         Ok(bytes)
