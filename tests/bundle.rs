@@ -426,6 +426,24 @@ fn mismatched_inputs_are_refused_and_nothing_is_written() {
         .code(1)
         .stderr(predicates::str::contains("qwen2"));
     assert!(!out.exists());
+    // What one GGUF LoRA cannot hold (DoRA magnitudes) is refused by concat, and by named (which
+    // stores PEFT inputs as `convert` writes them).
+    let base = fixture("llama/base-f32.gguf");
+    for mode in ["concat", "named"] {
+        gguf_lora()
+            .args([
+                "bundle",
+                &s(&fixture("llama/adapters/dora")),
+                &s(&llama),
+                "--mode",
+                mode,
+            ])
+            .args(["-o", &s(&out), "--base", &s(&base)])
+            .assert()
+            .code(1)
+            .stderr(predicates::str::contains("DoRA"));
+        assert!(!out.exists());
+    }
     // Two inputs that would get the same name.
     gguf_lora()
         .args([
