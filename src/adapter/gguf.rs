@@ -190,6 +190,13 @@ pub fn write(
             l.a
         };
         for (m, desc) in [(&a, &d[0]), (&l.b, &d[1])] {
+            if desc.ty == GgmlType::F32 && cfg!(target_endian = "little") {
+                // F32 on a little-endian host: the values are already the file's bytes.
+                let bytes: &[u8] = bytemuck::cast_slice(&m.data);
+                summary.bytes += bytes.len() as u64;
+                w.write_tensor(bytes).map_err(gerr)?;
+                continue;
+            }
             let bytes = encode(&m.data, desc)?;
             summary.bytes += bytes.len() as u64;
             w.write_tensor(&bytes).map_err(gerr)?;
@@ -374,11 +381,23 @@ pub fn read_source(src: &Arc<GgufSource>) -> Result<Adapter, AdapterError> {
             continue;
         };
         let is_embd = base.ends_with("token_embd.weight");
+        let dims_ok = matches!(ai.dims.len(), 2 | 3)
+            && ai.dims.len() == bi.dims.len()
+            && (ai.dims.len() == 2 || (ai.dims[2] == bi.dims[2] && !is_embd));
+        if !dims_ok {
+            return Err(invalid(format!(
+                "'{a_name}' (ne {:?}) and '{b_name}' (ne {:?}): expected two 2-D tensors, or two 3-D expert tensors with the same expert count",
+                ai.dims, bi.dims
+            )));
+        }
         let n_exp = if ai.dims.len() == 3 {
             ai.dims[2] as usize
         } else {
             1
         };
+        if n_exp == 0 {
+            return Err(invalid(format!("'{a_name}' has zero experts")));
+        }
         // Ranks: ne[1] of A (ne[0] of the transposed token_embd A) must equal ne[0] of B.
         let rank = bi.dims[0] as usize;
         let a_rank = if is_embd {
@@ -609,5 +628,43 @@ mod tests {
         assert_eq!(OutType::Q8_0.ggml_type(64), GgmlType::Q8_0);
         assert_eq!(OutType::Q8_0.ggml_type(16), GgmlType::F16);
         assert_eq!(OutType::Bf16.ggml_type(16), GgmlType::BF16);
+    }
+
+    #[test]
+    fn malformed_adapter_pairs_are_errors_not_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases: [(&[u64], &[u64], &str); 4] = [
+            (&[4, 2], &[2], "expected two 2-D tensors"),
+            (&[4, 2, 3], &[2, 5, 2], "same expert count"),
+            (&[4, 2], &[3, 5], "rank mismatch"),
+            (&[4, 2, 0], &[2, 5, 0], "zero experts"),
+        ];
+        for (i, (a, b, want)) in cases.into_iter().enumerate() {
+            let path = dir.path().join(format!("{i}.gguf"));
+            let mut md = Metadata::new();
+            md.set(KEY_ARCH, Value::String("llama".into()));
+            md.set(KEY_TYPE, Value::String("adapter".into()));
+            md.set(KEY_ADAPTER_TYPE, Value::String("lora".into()));
+            let descs = [
+                TensorDesc {
+                    name: "blk.0.attn_q.weight.lora_a".into(),
+                    dims: a.to_vec(),
+                    ty: GgmlType::F32,
+                },
+                TensorDesc {
+                    name: "blk.0.attn_q.weight.lora_b".into(),
+                    dims: b.to_vec(),
+                    ty: GgmlType::F32,
+                },
+            ];
+            let mut w = GgufWriter::create(&path, &[], 3, 32, &md, &descs).unwrap();
+            for d in &descs {
+                let n: u64 = d.dims.iter().product();
+                w.write_tensor(&vec![0u8; n as usize * 4]).unwrap();
+            }
+            w.finish().unwrap();
+            let err = read(&path).unwrap_err().to_string();
+            assert!(err.contains(want), "{want}: {err}");
+        }
     }
 }

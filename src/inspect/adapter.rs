@@ -332,9 +332,15 @@ fn hints(adapter: &Adapter, base: &BaseInfo, model: &GgufModel) -> Vec<Hint> {
         adapter: a,
         base: b,
     };
+    // A PEFT adapter records no architecture of its own (it is mapped with the base's), so only a
+    // GGUF adapter's can agree or differ.
+    let own_arch = match adapter.provenance.format {
+        Some(crate::adapter::SourceFormat::Gguf) => adapter.arch.clone(),
+        _ => None,
+    };
     out.push(both(
         "architecture",
-        adapter.arch.clone(),
+        own_arch,
         Some(base.arch.clone()),
         None,
     ));
