@@ -405,12 +405,7 @@ pub fn read_source(src: &Arc<GgufSource>) -> Result<Adapter, AdapterError> {
         } else {
             ai.dims.get(1).copied().unwrap_or(0)
         } as usize;
-        let b_exp = if bi.dims.len() == 3 {
-            bi.dims[2] as usize
-        } else {
-            1
-        };
-        if a_rank != rank || ai.dims.len() != bi.dims.len() || rank == 0 || b_exp != n_exp {
+        if a_rank != rank || rank == 0 {
             return Err(invalid(format!(
                 "'{a_name}' (ne {:?}) and '{b_name}' (ne {:?}) do not form a LoRA pair (rank mismatch)",
                 ai.dims, bi.dims
