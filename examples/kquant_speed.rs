@@ -1,8 +1,10 @@
 //! Single-thread throughput of the K-quant codecs beside libggml's, same data, same run:
 //! `eval "$(bash scripts/setup-env.sh --print-env)"; cargo run --release --example kquant_speed [TYPE]`.
-//! Prints million values per CPU second for ours, then runs `testdata/codecs/ggml_kquant_speed.py`
+//! Single thread: million values per CPU second (the machine may be shared); "xN": all N threads,
+//! rows in parallel, million values per wall-clock second. Measures ours, then runs `testdata/codecs/ggml_kquant_speed.py`
 //! (libggml through ctypes, with `$GGUF_LORA_PYTHON`) and prints both side by side.
 use gguf_lora::quant::kquants::*;
+use rayon::prelude::*;
 
 /// CPU time of this thread in seconds (from /proc/thread-self/schedstat, in ns): the machine is
 /// shared, so wall time would measure the neighbours.
@@ -27,6 +29,17 @@ fn repeat_for_a_second(mvals: f64, mut f: impl FnMut()) -> f64 {
         reps += 1;
     }
     reps as f64 * mvals / (cpu_seconds() - start)
+}
+
+/// Runs `f` (which handles `mvals` million values) for a wall-clock second; returns Mval/s.
+fn repeat_for_a_wall_second(mvals: f64, mut f: impl FnMut()) -> f64 {
+    let start = std::time::Instant::now();
+    let mut reps = 0;
+    while start.elapsed().as_secs_f64() < 1.0 {
+        f();
+        reps += 1;
+    }
+    reps as f64 * mvals / start.elapsed().as_secs_f64()
 }
 
 fn main() {
@@ -73,11 +86,29 @@ fn main() {
         }
         let rate = repeat_for_a_second(mvals, || dequantize(&q, &mut y));
         ours.push((format!("{name} dequantize"), rate));
+
+        // All threads: rows in parallel with rayon, wall-clock time.
+        let threads = rayon::current_num_threads();
+        let row_bytes = n_per_row / 256 * bytes;
+        for (label, imat) in [("ref", None), ("imatrix", Some(&imatrix[..]))] {
+            let rate = repeat_for_a_wall_second(mvals, || {
+                x.par_chunks(n_per_row)
+                    .zip(q.par_chunks_mut(row_bytes))
+                    .for_each(|(xr, qr)| quantize(xr, qr, imat));
+            });
+            ours.push((format!("{name} quantize {label} x{threads}"), rate));
+        }
+        let rate = repeat_for_a_wall_second(mvals, || {
+            q.par_chunks(row_bytes)
+                .zip(y.par_chunks_mut(n_per_row))
+                .for_each(|(qr, yr)| dequantize(qr, yr));
+        });
+        ours.push((format!("{name} dequantize x{threads}"), rate));
     }
     let ggml = ggml_rates(filter.as_deref());
     println!(
         "{:28} {:>12} {:>12} {:>7}",
-        "Mval/s per thread", "gguf-lora", "libggml", "ratio"
+        "Mval/s", "gguf-lora", "libggml", "ratio"
     );
     for (what, rate) in ours {
         match ggml.iter().find(|(w, _)| *w == what) {

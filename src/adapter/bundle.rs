@@ -180,7 +180,7 @@ impl GgufSource {
         if let (Some(s), Some(info)) =
             (self.model.shard_of(&t.stored), self.model.tensor(&t.stored))
         {
-            self.model.shards()[s].release_tensor_pages(info);
+            self.model.shards()[s].release_pages(info);
         }
     }
 
@@ -208,11 +208,7 @@ impl GgufSource {
         let mut out = vec![0f32; rows.len() * cols];
         quant::dequantize_rows(t.info.ty, bytes, cols.max(1), &mut out)
             .map_err(|e| invalid(e.to_string()))?;
-        if let (Some(s), Some(info)) =
-            (self.model.shard_of(&t.stored), self.model.tensor(&t.stored))
-        {
-            self.model.shards()[s].release_tensor_pages(info);
-        }
+        self.release(t);
         Matrix::new(rows.len(), cols, out).ok_or_else(|| invalid("shape".into()))
     }
 

@@ -166,16 +166,32 @@ impl GgufFile {
         slice.unwrap_or(&[])
     }
 
-    /// Lets the OS drop the tensor's pages from this process's resident set (they stay in the page
-    /// cache): a streaming pass over a model calls this once it is done with a tensor, so its peak
-    /// RSS stays flat in the model's size. No-op for in-memory files and off Unix.
-    pub fn release_tensor_pages(&self, info: &TensorInfo) {
-        self.release_pages(self.tensor_data(info));
+    /// Tells the OS that this tensor's pages will not be read again soon, so that streaming through
+    /// a large model (a copy, a merge) does not keep the whole file mapped in memory: the resident
+    /// set stays near one tensor. A later read simply faults the pages back in from the file.
+    /// Best effort: errors are ignored, and in-memory files are left alone.
+    pub fn release_pages(&self, info: &TensorInfo) {
+        #[cfg(unix)]
+        if let Backing::Mmap(map) = &self.backing {
+            let start = self.data_offset.saturating_add(info.offset);
+            let (Ok(start), Ok(len)) = (usize::try_from(start), usize::try_from(info.n_bytes()))
+            else {
+                return;
+            };
+            if start.checked_add(len).is_some_and(|end| end <= map.len()) && len > 0 {
+                // SAFETY: the map is a read-only mapping of a file we never write; MADV_DONTNEED
+                // only drops the mapped pages, and any later access reads the same bytes back
+                // from the file, so outstanding slices keep seeing identical contents.
+                let _ = unsafe {
+                    map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len)
+                };
+            }
+        }
     }
 
-    /// [`GgufFile::release_tensor_pages`] for any slice of this file's map (e.g. one piece of a
-    /// tensor); a slice from elsewhere is ignored.
-    pub fn release_pages(&self, bytes: &[u8]) {
+    /// [`GgufFile::release_pages`] for any slice of this file's map (e.g. one piece of a large
+    /// tensor being copied); a slice from elsewhere is ignored.
+    pub fn release_slice_pages(&self, bytes: &[u8]) {
         #[cfg(unix)]
         if let Backing::Mmap(m) = &self.backing {
             let off = (bytes.as_ptr() as usize).wrapping_sub(m.as_ptr() as usize);
@@ -184,9 +200,8 @@ impl GgufFile {
                     .checked_add(bytes.len())
                     .is_some_and(|end| end <= m.len())
             {
-                // SAFETY: the map is read-only and file-backed, so after MADV_DONTNEED the next
-                // access (any slice still borrowed from it) faults the same bytes back in from
-                // the file; nothing is lost. An error only means the advice was not taken.
+                // SAFETY: as in `release_pages`: a read-only file mapping; later reads fault the
+                // same bytes back in from the file.
                 let _ = unsafe {
                     m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, off, bytes.len())
                 };

@@ -398,7 +398,7 @@ pub fn copy_model(model: &super::GgufModel, target: &Path) -> Result<()> {
         let file = &model.shards()[shard];
         w.write_tensor(file.tensor_data(t))?;
         // Keep the resident set near one tensor rather than the whole input.
-        file.release_tensor_pages(t);
+        file.release_pages(t);
     }
     w.finish()
 }

@@ -146,9 +146,10 @@ pub fn merge_model(
                 // Untouched tensors come straight from the map: write them in pieces and drop each
                 // piece's pages once written, and the input pages of merged tensors once they are
                 // done, so the base never accumulates in our resident set.
-                writers[shard_of[i]]
-                    .write_tensor_pieces(bytes.chunks(COPY_PIECE), |p| file.release_pages(p))?;
-                file.release_tensor_pages(info);
+                writers[shard_of[i]].write_tensor_pieces(bytes.chunks(COPY_PIECE), |p| {
+                    file.release_slice_pages(p)
+                })?;
+                file.release_pages(info);
                 Ok(())
             },
             on_done,

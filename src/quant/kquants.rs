@@ -29,7 +29,7 @@
 
 use super::search::{
     make_q3_quants_lanes, make_qkx_quants_lanes, make_qp_quants, make_qx_quants,
-    make_qx_quants_lanes, nearest_int, portable_only, GROUP_MAX_EPS,
+    make_qx_quants_lanes, nearest_int, GROUP_MAX_EPS,
 };
 use super::{Codec, QK_K};
 use half::f16;
@@ -163,7 +163,7 @@ macro_rules! dequantize_blocks {
             unsafe fn avx2(x: &[u8], y: &mut [f32]) {
                 run(x, y)
             }
-            if std::arch::is_x86_feature_detected!("avx2") && !portable_only() {
+            if super::search::use_avx2() {
                 // SAFETY: the CPU supports AVX2, checked just above.
                 return unsafe { avx2($x, $y) };
             }
@@ -191,7 +191,7 @@ macro_rules! quantize_blocks {
             unsafe fn avx2(x: &[f32], y: &mut [u8], imatrix: Option<&[f32]>) {
                 run(x, y, imatrix)
             }
-            if std::arch::is_x86_feature_detected!("avx2") && !portable_only() {
+            if super::search::use_avx2() {
                 // SAFETY: the CPU supports AVX2, checked just above.
                 return unsafe { avx2($x, $y, $imatrix) };
             }
@@ -1314,6 +1314,7 @@ mod tests {
         assert_eq!(a, b);
     }
 
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn portable_and_avx2_builds_give_the_same_bits() {
         // Rows with zeros, ties, outliers and wide magnitudes; the interop tests compare the dispatched

@@ -583,29 +583,21 @@ pub fn make_qkx3_quants(
     )
 }
 
-/// Whether the AVX2 kernels may run: the CPU has AVX2 and no test asked for the portable code.
+/// Whether code compiled for AVX2 may run: the CPU has AVX2 and no test asked for the portable code.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn use_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && !portable_only()
+    #[cfg(test)]
+    if PORTABLE_ONLY.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    std::arch::is_x86_feature_detected!("avx2")
 }
 
 /// Tests set this to run the portable code on a CPU with AVX2.
-#[cfg(test)]
+#[cfg(all(test, target_arch = "x86_64"))]
 pub(crate) static PORTABLE_ONLY: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
-
-#[inline(always)]
-pub(crate) fn portable_only() -> bool {
-    #[cfg(test)]
-    return PORTABLE_ONLY.load(std::sync::atomic::Ordering::Relaxed);
-    #[cfg(not(test))]
-    false
-}
 
 /// The level pass of the `qkx` search, per lane: `l = clamp(nearest_int(iscale·(x − min)), 0, nmax)`
 /// into `laux` (as floats), and the weighted sums `Σ w·l`, `Σ w·l·l`, `Σ w·l·x` in element order.

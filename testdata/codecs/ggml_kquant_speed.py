@@ -1,7 +1,14 @@
-"""libggml's single-thread K-quant throughput on the data of `examples/kquant_speed.rs` (same LCG)."""
+"""libggml's K-quant throughput on the data of `examples/kquant_speed.rs` (same LCG).
+
+Single thread: million values per CPU second of the calling thread. All threads ("x N" lines): the
+rows split into one chunk per core, each chunk one ggml_quantize_chunk / to_float call from its own
+Python thread (ctypes releases the GIL), million values per wall-clock second.
+"""
 import ctypes
+import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -30,6 +37,15 @@ def repeat_for_a_second(mvals, f):
     return reps * mvals / (time.thread_time() - start)
 
 
+def repeat_for_a_wall_second(mvals, f):
+    start = time.perf_counter()
+    reps = 0
+    while time.perf_counter() - start < 1.0:
+        f()
+        reps += 1
+    return reps * mvals / (time.perf_counter() - start)
+
+
 def main():
     g = Ggml()
     n_per_row, nrows = 4096, 64
@@ -52,6 +68,33 @@ def main():
         sp, op = src.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         rate = repeat_for_a_second(mvals, lambda: fn(sp, op, x.size))
         print(f"{t} dequantize        {rate:8.2f} Mval/s")
+
+        threads = os.cpu_count() or 1
+        pool = ThreadPoolExecutor(threads)
+        tid = g.type_id(t)
+        row_bytes = g.row_size(t, n_per_row)
+        qbuf = np.zeros(row_bytes * nrows, dtype=np.uint8)
+        chunks = np.array_split(np.arange(nrows), threads)
+        xp = x.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+
+        def quantize_chunk(rows, im):
+            imp = None if im is None else im.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            g.lib.ggml_quantize_chunk(tid, xp, qbuf.ctypes.data_as(ctypes.c_void_p),
+                                      int(rows[0]) * n_per_row, len(rows), n_per_row, imp)
+
+        def dequantize_chunk(rows):
+            first = int(rows[0])
+            fn(ctypes.c_void_p(src.ctypes.data + first * row_bytes),
+               ctypes.cast(out.ctypes.data + first * n_per_row * 4, ctypes.POINTER(ctypes.c_float)),
+               len(rows) * n_per_row)
+
+        for label, im in [("ref", None), ("imatrix", imatrix)]:
+            rate = repeat_for_a_wall_second(
+                mvals, lambda: list(pool.map(lambda r: quantize_chunk(r, im), chunks)))
+            print(f"{t} quantize {label} x{threads} {rate:8.2f} Mval/s")
+        rate = repeat_for_a_wall_second(mvals, lambda: list(pool.map(dequantize_chunk, chunks)))
+        print(f"{t} dequantize x{threads} {rate:8.2f} Mval/s")
+        pool.shutdown()
 
 
 if __name__ == "__main__":

@@ -59,6 +59,10 @@ def cases():
     x = n((1, 256)) * 1e-6
     x[0, ::7] = 0.0
     out["small_sparse"] = x
+    x = n((2, 256))
+    x[0, :] = -0.0
+    x[1, ::3] = -0.0
+    out["negative_zero"] = x
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 
