@@ -13,6 +13,7 @@ use super::float::{read_f16, write_f16};
 use super::search::{
     make_qkx3_quants, make_qkx_quants_lanes, make_qx_quants, make_qx_quants_lanes,
 };
+use super::simd::avx2_dispatch;
 use super::Codec;
 
 /// Elements per block of every legacy type (`QK4_0`, `QK4_1`, `QK5_0`, `QK5_1`, `QK8_0`, `QK8_1`).
@@ -157,43 +158,6 @@ fn block_weights(xb: &[f32], qw: &[f32], sigma2: f32) -> [f32; QK] {
 
 /// Blocks searched side by side, one per SIMD lane, by the importance-weighted quantizers.
 const LANES: usize = 8;
-
-/// Defines the `pub fn` it is given, compiled for AVX2 as well and dispatched to it when the CPU has
-/// it: the lane searches then run 8 lanes per instruction instead of 4, conversions 8 values at once. Same bits either way: only the vector width changes, never the order of
-/// operations, and Rust never fuses a multiply and an add (the same scheme as `kquants`).
-macro_rules! with_avx2_dispatch {
-    ($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $(#[$doc])*
-        pub fn $name($($arg: $ty),*) {
-            #[inline(always)]
-            fn run($($arg: $ty),*) $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2")]
-                unsafe fn avx2($($arg: $ty),*) {
-                    run($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx2") && !portable_only() {
-                    // SAFETY: the CPU supports AVX2, checked just above.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            run($($arg),*)
-        }
-    };
-}
-
-/// Tests set this to run the portable (baseline x86-64) build on a CPU with AVX2.
-#[cfg(test)]
-static PORTABLE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-#[inline(always)]
-fn portable_only() -> bool {
-    #[cfg(test)]
-    return PORTABLE_ONLY.load(std::sync::atomic::Ordering::Relaxed);
-    #[cfg(not(test))]
-    false
-}
 
 /// Value `i` of block `k` at `xt[i][k]`: the lane layout of the `search::*_lanes` functions.
 #[inline(always)]
@@ -363,7 +327,7 @@ pub fn quantize_row_q4_0_ref(x: &[f32], y: &mut [u8]) {
     }
 }
 
-with_avx2_dispatch! {
+avx2_dispatch! {
     /// Mirrors `quantize_row_q4_0_impl`: per block, `make_qx_quants(32, 8, x, L, 1, w)` with
     /// `w = imatrix * sqrt(sigma2 + x²)`.
     pub fn quantize_row_q4_0_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
@@ -416,7 +380,7 @@ pub fn quantize_row_q4_1_ref(x: &[f32], y: &mut [u8]) {
     }
 }
 
-with_avx2_dispatch! {
+avx2_dispatch! {
     /// Mirrors `quantize_row_q4_1_impl`: per block, `make_qkx3_quants(32, 15, x, w, L, &min, Laux, -0.9,
     /// 0.05, 36, false)` with `w = imatrix * sqrt(sigma2 + x²)`; stores `d` and `m = -min`.
     pub fn quantize_row_q4_1_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
@@ -476,7 +440,7 @@ fn read_qh(b: &[u8]) -> u32 {
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
-with_avx2_dispatch! {
+avx2_dispatch! {
     /// Mirrors `quantize_row_q5_0_impl`: per block, `make_qx_quants(32, 16, x, L, 1, w)` with
     /// `w = imatrix * sqrt(sigma2 + x²)`.
     pub fn quantize_row_q5_0_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
@@ -533,7 +497,7 @@ pub fn quantize_row_q5_1_ref(x: &[f32], y: &mut [u8]) {
     }
 }
 
-with_avx2_dispatch! {
+avx2_dispatch! {
     /// Mirrors `quantize_row_q5_1_impl`: per block, `make_qkx3_quants(32, 31, x, w, L, &min, Laux, -0.9,
     /// 0.05, 36, false)` with `w = imatrix * sqrt(sigma2 + x²)`; stores `d` and `m = -min`.
     pub fn quantize_row_q5_1_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
@@ -590,7 +554,7 @@ pub fn quantize_row_q8_0_ref(x: &[f32], y: &mut [u8]) {
     }
 }
 
-with_avx2_dispatch! {
+avx2_dispatch! {
     /// Mirrors `dequantize_row_q8_0`: `q * d`.
     pub fn dequantize_row_q8_0(x: &[u8], y: &mut [f32]) {
         for (xb, yb) in x.chunks_exact(Q8_0_BYTES).zip(y.chunks_exact_mut(QK)) {
@@ -773,16 +737,14 @@ mod tests {
         ];
         for (f, bytes) in impls {
             let row_bytes = n_per_row / QK * bytes;
-            let run = |portable: bool| {
-                PORTABLE_ONLY.store(portable, std::sync::atomic::Ordering::Relaxed);
+            let run = || {
                 let mut y = vec![0u8; row_bytes * 40];
                 for (xr, yr) in x.chunks(n_per_row).zip(y.chunks_mut(row_bytes)) {
                     f(xr, yr, &w);
                 }
                 y
             };
-            let (portable, dispatched) = (run(true), run(false));
-            PORTABLE_ONLY.store(false, std::sync::atomic::Ordering::Relaxed);
+            let (portable, dispatched) = (crate::quant::simd::portable_only(run), run());
             assert_eq!(portable, dispatched);
         }
         // Q8_0 dequantization, on random bytes with finite scales.
@@ -791,14 +753,12 @@ mod tests {
             .enumerate()
             .map(|(i, b)| if i % Q8_0_BYTES == 1 { b & 0x7B } else { b })
             .collect();
-        let deq = |portable: bool| {
-            PORTABLE_ONLY.store(portable, std::sync::atomic::Ordering::Relaxed);
+        let deq = || {
             let mut y = vec![0f32; 64 * QK];
             dequantize_row_q8_0(&bytes, &mut y);
             y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
         };
-        let (portable, dispatched) = (deq(true), deq(false));
-        PORTABLE_ONLY.store(false, std::sync::atomic::Ordering::Relaxed);
+        let (portable, dispatched) = (crate::quant::simd::portable_only(deq), deq());
         assert_eq!(portable, dispatched);
     }
 }

@@ -583,22 +583,6 @@ pub fn make_qkx3_quants(
     )
 }
 
-/// Whether code compiled for AVX2 may run: the CPU has AVX2 and no test asked for the portable code.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-pub(crate) fn use_avx2() -> bool {
-    #[cfg(test)]
-    if PORTABLE_ONLY.load(std::sync::atomic::Ordering::Relaxed) {
-        return false;
-    }
-    std::arch::is_x86_feature_detected!("avx2")
-}
-
-/// Tests set this to run the portable code on a CPU with AVX2.
-#[cfg(all(test, target_arch = "x86_64"))]
-pub(crate) static PORTABLE_ONLY: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
-
 /// The level pass of the `qkx` search, per lane: `l = clamp(nearest_int(iscale·(x − min)), 0, nmax)`
 /// into `laux` (as floats), and the weighted sums `Σ w·l`, `Σ w·l·l`, `Σ w·l·x` in element order.
 #[inline(always)]
@@ -611,7 +595,7 @@ fn qkx_levels_and_sums<const LANES: usize>(
     laux: &mut [[f32; LANES]],
 ) -> ([f32; LANES], [f32; LANES], [f32; LANES]) {
     #[cfg(target_arch = "x86_64")]
-    if LANES == 8 && use_avx2() {
+    if LANES == 8 && super::simd::use_avx2() {
         // SAFETY: AVX2 is present (checked by use_avx2); the kernel reads and writes 8 floats per
         // element of slices whose lengths it asserts.
         let (a, b, c) = unsafe {
@@ -658,7 +642,7 @@ fn qkx_weighted_error<const LANES: usize>(
     use_mad: bool,
 ) -> [f32; LANES] {
     #[cfg(target_arch = "x86_64")]
-    if LANES == 8 && use_avx2() {
+    if LANES == 8 && super::simd::use_avx2() {
         // SAFETY: as in qkx_levels_and_sums.
         let e = unsafe {
             avx2::qkx_weighted_error(
