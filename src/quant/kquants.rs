@@ -28,7 +28,7 @@
 
 use super::float::{read_f16, write_f16};
 use super::search::{
-    make_q3_quants_lanes, make_qkx_quants_lanes, make_qp_quants, make_qx_quants,
+    first_absmax, make_q3_quants_lanes, make_qkx_quants_lanes, make_qp_quants, make_qx_quants,
     make_qx_quants_lanes, nearest_int, GROUP_MAX_EPS,
 };
 use super::simd::avx2_dispatch;
@@ -112,6 +112,51 @@ fn blocks_with_weights<'a, const B: usize>(
             let qw = as_array(&imatrix[(i % blocks_per_row) * QK_K..][..QK_K]);
             (xb, yb, qw)
         })
+}
+
+/// Defines the four public row functions of one K-quant type around its block functions, each
+/// compiled for AVX2 as well (see [`super::simd`]): the reference quantizer, the importance-weighted
+/// one for rows of `quant_weights.len()` values (as ggml's `quantize_X` loops over rows), the pick
+/// between the two that `ggml_quantize_chunk` makes (weighted by `imatrix`, one weight per column,
+/// when given) and the dequantizer.
+macro_rules! row_functions {
+    ($ggml:literal, $bytes:ident, $quantize_block:ident, $dequantize_block:ident,
+     $quantize_ref:ident, $quantize_impl:ident, $quantize:ident, $dequantize:ident) => {
+        avx2_dispatch! {
+            #[doc = concat!($ggml, " reference quantizer over whole super-blocks; mirrors ggml's `quantize_row_", $ggml, "_ref`.")]
+            pub fn $quantize_ref(x: &[f32], y: &mut [u8]) {
+                for (xb, yb) in blocks_mut::<$bytes>(x, y, $ggml) {
+                    $quantize_block(xb, yb, None);
+                }
+            }
+        }
+
+        avx2_dispatch! {
+            #[doc = concat!("Importance-weighted ", $ggml, " quantizer for rows of `quant_weights.len()` values; mirrors ggml's `quantize_row_", $ggml, "_impl` (as looped over rows by `quantize_", $ggml, "`).")]
+            pub fn $quantize_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
+                for (xb, yb, qw) in blocks_with_weights::<$bytes>(x, y, quant_weights, $ggml) {
+                    $quantize_block(xb, yb, Some(qw));
+                }
+            }
+        }
+
+        #[doc = concat!($ggml, " quantizer as `ggml_quantize_chunk` runs it: weighted by `imatrix` (one weight per column) when given, the reference quantizer otherwise.")]
+        pub fn $quantize(x: &[f32], y: &mut [u8], imatrix: Option<&[f32]>) {
+            match imatrix {
+                Some(qw) => $quantize_impl(x, y, qw),
+                None => $quantize_ref(x, y),
+            }
+        }
+
+        avx2_dispatch! {
+            #[doc = concat!($ggml, " to f32; mirrors ggml's `dequantize_row_", $ggml, "`.")]
+            pub fn $dequantize(x: &[u8], y: &mut [f32]) {
+                for (xb, yb) in blocks_out::<$bytes>(x, y, $ggml) {
+                    $dequantize_block(xb, yb);
+                }
+            }
+        }
+    };
 }
 
 /// One super-block as `LANES` groups of `N` values, lane-major: `out[i][k] = x[N*k + i]`, the layout
@@ -284,42 +329,16 @@ fn quantize_block_q2_k(x: &[f32; QK_K], y: &mut [u8; Q2_K_BYTES], qw: Option<&[f
     }
 }
 
-avx2_dispatch! {
-    /// q2_K reference quantizer over whole super-blocks; mirrors ggml's `quantize_row_q2_K_ref`.
-    pub fn quantize_row_q2_k_ref(x: &[f32], y: &mut [u8]) {
-        for (xb, yb) in blocks_mut::<Q2_K_BYTES>(x, y, "q2_K") {
-            quantize_block_q2_k(xb, yb, None);
-        }
-    }
-}
-
-avx2_dispatch! {
-    /// Importance-weighted q2_K quantizer for rows of `quant_weights.len()` values; mirrors ggml's
-    /// `quantize_row_q2_K_impl` (as looped over rows by `quantize_q2_K`).
-    pub fn quantize_row_q2_k_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-        for (xb, yb, qw) in blocks_with_weights::<Q2_K_BYTES>(x, y, quant_weights, "q2_K") {
-            quantize_block_q2_k(xb, yb, Some(qw));
-        }
-    }
-}
-
-/// Q2_K quantizer as `ggml_quantize_chunk` runs it: weighted by `imatrix` (one weight per column)
-/// when given, the reference quantizer otherwise.
-pub fn quantize_row_q2_k(x: &[f32], y: &mut [u8], imatrix: Option<&[f32]>) {
-    match imatrix {
-        Some(qw) => quantize_row_q2_k_impl(x, y, qw),
-        None => quantize_row_q2_k_ref(x, y),
-    }
-}
-
-avx2_dispatch! {
-    /// Q2_K to f32; mirrors ggml's `dequantize_row_q2_K`.
-    pub fn dequantize_row_q2_k(x: &[u8], y: &mut [f32]) {
-        for (xb, yb) in blocks_out::<Q2_K_BYTES>(x, y, "q2_K") {
-            dequantize_block_q2_k(xb, yb);
-        }
-    }
-}
+row_functions!(
+    "q2_K",
+    Q2_K_BYTES,
+    quantize_block_q2_k,
+    dequantize_block_q2_k,
+    quantize_row_q2_k_ref,
+    quantize_row_q2_k_impl,
+    quantize_row_q2_k,
+    dequantize_row_q2_k
+);
 
 #[inline(always)]
 fn dequantize_block_q2_k(xb: &[u8; Q2_K_BYTES], yb: &mut [f32; QK_K]) {
@@ -489,41 +508,16 @@ fn quantize_block_q3_k(x: &[f32; QK_K], y: &mut [u8; Q3_K_BYTES], qw: Option<&[f
     }
 }
 
-avx2_dispatch! {
-    /// q3_K reference quantizer over whole super-blocks; mirrors ggml's `quantize_row_q3_K_ref`.
-    pub fn quantize_row_q3_k_ref(x: &[f32], y: &mut [u8]) {
-        for (xb, yb) in blocks_mut::<Q3_K_BYTES>(x, y, "q3_K") {
-            quantize_block_q3_k(xb, yb, None);
-        }
-    }
-}
-
-avx2_dispatch! {
-    /// Importance-weighted q3_K quantizer for rows of `quant_weights.len()` values; mirrors ggml's
-    /// `quantize_row_q3_K_impl` (as looped over rows by `quantize_q3_K`).
-    pub fn quantize_row_q3_k_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-        for (xb, yb, qw) in blocks_with_weights::<Q3_K_BYTES>(x, y, quant_weights, "q3_K") {
-            quantize_block_q3_k(xb, yb, Some(qw));
-        }
-    }
-}
-
-/// Q3_K quantizer as `ggml_quantize_chunk` runs it (see [`quantize_row_q2_k`]).
-pub fn quantize_row_q3_k(x: &[f32], y: &mut [u8], imatrix: Option<&[f32]>) {
-    match imatrix {
-        Some(qw) => quantize_row_q3_k_impl(x, y, qw),
-        None => quantize_row_q3_k_ref(x, y),
-    }
-}
-
-avx2_dispatch! {
-    /// Q3_K to f32; mirrors ggml's `dequantize_row_q3_K`.
-    pub fn dequantize_row_q3_k(x: &[u8], y: &mut [f32]) {
-        for (xb, yb) in blocks_out::<Q3_K_BYTES>(x, y, "q3_K") {
-            dequantize_block_q3_k(xb, yb);
-        }
-    }
-}
+row_functions!(
+    "q3_K",
+    Q3_K_BYTES,
+    quantize_block_q3_k,
+    dequantize_block_q3_k,
+    quantize_row_q3_k_ref,
+    quantize_row_q3_k_impl,
+    quantize_row_q3_k,
+    dequantize_row_q3_k
+);
 
 #[inline(always)]
 fn dequantize_block_q3_k(xb: &[u8; Q3_K_BYTES], yb: &mut [f32; QK_K]) {
@@ -747,41 +741,16 @@ fn quantize_block_q4_k(x: &[f32; QK_K], y: &mut [u8; Q4_K_BYTES], qw: Option<&[f
     q4_k_pack(&levels, y);
 }
 
-avx2_dispatch! {
-    /// q4_K reference quantizer over whole super-blocks; mirrors ggml's `quantize_row_q4_K_ref`.
-    pub fn quantize_row_q4_k_ref(x: &[f32], y: &mut [u8]) {
-        for (xb, yb) in blocks_mut::<Q4_K_BYTES>(x, y, "q4_K") {
-            quantize_block_q4_k(xb, yb, None);
-        }
-    }
-}
-
-avx2_dispatch! {
-    /// Importance-weighted q4_K quantizer for rows of `quant_weights.len()` values; mirrors ggml's
-    /// `quantize_row_q4_K_impl` (as looped over rows by `quantize_q4_K`).
-    pub fn quantize_row_q4_k_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-        for (xb, yb, qw) in blocks_with_weights::<Q4_K_BYTES>(x, y, quant_weights, "q4_K") {
-            quantize_block_q4_k(xb, yb, Some(qw));
-        }
-    }
-}
-
-/// Q4_K quantizer as `ggml_quantize_chunk` runs it (see [`quantize_row_q2_k`]).
-pub fn quantize_row_q4_k(x: &[f32], y: &mut [u8], imatrix: Option<&[f32]>) {
-    match imatrix {
-        Some(qw) => quantize_row_q4_k_impl(x, y, qw),
-        None => quantize_row_q4_k_ref(x, y),
-    }
-}
-
-avx2_dispatch! {
-    /// Q4_K to f32; mirrors ggml's `dequantize_row_q4_K`.
-    pub fn dequantize_row_q4_k(x: &[u8], y: &mut [f32]) {
-        for (xb, yb) in blocks_out::<Q4_K_BYTES>(x, y, "q4_K") {
-            dequantize_block_q4_k(xb, yb);
-        }
-    }
-}
+row_functions!(
+    "q4_K",
+    Q4_K_BYTES,
+    quantize_block_q4_k,
+    dequantize_block_q4_k,
+    quantize_row_q4_k_ref,
+    quantize_row_q4_k_impl,
+    quantize_row_q4_k,
+    dequantize_row_q4_k
+);
 
 #[inline(always)]
 fn dequantize_block_q4_k(xb: &[u8; Q4_K_BYTES], yb: &mut [f32; QK_K]) {
@@ -844,41 +813,16 @@ fn quantize_block_q5_k(x: &[f32; QK_K], y: &mut [u8; Q5_K_BYTES], qw: Option<&[f
     q5_k_pack(&levels, y);
 }
 
-avx2_dispatch! {
-    /// q5_K reference quantizer over whole super-blocks; mirrors ggml's `quantize_row_q5_K_ref`.
-    pub fn quantize_row_q5_k_ref(x: &[f32], y: &mut [u8]) {
-        for (xb, yb) in blocks_mut::<Q5_K_BYTES>(x, y, "q5_K") {
-            quantize_block_q5_k(xb, yb, None);
-        }
-    }
-}
-
-avx2_dispatch! {
-    /// Importance-weighted q5_K quantizer for rows of `quant_weights.len()` values; mirrors ggml's
-    /// `quantize_row_q5_K_impl` (as looped over rows by `quantize_q5_K`).
-    pub fn quantize_row_q5_k_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-        for (xb, yb, qw) in blocks_with_weights::<Q5_K_BYTES>(x, y, quant_weights, "q5_K") {
-            quantize_block_q5_k(xb, yb, Some(qw));
-        }
-    }
-}
-
-/// Q5_K quantizer as `ggml_quantize_chunk` runs it (see [`quantize_row_q2_k`]).
-pub fn quantize_row_q5_k(x: &[f32], y: &mut [u8], imatrix: Option<&[f32]>) {
-    match imatrix {
-        Some(qw) => quantize_row_q5_k_impl(x, y, qw),
-        None => quantize_row_q5_k_ref(x, y),
-    }
-}
-
-avx2_dispatch! {
-    /// Q5_K to f32; mirrors ggml's `dequantize_row_q5_K`.
-    pub fn dequantize_row_q5_k(x: &[u8], y: &mut [f32]) {
-        for (xb, yb) in blocks_out::<Q5_K_BYTES>(x, y, "q5_K") {
-            dequantize_block_q5_k(xb, yb);
-        }
-    }
-}
+row_functions!(
+    "q5_K",
+    Q5_K_BYTES,
+    quantize_block_q5_k,
+    dequantize_block_q5_k,
+    quantize_row_q5_k_ref,
+    quantize_row_q5_k_impl,
+    quantize_row_q5_k,
+    dequantize_row_q5_k
+);
 
 #[inline(always)]
 fn dequantize_block_q5_k(xb: &[u8; Q5_K_BYTES], yb: &mut [f32; QK_K]) {
@@ -986,41 +930,16 @@ fn quantize_block_q6_k(x: &[f32; QK_K], y: &mut [u8; Q6_K_BYTES], qw: Option<&[f
     }
 }
 
-avx2_dispatch! {
-    /// q6_K reference quantizer over whole super-blocks; mirrors ggml's `quantize_row_q6_K_ref`.
-    pub fn quantize_row_q6_k_ref(x: &[f32], y: &mut [u8]) {
-        for (xb, yb) in blocks_mut::<Q6_K_BYTES>(x, y, "q6_K") {
-            quantize_block_q6_k(xb, yb, None);
-        }
-    }
-}
-
-avx2_dispatch! {
-    /// Importance-weighted q6_K quantizer for rows of `quant_weights.len()` values; mirrors ggml's
-    /// `quantize_row_q6_K_impl` (as looped over rows by `quantize_q6_K`).
-    pub fn quantize_row_q6_k_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-        for (xb, yb, qw) in blocks_with_weights::<Q6_K_BYTES>(x, y, quant_weights, "q6_K") {
-            quantize_block_q6_k(xb, yb, Some(qw));
-        }
-    }
-}
-
-/// Q6_K quantizer as `ggml_quantize_chunk` runs it (see [`quantize_row_q2_k`]).
-pub fn quantize_row_q6_k(x: &[f32], y: &mut [u8], imatrix: Option<&[f32]>) {
-    match imatrix {
-        Some(qw) => quantize_row_q6_k_impl(x, y, qw),
-        None => quantize_row_q6_k_ref(x, y),
-    }
-}
-
-avx2_dispatch! {
-    /// Q6_K to f32; mirrors ggml's `dequantize_row_q6_K`.
-    pub fn dequantize_row_q6_k(x: &[u8], y: &mut [f32]) {
-        for (xb, yb) in blocks_out::<Q6_K_BYTES>(x, y, "q6_K") {
-            dequantize_block_q6_k(xb, yb);
-        }
-    }
-}
+row_functions!(
+    "q6_K",
+    Q6_K_BYTES,
+    quantize_block_q6_k,
+    dequantize_block_q6_k,
+    quantize_row_q6_k_ref,
+    quantize_row_q6_k_impl,
+    quantize_row_q6_k,
+    dequantize_row_q6_k
+);
 
 #[inline(always)]
 fn dequantize_block_q6_k(xb: &[u8; Q6_K_BYTES], yb: &mut [f32; QK_K]) {
@@ -1055,15 +974,7 @@ const Q8_BSUMS: usize = 260;
 /// For an all-zero block ggml leaves `bsums` unwritten; we write zeros there.
 pub fn quantize_row_q8_k_ref(x: &[f32], y: &mut [u8]) {
     for (xb, yb) in blocks_mut::<Q8_K_BYTES>(x, y, "q8_K") {
-        let mut max = 0.0f32;
-        let mut amax = 0.0f32;
-        for &v in xb {
-            let ax = v.abs();
-            if ax > amax {
-                amax = ax;
-                max = v;
-            }
-        }
+        let (max, amax) = first_absmax(xb);
         if amax == 0.0 {
             yb.fill(0);
             continue;

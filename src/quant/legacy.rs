@@ -301,6 +301,18 @@ fn pack_5bit(levels: &[u8; QK], qs: &mut [u8], qh_out: &mut [u8]) {
     qh_out[..4].copy_from_slice(&qh.to_le_bytes());
 }
 
+/// The nibble packing of the Q4_0 and Q4_1 reference quantizers: C's `MIN(15, (int8_t)v)` compared as
+/// int and stored as `uint8_t`, element `j` in the low nibble of byte `j`, element `j + 16` in its high
+/// nibble.
+#[inline(always)]
+fn pack_4bit_ref(q: &[i32; QK], out: &mut [u8]) {
+    for j in 0..QK / 2 {
+        let xi0 = (q[j] as i8).min(15) as u8;
+        let xi1 = (q[QK / 2 + j] as i8).min(15) as u8;
+        out[j] = xi0 | (xi1 << 4);
+    }
+}
+
 // ===================================== Q4_0 =====================================
 // block_q4_0: d (f16) | qs[16] (element j in the low nibble of byte j, element j+16 in its high nibble)
 
@@ -317,13 +329,7 @@ pub fn quantize_row_q4_0_ref(x: &[f32], y: &mut [u8]) {
         for (vj, &xj) in v.iter_mut().zip(xb) {
             *vj = xj * id + 8.5;
         }
-        let q = c_float_to_int_block(&v);
-        for j in 0..QK / 2 {
-            // C: MIN(15, (int8_t)(x*id + 8.5f)) compared as int, then stored as uint8_t.
-            let xi0 = (q[j] as i8).min(15) as u8;
-            let xi1 = (q[QK / 2 + j] as i8).min(15) as u8;
-            yb[2 + j] = xi0 | (xi1 << 4);
-        }
+        pack_4bit_ref(&c_float_to_int_block(&v), &mut yb[2..]);
     }
 }
 
@@ -371,12 +377,7 @@ pub fn quantize_row_q4_1_ref(x: &[f32], y: &mut [u8]) {
         for (vj, &xj) in v.iter_mut().zip(xb) {
             *vj = (xj - min) * id + 0.5;
         }
-        let q = c_float_to_int_block(&v);
-        for j in 0..QK / 2 {
-            let xi0 = (q[j] as i8).min(15) as u8;
-            let xi1 = (q[QK / 2 + j] as i8).min(15) as u8;
-            yb[4 + j] = xi0 | (xi1 << 4);
-        }
+        pack_4bit_ref(&c_float_to_int_block(&v), &mut yb[4..]);
     }
 }
 
@@ -656,18 +657,6 @@ mod tests {
         (min, max)
     }
 
-    /// ggml's signed-absmax loop, restated plainly.
-    fn sequential_signed_absmax(x: &[f32]) -> f32 {
-        let (mut amax, mut max) = (0.0f32, 0.0f32);
-        for &v in x {
-            if amax < v.abs() {
-                amax = v.abs();
-                max = v;
-            }
-        }
-        max
-    }
-
     #[test]
     fn lane_signed_absmax_picks_the_first_extreme_like_ggml() {
         let mut state = 11u32;
@@ -679,7 +668,10 @@ mod tests {
                 let m = [0.0f32, 1.5, 2.0, 1e-40][((state >> 20) % 4) as usize];
                 *v = if state >> 31 == 0 { m } else { -m };
             }
-            let (a, b) = (signed_absmax(&block), sequential_signed_absmax(&block));
+            let (a, b) = (
+                signed_absmax(&block),
+                crate::quant::search::first_absmax(&block).0,
+            );
             assert_eq!(a.to_bits(), b.to_bits(), "{block:?}");
         }
     }
