@@ -172,6 +172,38 @@ fn transpose<const LANES: usize, const N: usize>(x: &[f32; QK_K]) -> [[f32; LANE
     out
 }
 
+/// A super-block and its importance weights in lanes, as ggml's imatrix K-quantizers compute them:
+/// `w = qw·sqrt(σ² + x²)` with `σ² = sigma2_scale·Σx²/256` (summed in element order; the scale is 1
+/// for Q2_K, 2 for Q3_K to Q5_K), and each lane's weight sum. Returns `(xt, wt, sw)`.
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+fn imatrix_weights_lanes<const LANES: usize, const N: usize>(
+    x: &[f32; QK_K],
+    qw: &[f32; QK_K],
+    sigma2_scale: f32,
+) -> ([[f32; LANES]; N], [[f32; LANES]; N], [f32; LANES]) {
+    let mut sumx2 = 0.0f32;
+    for j in 0..QK_K {
+        sumx2 += x[j] * x[j];
+    }
+    let sigma2 = sigma2_scale * sumx2 / QK_K as f32;
+    let xt = transpose::<LANES, N>(x);
+    let qwt = transpose::<LANES, N>(qw);
+    let mut wt = [[0f32; LANES]; N];
+    for i in 0..N {
+        for k in 0..LANES {
+            wt[i][k] = qwt[i][k] * (sigma2 + xt[i][k] * xt[i][k]).sqrt();
+        }
+    }
+    let mut sw = [0f32; LANES];
+    for i in 0..N {
+        for k in 0..LANES {
+            sw[k] += wt[i][k];
+        }
+    }
+    (xt, wt, sw)
+}
+
 /// The inverse of [`transpose`] for levels.
 #[inline(always)]
 fn untranspose<T: Copy, const LANES: usize, const N: usize>(
@@ -282,28 +314,10 @@ fn quantize_block_q2_k_ref(x: &[f32; QK_K], y: &mut [u8; Q2_K_BYTES]) {
 #[inline(always)]
 fn quantize_block_q2_k_impl(x: &[f32; QK_K], y: &mut [u8; Q2_K_BYTES], qw: &[f32; QK_K]) {
     let mut levels = [0u8; QK_K];
-    let mut sw = [0f32; QK_K / 16];
     let mut ls = [0u8; QK_K / 16];
     let mut lm = [0u8; QK_K / 16];
 
-    let mut sumx2 = 0.0f32;
-    for j in 0..QK_K {
-        sumx2 += x[j] * x[j];
-    }
-    let sigma2 = sumx2 / QK_K as f32;
-    let xt = transpose::<16, 16>(x);
-    let qwt = transpose::<16, 16>(qw);
-    let mut wt = [[0f32; 16]; 16];
-    for i in 0..16 {
-        for k in 0..16 {
-            wt[i][k] = qwt[i][k] * (sigma2 + xt[i][k] * xt[i][k]).sqrt();
-        }
-    }
-    for i in 0..16 {
-        for k in 0..16 {
-            sw[k] += wt[i][k];
-        }
-    }
+    let (xt, wt, sw) = imatrix_weights_lanes::<16, 16>(x, qw, 1.0);
     let mut lt = [[0u8; 16]; 16];
     let mut laux = [[0f32; 16]; 16];
     let (scales, mins) =
@@ -464,27 +478,9 @@ fn quantize_block_q3_k_ref(x: &[f32; QK_K], y: &mut [u8; Q3_K_BYTES]) {
 
 #[inline(always)]
 fn quantize_block_q3_k_impl(x: &[f32; QK_K], y: &mut [u8; Q3_K_BYTES], qw: &[f32; QK_K]) {
-    let mut sw = [0f32; QK_K / 16];
     let mut ls = [0i8; QK_K / 16];
 
-    let mut sumx2 = 0.0f32;
-    for j in 0..QK_K {
-        sumx2 += x[j] * x[j];
-    }
-    let sigma2 = 2.0 * sumx2 / QK_K as f32;
-    let xt = transpose::<16, 16>(x);
-    let qwt = transpose::<16, 16>(qw);
-    let mut wt = [[0f32; 16]; 16];
-    for i in 0..16 {
-        for k in 0..16 {
-            wt[i][k] = qwt[i][k] * (sigma2 + xt[i][k] * xt[i][k]).sqrt();
-        }
-    }
-    for i in 0..16 {
-        for k in 0..16 {
-            sw[k] += wt[i][k];
-        }
-    }
+    let (xt, wt, sw) = imatrix_weights_lanes::<16, 16>(x, qw, 2.0);
     let mut lt = [[0i8; 16]; 16];
     let mut laux = [[0f32; 16]; 16];
     let scales = make_qx_quants_lanes(4, &xt, &wt, &mut lt, &mut laux);
@@ -675,26 +671,8 @@ fn qk4_impl_scales(
 ) {
     let mut ls = [0u8; QK_K / 32];
     let mut lm = [0u8; QK_K / 32];
-    let mut sw = [0f32; QK_K / 32];
 
-    let mut sum_x2 = 0.0f32;
-    for l in 0..QK_K {
-        sum_x2 += x[l] * x[l];
-    }
-    let sigma2 = 2.0 * sum_x2 / QK_K as f32;
-    let xt = transpose::<8, 32>(x);
-    let qwt = transpose::<8, 32>(qw);
-    let mut wt = [[0f32; 8]; 32];
-    for i in 0..32 {
-        for k in 0..8 {
-            wt[i][k] = qwt[i][k] * (sigma2 + xt[i][k] * xt[i][k]).sqrt();
-        }
-    }
-    for i in 0..32 {
-        for k in 0..8 {
-            sw[k] += wt[i][k];
-        }
-    }
+    let (xt, wt, sw) = imatrix_weights_lanes::<8, 32>(x, qw, 2.0);
     let mut lt = [[0u8; 8]; 32];
     let mut laux = [[0f32; 8]; 32];
     let (scales, mins) = make_qkx_quants_lanes(

@@ -534,21 +534,28 @@ pub fn dequantize_row_q5_1(x: &[u8], y: &mut [f32]) {
 
 const Q8_0_BYTES: usize = 34;
 
+/// The scale and levels of one Q8_0/Q8_1 block as their reference quantizers compute them:
+/// `d = amax / 127`, `q = roundf(x / d)` (ties away from zero).
+#[inline(always)]
+fn q8_block(xb: &[f32]) -> (f32, [i32; QK]) {
+    let mut amax = 0.0f32;
+    for &v in xb {
+        amax = amax.max(v.abs());
+    }
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut v = [0f32; QK];
+    for (vj, &xj) in v.iter_mut().zip(xb) {
+        *vj = xj * id;
+    }
+    (d, c_round_to_int_block(&v))
+}
+
 /// Mirrors `quantize_row_q8_0_ref`: `d = amax / 127`, `q = roundf(x / d)` (ties away from zero).
 pub fn quantize_row_q8_0_ref(x: &[f32], y: &mut [u8]) {
     for (xb, yb) in x.chunks_exact(QK).zip(y.chunks_exact_mut(Q8_0_BYTES)) {
-        let mut amax = 0.0f32;
-        for &v in xb {
-            amax = amax.max(v.abs());
-        }
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let (d, q) = q8_block(xb);
         write_f16(&mut yb[0..2], d);
-        let mut v = [0f32; QK];
-        for (vj, &xj) in v.iter_mut().zip(xb) {
-            *vj = xj * id;
-        }
-        let q = c_round_to_int_block(&v);
         for (out, &qj) in yb[2..].iter_mut().zip(&q) {
             *out = qj as u8;
         }
@@ -576,18 +583,8 @@ const Q8_1_BYTES: usize = 36;
 /// Mirrors `quantize_row_q8_1_ref`: as Q8_0, plus `s = Σq * d`.
 pub fn quantize_row_q8_1_ref(x: &[f32], y: &mut [u8]) {
     for (xb, yb) in x.chunks_exact(QK).zip(y.chunks_exact_mut(Q8_1_BYTES)) {
-        let mut amax = 0.0f32;
-        for &v in xb {
-            amax = amax.max(v.abs());
-        }
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let (d, q) = q8_block(xb);
         write_f16(&mut yb[0..2], d);
-        let mut v = [0f32; QK];
-        for (vj, &xj) in v.iter_mut().zip(xb) {
-            *vj = xj * id;
-        }
-        let q = c_round_to_int_block(&v);
         let mut sum = 0i32;
         for (out, &qj) in yb[4..].iter_mut().zip(&q) {
             *out = qj as u8;
