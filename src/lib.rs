@@ -6,6 +6,7 @@
 
 pub mod adapter;
 pub mod arch;
+pub mod bundle;
 pub mod convert;
 pub mod gguf;
 pub mod inspect;

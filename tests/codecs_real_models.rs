@@ -2,15 +2,16 @@
 //! Q8_0, F32) models, dequantized by us, equals libggml's `to_float` bit for bit.
 //!
 //! `testdata/codecs/model_tensor_hashes.py` locates the tensors with gguf-py and hashes libggml's
-//! dequantization per tensor; we decode the same bytes a block of rows at a time and hash ours.
-//! (gguf-py locates the tensors until our GGUF reader lands; then the reader's table can be checked
-//! against gguf-py's here too.)
+//! dequantization per tensor. We locate them with our own reader ([`GgufFile`]), check its tensor
+//! table against gguf-py's (names, types, shapes, absolute offsets, sizes), then decode the bytes it
+//! hands out a block of rows at a time and hash ours.
 
 mod common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use gguf_lora::gguf::GgufFile;
 use gguf_lora::quant::{self, GgmlType};
 use sha2::{Digest, Sha256};
 
@@ -24,9 +25,13 @@ fn check_model(model: &Path, expected_types: &[GgmlType]) {
     let tensors: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
     assert!(!tensors.is_empty());
 
-    let file = std::fs::File::open(model).unwrap();
-    // SAFETY: the model file is a read-only cache file nobody writes while the test runs.
-    let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+    let file = GgufFile::open(model).unwrap();
+    assert_eq!(
+        file.tensors().len(),
+        tensors.len(),
+        "{}: tensor count",
+        model.display()
+    );
 
     let mut seen = BTreeSet::new();
     let mut mismatched = Vec::new();
@@ -34,25 +39,35 @@ fn check_model(model: &Path, expected_types: &[GgmlType]) {
     for t in &tensors {
         let name = t["name"].as_str().unwrap();
         let ty = GgmlType::from_name(t["type"].as_str().unwrap()).unwrap();
-        let ne: Vec<usize> = t["ne"]
+        let ne: Vec<u64> = t["ne"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|d| d.as_u64().unwrap() as usize)
+            .map(|d| d.as_u64().unwrap())
             .collect();
-        let offset = t["offset"].as_u64().unwrap() as usize;
-        let n_bytes = t["n_bytes"].as_u64().unwrap() as usize;
-        let n_per_row = ne[0];
-        let nrows: usize = ne[1..].iter().product();
-        let row_bytes = ty.row_bytes(n_per_row as u64).unwrap() as usize;
-        assert_eq!(row_bytes * nrows, n_bytes, "{name}: size");
+        let info = file
+            .tensor(name)
+            .unwrap_or_else(|| panic!("{name}: not in our reader's table"));
+        assert_eq!((info.ty, &info.dims), (ty, &ne), "{name}: type and shape");
+        assert_eq!(
+            file.data_offset() + info.offset,
+            t["offset"].as_u64().unwrap(),
+            "{name}: absolute offset"
+        );
+        assert_eq!(
+            info.n_bytes(),
+            t["n_bytes"].as_u64().unwrap(),
+            "{name}: size"
+        );
         assert!(
             quant::can_dequantize(ty),
             "{name}: {ty} cannot be dequantized"
         );
         seen.insert(ty);
 
-        let data = &map[offset..offset + n_bytes];
+        let data = file.tensor_data(info);
+        let n_per_row = info.row_len() as usize;
+        let row_bytes = info.row_bytes() as usize;
         let rows_per_block = (BLOCK_ELEMENTS / n_per_row).max(1);
         let mut hasher = Sha256::new();
         for block in data.chunks(rows_per_block * row_bytes) {

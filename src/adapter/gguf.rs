@@ -18,12 +18,14 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
+use super::bundle::GgufSource;
 use super::{
-    Adapter, AdapterError, Factor, FullTensor, Layout, LoraPair, LoraTensor, Matrix, Provenance,
+    Adapter, AdapterError, Factor, FullTensor, Layout, LoraPair, LoraTensor, Provenance,
     SourceFormat, TargetKind,
 };
-use crate::gguf::{Array, GgufModel, GgufWriter, Metadata, TensorDesc, Value};
+use crate::gguf::{Array, GgufWriter, Metadata, TensorDesc, Value};
 use crate::quant::{self, GgmlType};
 
 pub const KEY_ARCH: &str = "general.architecture";
@@ -282,12 +284,27 @@ fn metadata(adapter: &Adapter, arch: &str, alpha: f32) -> Metadata {
     m
 }
 
-/// Reads a GGUF LoRA adapter (any tensor type we can dequantize) into the normalized model. Tensors
-/// are dequantized into memory: adapters are small next to their bases.
+/// Reads a GGUF LoRA adapter (any tensor type we can dequantize) into the normalized model: a GGUF
+/// file, or `BUNDLE.gguf#NAME` for one adapter of a named bundle (see [`super::bundle`]). Tensors
+/// stay in the mapped file until a [`Factor`] is loaded (dequantized, checked to be finite).
 pub fn read(path: &Path) -> Result<Adapter, AdapterError> {
-    let model = GgufModel::open(path).map_err(|e| AdapterError::Invalid(e.to_string()))?;
+    read_source(&Arc::new(GgufSource::open(path)?))
+}
+
+/// [`read`] on an opened [`GgufSource`].
+pub fn read_source(src: &Arc<GgufSource>) -> Result<Adapter, AdapterError> {
+    let path = src.label.as_path();
     let invalid = |m: String| AdapterError::Invalid(format!("{}: {m}", path.display()));
-    let md = model.metadata();
+    let md = &src.metadata;
+    if src.is_bundle() {
+        let names = super::bundle::Listing::read(path, md)
+            .map(|l| l.names().join(", "))
+            .unwrap_or_default();
+        return Err(invalid(format!(
+            "this is a named bundle of adapters ({names}); select one as {}#NAME",
+            path.display()
+        )));
+    }
     match md.get_str(KEY_TYPE) {
         Some("adapter") => {}
         other => {
@@ -327,7 +344,7 @@ pub fn read(path: &Path) -> Result<Adapter, AdapterError> {
     let mut pairs: BTreeMap<String, (Option<String>, Option<String>)> = BTreeMap::new();
     let mut full = Vec::new();
     let mut order = Vec::new();
-    for (_, t) in model.tensors() {
+    for t in src.tensors.iter().map(|t| &t.info) {
         if let Some(base) = t.name.strip_suffix(SUFFIX_A) {
             if !pairs.contains_key(base) {
                 order.push(base.to_string());
@@ -342,7 +359,7 @@ pub fn read(path: &Path) -> Result<Adapter, AdapterError> {
             full.push(FullTensor {
                 source: t.name.clone(),
                 target: Some(t.name.clone()),
-                data: Factor::owned(dequantize(&model, &t.name, path)?),
+                data: factor(src, &t.name, 0..t.rows() as usize, false),
             });
         } else {
             return Err(invalid(format!(
@@ -358,13 +375,11 @@ pub fn read(path: &Path) -> Result<Adapter, AdapterError> {
                 "LoRA tensor pair for '{base}' is missing one component"
             )));
         };
-        let a_info = model.tensor(&a_name).cloned();
-        let b_info = model.tensor(&b_name).cloned();
+        let a_info = src.tensor(&a_name).map(|t| t.info.clone());
+        let b_info = src.tensor(&b_name).map(|t| t.info.clone());
         let (Some(ai), Some(bi)) = (a_info, b_info) else {
             continue;
         };
-        let a = dequantize(&model, &a_name, path)?;
-        let b = dequantize(&model, &b_name, path)?;
         let is_embd = base.ends_with("token_embd.weight");
         let dims_ok = matches!(ai.dims.len(), 2 | 3)
             && ai.dims.len() == bi.dims.len()
@@ -390,7 +405,7 @@ pub fn read(path: &Path) -> Result<Adapter, AdapterError> {
         } else {
             ai.dims.get(1).copied().unwrap_or(0)
         } as usize;
-        if a_rank != rank || ai.dims.len() != bi.dims.len() || rank == 0 {
+        if a_rank != rank || rank == 0 {
             return Err(invalid(format!(
                 "'{a_name}' (ne {:?}) and '{b_name}' (ne {:?}) do not form a LoRA pair (rank mismatch)",
                 ai.dims, bi.dims
@@ -401,33 +416,34 @@ pub fn read(path: &Path) -> Result<Adapter, AdapterError> {
         } else {
             file_alpha
         };
-        let pair = |source: String, a: Matrix, b: Matrix| LoraPair {
+        let pair = |source: String, a: Factor, b: Factor| LoraPair {
             source,
-            a: Factor::owned(a),
-            b: Factor::owned(b),
+            a,
+            b,
             alpha,
             b_rows: None,
         };
+        let n_out = bi.dims[1] as usize;
+        let b_factor = |e: usize| factor(src, &b_name, e * n_out..(e + 1) * n_out, false);
         let (kind, layout) = if is_embd {
             // Stored (vocab rows × rank); the model keeps A as rank × vocab.
+            let a = factor(src, &a_name, 0..ai.rows() as usize, true);
             (
                 TargetKind::Embedding,
-                Layout::Single(Box::new(pair(base.clone(), a.transposed(), b))),
+                Layout::Single(Box::new(pair(base.clone(), a, b_factor(0)))),
             )
         } else if n_exp > 1 || ai.dims.len() == 3 {
-            let (n_in, n_out) = (ai.dims[0] as usize, bi.dims[1] as usize);
             let mut ps = Vec::with_capacity(n_exp);
             for e in 0..n_exp {
-                let ae = a.rows_range(e * rank..(e + 1) * rank);
-                let be = b.rows_range(e * n_out..(e + 1) * n_out);
-                debug_assert_eq!(ae.cols, n_in);
-                ps.push(pair(format!("{base}[{e}]"), ae, be));
+                let a = factor(src, &a_name, e * rank..(e + 1) * rank, false);
+                ps.push(pair(format!("{base}[{e}]"), a, b_factor(e)));
             }
             (TargetKind::Experts, Layout::Experts(ps))
         } else {
+            let a = factor(src, &a_name, 0..rank, false);
             (
                 TargetKind::Linear,
-                Layout::Single(Box::new(pair(base.clone(), a, b))),
+                Layout::Single(Box::new(pair(base.clone(), a, b_factor(0)))),
             )
         };
         tensors.push(LoraTensor {
@@ -455,38 +471,27 @@ pub fn read(path: &Path) -> Result<Adapter, AdapterError> {
     })
 }
 
-/// A tensor's values as a `rows × ne[0]` f32 matrix (all dimensions past the first folded into rows).
-fn dequantize(model: &GgufModel, name: &str, path: &Path) -> Result<Matrix, AdapterError> {
-    let invalid =
-        |m: String| AdapterError::Invalid(format!("{}: tensor '{name}': {m}", path.display()));
-    let info = model
-        .tensor(name)
-        .ok_or_else(|| invalid("missing".into()))?;
-    let data = model
-        .tensor_data(name)
-        .ok_or_else(|| invalid("no data".into()))?;
-    let row = info.row_len() as usize;
-    let rows = info.rows() as usize;
-    let n = rows
-        .checked_mul(row)
-        .ok_or_else(|| invalid("size overflows".into()))?;
-    // The reader checked that the data holds exactly these elements, so `n` is bounded by the file.
-    let mut out = vec![0f32; n];
-    quant::dequantize_rows(info.ty, data, row.max(1), &mut out)
-        .map_err(|e| invalid(e.to_string()))?;
-    let m = Matrix::new(rows, row, out).ok_or_else(|| invalid("shape".into()))?;
-    if let Some(i) = m.first_non_finite() {
-        return Err(invalid(format!(
-            "value {} at index {i} is not finite",
-            m.data[i]
-        )));
+/// Rows `rows` of tensor `name` of `src` as a lazily loaded factor (see [`Factor::Gguf`]).
+fn factor(
+    src: &Arc<GgufSource>,
+    name: &str,
+    rows: std::ops::Range<usize>,
+    transpose: bool,
+) -> Factor {
+    let cols = src.tensor(name).map_or(0, |t| t.info.row_len() as usize);
+    Factor::Gguf {
+        src: Arc::clone(src),
+        tensor: name.to_string(),
+        rows,
+        cols,
+        transpose,
     }
-    Ok(m)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::adapter::Matrix;
 
     fn m(rows: usize, cols: usize, seed: f32) -> Matrix {
         let data = (0..rows * cols)

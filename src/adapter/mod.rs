@@ -28,6 +28,7 @@
 //! Tensor data stays in the source file (memory-mapped) until [`LoraTensor::load`] asks for it, so a
 //! 7B adapter is never held in memory whole.
 
+pub mod bundle;
 pub mod gguf;
 pub mod peft;
 
@@ -137,6 +138,17 @@ pub enum Factor {
         rows: usize,
         cols: usize,
     },
+    /// Rows `rows` of a GGUF adapter tensor (of a file or a bundle member; every dimension past
+    /// `ne[0] = cols` folded into rows), dequantized on load and transposed when `transpose`
+    /// (`token_embd`'s stored `lora_a`). Nothing is read until then, so a 7B adapter is never
+    /// held in memory whole.
+    Gguf {
+        src: Arc<bundle::GgufSource>,
+        tensor: String,
+        rows: Range<usize>,
+        cols: usize,
+        transpose: bool,
+    },
 }
 
 impl Factor {
@@ -148,6 +160,18 @@ impl Factor {
         match self {
             Factor::Owned(m) => (m.rows, m.cols),
             Factor::Safetensors { rows, cols, .. } => (*rows, *cols),
+            Factor::Gguf {
+                rows,
+                cols,
+                transpose,
+                ..
+            } => {
+                if *transpose {
+                    (*cols, rows.len())
+                } else {
+                    (rows.len(), *cols)
+                }
+            }
         }
     }
 
@@ -170,6 +194,20 @@ impl Factor {
                     ))
                 })?
             }
+            Factor::Gguf {
+                src,
+                tensor,
+                rows,
+                transpose,
+                ..
+            } => {
+                let m = src.dequantize_rows(tensor, rows.clone())?;
+                if *transpose {
+                    m.transposed()
+                } else {
+                    m
+                }
+            }
         };
         if let Some(i) = m.first_non_finite() {
             return Err(AdapterError::Invalid(format!(
@@ -189,6 +227,9 @@ impl Factor {
             Factor::Owned(_) => "in-memory tensor".to_string(),
             Factor::Safetensors { file, entry, .. } => {
                 format!("{}: tensor '{}'", file.path().display(), entry.name)
+            }
+            Factor::Gguf { src, tensor, .. } => {
+                format!("{}: tensor '{tensor}'", src.label.display())
             }
         }
     }
@@ -262,6 +303,19 @@ pub enum Layout {
     /// order; `None` marks a part the adapter does not touch, with its row count. Combined exactly
     /// by rank concatenation: `A = [A₁; A₂; …]`, `B = blockdiag(B₁, B₂, …)`.
     Fused(Vec<FusedPart>),
+    /// Several whole LoRAs of the same target applied together (PEFT's `cat` combination, our
+    /// concat bundle): `A = [A₁; A₂; …]` row-stacked, `B = [c₁B₁ c₂B₂ …]` column-stacked, where
+    /// `cᵢ` folds part `i`'s user scale times its own effective scale into its `B` block. Exact:
+    /// `B·A = Σ cᵢ·Bᵢ·Aᵢ`. Stacked experts concatenate per expert.
+    Concat(Vec<ConcatPart>),
+}
+
+/// One input of a [`Layout::Concat`]: a whole target as its own adapter has it, and the user scale
+/// it is applied at.
+#[derive(Clone, Debug)]
+pub struct ConcatPart {
+    pub tensor: LoraTensor,
+    pub scale: f64,
 }
 
 #[derive(Clone, Debug)]
@@ -323,6 +377,7 @@ impl LoraTensor {
             Layout::Single(p) => vec![p],
             Layout::Experts(ps) => ps.iter().collect(),
             Layout::Fused(parts) => parts.iter().filter_map(|p| p.pair.as_ref()).collect(),
+            Layout::Concat(parts) => parts.iter().flat_map(|p| p.tensor.pairs()).collect(),
         }
     }
 
@@ -336,12 +391,14 @@ impl LoraTensor {
                 .filter_map(|p| p.pair.as_ref())
                 .map(|p| p.rank())
                 .sum(),
+            Layout::Concat(parts) => parts.iter().map(|p| p.tensor.rank()).sum(),
         }
     }
 
     pub fn n_expert(&self) -> usize {
         match &self.layout {
             Layout::Experts(ps) => ps.len(),
+            Layout::Concat(parts) => parts.first().map_or(1, |p| p.tensor.n_expert()),
             _ => 1,
         }
     }
@@ -353,12 +410,14 @@ impl LoraTensor {
     pub fn n_out(&self) -> usize {
         match &self.layout {
             Layout::Fused(parts) => parts.iter().map(|p| p.rows).sum(),
+            Layout::Concat(parts) => parts.first().map_or(0, |p| p.tensor.n_out()),
             _ => self.pairs().first().map_or(0, |p| p.n_out()),
         }
     }
 
     /// The llama.cpp-convention alpha `load` gives this tensor, without reading data: the first
-    /// pair's, rescaled to the combined rank for fused tensors (other pairs' ratios are folded in B).
+    /// pair's, rescaled to the combined rank for fused tensors (other pairs' ratios are folded in B);
+    /// the combined rank for concatenations (scale 1: every part's scale is folded in its B block).
     pub fn alpha(&self) -> f64 {
         match &self.layout {
             Layout::Single(p) => p.alpha,
@@ -370,6 +429,7 @@ impl LoraTensor {
                     None => 0.0,
                 }
             }
+            Layout::Concat(_) => self.rank() as f64,
         }
     }
 
@@ -499,6 +559,7 @@ impl LoraTensor {
                 }
                 (a, b, 1, rank)
             }
+            Layout::Concat(parts) => self.load_concat(parts, alpha)?,
         };
         if let Some(n_head) = self.permute_heads {
             let rows_per_expert = b.rows / n_expert;
@@ -522,6 +583,60 @@ impl LoraTensor {
             rank,
             alpha,
         })
+    }
+}
+
+impl LoraTensor {
+    /// [`Layout::Concat`]: loads each part (with its own permutation, fusion and expert stacking)
+    /// and stacks it in, folding `part scale × part's effective scale / combined scale` into its
+    /// `B` block (left untouched when that factor is exactly 1).
+    fn load_concat(
+        &self,
+        parts: &[ConcatPart],
+        alpha: f64,
+    ) -> Result<(Matrix, Matrix, usize, usize), AdapterError> {
+        let (rank, n_expert, n_in, n_out) =
+            (self.rank(), self.n_expert(), self.n_in(), self.n_out());
+        let target_scale = scale_of(alpha, rank);
+        let mut a = Matrix::zeros(n_expert * rank, n_in);
+        let mut b = Matrix::zeros(n_expert * n_out, rank);
+        let mut r0 = 0;
+        for part in parts {
+            let l = part.tensor.load()?;
+            if (l.n_expert, l.n_in(), l.n_out()) != (n_expert, n_in, n_out) {
+                return Err(AdapterError::Invalid(format!(
+                    "{}: {} is {} experts of {}×{}, the first part {} experts of {}×{}; concatenated LoRAs need one shape",
+                    self.target,
+                    part.tensor.source(),
+                    l.n_expert,
+                    l.n_out(),
+                    l.n_in(),
+                    n_expert,
+                    n_out,
+                    n_in
+                )));
+            }
+            let r = l.rank;
+            let factor = if target_scale == 0.0 {
+                0.0
+            } else {
+                (part.scale * l.scale() / target_scale) as f32
+            };
+            for e in 0..n_expert {
+                let dst = (e * rank + r0) * n_in;
+                a.data[dst..dst + r * n_in]
+                    .copy_from_slice(&l.a.data[e * r * n_in..(e + 1) * r * n_in]);
+                for i in 0..n_out {
+                    let src = &l.b.data[(e * n_out + i) * r..(e * n_out + i + 1) * r];
+                    let dst = &mut b.data[(e * n_out + i) * rank + r0..][..r];
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        *d = if factor == 1.0 { v } else { v * factor };
+                    }
+                }
+            }
+            r0 += r;
+        }
+        Ok((a, b, n_expert, rank))
     }
 }
 
@@ -847,6 +962,67 @@ mod tests {
         assert_eq!((l.n_expert, l.rank, l.alpha), (2, 1, 2.0));
         assert_eq!(l.a.data, [1., 2., 1., 2.]);
         assert_eq!(l.b.data, [1., 2., 2., 4.]);
+    }
+
+    #[test]
+    fn concat_stacks_parts_and_folds_user_times_own_scale() {
+        // Part 1: rank 2, alpha 4 (scale 2) at user scale 0.5; part 2: rank 1, alpha 3 (scale 3)
+        // at user scale -2. The concatenation has rank 3, alpha 3 (scale 1).
+        let (a1, b1) = (
+            m(2, 3, |r, c| (r + c) as f32 + 1.0),
+            m(4, 2, |r, c| (r * 2 + c) as f32 - 1.5),
+        );
+        let (a2, b2) = (
+            m(1, 3, |_, c| c as f32 * 0.5),
+            m(4, 1, |r, _| r as f32 + 0.25),
+        );
+        let part = |a: &Matrix, b: &Matrix, alpha, scale| ConcatPart {
+            tensor: tensor(Layout::Single(Box::new(pair(a.clone(), b.clone(), alpha)))),
+            scale,
+        };
+        let t = tensor(Layout::Concat(vec![
+            part(&a1, &b1, 4.0, 0.5),
+            part(&a2, &b2, 3.0, -2.0),
+        ]));
+        assert_eq!((t.rank(), t.n_in(), t.n_out(), t.alpha()), (3, 3, 4, 3.0));
+        let l = t.load().unwrap();
+        assert_eq!(l.a.rows_range(0..2), a1);
+        assert_eq!(l.a.rows_range(2..3), a2);
+        let delta = l.b.matmul(&l.a);
+        let (d1, d2) = (b1.matmul(&a1), b2.matmul(&a2));
+        for i in 0..delta.data.len() {
+            let want = 1.0 * d1.data[i] - 6.0 * d2.data[i];
+            assert!((delta.data[i] * l.scale() as f32 - want).abs() < 1e-5);
+        }
+        // Experts concatenate per expert.
+        let ex = |alpha| {
+            tensor(Layout::Experts(vec![
+                pair(
+                    m(1, 2, |_, c| c as f32 + 1.0),
+                    m(2, 1, |r, _| r as f32 + 1.0),
+                    alpha,
+                ),
+                pair(
+                    m(1, 2, |_, c| c as f32 + 3.0),
+                    m(2, 1, |r, _| r as f32 + 5.0),
+                    alpha,
+                ),
+            ]))
+        };
+        let t = tensor(Layout::Concat(vec![
+            ConcatPart {
+                tensor: ex(1.0),
+                scale: 1.0,
+            },
+            ConcatPart {
+                tensor: ex(2.0),
+                scale: 1.0,
+            },
+        ]));
+        let l = t.load().unwrap();
+        assert_eq!((l.n_expert, l.rank), (2, 2));
+        assert_eq!(l.a.data, [1., 2., 1., 2., 3., 4., 3., 4.]);
+        assert_eq!(l.b.data, [1., 2., 2., 4., 5., 10., 6., 12.]);
     }
 
     #[test]

@@ -540,6 +540,7 @@ fn describe_shape(f: &Factor) -> String {
     match f {
         Factor::Safetensors { entry, .. } => format!("'{}' {r}×{c}", entry.name),
         Factor::Owned(_) => format!("{r}×{c}"),
+        Factor::Gguf { tensor, .. } => format!("'{tensor}' {r}×{c}"),
     }
 }
 

@@ -58,6 +58,9 @@ pub struct GgufReport {
     pub totals_by_type: Vec<TypeTotal>,
     pub totals_by_layer: Vec<LayerTotal>,
     pub total: Total,
+    /// For a named bundle (`gguf-lora bundle --mode named`): its adapters and their coverage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<crate::bundle::BundleListing>,
 }
 
 #[derive(Debug, Serialize)]
@@ -247,6 +250,8 @@ pub fn report(path: &Path, model: &GgufModel) -> GgufReport {
         totals_by_type: by_type.into_values().collect(),
         totals_by_layer: by_layer.into_values().collect(),
         total,
+        // A bundle whose listing does not parse is still shown as a GGUF file.
+        bundle: crate::bundle::listing(path, meta).and_then(Result::ok),
     }
 }
 

@@ -90,8 +90,20 @@ pub fn detect(path: &Path) -> Result<FileKind, InspectError> {
     Ok(FileKind::Gguf)
 }
 
-/// Inspects the file at `path`, whatever its kind.
+/// Inspects the file at `path`, whatever its kind; `BUNDLE.gguf#NAME` shows that adapter of a named
+/// bundle as its own file would be (it is extracted to a scratch file and read back).
 pub fn inspect(path: &Path) -> Result<Report, InspectError> {
+    if let (_, Some(_)) = crate::adapter::bundle::split_spec(path) {
+        let src = crate::adapter::bundle::GgufSource::open(path)?;
+        let scratch = tempfile::tempdir().map_err(|error| InspectError::Io {
+            path: std::env::temp_dir(),
+            error,
+        })?;
+        let file = scratch.path().join("member.gguf");
+        src.write(&file, &[])?;
+        let model = crate::gguf::GgufModel::open(&file)?;
+        return Ok(Report::GgufAdapter(gguf_adapter::report(path, &model)?));
+    }
     match detect(path)? {
         FileKind::Gguf => {
             let model = GgufModel::open(path)?;

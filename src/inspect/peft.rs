@@ -118,6 +118,9 @@ fn dtype_of(f: &Factor) -> String {
     match f {
         Factor::Safetensors { entry, .. } => format!("{:?}", entry.dtype),
         Factor::Owned(_) => "f32".into(),
+        Factor::Gguf { src, tensor, .. } => src
+            .tensor(tensor)
+            .map_or_else(|| "?".into(), |t| t.info.ty.to_string()),
     }
 }
 
@@ -208,7 +211,10 @@ pub fn inspect_peft(path: &Path) -> Result<PeftReport, AdapterError> {
                 Factor::Safetensors { entry, .. } => {
                     entry.shape.iter().map(|d| *d as u64).collect()
                 }
-                Factor::Owned(m) => vec![m.rows as u64, m.cols as u64],
+                Factor::Owned(_) | Factor::Gguf { .. } => {
+                    let (rows, cols) = f.shape();
+                    vec![rows as u64, cols as u64]
+                }
             };
             FullRow {
                 name: name.clone(),

@@ -11,7 +11,7 @@ use super::Codec;
 ///
 /// Exact for every finite value and infinity; a NaN keeps its payload and its signalling bit (IEEE
 /// hardware conversion would set the quiet bit).
-#[inline]
+#[inline(always)]
 pub fn fp16_to_fp32(h: u16) -> f32 {
     let w = (h as u32) << 16;
     let sign = w & 0x8000_0000;
@@ -37,7 +37,7 @@ pub fn fp16_to_fp32(h: u16) -> f32 {
 
 /// f32 to f16 bits, rounding to nearest even, mirroring ggml's `ggml_compute_fp32_to_fp16`
 /// (`GGML_FP32_TO_FP16`): overflow gives ±inf, every NaN gives the canonical `0x7E00` with its sign.
-#[inline]
+#[inline(always)]
 pub fn fp32_to_fp16(f: f32) -> u16 {
     let scale_to_inf = f32::from_bits(0x7780_0000); // 0x1.0p+112f
     let scale_to_zero = f32::from_bits(0x0880_0000); // 0x1.0p-110f
@@ -83,13 +83,13 @@ pub fn fp32_to_bf16(s: f32) -> u16 {
 }
 
 /// Reads the little-endian `ggml_half` at `b[0..2]` as f32.
-#[inline]
+#[inline(always)]
 pub(crate) fn read_f16(b: &[u8]) -> f32 {
     fp16_to_fp32(u16::from_le_bytes([b[0], b[1]]))
 }
 
 /// Writes `v` as a little-endian `ggml_half` into `b[0..2]`.
-#[inline]
+#[inline(always)]
 pub(crate) fn write_f16(b: &mut [u8], v: f32) {
     b[..2].copy_from_slice(&fp32_to_fp16(v).to_le_bytes());
 }
@@ -186,6 +186,34 @@ mod tests {
         assert_eq!(fp32_to_fp16(-f32::from_bits(0x7F80_0001)), 0xFE00);
         for x in [1e-3f32, -7.5, 3.1e4, 6.0e-8, 2.9e-8, 1.0e-9] {
             assert_eq!(fp32_to_fp16(x), half::f16::from_f32(x).to_bits(), "{x}");
+        }
+    }
+
+    #[test]
+    fn fp32_to_fp16_rounds_like_ieee_around_every_halfway_point() {
+        // Every f32 with a stride prime to 2^32, plus each halfway point between neighbouring halves
+        // and its two f32 neighbours, and the subnormal and overflow edges, in both signs. ggml's
+        // recipe must equal IEEE round-to-nearest-even (`half`) on all of them; NaNs are covered above.
+        let mut bits: Vec<u32> = (0..=u32::MAX).step_by(4099).collect();
+        for h in 0..0x7C00u16 {
+            let mid = (fp16_to_fp32(h) as f64 + fp16_to_fp32(h + 1) as f64) / 2.0;
+            let mid = (mid as f32).to_bits();
+            bits.extend([mid - 1, mid, mid + 1]);
+        }
+        bits.extend([
+            0x7F80_0000,
+            0x477F_E000,
+            0x477F_F000,
+            0x477F_EFFF,
+            0x3380_0000,
+        ]);
+        for b in bits {
+            for f in [f32::from_bits(b), -f32::from_bits(b)] {
+                if !f.is_nan() {
+                    let want = half::f16::from_f32(f).to_bits();
+                    assert_eq!(fp32_to_fp16(f), want, "f32 {:#010x}", f.to_bits());
+                }
+            }
         }
     }
 

@@ -12,9 +12,8 @@
 //! so a block may sit at any alignment (GGUF data is only 32-byte aligned). The arithmetic follows
 //! ggml's scalar C operation for operation: libggml-base, which holds these functions, is compiled with
 //! `-O3` and no `-march`, so it has no FMA contraction and no reassociated sums (checked on the wheel's
-//! `libggml-base.so`: not one `vfmadd`), and neither does Rust. Half-precision conversions go through
-//! `half`, whose round-to-nearest-even and canonical quiet NaN (`0x7e00 | sign`) match
-//! `GGML_FP32_TO_FP16` for every value these codecs produce (see the tests).
+//! `libggml-base.so`: not one `vfmadd`), and neither does Rust. Half-precision scales go through
+//! [`super::float`]'s restatement of ggml's f16 conversions.
 //!
 //! Speed without changing bits: the scale searches of all sub-blocks of a super-block run in SIMD
 //! lanes (see [`super::search`]), and every quantizer and dequantizer is also compiled for AVX2 and
@@ -27,12 +26,13 @@
 // Index loops mirror the C and walk several arrays in step; iterator chains would hide that.
 #![allow(clippy::needless_range_loop)]
 
+use super::float::{read_f16, write_f16};
 use super::search::{
-    make_q3_quants_lanes, make_qkx_quants_lanes, make_qp_quants, make_qx_quants,
+    first_absmax, make_q3_quants_lanes, make_qkx_quants_lanes, make_qp_quants, make_qx_quants,
     make_qx_quants_lanes, nearest_int, GROUP_MAX_EPS,
 };
+use super::simd::avx2_dispatch;
 use super::{Codec, QK_K};
-use half::f16;
 
 /// Bytes per block of each type (`sizeof(block_qX_K)` in `ggml-common.h`).
 pub const Q2_K_BYTES: usize = 84;
@@ -41,33 +41,6 @@ pub const Q4_K_BYTES: usize = 144;
 pub const Q5_K_BYTES: usize = 176;
 pub const Q6_K_BYTES: usize = 210;
 pub const Q8_K_BYTES: usize = 292;
-
-#[inline(always)]
-fn fp32_to_fp16(x: f32) -> [u8; 2] {
-    f16::from_f32(x).to_le_bytes()
-}
-
-/// ggml's `ggml_compute_fp16_to_fp32`, branch-free and inlined (it equals `half`'s conversion for all
-/// 65536 inputs, see the tests; `half` would check CPU features on every call of the hot dequantizers).
-#[inline(always)]
-fn fp16_to_fp32(b: [u8; 2]) -> f32 {
-    let w = (u16::from_le_bytes(b) as u32) << 16;
-    let sign = w & 0x8000_0000;
-    let two_w = w.wrapping_add(w);
-    let normalized = f32::from_bits((two_w >> 4) + (0xE0 << 23)) * f32::from_bits(0x0780_0000);
-    let denormalized = f32::from_bits((two_w >> 17) | (126 << 23)) - 0.5;
-    let bits = if two_w < (1 << 27) {
-        denormalized.to_bits()
-    } else {
-        normalized.to_bits()
-    };
-    f32::from_bits(sign | bits)
-}
-
-#[inline(always)]
-fn read_f16(block: &[u8], at: usize) -> f32 {
-    fp16_to_fp32([block[at], block[at + 1]])
-}
 
 /// Pairs each 256-element super-block of `x` with its `B` bytes in `y`, after checking the lengths.
 fn blocks_mut<'a, const B: usize>(
@@ -115,89 +88,75 @@ fn as_array_mut<T, const N: usize>(s: &mut [T]) -> &mut [T; N] {
     s.try_into().expect("chunks_exact yields whole chunks")
 }
 
-/// Every super-block of `x` with its bytes in `y` and, with an importance matrix, its 256 weights.
-/// This is the row loop of ggml's `quantize_qX_K`: without an imatrix every block goes through the
-/// reference quantizer (rows do not matter); with one, `x` is rows of `imatrix.len()` values and block
-/// `i` of each row gets weights `imatrix[256 i..256 (i + 1)]`.
+/// Every super-block of `x` with its bytes in `y` and its 256 importance weights: the row loop of
+/// ggml's `quantize_qX_K` with an imatrix, where `x` is rows of `imatrix.len()` values and block `i`
+/// of each row gets weights `imatrix[256 i..256 (i + 1)]`.
 #[inline(always)]
 fn blocks_with_weights<'a, const B: usize>(
     x: &'a [f32],
     y: &'a mut [u8],
-    imatrix: Option<&'a [f32]>,
+    imatrix: &'a [f32],
     what: &str,
-) -> impl Iterator<Item = (&'a [f32; QK_K], &'a mut [u8; B], Option<&'a [f32; QK_K]>)> {
-    let blocks_per_row = match imatrix {
-        None => 1,
-        Some(qw) => {
-            let n_per_row = qw.len();
-            assert!(
-                n_per_row > 0 && n_per_row.is_multiple_of(QK_K) && x.len().is_multiple_of(n_per_row),
-                "{what}: the importance matrix has {n_per_row} values, which does not divide the {} \
-                 values into rows of whole super-blocks",
-                x.len()
-            );
-            n_per_row / QK_K
-        }
-    };
+) -> impl Iterator<Item = (&'a [f32; QK_K], &'a mut [u8; B], &'a [f32; QK_K])> {
+    let n_per_row = imatrix.len();
+    assert!(
+        n_per_row > 0 && n_per_row.is_multiple_of(QK_K) && x.len().is_multiple_of(n_per_row),
+        "{what}: the importance matrix has {n_per_row} values, which does not divide the {} \
+         values into rows of whole super-blocks",
+        x.len()
+    );
+    let blocks_per_row = n_per_row / QK_K;
     blocks_mut::<B>(x, y, what)
         .enumerate()
         .map(move |(i, (xb, yb))| {
-            let qw = imatrix.map(|qw| as_array(&qw[(i % blocks_per_row) * QK_K..][..QK_K]));
+            let qw = as_array(&imatrix[(i % blocks_per_row) * QK_K..][..QK_K]);
             (xb, yb, qw)
         })
 }
 
-/// The body of every public K-quant dequantizer: `$block` on each block, compiled for AVX2 when the
-/// CPU has it (see [`quantize_blocks`]; same bits either way).
-macro_rules! dequantize_blocks {
-    ($bytes:expr, $what:expr, $block:ident, $x:expr, $y:expr) => {{
-        #[inline(always)]
-        fn run(x: &[u8], y: &mut [f32]) {
-            for (xb, yb) in blocks_out::<{ $bytes }>(x, y, $what) {
-                $block(xb, yb);
+/// Defines the four public row functions of one K-quant type around its block functions, each
+/// compiled for AVX2 as well (see [`super::simd`]): the reference quantizer, the importance-weighted
+/// one for rows of `quant_weights.len()` values (as ggml's `quantize_X` loops over rows), the pick
+/// between the two that `ggml_quantize_chunk` makes (weighted by `imatrix`, one weight per column,
+/// when given) and the dequantizer.
+macro_rules! row_functions {
+    ($ggml:literal, $bytes:ident, $quantize_block:ident, $dequantize_block:ident,
+     $quantize_ref:ident, $quantize_impl:ident, $quantize:ident, $dequantize:ident) => {
+        avx2_dispatch! {
+            #[doc = concat!($ggml, " reference quantizer over whole super-blocks; mirrors ggml's `quantize_row_", $ggml, "_ref`.")]
+            pub fn $quantize_ref(x: &[f32], y: &mut [u8]) {
+                for (xb, yb) in blocks_mut::<$bytes>(x, y, $ggml) {
+                    $quantize_block(xb, yb, None);
+                }
             }
         }
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx2")]
-            unsafe fn avx2(x: &[u8], y: &mut [f32]) {
-                run(x, y)
-            }
-            if super::search::use_avx2() {
-                // SAFETY: the CPU supports AVX2, checked just above.
-                return unsafe { avx2($x, $y) };
-            }
-        }
-        run($x, $y)
-    }};
-}
 
-/// The body of every public K-quant quantizer: runs `$block(x, y, weights)` on each super-block (see
-/// [`blocks_with_weights`]), compiled for AVX2 when the CPU has it so the lane-parallel searches run
-/// 8 lanes per instruction instead of 4. Same bits either way: only the vector width changes, never
-/// the order of operations, and Rust never fuses a multiply and an add. A macro rather than a generic
-/// function so that the block function is called directly, and inlined, inside the AVX2 function.
-macro_rules! quantize_blocks {
-    ($bytes:expr, $what:expr, $block:ident, $x:expr, $y:expr, $imatrix:expr) => {{
-        #[inline(always)]
-        fn run(x: &[f32], y: &mut [u8], imatrix: Option<&[f32]>) {
-            for (xb, yb, qw) in blocks_with_weights::<{ $bytes }>(x, y, imatrix, $what) {
-                $block(xb, yb, qw);
+        avx2_dispatch! {
+            #[doc = concat!("Importance-weighted ", $ggml, " quantizer for rows of `quant_weights.len()` values; mirrors ggml's `quantize_row_", $ggml, "_impl` (as looped over rows by `quantize_", $ggml, "`).")]
+            pub fn $quantize_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
+                for (xb, yb, qw) in blocks_with_weights::<$bytes>(x, y, quant_weights, $ggml) {
+                    $quantize_block(xb, yb, Some(qw));
+                }
             }
         }
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx2")]
-            unsafe fn avx2(x: &[f32], y: &mut [u8], imatrix: Option<&[f32]>) {
-                run(x, y, imatrix)
-            }
-            if super::search::use_avx2() {
-                // SAFETY: the CPU supports AVX2, checked just above.
-                return unsafe { avx2($x, $y, $imatrix) };
+
+        #[doc = concat!($ggml, " quantizer as `ggml_quantize_chunk` runs it: weighted by `imatrix` (one weight per column) when given, the reference quantizer otherwise.")]
+        pub fn $quantize(x: &[f32], y: &mut [u8], imatrix: Option<&[f32]>) {
+            match imatrix {
+                Some(qw) => $quantize_impl(x, y, qw),
+                None => $quantize_ref(x, y),
             }
         }
-        run($x, $y, $imatrix)
-    }};
+
+        avx2_dispatch! {
+            #[doc = concat!($ggml, " to f32; mirrors ggml's `dequantize_row_", $ggml, "`.")]
+            pub fn $dequantize(x: &[u8], y: &mut [f32]) {
+                for (xb, yb) in blocks_out::<$bytes>(x, y, $ggml) {
+                    $dequantize_block(xb, yb);
+                }
+            }
+        }
+    };
 }
 
 /// One super-block as `LANES` groups of `N` values, lane-major: `out[i][k] = x[N*k + i]`, the layout
@@ -211,6 +170,38 @@ fn transpose<const LANES: usize, const N: usize>(x: &[f32; QK_K]) -> [[f32; LANE
         }
     }
     out
+}
+
+/// A super-block and its importance weights in lanes, as ggml's imatrix K-quantizers compute them:
+/// `w = qw·sqrt(σ² + x²)` with `σ² = sigma2_scale·Σx²/256` (summed in element order; the scale is 1
+/// for Q2_K, 2 for Q3_K to Q5_K), and each lane's weight sum. Returns `(xt, wt, sw)`.
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+fn imatrix_weights_lanes<const LANES: usize, const N: usize>(
+    x: &[f32; QK_K],
+    qw: &[f32; QK_K],
+    sigma2_scale: f32,
+) -> ([[f32; LANES]; N], [[f32; LANES]; N], [f32; LANES]) {
+    let mut sumx2 = 0.0f32;
+    for j in 0..QK_K {
+        sumx2 += x[j] * x[j];
+    }
+    let sigma2 = sigma2_scale * sumx2 / QK_K as f32;
+    let xt = transpose::<LANES, N>(x);
+    let qwt = transpose::<LANES, N>(qw);
+    let mut wt = [[0f32; LANES]; N];
+    for i in 0..N {
+        for k in 0..LANES {
+            wt[i][k] = qwt[i][k] * (sigma2 + xt[i][k] * xt[i][k]).sqrt();
+        }
+    }
+    let mut sw = [0f32; LANES];
+    for i in 0..N {
+        for k in 0..LANES {
+            sw[k] += wt[i][k];
+        }
+    }
+    (xt, wt, sw)
 }
 
 /// The inverse of [`transpose`] for levels.
@@ -252,8 +243,8 @@ const Q2_DMIN: usize = 82;
 /// levels of the search.
 #[inline(always)]
 fn q2_k_requantize(x: &[f32; QK_K], y: &[u8; Q2_K_BYTES], levels: &mut [u8; QK_K]) {
-    let d_all = read_f16(y, Q2_D);
-    let dmin_all = read_f16(y, Q2_DMIN);
+    let d_all = read_f16(&y[Q2_D..]);
+    let dmin_all = read_f16(&y[Q2_DMIN..]);
     for j in 0..QK_K / 16 {
         let sc = y[Q2_SCALES + j];
         let d = d_all * (sc & 0xF) as f32;
@@ -301,10 +292,10 @@ fn quantize_block_q2_k_ref(x: &[f32; QK_K], y: &mut [u8; Q2_K_BYTES]) {
         for j in 0..QK_K / 16 {
             y[Q2_SCALES + j] = nearest_int(iscale * scales[j]) as u8;
         }
-        y[Q2_D..Q2_D + 2].copy_from_slice(&fp32_to_fp16(max_scale / Q4SCALE));
+        write_f16(&mut y[Q2_D..], max_scale / Q4SCALE);
     } else {
         y[Q2_SCALES..Q2_SCALES + 16].fill(0);
-        y[Q2_D..Q2_D + 2].copy_from_slice(&fp32_to_fp16(0.0));
+        write_f16(&mut y[Q2_D..], 0.0);
     }
     if max_min > 0.0 {
         let iscale = Q4SCALE / max_min;
@@ -312,9 +303,9 @@ fn quantize_block_q2_k_ref(x: &[f32; QK_K], y: &mut [u8; Q2_K_BYTES]) {
             let l = nearest_int(iscale * mins[j]);
             y[Q2_SCALES + j] |= (l << 4) as u8;
         }
-        y[Q2_DMIN..Q2_DMIN + 2].copy_from_slice(&fp32_to_fp16(max_min / Q4SCALE));
+        write_f16(&mut y[Q2_DMIN..], max_min / Q4SCALE);
     } else {
-        y[Q2_DMIN..Q2_DMIN + 2].copy_from_slice(&fp32_to_fp16(0.0));
+        write_f16(&mut y[Q2_DMIN..], 0.0);
     }
     q2_k_requantize(x, y, &mut levels);
     pack_2bit(&levels, &mut y[Q2_QS..Q2_QS + 64]);
@@ -323,28 +314,10 @@ fn quantize_block_q2_k_ref(x: &[f32; QK_K], y: &mut [u8; Q2_K_BYTES]) {
 #[inline(always)]
 fn quantize_block_q2_k_impl(x: &[f32; QK_K], y: &mut [u8; Q2_K_BYTES], qw: &[f32; QK_K]) {
     let mut levels = [0u8; QK_K];
-    let mut sw = [0f32; QK_K / 16];
     let mut ls = [0u8; QK_K / 16];
     let mut lm = [0u8; QK_K / 16];
 
-    let mut sumx2 = 0.0f32;
-    for j in 0..QK_K {
-        sumx2 += x[j] * x[j];
-    }
-    let sigma2 = sumx2 / QK_K as f32;
-    let xt = transpose::<16, 16>(x);
-    let qwt = transpose::<16, 16>(qw);
-    let mut wt = [[0f32; 16]; 16];
-    for i in 0..16 {
-        for k in 0..16 {
-            wt[i][k] = qwt[i][k] * (sigma2 + xt[i][k] * xt[i][k]).sqrt();
-        }
-    }
-    for i in 0..16 {
-        for k in 0..16 {
-            sw[k] += wt[i][k];
-        }
-    }
+    let (xt, wt, sw) = imatrix_weights_lanes::<16, 16>(x, qw, 1.0);
     let mut lt = [[0u8; 16]; 16];
     let mut laux = [[0f32; 16]; 16];
     let (scales, mins) =
@@ -353,8 +326,8 @@ fn quantize_block_q2_k_impl(x: &[f32; QK_K], y: &mut [u8; Q2_K_BYTES], qw: &[f32
 
     let dm = make_qp_quants(15, &scales, &mut ls, &sw);
     let mm = make_qp_quants(15, &mins, &mut lm, &sw);
-    y[Q2_D..Q2_D + 2].copy_from_slice(&fp32_to_fp16(dm));
-    y[Q2_DMIN..Q2_DMIN + 2].copy_from_slice(&fp32_to_fp16(mm));
+    write_f16(&mut y[Q2_D..], dm);
+    write_f16(&mut y[Q2_DMIN..], mm);
     for j in 0..QK_K / 16 {
         y[Q2_SCALES + j] = ls[j] | (lm[j] << 4);
     }
@@ -370,42 +343,21 @@ fn quantize_block_q2_k(x: &[f32; QK_K], y: &mut [u8; Q2_K_BYTES], qw: Option<&[f
     }
 }
 
-/// q2_K reference quantizer over whole super-blocks; mirrors ggml's `quantize_row_q2_K_ref`.
-pub fn quantize_row_q2_k_ref(x: &[f32], y: &mut [u8]) {
-    quantize_blocks!(Q2_K_BYTES, "q2_K", quantize_block_q2_k, x, y, None);
-}
-
-/// Importance-weighted q2_K quantizer for rows of `quant_weights.len()` values; mirrors ggml's
-/// `quantize_row_q2_K_impl` (as looped over rows by `quantize_q2_K`).
-pub fn quantize_row_q2_k_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-    quantize_blocks!(
-        Q2_K_BYTES,
-        "q2_K",
-        quantize_block_q2_k,
-        x,
-        y,
-        Some(quant_weights)
-    );
-}
-
-/// Q2_K quantizer as `ggml_quantize_chunk` runs it: weighted by `imatrix` (one weight per column)
-/// when given, the reference quantizer otherwise.
-pub fn quantize_row_q2_k(x: &[f32], y: &mut [u8], imatrix: Option<&[f32]>) {
-    match imatrix {
-        Some(qw) => quantize_row_q2_k_impl(x, y, qw),
-        None => quantize_row_q2_k_ref(x, y),
-    }
-}
-
-/// Q2_K to f32; mirrors ggml's `dequantize_row_q2_K`.
-pub fn dequantize_row_q2_k(x: &[u8], y: &mut [f32]) {
-    dequantize_blocks!(Q2_K_BYTES, "q2_K", dequantize_block_q2_k, x, y);
-}
+row_functions!(
+    "q2_K",
+    Q2_K_BYTES,
+    quantize_block_q2_k,
+    dequantize_block_q2_k,
+    quantize_row_q2_k_ref,
+    quantize_row_q2_k_impl,
+    quantize_row_q2_k,
+    dequantize_row_q2_k
+);
 
 #[inline(always)]
 fn dequantize_block_q2_k(xb: &[u8; Q2_K_BYTES], yb: &mut [f32; QK_K]) {
-    let d = read_f16(xb, Q2_D);
-    let min = read_f16(xb, Q2_DMIN);
+    let d = read_f16(&xb[Q2_D..]);
+    let min = read_f16(&xb[Q2_DMIN..]);
     let scales = &xb[Q2_SCALES..Q2_SCALES + 16];
     let mut out = 0;
     let mut is = 0;
@@ -462,7 +414,7 @@ fn q3_k_scale(scales: &[u8], j: usize) -> i8 {
 /// `quantize_row_q3_K_ref` and `quantize_row_q3_K_impl`).
 #[inline(always)]
 fn q3_k_finish(x: &[f32; QK_K], y: &mut [u8; Q3_K_BYTES], levels: &mut [i8; QK_K]) {
-    let d_all = read_f16(y, Q3_D);
+    let d_all = read_f16(&y[Q3_D..]);
     for j in 0..QK_K / 16 {
         let sc = q3_k_scale(&y[Q3_SCALES..Q3_SCALES + 12], j);
         let d = d_all * sc as f32;
@@ -517,36 +469,18 @@ fn quantize_block_q3_k_ref(x: &[f32; QK_K], y: &mut [u8; Q3_K_BYTES]) {
             let l = (l as i32).clamp(-32, 31) + 32;
             q3_k_put_scale(&mut y[Q3_SCALES..Q3_SCALES + 12], j, l);
         }
-        y[Q3_D..Q3_D + 2].copy_from_slice(&fp32_to_fp16(1.0 / iscale));
+        write_f16(&mut y[Q3_D..], 1.0 / iscale);
     } else {
-        y[Q3_D..Q3_D + 2].copy_from_slice(&fp32_to_fp16(0.0));
+        write_f16(&mut y[Q3_D..], 0.0);
     }
     q3_k_finish(x, y, &mut levels);
 }
 
 #[inline(always)]
 fn quantize_block_q3_k_impl(x: &[f32; QK_K], y: &mut [u8; Q3_K_BYTES], qw: &[f32; QK_K]) {
-    let mut sw = [0f32; QK_K / 16];
     let mut ls = [0i8; QK_K / 16];
 
-    let mut sumx2 = 0.0f32;
-    for j in 0..QK_K {
-        sumx2 += x[j] * x[j];
-    }
-    let sigma2 = 2.0 * sumx2 / QK_K as f32;
-    let xt = transpose::<16, 16>(x);
-    let qwt = transpose::<16, 16>(qw);
-    let mut wt = [[0f32; 16]; 16];
-    for i in 0..16 {
-        for k in 0..16 {
-            wt[i][k] = qwt[i][k] * (sigma2 + xt[i][k] * xt[i][k]).sqrt();
-        }
-    }
-    for i in 0..16 {
-        for k in 0..16 {
-            sw[k] += wt[i][k];
-        }
-    }
+    let (xt, wt, sw) = imatrix_weights_lanes::<16, 16>(x, qw, 2.0);
     let mut lt = [[0i8; 16]; 16];
     let mut laux = [[0f32; 16]; 16];
     let scales = make_qx_quants_lanes(4, &xt, &wt, &mut lt, &mut laux);
@@ -558,7 +492,7 @@ fn quantize_block_q3_k_impl(x: &[f32; QK_K], y: &mut [u8; Q3_K_BYTES], qw: &[f32
     for j in 0..QK_K / 16 {
         q3_k_put_scale(&mut y[Q3_SCALES..Q3_SCALES + 12], j, ls[j] as i32);
     }
-    y[Q3_D..Q3_D + 2].copy_from_slice(&fp32_to_fp16(d_block));
+    write_f16(&mut y[Q3_D..], d_block);
     q3_k_finish(x, y, &mut levels);
 }
 
@@ -570,40 +504,20 @@ fn quantize_block_q3_k(x: &[f32; QK_K], y: &mut [u8; Q3_K_BYTES], qw: Option<&[f
     }
 }
 
-/// q3_K reference quantizer over whole super-blocks; mirrors ggml's `quantize_row_q3_K_ref`.
-pub fn quantize_row_q3_k_ref(x: &[f32], y: &mut [u8]) {
-    quantize_blocks!(Q3_K_BYTES, "q3_K", quantize_block_q3_k, x, y, None);
-}
-
-/// Importance-weighted q3_K quantizer for rows of `quant_weights.len()` values; mirrors ggml's
-/// `quantize_row_q3_K_impl` (as looped over rows by `quantize_q3_K`).
-pub fn quantize_row_q3_k_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-    quantize_blocks!(
-        Q3_K_BYTES,
-        "q3_K",
-        quantize_block_q3_k,
-        x,
-        y,
-        Some(quant_weights)
-    );
-}
-
-/// Q3_K quantizer as `ggml_quantize_chunk` runs it (see [`quantize_row_q2_k`]).
-pub fn quantize_row_q3_k(x: &[f32], y: &mut [u8], imatrix: Option<&[f32]>) {
-    match imatrix {
-        Some(qw) => quantize_row_q3_k_impl(x, y, qw),
-        None => quantize_row_q3_k_ref(x, y),
-    }
-}
-
-/// Q3_K to f32; mirrors ggml's `dequantize_row_q3_K`.
-pub fn dequantize_row_q3_k(x: &[u8], y: &mut [f32]) {
-    dequantize_blocks!(Q3_K_BYTES, "q3_K", dequantize_block_q3_k, x, y);
-}
+row_functions!(
+    "q3_K",
+    Q3_K_BYTES,
+    quantize_block_q3_k,
+    dequantize_block_q3_k,
+    quantize_row_q3_k_ref,
+    quantize_row_q3_k_impl,
+    quantize_row_q3_k,
+    dequantize_row_q3_k
+);
 
 #[inline(always)]
 fn dequantize_block_q3_k(xb: &[u8; Q3_K_BYTES], yb: &mut [f32; QK_K]) {
-    let d_all = read_f16(xb, Q3_D);
+    let d_all = read_f16(&xb[Q3_D..]);
     let scale_bytes = &xb[Q3_SCALES..Q3_SCALES + 12];
     let hm = &xb[Q3_HMASK..Q3_HMASK + 32];
     let mut out = 0;
@@ -665,8 +579,8 @@ fn put_scale_min_k4(q: &mut [u8], j: usize, ls: u8, lm: u8) {
 /// scale is zero keep the levels of the search.
 #[inline(always)]
 fn qk4_requantize(x: &[f32; QK_K], block: &[u8], nmax: i32, levels: &mut [u8; QK_K]) {
-    let d_all = read_f16(block, QK4_D);
-    let dmin_all = read_f16(block, QK4_DMIN);
+    let d_all = read_f16(&block[QK4_D..]);
+    let dmin_all = read_f16(&block[QK4_DMIN..]);
     let scales = &block[QK4_SCALES..QK4_SCALES + 12];
     for j in 0..QK_K / 32 {
         let (sc, m) = get_scale_min_k4(j, scales);
@@ -738,8 +652,8 @@ fn qk4_ref_scales(
         let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
         put_scale_min_k4(&mut block[QK4_SCALES..QK4_SCALES + 12], j, ls, lm);
     }
-    block[QK4_D..QK4_D + 2].copy_from_slice(&fp32_to_fp16(max_scale / 63.0));
-    block[QK4_DMIN..QK4_DMIN + 2].copy_from_slice(&fp32_to_fp16(max_min / 63.0));
+    write_f16(&mut block[QK4_D..], max_scale / 63.0);
+    write_f16(&mut block[QK4_DMIN..], max_min / 63.0);
     qk4_requantize(x, block, nmax, levels);
 }
 
@@ -757,26 +671,8 @@ fn qk4_impl_scales(
 ) {
     let mut ls = [0u8; QK_K / 32];
     let mut lm = [0u8; QK_K / 32];
-    let mut sw = [0f32; QK_K / 32];
 
-    let mut sum_x2 = 0.0f32;
-    for l in 0..QK_K {
-        sum_x2 += x[l] * x[l];
-    }
-    let sigma2 = 2.0 * sum_x2 / QK_K as f32;
-    let xt = transpose::<8, 32>(x);
-    let qwt = transpose::<8, 32>(qw);
-    let mut wt = [[0f32; 8]; 32];
-    for i in 0..32 {
-        for k in 0..8 {
-            wt[i][k] = qwt[i][k] * (sigma2 + xt[i][k] * xt[i][k]).sqrt();
-        }
-    }
-    for i in 0..32 {
-        for k in 0..8 {
-            sw[k] += wt[i][k];
-        }
-    }
+    let (xt, wt, sw) = imatrix_weights_lanes::<8, 32>(x, qw, 2.0);
     let mut lt = [[0u8; 8]; 32];
     let mut laux = [[0f32; 8]; 32];
     let (scales, mins) = make_qkx_quants_lanes(
@@ -794,8 +690,8 @@ fn qk4_impl_scales(
         };
         put_scale_min_k4(&mut block[QK4_SCALES..QK4_SCALES + 12], j, s, m);
     }
-    block[QK4_D..QK4_D + 2].copy_from_slice(&fp32_to_fp16(d_block));
-    block[QK4_DMIN..QK4_DMIN + 2].copy_from_slice(&fp32_to_fp16(m_block));
+    write_f16(&mut block[QK4_D..], d_block);
+    write_f16(&mut block[QK4_DMIN..], m_block);
     qk4_requantize(x, block, nmax, levels);
 }
 
@@ -823,41 +719,21 @@ fn quantize_block_q4_k(x: &[f32; QK_K], y: &mut [u8; Q4_K_BYTES], qw: Option<&[f
     q4_k_pack(&levels, y);
 }
 
-/// q4_K reference quantizer over whole super-blocks; mirrors ggml's `quantize_row_q4_K_ref`.
-pub fn quantize_row_q4_k_ref(x: &[f32], y: &mut [u8]) {
-    quantize_blocks!(Q4_K_BYTES, "q4_K", quantize_block_q4_k, x, y, None);
-}
-
-/// Importance-weighted q4_K quantizer for rows of `quant_weights.len()` values; mirrors ggml's
-/// `quantize_row_q4_K_impl` (as looped over rows by `quantize_q4_K`).
-pub fn quantize_row_q4_k_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-    quantize_blocks!(
-        Q4_K_BYTES,
-        "q4_K",
-        quantize_block_q4_k,
-        x,
-        y,
-        Some(quant_weights)
-    );
-}
-
-/// Q4_K quantizer as `ggml_quantize_chunk` runs it (see [`quantize_row_q2_k`]).
-pub fn quantize_row_q4_k(x: &[f32], y: &mut [u8], imatrix: Option<&[f32]>) {
-    match imatrix {
-        Some(qw) => quantize_row_q4_k_impl(x, y, qw),
-        None => quantize_row_q4_k_ref(x, y),
-    }
-}
-
-/// Q4_K to f32; mirrors ggml's `dequantize_row_q4_K`.
-pub fn dequantize_row_q4_k(x: &[u8], y: &mut [f32]) {
-    dequantize_blocks!(Q4_K_BYTES, "q4_K", dequantize_block_q4_k, x, y);
-}
+row_functions!(
+    "q4_K",
+    Q4_K_BYTES,
+    quantize_block_q4_k,
+    dequantize_block_q4_k,
+    quantize_row_q4_k_ref,
+    quantize_row_q4_k_impl,
+    quantize_row_q4_k,
+    dequantize_row_q4_k
+);
 
 #[inline(always)]
 fn dequantize_block_q4_k(xb: &[u8; Q4_K_BYTES], yb: &mut [f32; QK_K]) {
-    let d = read_f16(xb, QK4_D);
-    let min = read_f16(xb, QK4_DMIN);
+    let d = read_f16(&xb[QK4_D..]);
+    let min = read_f16(&xb[QK4_DMIN..]);
     let scales = &xb[QK4_SCALES..QK4_SCALES + 12];
     for jb in 0..QK_K / 64 {
         let q = &xb[Q4_QS + 32 * jb..Q4_QS + 32 * jb + 32];
@@ -915,41 +791,21 @@ fn quantize_block_q5_k(x: &[f32; QK_K], y: &mut [u8; Q5_K_BYTES], qw: Option<&[f
     q5_k_pack(&levels, y);
 }
 
-/// q5_K reference quantizer over whole super-blocks; mirrors ggml's `quantize_row_q5_K_ref`.
-pub fn quantize_row_q5_k_ref(x: &[f32], y: &mut [u8]) {
-    quantize_blocks!(Q5_K_BYTES, "q5_K", quantize_block_q5_k, x, y, None);
-}
-
-/// Importance-weighted q5_K quantizer for rows of `quant_weights.len()` values; mirrors ggml's
-/// `quantize_row_q5_K_impl` (as looped over rows by `quantize_q5_K`).
-pub fn quantize_row_q5_k_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-    quantize_blocks!(
-        Q5_K_BYTES,
-        "q5_K",
-        quantize_block_q5_k,
-        x,
-        y,
-        Some(quant_weights)
-    );
-}
-
-/// Q5_K quantizer as `ggml_quantize_chunk` runs it (see [`quantize_row_q2_k`]).
-pub fn quantize_row_q5_k(x: &[f32], y: &mut [u8], imatrix: Option<&[f32]>) {
-    match imatrix {
-        Some(qw) => quantize_row_q5_k_impl(x, y, qw),
-        None => quantize_row_q5_k_ref(x, y),
-    }
-}
-
-/// Q5_K to f32; mirrors ggml's `dequantize_row_q5_K`.
-pub fn dequantize_row_q5_k(x: &[u8], y: &mut [f32]) {
-    dequantize_blocks!(Q5_K_BYTES, "q5_K", dequantize_block_q5_k, x, y);
-}
+row_functions!(
+    "q5_K",
+    Q5_K_BYTES,
+    quantize_block_q5_k,
+    dequantize_block_q5_k,
+    quantize_row_q5_k_ref,
+    quantize_row_q5_k_impl,
+    quantize_row_q5_k,
+    dequantize_row_q5_k
+);
 
 #[inline(always)]
 fn dequantize_block_q5_k(xb: &[u8; Q5_K_BYTES], yb: &mut [f32; QK_K]) {
-    let d = read_f16(xb, QK4_D);
-    let min = read_f16(xb, QK4_DMIN);
+    let d = read_f16(&xb[QK4_D..]);
+    let min = read_f16(&xb[QK4_DMIN..]);
     let scales = &xb[QK4_SCALES..QK4_SCALES + 12];
     let qh = &xb[Q5_QH..Q5_QH + 32];
     let mut u1 = 1u8;
@@ -1014,17 +870,17 @@ fn quantize_block_q6_k(x: &[f32; QK_K], y: &mut [u8; Q6_K_BYTES], qw: Option<&[f
 
     if max_abs_scale < GROUP_MAX_EPS {
         y.fill(0);
-        y[Q6_D..Q6_D + 2].copy_from_slice(&fp32_to_fp16(0.0));
+        write_f16(&mut y[Q6_D..], 0.0);
         return;
     }
 
     let iscale = -128.0f32 / max_scale;
-    y[Q6_D..Q6_D + 2].copy_from_slice(&fp32_to_fp16(1.0 / iscale));
+    write_f16(&mut y[Q6_D..], 1.0 / iscale);
     for ib in 0..QK_K / 16 {
         y[Q6_SCALES + ib] = nearest_int(iscale * scales[ib]).min(127) as i8 as u8;
     }
 
-    let d_all = read_f16(y, Q6_D);
+    let d_all = read_f16(&y[Q6_D..]);
     for j in 0..QK_K / 16 {
         let d = d_all * (y[Q6_SCALES + j] as i8) as f32;
         if d == 0.0 {
@@ -1052,40 +908,20 @@ fn quantize_block_q6_k(x: &[f32; QK_K], y: &mut [u8; Q6_K_BYTES], qw: Option<&[f
     }
 }
 
-/// q6_K reference quantizer over whole super-blocks; mirrors ggml's `quantize_row_q6_K_ref`.
-pub fn quantize_row_q6_k_ref(x: &[f32], y: &mut [u8]) {
-    quantize_blocks!(Q6_K_BYTES, "q6_K", quantize_block_q6_k, x, y, None);
-}
-
-/// Importance-weighted q6_K quantizer for rows of `quant_weights.len()` values; mirrors ggml's
-/// `quantize_row_q6_K_impl` (as looped over rows by `quantize_q6_K`).
-pub fn quantize_row_q6_k_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-    quantize_blocks!(
-        Q6_K_BYTES,
-        "q6_K",
-        quantize_block_q6_k,
-        x,
-        y,
-        Some(quant_weights)
-    );
-}
-
-/// Q6_K quantizer as `ggml_quantize_chunk` runs it (see [`quantize_row_q2_k`]).
-pub fn quantize_row_q6_k(x: &[f32], y: &mut [u8], imatrix: Option<&[f32]>) {
-    match imatrix {
-        Some(qw) => quantize_row_q6_k_impl(x, y, qw),
-        None => quantize_row_q6_k_ref(x, y),
-    }
-}
-
-/// Q6_K to f32; mirrors ggml's `dequantize_row_q6_K`.
-pub fn dequantize_row_q6_k(x: &[u8], y: &mut [f32]) {
-    dequantize_blocks!(Q6_K_BYTES, "q6_K", dequantize_block_q6_k, x, y);
-}
+row_functions!(
+    "q6_K",
+    Q6_K_BYTES,
+    quantize_block_q6_k,
+    dequantize_block_q6_k,
+    quantize_row_q6_k_ref,
+    quantize_row_q6_k_impl,
+    quantize_row_q6_k,
+    dequantize_row_q6_k
+);
 
 #[inline(always)]
 fn dequantize_block_q6_k(xb: &[u8; Q6_K_BYTES], yb: &mut [f32; QK_K]) {
-    let d = read_f16(xb, Q6_D);
+    let d = read_f16(&xb[Q6_D..]);
     for half in 0..2 {
         let ql = &xb[Q6_QL + 64 * half..Q6_QL + 64 * half + 64];
         let qh = &xb[Q6_QH + 32 * half..Q6_QH + 32 * half + 32];
@@ -1116,15 +952,7 @@ const Q8_BSUMS: usize = 260;
 /// For an all-zero block ggml leaves `bsums` unwritten; we write zeros there.
 pub fn quantize_row_q8_k_ref(x: &[f32], y: &mut [u8]) {
     for (xb, yb) in blocks_mut::<Q8_K_BYTES>(x, y, "q8_K") {
-        let mut max = 0.0f32;
-        let mut amax = 0.0f32;
-        for &v in xb {
-            let ax = v.abs();
-            if ax > amax {
-                amax = ax;
-                max = v;
-            }
-        }
+        let (max, amax) = first_absmax(xb);
         if amax == 0.0 {
             yb.fill(0);
             continue;
@@ -1151,9 +979,13 @@ pub fn quantize_row_q8_k(x: &[f32], y: &mut [u8], _imatrix: Option<&[f32]>) {
     quantize_row_q8_k_ref(x, y);
 }
 
-/// Q8_K to f32; mirrors ggml's `dequantize_row_q8_K`.
-pub fn dequantize_row_q8_k(x: &[u8], y: &mut [f32]) {
-    dequantize_blocks!(Q8_K_BYTES, "q8_K", dequantize_block_q8_k, x, y);
+avx2_dispatch! {
+    /// Q8_K to f32; mirrors ggml's `dequantize_row_q8_K`.
+    pub fn dequantize_row_q8_k(x: &[u8], y: &mut [f32]) {
+        for (xb, yb) in blocks_out::<Q8_K_BYTES>(x, y, "q8_K") {
+            dequantize_block_q8_k(xb, yb);
+        }
+    }
 }
 
 #[inline(always)]
@@ -1214,90 +1046,6 @@ pub const Q8_K: Codec = Codec {
 mod tests {
     use super::*;
 
-    /// ggml's `ggml_compute_fp32_to_fp16` (ggml-impl.h), restated: the conversion libggml-base uses
-    /// (it is built without F16C).
-    fn ggml_fp32_to_fp16(f: f32) -> u16 {
-        let scale_to_inf = f32::from_bits(0x7780_0000);
-        let scale_to_zero = f32::from_bits(0x0880_0000);
-        let mut base = (f.abs() * scale_to_inf) * scale_to_zero;
-        let w = f.to_bits();
-        let shl1_w = w.wrapping_add(w);
-        let sign = w & 0x8000_0000;
-        let bias = (shl1_w & 0xFF00_0000).max(0x7100_0000);
-        base += f32::from_bits((bias >> 1) + 0x0780_0000);
-        let bits = base.to_bits();
-        let nonsign = ((bits >> 13) & 0x7C00) + (bits & 0x0FFF);
-        ((sign >> 16)
-            | if shl1_w > 0xFF00_0000 {
-                0x7E00
-            } else {
-                nonsign
-            }) as u16
-    }
-
-    /// ggml's `ggml_compute_fp16_to_fp32`, restated.
-    fn ggml_fp16_to_fp32(h: u16) -> f32 {
-        let w = (h as u32) << 16;
-        let sign = w & 0x8000_0000;
-        let two_w = w.wrapping_add(w);
-        let normalized = f32::from_bits((two_w >> 4) + (0xE0 << 23)) * f32::from_bits(0x0780_0000);
-        let denormalized = f32::from_bits((two_w >> 17) | (126 << 23)) - 0.5;
-        let result = sign
-            | if two_w < (1 << 27) {
-                denormalized.to_bits()
-            } else {
-                normalized.to_bits()
-            };
-        f32::from_bits(result)
-    }
-
-    #[test]
-    fn half_matches_ggml_fp16_conversions() {
-        for h in 0..=u16::MAX {
-            assert_eq!(
-                fp16_to_fp32(h.to_le_bytes()).to_bits(),
-                ggml_fp16_to_fp32(h).to_bits(),
-                "f16 {h:#06x}"
-            );
-            assert_eq!(
-                f16::from_bits(h).to_f32().to_bits(),
-                ggml_fp16_to_fp32(h).to_bits(),
-                "half, f16 {h:#06x}"
-            );
-        }
-        // Every f32 with a stride prime to 2^32, plus the neighbourhoods of the f16 rounding
-        // boundaries (halfway points, subnormal and overflow edges), in both signs. NaNs only in the
-        // canonical quiet form arithmetic produces: ggml drops NaN payloads, `half` keeps some.
-        let mut bits: Vec<u32> = (0..=u32::MAX).step_by(4099).collect();
-        for h in 0..0x7C00u32 {
-            let mid =
-                (ggml_fp16_to_fp32(h as u16) as f64 + ggml_fp16_to_fp32(h as u16 + 1) as f64) / 2.0;
-            let mid = (mid as f32).to_bits();
-            bits.extend([mid.wrapping_sub(1), mid, mid + 1]);
-        }
-        bits.extend([
-            0x7F80_0000,
-            0x7FC0_0000,
-            0x477F_E000,
-            0x477F_F000,
-            0x477F_EFFF,
-            0x3380_0000,
-        ]);
-        for b in bits {
-            for f in [f32::from_bits(b), -f32::from_bits(b)] {
-                if f.is_nan() && (f.to_bits() & 0x7FFF_FFFF) != 0x7FC0_0000 {
-                    continue;
-                }
-                assert_eq!(
-                    u16::from_le_bytes(fp32_to_fp16(f)),
-                    ggml_fp32_to_fp16(f),
-                    "f32 {:#010x}",
-                    f.to_bits()
-                );
-            }
-        }
-    }
-
     #[test]
     fn blocks_are_read_at_any_alignment() {
         let x: Vec<f32> = (0..512)
@@ -1353,27 +1101,25 @@ mod tests {
         ];
         for (quantize, dequantize, bytes) in codecs {
             for imat in [None, Some(&imatrix[..])] {
-                let mut dispatched = vec![0u8; x.len() / QK_K * bytes];
-                quantize(&x, &mut dispatched, imat);
-                crate::quant::search::PORTABLE_ONLY
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                let mut portable = vec![0u8; dispatched.len()];
-                quantize(&x, &mut portable, imat);
-                crate::quant::search::PORTABLE_ONLY
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                let quantized = || {
+                    let mut y = vec![0u8; x.len() / QK_K * bytes];
+                    quantize(&x, &mut y, imat);
+                    y
+                };
+                let dispatched = quantized();
+                let portable = crate::quant::simd::portable_only(quantized);
                 assert!(
                     portable == dispatched,
                     "{bytes}-byte blocks, imatrix {}",
                     imat.is_some()
                 );
-                let mut dispatched_f32 = vec![0f32; x.len()];
-                dequantize(&dispatched, &mut dispatched_f32);
-                crate::quant::search::PORTABLE_ONLY
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                let mut portable_f32 = vec![0f32; x.len()];
-                dequantize(&dispatched, &mut portable_f32);
-                crate::quant::search::PORTABLE_ONLY
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                let dequantized = || {
+                    let mut y = vec![0f32; x.len()];
+                    dequantize(&dispatched, &mut y);
+                    y
+                };
+                let dispatched_f32 = dequantized();
+                let portable_f32 = crate::quant::simd::portable_only(dequantized);
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert!(
                     bits(&portable_f32) == bits(&dispatched_f32),

@@ -13,6 +13,7 @@ use super::float::{read_f16, write_f16};
 use super::search::{
     make_qkx3_quants, make_qkx_quants_lanes, make_qx_quants, make_qx_quants_lanes,
 };
+use super::simd::avx2_dispatch;
 use super::Codec;
 
 /// Elements per block of every legacy type (`QK4_0`, `QK4_1`, `QK5_0`, `QK5_1`, `QK8_0`, `QK8_1`).
@@ -158,43 +159,6 @@ fn block_weights(xb: &[f32], qw: &[f32], sigma2: f32) -> [f32; QK] {
 /// Blocks searched side by side, one per SIMD lane, by the importance-weighted quantizers.
 const LANES: usize = 8;
 
-/// Defines the `pub fn` it is given, compiled for AVX2 as well and dispatched to it when the CPU has
-/// it: the lane searches then run 8 lanes per instruction instead of 4, conversions 8 values at once. Same bits either way: only the vector width changes, never the order of
-/// operations, and Rust never fuses a multiply and an add (the same scheme as `kquants`).
-macro_rules! with_avx2_dispatch {
-    ($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $(#[$doc])*
-        pub fn $name($($arg: $ty),*) {
-            #[inline(always)]
-            fn run($($arg: $ty),*) $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2")]
-                unsafe fn avx2($($arg: $ty),*) {
-                    run($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx2") && !portable_only() {
-                    // SAFETY: the CPU supports AVX2, checked just above.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            run($($arg),*)
-        }
-    };
-}
-
-/// Tests set this to run the portable (baseline x86-64) build on a CPU with AVX2.
-#[cfg(test)]
-static PORTABLE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-#[inline(always)]
-fn portable_only() -> bool {
-    #[cfg(test)]
-    return PORTABLE_ONLY.load(std::sync::atomic::Ordering::Relaxed);
-    #[cfg(not(test))]
-    false
-}
-
 /// Value `i` of block `k` at `xt[i][k]`: the lane layout of the `search::*_lanes` functions.
 #[inline(always)]
 fn to_lanes(
@@ -337,6 +301,18 @@ fn pack_5bit(levels: &[u8; QK], qs: &mut [u8], qh_out: &mut [u8]) {
     qh_out[..4].copy_from_slice(&qh.to_le_bytes());
 }
 
+/// The nibble packing of the Q4_0 and Q4_1 reference quantizers: C's `MIN(15, (int8_t)v)` compared as
+/// int and stored as `uint8_t`, element `j` in the low nibble of byte `j`, element `j + 16` in its high
+/// nibble.
+#[inline(always)]
+fn pack_4bit_ref(q: &[i32; QK], out: &mut [u8]) {
+    for j in 0..QK / 2 {
+        let xi0 = (q[j] as i8).min(15) as u8;
+        let xi1 = (q[QK / 2 + j] as i8).min(15) as u8;
+        out[j] = xi0 | (xi1 << 4);
+    }
+}
+
 // ===================================== Q4_0 =====================================
 // block_q4_0: d (f16) | qs[16] (element j in the low nibble of byte j, element j+16 in its high nibble)
 
@@ -353,17 +329,11 @@ pub fn quantize_row_q4_0_ref(x: &[f32], y: &mut [u8]) {
         for (vj, &xj) in v.iter_mut().zip(xb) {
             *vj = xj * id + 8.5;
         }
-        let q = c_float_to_int_block(&v);
-        for j in 0..QK / 2 {
-            // C: MIN(15, (int8_t)(x*id + 8.5f)) compared as int, then stored as uint8_t.
-            let xi0 = (q[j] as i8).min(15) as u8;
-            let xi1 = (q[QK / 2 + j] as i8).min(15) as u8;
-            yb[2 + j] = xi0 | (xi1 << 4);
-        }
+        pack_4bit_ref(&c_float_to_int_block(&v), &mut yb[2..]);
     }
 }
 
-with_avx2_dispatch! {
+avx2_dispatch! {
     /// Mirrors `quantize_row_q4_0_impl`: per block, `make_qx_quants(32, 8, x, L, 1, w)` with
     /// `w = imatrix * sqrt(sigma2 + x²)`.
     pub fn quantize_row_q4_0_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
@@ -407,16 +377,11 @@ pub fn quantize_row_q4_1_ref(x: &[f32], y: &mut [u8]) {
         for (vj, &xj) in v.iter_mut().zip(xb) {
             *vj = (xj - min) * id + 0.5;
         }
-        let q = c_float_to_int_block(&v);
-        for j in 0..QK / 2 {
-            let xi0 = (q[j] as i8).min(15) as u8;
-            let xi1 = (q[QK / 2 + j] as i8).min(15) as u8;
-            yb[4 + j] = xi0 | (xi1 << 4);
-        }
+        pack_4bit_ref(&c_float_to_int_block(&v), &mut yb[4..]);
     }
 }
 
-with_avx2_dispatch! {
+avx2_dispatch! {
     /// Mirrors `quantize_row_q4_1_impl`: per block, `make_qkx3_quants(32, 15, x, w, L, &min, Laux, -0.9,
     /// 0.05, 36, false)` with `w = imatrix * sqrt(sigma2 + x²)`; stores `d` and `m = -min`.
     pub fn quantize_row_q4_1_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
@@ -476,7 +441,7 @@ fn read_qh(b: &[u8]) -> u32 {
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
-with_avx2_dispatch! {
+avx2_dispatch! {
     /// Mirrors `quantize_row_q5_0_impl`: per block, `make_qx_quants(32, 16, x, L, 1, w)` with
     /// `w = imatrix * sqrt(sigma2 + x²)`.
     pub fn quantize_row_q5_0_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
@@ -533,7 +498,7 @@ pub fn quantize_row_q5_1_ref(x: &[f32], y: &mut [u8]) {
     }
 }
 
-with_avx2_dispatch! {
+avx2_dispatch! {
     /// Mirrors `quantize_row_q5_1_impl`: per block, `make_qkx3_quants(32, 31, x, w, L, &min, Laux, -0.9,
     /// 0.05, 36, false)` with `w = imatrix * sqrt(sigma2 + x²)`; stores `d` and `m = -min`.
     pub fn quantize_row_q5_1_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
@@ -569,28 +534,35 @@ pub fn dequantize_row_q5_1(x: &[u8], y: &mut [f32]) {
 
 const Q8_0_BYTES: usize = 34;
 
+/// The scale and levels of one Q8_0/Q8_1 block as their reference quantizers compute them:
+/// `d = amax / 127`, `q = roundf(x / d)` (ties away from zero).
+#[inline(always)]
+fn q8_block(xb: &[f32]) -> (f32, [i32; QK]) {
+    let mut amax = 0.0f32;
+    for &v in xb {
+        amax = amax.max(v.abs());
+    }
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut v = [0f32; QK];
+    for (vj, &xj) in v.iter_mut().zip(xb) {
+        *vj = xj * id;
+    }
+    (d, c_round_to_int_block(&v))
+}
+
 /// Mirrors `quantize_row_q8_0_ref`: `d = amax / 127`, `q = roundf(x / d)` (ties away from zero).
 pub fn quantize_row_q8_0_ref(x: &[f32], y: &mut [u8]) {
     for (xb, yb) in x.chunks_exact(QK).zip(y.chunks_exact_mut(Q8_0_BYTES)) {
-        let mut amax = 0.0f32;
-        for &v in xb {
-            amax = amax.max(v.abs());
-        }
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let (d, q) = q8_block(xb);
         write_f16(&mut yb[0..2], d);
-        let mut v = [0f32; QK];
-        for (vj, &xj) in v.iter_mut().zip(xb) {
-            *vj = xj * id;
-        }
-        let q = c_round_to_int_block(&v);
         for (out, &qj) in yb[2..].iter_mut().zip(&q) {
             *out = qj as u8;
         }
     }
 }
 
-with_avx2_dispatch! {
+avx2_dispatch! {
     /// Mirrors `dequantize_row_q8_0`: `q * d`.
     pub fn dequantize_row_q8_0(x: &[u8], y: &mut [f32]) {
         for (xb, yb) in x.chunks_exact(Q8_0_BYTES).zip(y.chunks_exact_mut(QK)) {
@@ -611,18 +583,8 @@ const Q8_1_BYTES: usize = 36;
 /// Mirrors `quantize_row_q8_1_ref`: as Q8_0, plus `s = Σq * d`.
 pub fn quantize_row_q8_1_ref(x: &[f32], y: &mut [u8]) {
     for (xb, yb) in x.chunks_exact(QK).zip(y.chunks_exact_mut(Q8_1_BYTES)) {
-        let mut amax = 0.0f32;
-        for &v in xb {
-            amax = amax.max(v.abs());
-        }
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let (d, q) = q8_block(xb);
         write_f16(&mut yb[0..2], d);
-        let mut v = [0f32; QK];
-        for (vj, &xj) in v.iter_mut().zip(xb) {
-            *vj = xj * id;
-        }
-        let q = c_round_to_int_block(&v);
         let mut sum = 0i32;
         for (out, &qj) in yb[4..].iter_mut().zip(&q) {
             *out = qj as u8;
@@ -692,18 +654,6 @@ mod tests {
         (min, max)
     }
 
-    /// ggml's signed-absmax loop, restated plainly.
-    fn sequential_signed_absmax(x: &[f32]) -> f32 {
-        let (mut amax, mut max) = (0.0f32, 0.0f32);
-        for &v in x {
-            if amax < v.abs() {
-                amax = v.abs();
-                max = v;
-            }
-        }
-        max
-    }
-
     #[test]
     fn lane_signed_absmax_picks_the_first_extreme_like_ggml() {
         let mut state = 11u32;
@@ -715,7 +665,10 @@ mod tests {
                 let m = [0.0f32, 1.5, 2.0, 1e-40][((state >> 20) % 4) as usize];
                 *v = if state >> 31 == 0 { m } else { -m };
             }
-            let (a, b) = (signed_absmax(&block), sequential_signed_absmax(&block));
+            let (a, b) = (
+                signed_absmax(&block),
+                crate::quant::search::first_absmax(&block).0,
+            );
             assert_eq!(a.to_bits(), b.to_bits(), "{block:?}");
         }
     }
@@ -773,16 +726,14 @@ mod tests {
         ];
         for (f, bytes) in impls {
             let row_bytes = n_per_row / QK * bytes;
-            let run = |portable: bool| {
-                PORTABLE_ONLY.store(portable, std::sync::atomic::Ordering::Relaxed);
+            let run = || {
                 let mut y = vec![0u8; row_bytes * 40];
                 for (xr, yr) in x.chunks(n_per_row).zip(y.chunks_mut(row_bytes)) {
                     f(xr, yr, &w);
                 }
                 y
             };
-            let (portable, dispatched) = (run(true), run(false));
-            PORTABLE_ONLY.store(false, std::sync::atomic::Ordering::Relaxed);
+            let (portable, dispatched) = (crate::quant::simd::portable_only(run), run());
             assert_eq!(portable, dispatched);
         }
         // Q8_0 dequantization, on random bytes with finite scales.
@@ -791,14 +742,12 @@ mod tests {
             .enumerate()
             .map(|(i, b)| if i % Q8_0_BYTES == 1 { b & 0x7B } else { b })
             .collect();
-        let deq = |portable: bool| {
-            PORTABLE_ONLY.store(portable, std::sync::atomic::Ordering::Relaxed);
+        let deq = || {
             let mut y = vec![0f32; 64 * QK];
             dequantize_row_q8_0(&bytes, &mut y);
             y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
         };
-        let (portable, dispatched) = (deq(true), deq(false));
-        PORTABLE_ONLY.store(false, std::sync::atomic::Ordering::Relaxed);
+        let (portable, dispatched) = (crate::quant::simd::portable_only(deq), deq());
         assert_eq!(portable, dispatched);
     }
 }

@@ -18,6 +18,7 @@ pub mod iquants;
 pub mod kquants;
 pub mod legacy;
 pub mod search;
+pub(crate) mod simd;
 
 use std::fmt;
 

@@ -63,15 +63,7 @@ pub fn make_qx_quants(
     let n = x.len();
     let l = &mut l[..n];
     let qw = qw.map(|w| &w[..n]);
-    let mut max = 0.0f32;
-    let mut amax = 0.0f32;
-    for &xi in x {
-        let ax = xi.abs();
-        if ax > amax {
-            amax = ax;
-            max = xi;
-        }
-    }
+    let (max, amax) = first_absmax(x);
     if amax < GROUP_MAX_EPS {
         l.fill(0);
         return 0.0;
@@ -153,16 +145,7 @@ pub fn make_qx_quants_lanes<const LANES: usize>(
 ) -> [f32; LANES] {
     let n = xt.len();
     assert!(wt.len() == n && lt.len() == n && laux.len() == n);
-    let mut max = [0f32; LANES];
-    let mut amax = [0f32; LANES];
-    for x in xt {
-        for k in 0..LANES {
-            let ax = x[k].abs();
-            let bigger = ax > amax[k];
-            amax[k] = if bigger { ax } else { amax[k] };
-            max[k] = if bigger { x[k] } else { max[k] };
-        }
-    }
+    let (max, amax) = first_absmax_lanes(xt);
     let nmaxf = nmax as f32;
     let mut iscale = [0f32; LANES];
     for k in 0..LANES {
@@ -245,11 +228,10 @@ pub fn make_qx_quants_lanes<const LANES: usize>(
     scale
 }
 
-/// Symmetric quantization to `-nmax..nmax-1` (stored offset by `nmax`) refined by coordinate descent
-/// on the `x²`-weighted error when `do_rmse`; returns the scale. Mirrors ggml's `make_q3_quants`.
-pub fn make_q3_quants(nmax: i32, x: &[f32], l: &mut [i8], do_rmse: bool) -> f32 {
-    let n = x.len();
-    let l = &mut l[..n];
+/// The value of largest magnitude in `x` and that magnitude, the first one on ties: ggml's
+/// `if (ax > amax) { amax = ax; max = x[i]; }` loop. `(0, 0)` when every value is zero.
+#[inline(always)]
+pub(crate) fn first_absmax(x: &[f32]) -> (f32, f32) {
     let mut max = 0.0f32;
     let mut amax = 0.0f32;
     for &xi in x {
@@ -259,6 +241,31 @@ pub fn make_q3_quants(nmax: i32, x: &[f32], l: &mut [i8], do_rmse: bool) -> f32 
             max = xi;
         }
     }
+    (max, amax)
+}
+
+/// [`first_absmax`] per lane, branch-free.
+#[inline(always)]
+fn first_absmax_lanes<const LANES: usize>(xt: &[[f32; LANES]]) -> ([f32; LANES], [f32; LANES]) {
+    let mut max = [0f32; LANES];
+    let mut amax = [0f32; LANES];
+    for x in xt {
+        for k in 0..LANES {
+            let ax = x[k].abs();
+            let bigger = ax > amax[k];
+            amax[k] = if bigger { ax } else { amax[k] };
+            max[k] = if bigger { x[k] } else { max[k] };
+        }
+    }
+    (max, amax)
+}
+
+/// Symmetric quantization to `-nmax..nmax-1` (stored offset by `nmax`) refined by coordinate descent
+/// on the `x²`-weighted error when `do_rmse`; returns the scale. Mirrors ggml's `make_q3_quants`.
+pub fn make_q3_quants(nmax: i32, x: &[f32], l: &mut [i8], do_rmse: bool) -> f32 {
+    let n = x.len();
+    let l = &mut l[..n];
+    let (max, amax) = first_absmax(x);
     if amax < GROUP_MAX_EPS {
         l.fill(0);
         return 0.0;
@@ -327,16 +334,7 @@ pub fn make_q3_quants_lanes<const LANES: usize>(
 ) -> [f32; LANES] {
     let n = xt.len();
     assert!(lt.len() == n && laux.len() == n);
-    let mut max = [0f32; LANES];
-    let mut amax = [0f32; LANES];
-    for x in xt {
-        for k in 0..LANES {
-            let ax = x[k].abs();
-            let bigger = ax > amax[k];
-            amax[k] = if bigger { ax } else { amax[k] };
-            max[k] = if bigger { x[k] } else { max[k] };
-        }
-    }
+    let (max, amax) = first_absmax_lanes(xt);
     let mut iscale = [0f32; LANES];
     for k in 0..LANES {
         iscale[k] = (-nmax) as f32 / max[k];
@@ -583,22 +581,6 @@ pub fn make_qkx3_quants(
     )
 }
 
-/// Whether code compiled for AVX2 may run: the CPU has AVX2 and no test asked for the portable code.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-pub(crate) fn use_avx2() -> bool {
-    #[cfg(test)]
-    if PORTABLE_ONLY.load(std::sync::atomic::Ordering::Relaxed) {
-        return false;
-    }
-    std::arch::is_x86_feature_detected!("avx2")
-}
-
-/// Tests set this to run the portable code on a CPU with AVX2.
-#[cfg(all(test, target_arch = "x86_64"))]
-pub(crate) static PORTABLE_ONLY: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
-
 /// The level pass of the `qkx` search, per lane: `l = clamp(nearest_int(iscale·(x − min)), 0, nmax)`
 /// into `laux` (as floats), and the weighted sums `Σ w·l`, `Σ w·l·l`, `Σ w·l·x` in element order.
 #[inline(always)]
@@ -611,7 +593,7 @@ fn qkx_levels_and_sums<const LANES: usize>(
     laux: &mut [[f32; LANES]],
 ) -> ([f32; LANES], [f32; LANES], [f32; LANES]) {
     #[cfg(target_arch = "x86_64")]
-    if LANES == 8 && use_avx2() {
+    if LANES == 8 && super::simd::use_avx2() {
         // SAFETY: AVX2 is present (checked by use_avx2); the kernel reads and writes 8 floats per
         // element of slices whose lengths it asserts.
         let (a, b, c) = unsafe {
@@ -658,7 +640,7 @@ fn qkx_weighted_error<const LANES: usize>(
     use_mad: bool,
 ) -> [f32; LANES] {
     #[cfg(target_arch = "x86_64")]
-    if LANES == 8 && use_avx2() {
+    if LANES == 8 && super::simd::use_avx2() {
         // SAFETY: as in qkx_levels_and_sums.
         let e = unsafe {
             avx2::qkx_weighted_error(

@@ -85,6 +85,42 @@ fn render_gguf(r: &GgufReport) -> String {
     }
     out.push_str(&head.render(0));
 
+    if let Some(b) = &r.bundle {
+        let _ = writeln!(
+            out,
+            "\nNamed bundle: {} adapter(s); select one as {}#NAME",
+            b.adapters.len(),
+            r.path
+        );
+        let mut t = Table::new(&[
+            "name", "format", ">alpha", ">scale", ">targets", ">rank", ">layers", "modules",
+        ]);
+        for a in &b.adapters {
+            let (lo, hi) = (a.entry.ranks.iter().min(), a.entry.ranks.iter().max());
+            let rank = match (lo, hi) {
+                (Some(l), Some(h)) if l == h => l.to_string(),
+                (Some(l), Some(h)) => format!("{l}..{h}"),
+                _ => "-".into(),
+            };
+            let layers = match (a.layers.first(), a.layers.last()) {
+                (Some(f), Some(l)) => format!("{} ({f}..{l})", a.layers.len()),
+                _ => "0".into(),
+            };
+            let opt = |v: Option<f32>| v.map_or_else(|| "-".into(), |x| x.to_string());
+            t.row(vec![
+                a.entry.name.clone(),
+                a.entry.format.clone().unwrap_or_default(),
+                opt(a.entry.alpha),
+                opt(a.entry.scale),
+                a.entry.targets.len().to_string(),
+                rank,
+                layers,
+                a.modules.join(","),
+            ]);
+        }
+        out.push_str(&t.render(2));
+    }
+
     if r.shards.len() > 1 {
         let _ = writeln!(out, "\nShards");
         let mut t = Table::new(&[">#", "path", ">size", ">keys", ">tensors"]);

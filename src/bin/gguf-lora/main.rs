@@ -12,6 +12,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bundle;
 mod convert;
 mod inspect;
 mod lora_args;
@@ -41,6 +42,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    Bundle(bundle::Args),
     Convert(convert::Args),
     Inspect(inspect::Args),
     /// Bake LoRA adapters into a base GGUF, keeping each tensor's quantization.
@@ -54,6 +56,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: anyhow::Result<Outcome> = match cli.command {
+        Command::Bundle(args) => bundle::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Merge(args) => merge::run(args),

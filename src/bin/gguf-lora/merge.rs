@@ -94,9 +94,6 @@ fn load_adapter(spec: &str, scale: f32, base: &GgufModel) -> anyhow::Result<Adap
     let name = path
         .file_name()
         .map_or_else(|| spec.to_string(), |n| n.to_string_lossy().into_owned());
-    if spec.contains(".gguf#") {
-        bail!("{spec}: named bundles are not supported by merge yet");
-    }
     Ok(read_adapter(path, base, name, scale)?)
 }
 
