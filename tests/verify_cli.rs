@@ -66,6 +66,19 @@ fn f32_merges_pass_when_correct_and_fail_with_exit_3_when_wrong() {
     assert_eq!(code, 0, "{stdout}");
     assert!(stdout.contains("PASS"), "{stdout}");
 
+    // The same adapter selected from a named bundle (BUNDLE.gguf#NAME) is read by the one adapter
+    // reader merge and convert use, and passes the same way.
+    let bundle = p("named.gguf");
+    common::gguf_lora()
+        .args(["bundle", "--mode", "named", "-o", &s(&bundle)])
+        .arg(format!("std={a}"))
+        .assert()
+        .success();
+    let member = format!("{}#std", s(&bundle));
+    let (code, stdout, stderr) = verify(&[&b, "--lora", &member, "--merged", &s(&p("ok.gguf"))]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("PASS"), "{stdout}");
+
     for (name, want) in [
         ("s08.gguf", "share of the adapter's effect kept"),
         ("skip.gguf", "mean KL(runtime||merged)"),

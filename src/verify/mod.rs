@@ -36,7 +36,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::adapter;
-use crate::arch::{self, BaseInfo};
+use crate::arch::BaseInfo;
 use crate::gguf::GgufModel;
 use compare::{Comparison, Fidelity, Thresholds};
 use forward::{Logits, Model};
@@ -231,40 +231,11 @@ pub fn run(
     })
 }
 
-/// What `BaseInfo` the PEFT reader needs, from a base GGUF.
-fn base_info(base: &GgufModel) -> BaseInfo {
-    let md = base.metadata();
-    let arch_name = md.get_str("general.architecture").unwrap_or("").to_string();
-    let key = |k: &str| format!("{arch_name}.{k}");
-    BaseInfo {
-        n_layer: md.get_uint(&key("block_count")).map(|v| v as u32),
-        n_head: md.get_uint(&key("attention.head_count")).map(|v| v as u32),
-        n_head_kv: md
-            .get_uint(&key("attention.head_count_kv"))
-            .map(|v| v as u32),
-        n_embd: md.get_uint(&key("embedding_length")),
-        name: md.get_str("general.name").map(str::to_string),
-        tensors: Some(
-            base.tensors()
-                .map(|(_, t)| {
-                    (
-                        t.name.clone(),
-                        arch::BaseTensor {
-                            dims: t.dims.clone(),
-                            ty: t.ty,
-                        },
-                    )
-                })
-                .collect(),
-        ),
-        arch: arch_name,
-    }
-}
-
 /// Reads a PEFT adapter (directory or `.safetensors` with its config), mapped onto `base`, refusing
 /// what llama.cpp could not apply at runtime (there would be no reference to verify against).
 fn read_peft_adapter(base: &GgufModel, path: &Path) -> Result<adapter::Adapter> {
-    let (adapter, issues) = adapter::peft::read(path, &base_info(base))?;
+    let info = BaseInfo::from_model(base).map_err(|m| anyhow::anyhow!("base model: {m}"))?;
+    let (adapter, issues) = adapter::peft::read(path, &info)?;
     if let Some(issue) = issues.first() {
         bail!(
             "{}: {} ({} problem(s) mapping it onto the base)",
@@ -287,9 +258,6 @@ pub fn load_adapters(base: &GgufModel, specs: &[(String, f32)]) -> Result<Runtim
     let mut set = RuntimeLora::new();
     for (spec, scale) in specs {
         let path = Path::new(spec);
-        if spec.contains(".gguf#") && !path.exists() {
-            bail!("{spec}: adapters inside named bundles are not supported by verify yet; extract it with `gguf-lora bundle --extract`");
-        }
         let adapter = if adapter::peft::is_peft(path) && !spec.ends_with(".gguf") {
             read_peft_adapter(base, path)?
         } else {

@@ -5,8 +5,8 @@ use anyhow::{bail, Result};
 
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct LoraArgs {
-    /// Adapter(s) at scale 1: GGUF LoRA file, PEFT directory or PEFT .safetensors. Comma-separated,
-    /// repeatable.
+    /// Adapter(s) at scale 1: GGUF LoRA file, PEFT directory or PEFT .safetensors, or
+    /// BUNDLE.gguf#NAME. Comma-separated, repeatable.
     #[arg(long = "lora", value_name = "ADAPTER[,ADAPTER...]")]
     pub lora: Vec<String>,
     /// Adapter(s) with a user scale (multiplies alpha/rank). Comma-separated, repeatable.
