@@ -97,7 +97,8 @@ pub struct Summary {
     pub seconds: Seconds,
 }
 
-/// Where the time went. Phases inside the merge are CPU seconds summed over worker threads; `sample`
+/// Where the time went. Phases inside the merge are elapsed seconds summed over worker threads (on a
+/// busy machine they include time spent waiting for a core, so compare shares, not totals); `sample`
 /// (trying candidate types before streaming) and `stream` are wall seconds; `write` is the writer
 /// thread's busy time (copying untouched tensors and writing merged ones), overlapped with the rest.
 #[derive(Clone, Debug, Default, Serialize)]
