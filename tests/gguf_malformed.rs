@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use common::inspect_limited;
+use common::{inspect_limited, refusal_failures};
 
 /// Builds GGUF bytes field by field.
 #[derive(Clone, Default)]
@@ -344,30 +344,9 @@ fn the_valid_base_file_is_accepted() {
 
 #[test]
 fn malformed_files_are_rejected_with_a_precise_message() {
-    let dir = tempfile::tempdir().unwrap();
     let cases = cases();
     assert!(cases.len() >= 25, "{} cases", cases.len());
-    let mut failures = Vec::new();
-    for (name, bytes, expect) in &cases {
-        let p = dir.path().join(format!("{name}.gguf"));
-        std::fs::write(&p, bytes).unwrap();
-        let out = inspect_limited(&p);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        // Shown with --nocapture, to read the messages.
-        println!("{name}: {}", stderr.trim_end());
-        let ok = out.status.code() == Some(1)
-            && out.stdout.is_empty()
-            && !stderr.contains("panicked")
-            && stderr.contains(&format!("{name}.gguf"))
-            && stderr.contains(expect)
-            && stderr.trim_end().lines().count() == 1;
-        if !ok {
-            failures.push(format!(
-                "{name}: exit {:?}, stderr: {stderr}",
-                out.status.code()
-            ));
-        }
-    }
+    let failures = refusal_failures("gguf", &cases);
     assert!(
         failures.is_empty(),
         "expected: exit 1 and a one-line message naming the file and the problem\n{}",

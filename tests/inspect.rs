@@ -3,24 +3,8 @@
 
 mod common;
 
-use common::gguf_lora;
+use common::{gguf_lora, inspect_json};
 use serde_json::Value;
-
-fn inspect_json(path: &std::path::Path) -> Value {
-    let out = gguf_lora()
-        .arg("inspect")
-        .arg(path)
-        .arg("--json")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // from_slice fails on anything after the object: exactly one JSON value on stdout.
-    serde_json::from_slice(&out.stdout).expect("stdout is exactly one JSON value")
-}
 
 #[test]
 fn json_of_gguf_py_fixture() {

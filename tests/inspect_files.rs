@@ -8,28 +8,11 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{gguf_lora, inspect_limited};
+use common::{gguf_lora, inspect_json, inspect_limited, refusal_failures};
 use serde_json::{json, Value};
 
 fn fx(rel: &str) -> PathBuf {
     common::repo_root().join("testdata/fixtures").join(rel)
-}
-
-fn inspect_json(path: &Path) -> Value {
-    let out = gguf_lora()
-        .arg("inspect")
-        .arg(path)
-        .arg("--json")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("stdout is exactly one JSON value");
-    assert!(v.is_object());
-    v
 }
 
 fn inspect_text(path: &Path) -> String {
@@ -463,29 +446,9 @@ fn malformed() -> Vec<(&'static str, Vec<u8>, &'static str)> {
 
 #[test]
 fn malformed_safetensors_are_rejected_with_a_precise_message() {
-    let dir = tempfile::tempdir().unwrap();
     let cases = malformed();
     assert!(cases.len() >= 8);
-    let mut failures = Vec::new();
-    for (name, bytes, expect) in &cases {
-        let p = dir.path().join(format!("{name}.safetensors"));
-        std::fs::write(&p, bytes).unwrap();
-        let out = inspect_limited(&p);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        println!("{name}: {}", stderr.trim_end());
-        let ok = out.status.code() == Some(1)
-            && out.stdout.is_empty()
-            && !stderr.contains("panicked")
-            && stderr.contains(&format!("{name}.safetensors"))
-            && stderr.contains(expect)
-            && stderr.trim_end().lines().count() == 1;
-        if !ok {
-            failures.push(format!(
-                "{name}: exit {:?}, want {expect:?}, stderr: {stderr}",
-                out.status.code()
-            ));
-        }
-    }
+    let failures = refusal_failures("safetensors", &cases);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 

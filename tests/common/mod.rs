@@ -120,3 +120,53 @@ pub fn inspect_limited(file: &Path) -> std::process::Output {
         .output()
         .expect("run bash")
 }
+
+/// `gguf-lora inspect FILE --json`, which must succeed, parsed as the one JSON object it prints.
+pub fn inspect_json(path: &Path) -> serde_json::Value {
+    let out = gguf_lora()
+        .arg("inspect")
+        .arg(path)
+        .arg("--json")
+        .output()
+        .expect("run gguf-lora");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // from_slice fails on anything after the object: exactly one JSON value on stdout.
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("stdout is exactly one JSON value");
+    assert!(v.is_object());
+    v
+}
+
+/// Writes each malformed case `(name, bytes, expected words)` as `NAME.EXT` in a scratch directory,
+/// runs `inspect` on it under the memory limit of [`inspect_limited`], and returns one line per case
+/// that was not refused properly: exit 1, nothing on stdout, no panic, and exactly one stderr line
+/// that names the file and contains the expected words. Each message is printed (see --nocapture).
+pub fn refusal_failures(ext: &str, cases: &[(&str, Vec<u8>, &str)]) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut failures = Vec::new();
+    for (name, bytes, expect) in cases {
+        let file_name = format!("{name}.{ext}");
+        let p = dir.path().join(&file_name);
+        std::fs::write(&p, bytes).expect("write case");
+        let out = inspect_limited(&p);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        println!("{name}: {}", stderr.trim_end());
+        let ok = out.status.code() == Some(1)
+            && out.stdout.is_empty()
+            && !stderr.contains("panicked")
+            && stderr.contains(&file_name)
+            && stderr.contains(expect)
+            && stderr.trim_end().lines().count() == 1;
+        if !ok {
+            failures.push(format!(
+                "{name}: exit {:?}, want {expect:?}, stderr: {stderr}",
+                out.status.code()
+            ));
+        }
+    }
+    failures
+}
