@@ -199,31 +199,22 @@ fn render_gguf(r: &GgufReport) -> String {
     }
     out.push_str(&t.render(2));
 
-    let _ = writeln!(out, "\nTotals by type");
-    let mut t = Table::new(&["type", ">tensors", ">elements", ">bytes", ">size"]);
-    for x in &r.totals_by_type {
-        t.row(vec![
-            x.ty.clone(),
-            x.tensors.to_string(),
-            x.elements.to_string(),
-            x.bytes.to_string(),
-            human_bytes(x.bytes),
-        ]);
-    }
-    out.push_str(&t.render(2));
+    render_totals(
+        &mut out,
+        "type",
+        r.totals_by_type
+            .iter()
+            .map(|x| (x.ty.clone(), x.tensors, x.elements, x.bytes)),
+    );
 
-    let _ = writeln!(out, "\nTotals by layer");
-    let mut t = Table::new(&[">layer", ">tensors", ">elements", ">bytes", ">size"]);
-    for x in &r.totals_by_layer {
-        t.row(vec![
-            x.layer.map_or_else(|| "-".into(), |l| l.to_string()),
-            x.tensors.to_string(),
-            x.elements.to_string(),
-            x.bytes.to_string(),
-            human_bytes(x.bytes),
-        ]);
-    }
-    out.push_str(&t.render(2));
+    render_totals(
+        &mut out,
+        ">layer",
+        r.totals_by_layer.iter().map(|x| {
+            let layer = x.layer.map_or_else(|| "-".into(), |l| l.to_string());
+            (layer, x.tensors, x.elements, x.bytes)
+        }),
+    );
     out
 }
 
@@ -436,18 +427,13 @@ fn safetensors_tables(r: &SafetensorsReport, out: &mut String) {
         ]);
     }
     out.push_str(&t.render(2));
-    let _ = writeln!(out, "\nTotals by dtype");
-    let mut t = Table::new(&["dtype", ">tensors", ">elements", ">bytes", ">size"]);
-    for x in &r.totals_by_dtype {
-        t.row(vec![
-            x.dtype.clone(),
-            x.tensors.to_string(),
-            x.elements.to_string(),
-            x.bytes.to_string(),
-            human_bytes(x.bytes),
-        ]);
-    }
-    out.push_str(&t.render(2));
+    render_totals(
+        out,
+        "dtype",
+        r.totals_by_dtype
+            .iter()
+            .map(|x| (x.dtype.clone(), x.tensors, x.elements, x.bytes)),
+    );
 }
 
 fn render_safetensors(r: &SafetensorsReport) -> String {
@@ -624,4 +610,25 @@ fn render_peft(r: &PeftReport) -> String {
     }
     safetensors_tables(&r.weights, &mut out);
     out
+}
+
+/// A "Totals by KEY" table: one row per (key, tensors, elements, bytes). A `>` before the key's
+/// header right-aligns its column, as in [`Table::new`].
+fn render_totals(
+    out: &mut String,
+    key: &'static str,
+    rows: impl Iterator<Item = (String, usize, u64, u64)>,
+) {
+    let _ = writeln!(out, "\nTotals by {}", key.trim_start_matches('>'));
+    let mut t = Table::new(&[key, ">tensors", ">elements", ">bytes", ">size"]);
+    for (k, tensors, elements, bytes) in rows {
+        t.row(vec![
+            k,
+            tensors.to_string(),
+            elements.to_string(),
+            bytes.to_string(),
+            human_bytes(bytes),
+        ]);
+    }
+    out.push_str(&t.render(2));
 }
