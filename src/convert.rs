@@ -10,10 +10,10 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::adapter::gguf::{self as gguf_adapter, OutType, WriteSummary};
-use crate::adapter::{peft, Adapter, AdapterError, Issue, TargetKind};
-use crate::arch::BaseInfo;
-use crate::gguf::GgufModel;
+use crate::adapter::gguf::{self as gguf_adapter, FactorType, WriteSummary};
+use crate::adapter::{self, peft, Adapter, AdapterError, Opened};
+use crate::arch::{Arch, ArchError, BaseInfo};
+use crate::gguf::{GgufError, GgufModel};
 
 /// What to convert against and how to write it.
 #[derive(Clone, Debug)]
@@ -22,7 +22,7 @@ pub struct ConvertOptions {
     pub base: Option<PathBuf>,
     /// Architecture name when no base is given.
     pub arch: Option<String>,
-    pub outtype: OutType,
+    pub outtype: FactorType,
 }
 
 /// Why a conversion did not happen.
@@ -30,12 +30,28 @@ pub struct ConvertOptions {
 pub enum ConvertError {
     #[error(transparent)]
     Adapter(#[from] AdapterError),
-    /// The base GGUF could not be used.
-    #[error("{path}: {message}")]
-    Base { path: PathBuf, message: String },
-    /// Bad combination of options.
-    #[error("{0}")]
-    Usage(String),
+    /// The base GGUF could not be read.
+    #[error("{}: {}", path.display(), error.kind)]
+    BaseFile { path: PathBuf, error: GgufError },
+    /// The base GGUF is not a base model we can describe.
+    #[error("{}: {error}", path.display())]
+    Base { path: PathBuf, error: ArchError },
+    /// The base's architecture has no name map.
+    #[error("{}: architecture '{arch}' has no HF→GGUF name map here; supported: {}", path.display(), Arch::list(false))]
+    UnmappedArch { path: PathBuf, arch: String },
+    /// `--arch` names no architecture we map.
+    #[error(transparent)]
+    UnknownArch(ArchError),
+    /// Both `--base` and `--arch`.
+    #[error("give either --base or --arch, not both (the base says its architecture)")]
+    BaseAndArch,
+    /// A GGUF adapter made for another architecture than the base's.
+    #[error("{}: adapter architecture {adapter:?} does not match the base's '{base}'", path.display())]
+    ArchMismatch {
+        path: PathBuf,
+        adapter: Option<String>,
+        base: String,
+    },
     /// The adapter has tensors a GGUF LoRA cannot hold, or that do not fit the base.
     #[error("{input}: cannot convert: {summary}:\n{}\n{hint}", lines.iter().map(|l| format!("  - {l}")).collect::<Vec<_>>().join("\n"))]
     Refused {
@@ -69,84 +85,76 @@ pub struct ConvertReport {
     pub output: PathBuf,
     pub base: Option<PathBuf>,
     pub arch: String,
-    pub outtype: OutType,
+    pub outtype: FactorType,
     pub tensors: Vec<ConvertedTensor>,
     pub written: WriteSummary,
 }
 
-pub fn kind_name(kind: TargetKind) -> &'static str {
-    match kind {
-        TargetKind::Linear => "linear",
-        TargetKind::Embedding => "embedding",
-        TargetKind::Experts => "experts",
-    }
+/// Opens a base GGUF (single file or any shard of a split set) and describes it; the errors name
+/// the base file.
+pub fn open_base(path: &Path) -> Result<(GgufModel, BaseInfo), ConvertError> {
+    let model = GgufModel::open(path).map_err(|error| ConvertError::BaseFile {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    let info = BaseInfo::from_model(&model).map_err(|error| ConvertError::Base {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    Ok((model, info))
 }
 
 /// Reads the base named by the options.
 pub fn load_base(opts: &ConvertOptions) -> Result<Option<BaseInfo>, ConvertError> {
     match (&opts.base, &opts.arch) {
-        (Some(_), Some(_)) => Err(ConvertError::Usage(
-            "give either --base or --arch, not both (the base says its architecture)".into(),
-        )),
+        (Some(_), Some(_)) => Err(ConvertError::BaseAndArch),
         (Some(path), None) => {
-            let model = GgufModel::open(path).map_err(|e| ConvertError::Base {
-                path: path.clone(),
-                message: e.kind.to_string(),
-            })?;
-            let info = BaseInfo::from_model(&model).map_err(|message| ConvertError::Base {
-                path: path.clone(),
-                message,
-            })?;
-            if !crate::arch::SUPPORTED.contains(&info.arch.as_str()) {
-                return Err(ConvertError::Base {
+            let (_, info) = open_base(path)?;
+            if info.known_arch().is_none() {
+                return Err(ConvertError::UnmappedArch {
                     path: path.clone(),
-                    message: format!(
-                        "architecture '{}' has no HF→GGUF name map here; supported: {}",
-                        info.arch,
-                        crate::arch::SUPPORTED.join(", ")
-                    ),
+                    arch: info.arch,
                 });
             }
             Ok(Some(info))
         }
         (None, Some(arch)) => BaseInfo::from_arch(arch)
             .map(Some)
-            .map_err(ConvertError::Usage),
+            .map_err(ConvertError::UnknownArch),
         (None, None) => Ok(None),
     }
 }
 
-/// Reads any adapter (PEFT or GGUF) mapped onto `base` and the problems found. A GGUF adapter needs
-/// no base; with one, its architecture and tensors are checked against it.
-pub fn read_adapter(
-    input: &Path,
-    base: Option<&BaseInfo>,
-) -> Result<(Adapter, Vec<Issue>), ConvertError> {
-    if peft::is_peft(input) {
-        let base = base.ok_or_else(|| {
-            ConvertError::Usage(format!(
-                "{}: a PEFT adapter needs the base model's architecture: pass --base BASE.gguf (checks every tensor) or --arch ARCH",
-                input.display()
-            ))
-        })?;
-        Ok(peft::read(input, base)?)
-    } else {
-        let adapter = gguf_adapter::read(input)?;
-        let mut issues = Vec::new();
-        if let Some(base) = base {
-            if adapter.arch.as_deref() != Some(base.arch.as_str()) {
-                return Err(ConvertError::Base {
-                    path: input.to_path_buf(),
-                    message: format!(
-                        "adapter architecture {:?} does not match the base's '{}'",
-                        adapter.arch, base.arch
-                    ),
-                });
-            }
-            issues = crate::adapter::check_against_base(&adapter.tensors, base);
-        }
-        Ok((adapter, issues))
+/// Reads any adapter (PEFT or GGUF) mapped onto `base` with the problems found, refusing a GGUF
+/// adapter made for another architecture than the base's (convert's and bundle's policy).
+pub fn read_adapter(input: &Path, base: Option<&BaseInfo>) -> Result<Opened, ConvertError> {
+    let opened = adapter::open(input, base)?;
+    if let Some(m) = opened.arch_mismatch {
+        return Err(ConvertError::ArchMismatch {
+            path: input.to_path_buf(),
+            adapter: m.adapter,
+            base: m.base,
+        });
     }
+    Ok(opened)
+}
+
+/// Refuses an adapter with what a GGUF LoRA cannot hold (DoRA, LoRA biases, full tensors), listing
+/// every offender.
+pub fn refuse_unrepresentable(input: &Path, adapter: &Adapter) -> Result<(), ConvertError> {
+    let unrepresentable = adapter.unrepresentable();
+    if unrepresentable.is_empty() {
+        return Ok(());
+    }
+    Err(ConvertError::Refused {
+        input: input.to_path_buf(),
+        summary: format!(
+            "{} tensor(s) cannot be expressed in a GGUF LoRA",
+            unrepresentable.len()
+        ),
+        lines: unrepresentable,
+        hint: "nothing was written; use `gguf-lora merge BASE.gguf --lora ADAPTER`, which applies DoRA, modules_to_save and LoRA biases exactly".into(),
+    })
 }
 
 /// Converts `input` to a GGUF LoRA at `output`.
@@ -156,7 +164,9 @@ pub fn convert(
     opts: &ConvertOptions,
 ) -> Result<ConvertReport, ConvertError> {
     let base = load_base(opts)?;
-    let (adapter, issues) = read_adapter(input, base.as_ref())?;
+    let Opened {
+        adapter, issues, ..
+    } = read_adapter(input, base.as_ref())?;
     if !issues.is_empty() {
         let lines = issues
             .iter()
@@ -173,18 +183,7 @@ pub fn convert(
                 .into(),
         });
     }
-    let unrepresentable = adapter.unrepresentable();
-    if !unrepresentable.is_empty() {
-        return Err(ConvertError::Refused {
-            input: input.to_path_buf(),
-            summary: format!(
-                "{} tensor(s) cannot be expressed in a GGUF LoRA",
-                unrepresentable.len()
-            ),
-            lines: unrepresentable,
-            hint: "nothing was written; use `gguf-lora merge BASE.gguf --lora ADAPTER`, which applies DoRA, modules_to_save and LoRA biases exactly".into(),
-        });
-    }
+    refuse_unrepresentable(input, &adapter)?;
     let mut inputs: Vec<PathBuf> = vec![input.to_path_buf()];
     if let Ok((config, weights)) = peft::locate(input) {
         inputs.push(config);
@@ -202,7 +201,7 @@ pub fn convert(
             target: t.target.clone(),
             source: t.source(),
             layer: t.layer,
-            kind: kind_name(t.kind),
+            kind: t.kind.name(),
             rank: t.rank(),
             alpha: t.alpha(),
             scale: t.scale(),

@@ -19,6 +19,7 @@ pub mod kquants;
 pub mod legacy;
 pub mod search;
 pub(crate) mod simd;
+pub mod vec_dot;
 
 use std::fmt;
 

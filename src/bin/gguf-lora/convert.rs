@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use gguf_lora::adapter::gguf::OutType;
+use gguf_lora::adapter::gguf::FactorType;
 use gguf_lora::convert::{convert, ConvertOptions, ConvertReport};
 
 use crate::table::{human_bytes, Table};
@@ -25,8 +25,8 @@ pub struct Args {
     #[arg(long)]
     arch: Option<String>,
     /// Tensor type of lora_a/lora_b (q8_0 falls back to f16 where rows are not multiples of 32).
-    #[arg(long, value_enum, default_value = "f32")]
-    outtype: OutType,
+    #[arg(long, default_value = "f32", value_parser = crate::factor_type_parser())]
+    outtype: FactorType,
     /// Print exactly one JSON object on stdout.
     #[arg(long)]
     json: bool,

@@ -83,6 +83,14 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
     })
 }
 
+/// `--outtype` of `convert` and `bundle`: the library's [`FactorType`], values listed by clap.
+pub fn factor_type_parser(
+) -> impl clap::builder::TypedValueParser<Value = gguf_lora::adapter::gguf::FactorType> {
+    use clap::builder::{PossibleValuesParser, TypedValueParser};
+    use gguf_lora::adapter::gguf::FactorType;
+    PossibleValuesParser::new(FactorType::NAMES).try_map(|s| s.parse::<FactorType>())
+}
+
 /// Writes `text` to stdout in one go; a closed pipe surfaces as an error that `main` ignores.
 pub fn print_stdout(text: &str) -> anyhow::Result<()> {
     use std::io::Write;

@@ -2,14 +2,12 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Args as ClapArgs;
+use gguf_lora::engine::file::Output;
 use gguf_lora::gguf::GgufModel;
-use gguf_lora::merge::file::{merge_model, Output};
 use gguf_lora::merge::inputs::read_adapter;
-use gguf_lora::merge::types::is_writable;
-use gguf_lora::merge::{AdapterInput, MergeOptions, MergeReport, OutType, Promote};
-use gguf_lora::quant::GgmlType;
+use gguf_lora::merge::{merge_model, AdapterInput, MergeOptions, MergeReport, MergeType, Promote};
 use serde::Serialize;
 
 use crate::lora_args::LoraArgs;
@@ -43,52 +41,6 @@ pub struct Args {
     pub json: bool,
 }
 
-pub(crate) fn parse_type(s: &str) -> anyhow::Result<GgmlType> {
-    match GgmlType::from_name(s) {
-        Some(t) if is_writable(t) => Ok(t),
-        _ => bail!("unknown or unsupported output type '{s}' (expected f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k or q6_k)"),
-    }
-}
-
-fn parse_promote(s: &str) -> anyhow::Result<Promote> {
-    if let Some(rest) = s.strip_prefix("auto") {
-        let budget = match rest.strip_prefix(':') {
-            None if rest.is_empty() => 0.05,
-            Some(b) => {
-                let (num, pct) = match b.strip_suffix('%') {
-                    Some(n) => (n, true),
-                    None => (b, false),
-                };
-                let v: f64 = num
-                    .parse()
-                    .with_context(|| format!("--promote {s}: budget '{b}' is not a number"))?;
-                // "5%" and "5" both mean five percent; "0.05" means five percent too.
-                let frac = if pct || v >= 1.0 { v / 100.0 } else { v };
-                if !(frac.is_finite() && frac >= 0.0) {
-                    bail!("--promote {s}: budget must be a size growth >= 0");
-                }
-                frac
-            }
-            None => bail!("--promote '{s}': expected auto or auto:BUDGET"),
-        };
-        return Ok(Promote::Auto { budget });
-    }
-    if s.contains('=') {
-        let mut pairs = Vec::new();
-        for pair in s.split(',') {
-            let (from, to) = pair
-                .split_once('=')
-                .with_context(|| format!("--promote '{s}': expected FROM=TO[,FROM=TO...]"))?;
-            let from = GgmlType::from_name(from)
-                .with_context(|| format!("--promote '{s}': unknown type '{from}'"))?;
-            pairs.push((from, parse_type(to)?));
-        }
-        // The options live for the whole run; leaking this small list keeps `Promote` `Copy`.
-        return Ok(Promote::Map(Vec::leak(pairs)));
-    }
-    Ok(Promote::Type(parse_type(s)?))
-}
-
 fn load_adapter(spec: &str, scale: f32, base: &GgufModel) -> anyhow::Result<AdapterInput> {
     let path = Path::new(spec);
     let name = path
@@ -105,13 +57,10 @@ struct JsonOut<'a> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<Outcome> {
-    let outtype = match args.outtype.to_ascii_lowercase().as_str() {
-        "keep" => OutType::Keep,
-        t => OutType::Type(parse_type(t)?),
-    };
+    let outtype: MergeType = args.outtype.parse()?;
     let promote = match &args.promote {
         None => Promote::None,
-        Some(p) => parse_promote(&p.to_ascii_lowercase())?,
+        Some(p) => p.parse()?,
     };
     let opts = MergeOptions {
         outtype,

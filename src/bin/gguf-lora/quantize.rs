@@ -4,8 +4,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args as ClapArgs;
+use gguf_lora::engine::file::Output;
+use gguf_lora::engine::types::parse_writable;
 use gguf_lora::gguf::GgufModel;
-use gguf_lora::merge::file::Output;
 use gguf_lora::quantize::{imatrix, quantize_model, Action, QuantizeOptions, QuantizeReport};
 
 use crate::progress::TensorProgress;
@@ -45,14 +46,14 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
             lower.rsplit_once('_').map_or(lower.as_str(), |(t, _)| t)
         );
     }
-    let target = crate::merge::parse_type(&lower)?;
+    let target = parse_writable(&lower)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(args.threads.unwrap_or(0))
         .build()
         .context("cannot start worker threads")?;
     pool.install(|| {
         let im = match &args.imatrix {
-            Some(p) => Some(imatrix::read(p).map_err(anyhow::Error::msg)?),
+            Some(p) => Some(imatrix::read(p)?),
             None => None,
         };
         let model = GgufModel::open(&args.input)?;
