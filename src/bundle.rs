@@ -29,8 +29,7 @@ use crate::adapter::{
     self, peft, Adapter, AdapterError, ConcatPart, Issue, Layout, LoraTensor, Opened, Provenance,
     ScaleSuffix, SourceFormat,
 };
-use crate::arch::BaseInfo;
-use crate::convert::{self, ConvertError, ConvertOptions};
+use crate::arch::{BaseError, BaseInfo};
 use crate::gguf::{Array, GgufError, GgufWriter, Metadata, TensorDesc, Value};
 
 /// `--mode`.
@@ -177,7 +176,9 @@ pub enum BundleError {
     #[error(transparent)]
     Adapter(#[from] AdapterError),
     #[error(transparent)]
-    Convert(#[from] ConvertError),
+    Base(#[from] BaseError),
+    #[error(transparent)]
+    Refused(#[from] adapter::Refusal),
     #[error(transparent)]
     Gguf(#[from] GgufError),
     #[error("no adapter to bundle")]
@@ -288,18 +289,14 @@ fn read_inputs(
     if specs.is_empty() {
         return Err(BundleError::NoInputs);
     }
-    let base = convert::load_base(&ConvertOptions {
-        base: opts.base.clone(),
-        arch: None,
-        outtype: opts.outtype,
-    })?;
+    let base = BaseInfo::resolve(opts.base.as_deref(), None)?;
     // GGUF inputs first: they name their architecture, which PEFT inputs need when no base is given.
     let is_peft = |s: &InputSpec| adapter::detect(&s.path) == SourceFormat::Peft;
     let mut slots: Vec<Option<Input>> = specs.iter().map(|_| None).collect();
     for (i, spec) in specs.iter().enumerate().filter(|(_, s)| !is_peft(s)) {
         let Opened {
             adapter, issues, ..
-        } = convert::read_adapter(&spec.path, base.as_ref())?;
+        } = adapter::open(&spec.path, base.as_ref())?.same_arch(&spec.path)?;
         refuse_issues(&spec.path, &issues)?;
         slots[i] = Some(input(spec, SourceFormat::Gguf, adapter));
     }
@@ -317,7 +314,7 @@ fn read_inputs(
         };
         let Opened {
             adapter, issues, ..
-        } = convert::read_adapter(&spec.path, Some(b))?;
+        } = adapter::open(&spec.path, Some(b))?.same_arch(&spec.path)?;
         refuse_issues(&spec.path, &issues)?;
         slots[i] = Some(input(spec, SourceFormat::Peft, adapter));
     }
@@ -598,16 +595,7 @@ impl Member<'_> {
     /// Writes its tensors' bytes in order; returns how many.
     fn write(&self, w: &mut GgufWriter) -> Result<u64, BundleError> {
         match self {
-            Member::File(src) => {
-                let mut bytes = 0;
-                for t in &src.tensors {
-                    let data = src.data(t);
-                    bytes += data.len() as u64;
-                    w.write_tensor(data)?;
-                    src.release(t);
-                }
-                Ok(bytes)
-            }
+            Member::File(src) => Ok(src.copy_tensors(w)?),
             Member::Converted { adapter, layout } => {
                 let summary =
                     gguf_adapter::encode_tensors(adapter, layout, |b| Ok(w.write_tensor(b)?))?;
@@ -646,7 +634,9 @@ fn named(
         members.push(match i.format {
             SourceFormat::Gguf => Member::File(GgufSource::open(&i.spec.path)?),
             SourceFormat::Peft => {
-                convert::refuse_unrepresentable(&i.spec.path, &i.adapter)?;
+                if let Some(r) = adapter::Refusal::unrepresentable(&i.spec.path, &i.adapter) {
+                    return Err(r.into());
+                }
                 Member::Converted {
                     adapter: &i.adapter,
                     layout: gguf_adapter::layout(&i.adapter, FactorType::F32)?,
@@ -787,7 +777,7 @@ pub struct ListedAdapter {
 pub fn listing(
     path: &Path,
     metadata: &Metadata,
-) -> Option<Result<BundleListing, adapter::error::BundleError>> {
+) -> Option<Result<BundleListing, adapter::BundleError>> {
     if metadata.get_str(crate::gguf::KEY_TYPE) != Some(layout::BUNDLE_TYPE) {
         return None;
     }

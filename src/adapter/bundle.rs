@@ -19,9 +19,8 @@
 //! (alignment included), its tensors in order with their bytes. A file written with llama.cpp's
 //! layout rules (as gguf-py and our writer do) comes back byte for byte.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use super::error::BundleError;
 use crate::gguf::{Array, Metadata, Value, MAX_NAME_LEN};
 
 /// `general.type` of a named bundle.
@@ -50,6 +49,49 @@ pub fn stored_name(i: usize, j: usize, name: &str) -> String {
     } else {
         format!("a{i}.#{j}")
     }
+}
+
+/// A named bundle (or one member of it) that cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("{}: general.type is {found:?}, not \"{}\": FILE#NAME selects an adapter of a named bundle (gguf-lora bundle --mode named)", file.display(), BUNDLE_TYPE)]
+    NotABundle {
+        file: PathBuf,
+        found: Option<String>,
+    },
+    #[error("{}: {key} is missing or not {expected}", file.display())]
+    Key {
+        file: PathBuf,
+        key: String,
+        expected: &'static str,
+    },
+    #[error("{}: bundle layout version {version}; this build reads version {}", file.display(), VERSION)]
+    Version { file: PathBuf, version: u32 },
+    #[error("{}: {} is {count:?} but {} lists {names} adapters", file.display(), KEY_COUNT, KEY_NAMES)]
+    Count {
+        file: PathBuf,
+        count: Option<u32>,
+        names: usize,
+    },
+    #[error("{}: the bundle has no adapter named '{name}' (it has: {})", file.display(), names.join(", "))]
+    NoSuchMember {
+        file: PathBuf,
+        name: String,
+        names: Vec<String>,
+    },
+    #[error("{}: adapter '{member}': {key} is missing", file.display())]
+    MemberKey {
+        file: PathBuf,
+        member: String,
+        key: String,
+    },
+    #[error("{}: adapter '{member}': tensor '{tensor}' should be stored as '{stored}', which is missing", file.display())]
+    MemberTensor {
+        file: PathBuf,
+        member: String,
+        tensor: String,
+        stored: String,
+    },
 }
 
 /// One adapter of a named bundle, as its metadata lists it.

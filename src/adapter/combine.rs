@@ -5,10 +5,11 @@
 
 use std::ops::Range;
 
-use super::error::{AdapterError, FactorError};
+use super::matrix::Matrix;
 use super::model::{
-    scale_of, ConcatPart, Factor, Layout, LoadedLora, LoraPair, LoraTensor, LowRank, Matrix,
+    scale_of, ConcatPart, Factor, FactorError, Layout, LoadedLora, LoraPair, LoraTensor, LowRank,
 };
+use super::AdapterError;
 use crate::arch::TargetKind;
 
 impl LoraTensor {

@@ -20,13 +20,13 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::error::{AdapterError, LoraFileError};
 use super::model::{Factor, Layout, LoraPair, LoraTensor};
 use super::source::GgufSource;
-use super::{Adapter, FullTensor, Provenance, SourceFormat};
+use super::{Adapter, AdapterError, FullTensor, Provenance, SourceFormat};
 use crate::arch::TargetKind;
 use crate::gguf::{Array, GgufWriter, Metadata, TensorDesc, Value};
 use crate::quant::{self, GgmlType};
+use std::path::PathBuf;
 
 pub use crate::gguf::{KEY_ARCH, KEY_TYPE};
 pub const KEY_ADAPTER_TYPE: &str = "adapter.type";
@@ -34,6 +34,66 @@ pub const KEY_ALPHA: &str = "adapter.lora.alpha";
 pub const KEY_ALORA: &str = "adapter.alora.invocation_tokens";
 pub const SUFFIX_A: &str = ".lora_a";
 pub const SUFFIX_B: &str = ".lora_b";
+
+/// A GGUF file that is not a LoRA adapter llama.cpp would load.
+#[derive(Debug, thiserror::Error)]
+pub enum LoraFileError {
+    #[error("{}: this is a named bundle of adapters ({names}); select one as {}#NAME", path.display(), path.display())]
+    IsBundle { path: PathBuf, names: String },
+    #[error("{}: general.type is {found:?}; expected \"adapter\" (is this a base model?)", path.display())]
+    NotAnAdapter {
+        path: PathBuf,
+        found: Option<String>,
+    },
+    #[error("{}: adapter.type is {found:?}; expected \"lora\"", path.display())]
+    NotLora {
+        path: PathBuf,
+        found: Option<String>,
+    },
+    #[error("{}: {key} is {found}, llama.cpp requires {expected}", path.display())]
+    KeyType {
+        path: PathBuf,
+        key: &'static str,
+        found: String,
+        expected: &'static str,
+    },
+    #[error("{}: tensor '{name}' has an unexpected suffix (llama.cpp accepts .lora_a, .lora_b and *_norm.weight)", path.display())]
+    UnexpectedTensor { path: PathBuf, name: String },
+    #[error("{}: LoRA tensor pair for '{base}' is missing one component", path.display())]
+    HalfPair { path: PathBuf, base: String },
+    #[error("{}: '{a}' (ne {a_dims:?}) and '{b}' (ne {b_dims:?}){problem}", path.display())]
+    Pair {
+        path: PathBuf,
+        a: String,
+        a_dims: Vec<u64>,
+        b: String,
+        b_dims: Vec<u64>,
+        problem: PairProblem,
+    },
+    #[error("{}: '{a}' has zero experts", path.display())]
+    ZeroExperts { path: PathBuf, a: String },
+    /// Writing: the architecture is not known.
+    #[error("{}: the architecture is unknown; pass --base BASE.gguf or --arch ARCH", path.display())]
+    UnknownArch { path: PathBuf },
+    /// Writing: nothing to write.
+    #[error("{}: the adapter has no LoRA tensors", path.display())]
+    NoTensors { path: PathBuf },
+    /// Writing: a tensor could not be encoded.
+    #[error("{tensor}: {error}")]
+    Encode {
+        tensor: String,
+        error: crate::quant::QuantError,
+    },
+}
+
+/// Why two tensors named as one LoRA pair are not one (the text follows the pair's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PairProblem {
+    #[error(": expected two 2-D tensors, or two 3-D expert tensors with the same expert count")]
+    Dims,
+    #[error(" do not form a LoRA pair (rank mismatch)")]
+    Rank,
+}
 
 /// Tensor type of a written adapter's `lora_a`/`lora_b` (`--outtype` of `convert` and `bundle`), as
 /// `convert_lora_to_gguf.py` offers them.
@@ -435,14 +495,14 @@ pub fn read_source(src: &Arc<GgufSource>) -> Result<Adapter, AdapterError> {
             && ai.dims.len() == bi.dims.len()
             && (ai.dims.len() == 2 || (ai.dims[2] == bi.dims[2] && !is_embd));
         if !dims_ok {
-            return Err(LoraFileError::PairDims {
-                path: p(),
-                a: a_name,
-                a_dims: ai.dims,
-                b: b_name,
-                b_dims: bi.dims,
-            }
-            .into());
+            return Err(pair_error(
+                p(),
+                a_name,
+                ai.dims,
+                b_name,
+                bi.dims,
+                PairProblem::Dims,
+            ));
         }
         let n_exp = if ai.dims.len() == 3 {
             ai.dims[2] as usize
@@ -464,14 +524,14 @@ pub fn read_source(src: &Arc<GgufSource>) -> Result<Adapter, AdapterError> {
             ai.dims.get(1).copied().unwrap_or(0)
         } as usize;
         if a_rank != rank || rank == 0 {
-            return Err(LoraFileError::PairRank {
-                path: p(),
-                a: a_name,
-                a_dims: ai.dims,
-                b: b_name,
-                b_dims: bi.dims,
-            }
-            .into());
+            return Err(pair_error(
+                p(),
+                a_name,
+                ai.dims,
+                b_name,
+                bi.dims,
+                PairProblem::Rank,
+            ));
         }
         let alpha = if file_alpha == 0.0 {
             rank as f64
@@ -531,6 +591,25 @@ pub fn read_source(src: &Arc<GgufSource>) -> Result<Adapter, AdapterError> {
             ..Provenance::default()
         },
     })
+}
+
+fn pair_error(
+    path: PathBuf,
+    a: String,
+    a_dims: Vec<u64>,
+    b: String,
+    b_dims: Vec<u64>,
+    problem: PairProblem,
+) -> AdapterError {
+    LoraFileError::Pair {
+        path,
+        a,
+        a_dims,
+        b,
+        b_dims,
+        problem,
+    }
+    .into()
 }
 
 /// Rows `rows` of tensor `name` of `src` as a lazily loaded factor (see [`Factor::Gguf`]).

@@ -31,8 +31,8 @@
 pub mod bundle;
 pub mod check;
 mod combine;
-pub mod error;
 pub mod gguf;
+mod matrix;
 mod model;
 mod open;
 pub mod peft;
@@ -40,13 +40,76 @@ pub mod source;
 
 use std::path::PathBuf;
 
+pub use bundle::BundleError;
 pub use check::{check_against_base, Issue, IssueKind};
 pub use combine::permute_rows;
-pub use error::{AdapterError, FactorError};
+pub use gguf::LoraFileError;
+pub use matrix::Matrix;
 pub use model::{
-    ConcatPart, Factor, FusedPart, Layout, LoadedLora, LoraPair, LoraTensor, LowRank, Matrix,
+    ConcatPart, Factor, FactorError, FusedPart, Layout, LoadedLora, LoraPair, LoraTensor, LowRank,
 };
+pub use peft::{ConfigError, PeftError};
+pub use source::SourceError;
+
+use crate::gguf::GgufError;
+use crate::safetensors_file::SafetensorsError;
 pub use open::{detect, open, split_scale, ArchMismatch, Opened, ScaleSuffix};
+
+/// Errors from reading an adapter or materializing its tensors. The format errors are boxed: they
+/// carry paths and names, and an error should stay small on the success path.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    #[error(transparent)]
+    Safetensors(Box<SafetensorsError>),
+    #[error(transparent)]
+    Gguf(Box<GgufError>),
+    #[error(transparent)]
+    Peft(Box<PeftError>),
+    #[error(transparent)]
+    LoraFile(Box<LoraFileError>),
+    #[error(transparent)]
+    Bundle(Box<BundleError>),
+    #[error(transparent)]
+    Source(Box<SourceError>),
+    #[error(transparent)]
+    Factor(Box<FactorError>),
+    /// A GGUF adapter made for another architecture than the base's (see [`Opened::same_arch`]).
+    #[error("{}: adapter architecture {adapter:?} does not match the base's '{base}'", path.display())]
+    ArchMismatch {
+        path: PathBuf,
+        adapter: Option<String>,
+        base: String,
+    },
+    /// A PEFT adapter was given where no base (nor `--arch`) says the architecture.
+    #[error("{}: a PEFT adapter needs the base model's architecture: pass --base BASE.gguf (checks every tensor) or --arch ARCH", path.display())]
+    PeftNeedsBase { path: PathBuf },
+}
+
+impl AdapterError {
+    /// Whether the error is a NaN or infinite value found in a factor.
+    pub fn is_non_finite(&self) -> bool {
+        matches!(self, AdapterError::Factor(e) if matches!(**e, FactorError::NonFinite { .. }))
+    }
+}
+
+macro_rules! boxed_from {
+    ($($variant:ident($ty:ty)),* $(,)?) => {$(
+        impl From<$ty> for AdapterError {
+            fn from(e: $ty) -> AdapterError {
+                AdapterError::$variant(Box::new(e))
+            }
+        }
+    )*};
+}
+boxed_from!(
+    Safetensors(SafetensorsError),
+    Gguf(GgufError),
+    Peft(PeftError),
+    LoraFile(LoraFileError),
+    Bundle(BundleError),
+    Source(SourceError),
+    Factor(FactorError),
+);
 
 /// A full tensor an adapter replaces rather than adapts (`modules_to_save`, resized embeddings,
 /// mergekit norm tensors). `convert` cannot express it; `merge` can apply it.
@@ -108,6 +171,53 @@ pub struct Adapter {
     /// aLoRA invocation token ids (`adapter.alora.invocation_tokens`).
     pub alora_invocation_tokens: Option<Vec<u32>>,
     pub provenance: Provenance,
+}
+
+/// An adapter refused for writing as a GGUF LoRA: every offender listed, and what to do instead.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: cannot convert: {summary}:\n{}\n{hint}", input.display(), lines.iter().map(|l| format!("  - {l}")).collect::<Vec<_>>().join("\n"))]
+pub struct Refusal {
+    pub input: PathBuf,
+    pub summary: String,
+    pub lines: Vec<String>,
+    pub hint: String,
+}
+
+impl Refusal {
+    /// Modules that do not fit the base.
+    pub fn misfits(input: &std::path::Path, issues: &[Issue]) -> Option<Refusal> {
+        if issues.is_empty() {
+            return None;
+        }
+        let lines: Vec<String> = issues
+            .iter()
+            .map(|i| match &i.target {
+                Some(t) => format!("{} → {t}: {}", i.source, i.message),
+                None => format!("{}: {}", i.source, i.message),
+            })
+            .collect();
+        Some(Refusal {
+            input: input.to_path_buf(),
+            summary: format!("{} module(s) do not fit", lines.len()),
+            lines,
+            hint: "nothing was written; check that the adapter was trained on this base model"
+                .into(),
+        })
+    }
+
+    /// What a GGUF LoRA cannot hold (DoRA, LoRA biases, full tensors).
+    pub fn unrepresentable(input: &std::path::Path, adapter: &Adapter) -> Option<Refusal> {
+        let lines = adapter.unrepresentable();
+        if lines.is_empty() {
+            return None;
+        }
+        Some(Refusal {
+            input: input.to_path_buf(),
+            summary: format!("{} tensor(s) cannot be expressed in a GGUF LoRA", lines.len()),
+            lines,
+            hint: "nothing was written; use `gguf-lora merge BASE.gguf --lora ADAPTER`, which applies DoRA, modules_to_save and LoRA biases exactly".into(),
+        })
+    }
 }
 
 impl Adapter {

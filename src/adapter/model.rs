@@ -5,87 +5,84 @@
 //! LoRA of `verify` apply). Reading and combining the data is [`super::combine`]'s job.
 
 use std::ops::Range;
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::error::{AdapterError, FactorError};
+use super::matrix::Matrix;
 use super::source::GgufSource;
+use super::AdapterError;
 use crate::arch::TargetKind;
 use crate::safetensors_file::{SafetensorsFile, TensorEntry};
 
-/// A dense row-major f32 matrix.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Matrix {
-    pub rows: usize,
-    pub cols: usize,
-    pub data: Vec<f32>,
-}
-
-impl Matrix {
-    /// A matrix over `data`; `None` when the length is not `rows × cols`.
-    pub fn new(rows: usize, cols: usize, data: Vec<f32>) -> Option<Matrix> {
-        (rows.checked_mul(cols) == Some(data.len())).then_some(Matrix { rows, cols, data })
-    }
-
-    pub fn zeros(rows: usize, cols: usize) -> Matrix {
-        Matrix {
-            rows,
-            cols,
-            data: vec![0.0; rows * cols],
-        }
-    }
-
-    pub fn row(&self, i: usize) -> &[f32] {
-        &self.data[i * self.cols..(i + 1) * self.cols]
-    }
-
-    pub fn transposed(&self) -> Matrix {
-        let mut data = Vec::with_capacity(self.data.len());
-        for c in 0..self.cols {
-            for r in 0..self.rows {
-                data.push(self.data[r * self.cols + c]);
-            }
-        }
-        Matrix {
-            rows: self.cols,
-            cols: self.rows,
-            data,
-        }
-    }
-
-    /// The rows in `range` as a new matrix.
-    pub fn rows_range(&self, range: Range<usize>) -> Matrix {
-        Matrix {
-            rows: range.len(),
-            cols: self.cols,
-            data: self.data[range.start * self.cols..range.end * self.cols].to_vec(),
-        }
-    }
-
-    pub fn scale_in_place(&mut self, factor: f32) {
-        self.data.iter_mut().for_each(|v| *v *= factor);
-    }
-
-    /// Index of the first NaN or ±Inf value.
-    pub fn first_non_finite(&self) -> Option<usize> {
-        self.data.iter().position(|v| !v.is_finite())
-    }
-
-    /// `self · other` in f32 (f64 accumulation); for tests and small checks, not a BLAS.
-    pub fn matmul(&self, other: &Matrix) -> Matrix {
-        assert_eq!(self.cols, other.rows);
-        let mut out = Matrix::zeros(self.rows, other.cols);
-        for i in 0..self.rows {
-            for j in 0..other.cols {
-                let mut acc = 0f64;
-                for k in 0..self.cols {
-                    acc +=
-                        self.data[i * self.cols + k] as f64 * other.data[k * other.cols + j] as f64;
-                }
-                out.data[i * other.cols + j] = acc as f32;
-            }
-        }
-        out
-    }
+/// A factor that cannot be materialized, or factors that do not combine.
+#[derive(Debug, thiserror::Error)]
+pub enum FactorError {
+    #[error("{}: tensor '{tensor}' does not hold {rows}×{cols} values", file.display())]
+    Size {
+        file: PathBuf,
+        tensor: String,
+        rows: usize,
+        cols: usize,
+    },
+    /// `what` is "FILE: tensor 'NAME'" ([`Factor::describe`]).
+    #[error("{what}: value {value} at row {row}, column {col} is not finite")]
+    NonFinite {
+        what: String,
+        value: f32,
+        row: usize,
+        col: usize,
+    },
+    #[error("{source_name}: lora_A has rank {a_rank} but lora_B has rank {b_rank} ({a} / {b})")]
+    PairRank {
+        source_name: String,
+        a_rank: usize,
+        b_rank: usize,
+        a: String,
+        b: String,
+    },
+    #[error("{source_name}: rows {rows:?} asked of a lora_B with {b_rows} rows")]
+    BRows {
+        source_name: String,
+        rows: Range<usize>,
+        b_rows: usize,
+    },
+    #[error("{target}: expert LoRA {source_name} has rank {rank}, others rank {expected}; stacked experts need one rank")]
+    ExpertRank {
+        target: String,
+        source_name: String,
+        rank: usize,
+        expected: usize,
+    },
+    #[error("{target}: fused part {source_name} reads {n_in} inputs, the first part {expected}; fused LoRAs need one input width")]
+    FusedInputs {
+        target: String,
+        source_name: String,
+        n_in: usize,
+        expected: usize,
+    },
+    #[error("{target}: {source_name} is {n_expert} experts of {n_out}×{n_in}, the first part {want_expert} experts of {want_out}×{want_in}; concatenated LoRAs need one shape")]
+    ConcatShape {
+        target: String,
+        source_name: String,
+        n_expert: usize,
+        n_out: usize,
+        n_in: usize,
+        want_expert: usize,
+        want_out: usize,
+        want_in: usize,
+    },
+    #[error(
+        "{target}: {rows} output rows cannot be split into {n_head} heads of two rotary halves"
+    )]
+    NotPermutable {
+        target: String,
+        rows: usize,
+        n_head: usize,
+    },
+    #[error("{target}: DoRA on embeddings is not supported")]
+    DoraOnEmbedding { target: String },
+    #[error("{target}: inconsistent LoRA factor shapes")]
+    Inconsistent { target: String },
 }
 
 /// Where one 2-D factor's values live. Cheap to clone; data is read on [`Factor::load`].

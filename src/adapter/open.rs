@@ -9,9 +9,8 @@ use std::io::Read;
 use std::path::Path;
 
 use super::check::{check_against_base, Issue};
-use super::error::AdapterError;
 use super::source::split_spec;
-use super::{gguf, peft, Adapter, SourceFormat};
+use super::{gguf, peft, Adapter, AdapterError, SourceFormat};
 use crate::arch::BaseInfo;
 
 /// What `spec` is, decided without reading more than its first four bytes (`inspect`'s rule, the
@@ -53,6 +52,21 @@ pub struct Opened {
     pub issues: Vec<Issue>,
     /// A GGUF adapter whose architecture is not the base's (PEFT adapters take the base's).
     pub arch_mismatch: Option<ArchMismatch>,
+}
+
+impl Opened {
+    /// Refuses a GGUF adapter made for another architecture than the base's (the policy of the
+    /// operations that write one: convert, bundle).
+    pub fn same_arch(self, spec: &Path) -> Result<Opened, AdapterError> {
+        match self.arch_mismatch {
+            Some(m) => Err(AdapterError::ArchMismatch {
+                path: spec.to_path_buf(),
+                adapter: m.adapter,
+                base: m.base,
+            }),
+            None => Ok(self),
+        }
+    }
 }
 
 /// Reads the adapter `spec` (see [`detect`]). A PEFT adapter is mapped onto `base` and needs one

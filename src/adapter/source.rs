@@ -5,11 +5,13 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use super::bundle::BundleError;
 use super::bundle::{key, kv_prefix, stored_name, BundleEntry, Listing, BUNDLE_TYPE};
-use super::error::{AdapterError, BundleError, FactorError};
-use super::model::Matrix;
+use super::matrix::Matrix;
+use super::AdapterError;
 use crate::gguf::{
-    GgufModel, GgufWriter, Metadata, TensorDesc, TensorInfo, DEFAULT_ALIGNMENT, KEY_ALIGNMENT,
+    GgufError, GgufModel, GgufWriter, Metadata, TensorDesc, TensorInfo, DEFAULT_ALIGNMENT,
+    KEY_ALIGNMENT,
 };
 use crate::quant;
 
@@ -25,6 +27,28 @@ pub fn split_spec(spec: &Path) -> (PathBuf, Option<String>) {
         }
         _ => (spec.to_path_buf(), None),
     }
+}
+
+/// A tensor of a GGUF adapter source that cannot be read as asked.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{}: tensor '{tensor}': missing", label.display())]
+    Missing { label: PathBuf, tensor: String },
+    #[error("{}: tensor '{tensor}': rows {rows:?} asked of a tensor with {n_rows} rows", label.display())]
+    Rows {
+        label: PathBuf,
+        tensor: String,
+        rows: Range<usize>,
+        n_rows: u64,
+    },
+    #[error("{}: tensor '{tensor}': data shorter than its shape", label.display())]
+    Short { label: PathBuf, tensor: String },
+    #[error("{}: tensor '{tensor}': {error}", label.display())]
+    Decode {
+        label: PathBuf,
+        tensor: String,
+        error: crate::quant::QuantError,
+    },
 }
 
 /// One tensor of a [`GgufSource`]: its info under the adapter's own name, and where it is stored.
@@ -147,13 +171,13 @@ impl GgufSource {
     pub fn dequantize_rows(&self, name: &str, rows: Range<usize>) -> Result<Matrix, AdapterError> {
         let label = || self.label.clone();
         let tensor = || name.to_string();
-        let t = self.tensor(name).ok_or_else(|| FactorError::Missing {
+        let t = self.tensor(name).ok_or_else(|| SourceError::Missing {
             label: label(),
             tensor: tensor(),
         })?;
         let (row_len, n_rows) = (t.info.row_len(), t.info.rows());
         if rows.start > rows.end || rows.end as u64 > n_rows {
-            return Err(FactorError::Rows {
+            return Err(SourceError::Rows {
                 label: label(),
                 tensor: tensor(),
                 rows,
@@ -166,14 +190,14 @@ impl GgufSource {
         // The reader checked that the data holds exactly `n_rows` rows, so these bounds are too.
         let bytes = data
             .get(rows.start * row_bytes..rows.end * row_bytes)
-            .ok_or_else(|| FactorError::Short {
+            .ok_or_else(|| SourceError::Short {
                 label: label(),
                 tensor: tensor(),
             })?;
         let cols = row_len as usize;
         let mut out = vec![0f32; rows.len() * cols];
         quant::dequantize_rows(t.info.ty, bytes, cols.max(1), &mut out).map_err(|error| {
-            FactorError::Decode {
+            SourceError::Decode {
                 label: label(),
                 tensor: tensor(),
                 error,
@@ -181,8 +205,9 @@ impl GgufSource {
         })?;
         self.release(t);
         Matrix::new(rows.len(), cols, out).ok_or_else(|| {
-            FactorError::Inconsistent {
-                target: name.to_string(),
+            SourceError::Short {
+                label: label(),
+                tensor: tensor(),
             }
             .into()
         })
@@ -200,6 +225,19 @@ impl GgufSource {
         self.metadata.get_str(crate::gguf::KEY_TYPE) == Some(BUNDLE_TYPE)
     }
 
+    /// Copies every tensor's bytes, in order, to `w` (releasing each one's pages once written);
+    /// returns how many bytes.
+    pub fn copy_tensors(&self, w: &mut GgufWriter) -> Result<u64, GgufError> {
+        let mut bytes = 0;
+        for t in &self.tensors {
+            let data = self.data(t);
+            bytes += data.len() as u64;
+            w.write_tensor(data)?;
+            self.release(t);
+        }
+        Ok(bytes)
+    }
+
     /// Writes the adapter as its own GGUF file at `target` (atomically): its version, metadata and
     /// tensors in order, bytes copied.
     pub fn write(&self, target: &Path, inputs: &[&Path]) -> Result<u64, AdapterError> {
@@ -212,13 +250,7 @@ impl GgufSource {
             &self.metadata,
             &descs,
         )?;
-        let mut bytes = 0;
-        for t in &self.tensors {
-            let data = self.data(t);
-            bytes += data.len() as u64;
-            w.write_tensor(data)?;
-            self.release(t);
-        }
+        let bytes = self.copy_tensors(&mut w)?;
         w.finish()?;
         Ok(bytes)
     }

@@ -2,9 +2,10 @@
 //! every tensor's shape and type) or from `--arch` alone (the architecture, nothing else).
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use super::Arch;
-use crate::gguf::{GgufModel, Value};
+use crate::gguf::{GgufError, GgufModel, Value};
 use crate::quant::GgmlType;
 
 /// Why a base could not be described.
@@ -19,6 +20,26 @@ pub enum ArchError {
     /// The base GGUF does not say its architecture.
     #[error("no general.architecture")]
     NoArchitecture,
+}
+
+/// Why a base model (`--base`, or the model merged into) could not be used; names the base file.
+#[derive(Debug, thiserror::Error)]
+pub enum BaseError {
+    /// The base GGUF could not be read.
+    #[error("{}: {}", path.display(), error.kind)]
+    File { path: PathBuf, error: GgufError },
+    /// The base GGUF is not a base model we can describe.
+    #[error("{}: {error}", path.display())]
+    Describe { path: PathBuf, error: ArchError },
+    /// The base's architecture has no name map.
+    #[error("{}: architecture '{arch}' has no HF→GGUF name map here; supported: {}", path.display(), Arch::list(false))]
+    Unmapped { path: PathBuf, arch: String },
+    /// `--arch` names no architecture we map.
+    #[error(transparent)]
+    UnknownArch(ArchError),
+    /// Both `--base` and `--arch`.
+    #[error("give either --base or --arch, not both (the base says its architecture)")]
+    BaseAndArch,
 }
 
 /// One base tensor as the base GGUF describes it.
@@ -111,6 +132,41 @@ impl BaseInfo {
             tensors: Some(tensors),
             arch,
         })
+    }
+
+    /// Opens a base GGUF (single file or any shard of a split set) and describes it.
+    pub fn open(path: &Path) -> Result<(GgufModel, BaseInfo), BaseError> {
+        let model = GgufModel::open(path).map_err(|error| BaseError::File {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        let info = BaseInfo::from_model(&model).map_err(|error| BaseError::Describe {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        Ok((model, info))
+    }
+
+    /// What `--base BASE.gguf` or `--arch ARCH` (at most one) say about the base, for mapping adapters
+    /// onto it: a base must be of an architecture we map.
+    pub fn resolve(base: Option<&Path>, arch: Option<&str>) -> Result<Option<BaseInfo>, BaseError> {
+        match (base, arch) {
+            (Some(_), Some(_)) => Err(BaseError::BaseAndArch),
+            (Some(path), None) => {
+                let (_, info) = BaseInfo::open(path)?;
+                if info.known_arch().is_none() {
+                    return Err(BaseError::Unmapped {
+                        path: path.to_path_buf(),
+                        arch: info.arch,
+                    });
+                }
+                Ok(Some(info))
+            }
+            (None, Some(arch)) => BaseInfo::from_arch(arch)
+                .map(Some)
+                .map_err(BaseError::UnknownArch),
+            (None, None) => Ok(None),
+        }
     }
 
     /// Whether the base is known tensor by tensor (a base GGUF was given).

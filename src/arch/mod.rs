@@ -24,7 +24,7 @@
 mod base;
 pub mod names;
 
-pub use base::{ArchError, BaseInfo, BaseTensor};
+pub use base::{ArchError, BaseError, BaseInfo, BaseTensor};
 pub use names::{map_module, normalize_module_path, qkv_fused, qkv_parts, ModuleMap, Rope};
 
 /// The GGUF architectures whose module paths we map, in the order messages list them.

@@ -17,7 +17,7 @@
 //! zero-copy slices of multi-GB models, errors that name the exact field that is wrong, streaming
 //! writes whose peak memory is one tensor, atomic outputs, and rewrites that reproduce the input byte
 //! for byte, all with llama.cpp's exact layout rules. We use its value-type numbering as a cross-check
-//! (see the tests of [`value`]).
+//! (see the tests of [`value`]), which is why it is a dev-dependency and nothing more.
 
 pub mod error;
 pub mod reader;

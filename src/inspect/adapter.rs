@@ -8,8 +8,8 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::adapter::{self, Adapter, IssueKind, LoraTensor, Opened, SourceFormat};
+use crate::arch::BaseError;
 use crate::arch::{BaseInfo, TargetKind};
-use crate::convert::{open_base, ConvertError};
 use crate::gguf::GgufModel;
 
 /// A row's verdict.
@@ -113,12 +113,21 @@ pub(crate) fn ne_b(t: &LoraTensor) -> Vec<u64> {
     }
 }
 
+/// Why an adapter could not be matched against a base.
+#[derive(Debug, thiserror::Error)]
+pub enum MatchError {
+    #[error(transparent)]
+    Base(#[from] BaseError),
+    #[error(transparent)]
+    Adapter(#[from] crate::adapter::AdapterError),
+}
+
 /// Builds the matching report of `adapter` (PEFT or GGUF) against `base`.
 pub fn match_report(
     adapter_path: &Path,
     base_path: &Path,
-) -> Result<AdapterMatchReport, ConvertError> {
-    let (model, base) = open_base(base_path)?;
+) -> Result<AdapterMatchReport, MatchError> {
+    let (model, base) = BaseInfo::open(base_path)?;
     // A GGUF adapter of another architecture still gets a full table; the mismatch is a reason.
     let Opened {
         adapter,

@@ -20,7 +20,7 @@ pub fn vec_dot_type(ty: GgmlType) -> Option<GgmlType> {
 }
 
 /// Bytes of one Q8_1 block: `d` (f16), `s = d·Σq` (f16), 32 × i8.
-const Q8_1_BYTES: usize = 36;
+pub(crate) const Q8_1_BYTES: usize = 36;
 
 /// The values a row of Q8_1 blocks stands for, `d·q` (the stored sum `s` is only a shortcut of the
 /// dot products). ggml has no `to_float` for Q8_1, an activation-only type, so the type table has

@@ -5,8 +5,29 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::adapter::error::ConfigError;
 use crate::adapter::{Provenance, SourceFormat};
+
+/// An `adapter_config.json` field that is wrong.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("not JSON: {0}")]
+    NotJson(String),
+    #[error("expected a JSON object")]
+    NotAnObject,
+    #[error("{field}: expected an object")]
+    FieldNotAnObject { field: &'static str },
+    #[error("peft_type is {0:?}; only LORA adapters can be read")]
+    NotLora(String),
+    /// A field of the wrong type or range: what was expected and what was found.
+    #[error("{field}: expected {expected}, got {found}")]
+    Field {
+        field: String,
+        expected: &'static str,
+        found: String,
+    },
+    #[error("pattern key {key:?} is not a regular expression we can evaluate: {error}")]
+    Pattern { key: String, error: String },
+}
 
 /// The `adapter_config.json` fields that change what an adapter does.
 #[derive(Clone, Debug)]

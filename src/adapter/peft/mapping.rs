@@ -15,7 +15,8 @@ use std::path::Path;
 
 use super::tensors::{PeftAdapter, PeftModule};
 use crate::adapter::check::{check_against_base, Issue, IssueKind};
-use crate::adapter::model::{Factor, FusedPart, Layout, LoraPair, LoraTensor, Matrix};
+use crate::adapter::model::{Factor, FusedPart, Layout, LoraPair, LoraTensor};
+use crate::adapter::Matrix;
 use crate::adapter::{Adapter, FullTensor};
 use crate::arch::{self, Arch, BaseInfo, ModuleMap, Rope, TargetKind};
 

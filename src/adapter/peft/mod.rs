@@ -25,14 +25,14 @@ mod tensors;
 
 use std::path::Path;
 
-pub use config::PeftConfig;
+pub use config::{ConfigError, PeftConfig};
 pub use mapping::build;
 pub use names::{parse_tensor_name, TensorRole};
-pub use tensors::{locate, read_raw, PeftAdapter, PeftModule};
+pub use tensors::{locate, read_raw, PeftAdapter, PeftError, PeftModule};
 
 use super::check::Issue;
-use super::error::AdapterError;
 use super::Adapter;
+use super::AdapterError;
 use crate::arch::BaseInfo;
 
 /// Reads a PEFT adapter and maps it onto `base`. Returns the adapter and the list of problems; a

@@ -6,11 +6,39 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::config::PeftConfig;
+use super::config::{ConfigError, PeftConfig};
 use super::names::{parse_tensor_name, TensorRole};
-use crate::adapter::error::{AdapterError, PeftError};
+use crate::adapter::AdapterError;
 use crate::adapter::Factor;
 use crate::safetensors_file::SafetensorsFile;
+
+/// A PEFT adapter (directory, or `.safetensors` with its config) that cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum PeftError {
+    #[error("{}: only adapter_model.bin (a PyTorch pickle) is there; save the adapter with safetensors (PEFT's default, save_pretrained(safe_serialization=True))", dir.display())]
+    PickleOnly { dir: PathBuf },
+    #[error("{}: no adapter_model.safetensors in this directory", dir.display())]
+    NoWeights { dir: PathBuf },
+    #[error("{}: no adapter_config.json in this directory", dir.display())]
+    NoConfig { dir: PathBuf },
+    #[error("{}: expected adapter_config.json beside it (PEFT writes it next to the weights)", path.display())]
+    NoConfigBeside { path: PathBuf },
+    #[error("{}: no such file or directory", path.display())]
+    NotFound { path: PathBuf },
+    #[error("{}: {error}", path.display())]
+    ReadConfig {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{}: {error}", path.display())]
+    Config { path: PathBuf, error: ConfigError },
+    /// Tensors whose names or shapes make them unusable, one line each.
+    #[error("{}: {}", path.display(), problems.join("; "))]
+    Tensors {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
 
 /// Locates `adapter_config.json` and the safetensors file for a PEFT directory or a `.safetensors`
 /// file with its config beside it.

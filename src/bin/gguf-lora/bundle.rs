@@ -8,6 +8,7 @@ use anyhow::bail;
 use gguf_lora::adapter::gguf::FactorType;
 use gguf_lora::bundle::{bundle, extract, BundleOptions, BundleReport, InputSpec, Mode};
 
+use crate::args::JsonArg;
 use crate::table::{human_bytes, Table};
 use crate::{print_stdout, Outcome};
 
@@ -34,9 +35,8 @@ pub struct Args {
     /// Write adapter NAME of the named bundle given as the one positional argument to --output.
     #[arg(long, value_name = "NAME", conflicts_with_all = ["mode", "base", "outtype"])]
     extract: Option<String>,
-    /// Print exactly one JSON object on stdout.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    json: JsonArg,
 }
 
 pub fn run(args: Args) -> anyhow::Result<Outcome> {
@@ -45,7 +45,7 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
             bail!("--extract NAME takes exactly one bundle file: gguf-lora bundle --extract NAME BUNDLE.gguf -o OUT.gguf");
         };
         let r = extract(&PathBuf::from(bundle_path), name, &args.output)?;
-        if args.json {
+        if args.json.json {
             json(&r)?
         } else {
             format!(
@@ -69,7 +69,7 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
             outtype: args.outtype,
         };
         let r = bundle(&specs, &args.output, &opts)?;
-        if args.json {
+        if args.json.json {
             json(&r)?
         } else {
             render(&r)
