@@ -181,6 +181,8 @@ pub enum BundleError {
     Refused(#[from] adapter::Refusal),
     #[error(transparent)]
     Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Output(#[from] crate::output::OutputError),
     #[error("no adapter to bundle")]
     NoInputs,
     #[error("{}: {} module(s) do not fit the base; nothing was written:\n{}", path.display(), lines.len(), lines.join("\n"))]
@@ -433,6 +435,7 @@ pub fn bundle(
     output: &Path,
     opts: &BundleOptions,
 ) -> Result<BundleReport, BundleError> {
+    crate::output::check_target(output)?;
     let (inputs, _) = read_inputs(specs, opts)?;
     match opts.mode {
         Mode::Concat => concat(&inputs, output, opts),
@@ -743,6 +746,7 @@ pub struct ExtractReport {
 
 /// Writes adapter `name` of the named bundle `bundle` to `output`, as its own file had it.
 pub fn extract(bundle: &Path, name: &str, output: &Path) -> Result<ExtractReport, BundleError> {
+    crate::output::check_target(output)?;
     let label = PathBuf::from(format!("{}#{name}", bundle.display()));
     let src = GgufSource::open_member(label, bundle.to_path_buf(), Some(name.to_string()))?;
     let bytes = src.write(output, &[bundle])?;

@@ -34,6 +34,8 @@ pub enum ConvertError {
     /// The adapter has tensors a GGUF LoRA cannot hold, or that do not fit the base.
     #[error(transparent)]
     Refused(#[from] Refusal),
+    #[error(transparent)]
+    Output(#[from] crate::output::OutputError),
 }
 
 /// One converted target, for the report.
@@ -70,6 +72,7 @@ pub fn convert(
     output: &Path,
     opts: &ConvertOptions,
 ) -> Result<ConvertReport, ConvertError> {
+    crate::output::check_target(output)?;
     let base = BaseInfo::resolve(opts.base.as_deref(), opts.arch.as_deref())?;
     let Opened {
         adapter, issues, ..

@@ -13,6 +13,7 @@ pub mod engine;
 pub mod gguf;
 pub mod inspect;
 pub mod merge;
+pub mod numbers;
 pub mod output;
 pub mod quant;
 pub mod quantize;

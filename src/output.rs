@@ -23,6 +23,10 @@ pub enum OutputError {
     /// The target is one of the inputs (same path after resolving links, or the same file).
     #[error("{}: output is the same file as input {}", target.display(), input.display())]
     SameAsInput { target: PathBuf, input: PathBuf },
+    /// The target exists and is not a regular file (a directory, a device, a FIFO, a socket), or
+    /// is `-`: it would be replaced by the rename, so it is refused.
+    #[error("{}: {what}; the output must be a regular file (it is written beside it and renamed into place when complete)", target.display())]
+    NotAFile { target: PathBuf, what: &'static str },
     /// An operating-system error on the temporary file or the target.
     #[error("{}: cannot {op}: {error}", path.display())]
     Io {
@@ -51,6 +55,48 @@ pub fn remove_live_temp_files() -> MutexGuard<'static, Vec<PathBuf>> {
         let _ = fs::remove_file(path);
     }
     live
+}
+
+/// Fails if `target` could not be replaced by a regular file without destroying something else: it
+/// is `-` (stdout; outputs are renamed into place, so they cannot stream to a pipe), or it exists
+/// (following symlinks) as a directory, a device, a FIFO or a socket. Operations call it before any
+/// work so that a refusal costs nothing; [`AtomicOutput::create`] calls it again.
+pub fn check_target(target: &Path) -> Result<(), OutputError> {
+    let refuse = |what| {
+        Err(OutputError::NotAFile {
+            target: target.to_path_buf(),
+            what,
+        })
+    };
+    if target.as_os_str() == "-" {
+        return refuse(
+            "is '-', but writing a GGUF file to stdout is not supported: give a file name",
+        );
+    }
+    let Ok(meta) = fs::metadata(target) else {
+        return Ok(()); // does not exist (or is unreadable: creating it will say why)
+    };
+    let ft = meta.file_type();
+    if ft.is_file() {
+        return Ok(());
+    }
+    if ft.is_dir() {
+        return refuse("is a directory");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if ft.is_fifo() {
+            return refuse("is a FIFO (named pipe)");
+        }
+        if ft.is_socket() {
+            return refuse("is a socket");
+        }
+        if ft.is_char_device() || ft.is_block_device() {
+            return refuse("is a device");
+        }
+    }
+    refuse("is not a regular file")
 }
 
 /// Fails if `target` is the same file as any of `inputs`: the same path once symlinks and `..` are
@@ -113,6 +159,7 @@ pub struct AtomicOutput {
 impl AtomicOutput {
     /// Creates the temporary file for `target` after checking that `target` is none of `inputs`.
     pub fn create(target: &Path, inputs: &[&Path]) -> Result<AtomicOutput, OutputError> {
+        check_target(target)?;
         check_not_an_input(target, inputs)?;
         let name = target.file_name().ok_or_else(|| OutputError::Io {
             op: "create a file there",
@@ -168,20 +215,26 @@ impl AtomicOutput {
         }
     }
 
-    /// Flushes, syncs to disk and renames the temporary file onto the target.
+    /// Flushes, syncs to disk and renames the temporary file onto the target. On any error the
+    /// temporary file is removed.
     pub fn finish(mut self) -> Result<(), OutputError> {
         let Some(writer) = self.writer.take() else {
             return Ok(());
         };
-        let file = writer
+        let done = writer
             .into_inner()
-            .map_err(|e| self.io_error("write", e.into_error()))?;
-        file.sync_all().map_err(|e| self.io_error("sync", e))?;
-        drop(file);
+            .map_err(|e| self.io_error("write", e.into_error()))
+            .and_then(|file| file.sync_all().map_err(|e| self.io_error("sync", e)));
         let mut live = registry();
-        fs::rename(&self.temp_path, &self.target)
-            .map_err(|e| self.io_error("rename the temporary file onto it", e))?;
+        let done = done.and_then(|()| {
+            fs::rename(&self.temp_path, &self.target)
+                .map_err(|e| self.io_error("rename the temporary file onto it", e))
+        });
+        if done.is_err() {
+            let _ = fs::remove_file(&self.temp_path);
+        }
         live.retain(|p| p != &self.temp_path);
+        done?;
         drop(live);
         // Make the rename itself durable; failing to sync a directory is not worth failing the run.
         if let Ok(dir) = File::open(parent_dir(&self.target)) {

@@ -378,7 +378,7 @@ print(bytes(r.get_field("general.type").parts[-1]).decode())
         .assert()
         .success();
     let text = String::from_utf8_lossy(&text.get_output().stdout).into_owned();
-    assert!(text.contains("Named bundle: 4 adapter(s)"), "{text}");
+    assert!(text.contains("Named bundle: 4 adapters"), "{text}");
 }
 
 /// Inputs that do not share an architecture or base shapes are refused: exit 1, a message naming

@@ -1,5 +1,6 @@
-//! Ctrl-C during a write leaves neither the output nor a temporary file, and exits with 130; a
-//! failed write leaves nothing either; an output equal to an input is refused.
+//! Ctrl-C during a write leaves neither the output nor a temporary file, says so in one line, and
+//! exits with 128 + the signal (130 for SIGINT, 143 for SIGTERM); a failed write leaves nothing
+//! either; an output equal to an input is refused.
 
 mod common;
 
@@ -8,7 +9,7 @@ use common::listing;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn interrupt_mid_write(signal: &str) {
+fn interrupt_mid_write(signal: &str, code: i32) {
     let env = common::interop();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.gguf");
@@ -53,11 +54,14 @@ fn interrupt_mid_write(signal: &str) {
         .unwrap();
     assert!(kill.success());
     let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(code), "{stderr}");
     assert_eq!(
-        output.status.code(),
-        Some(130),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+        stderr.trim_end(),
+        format!(
+            "gguf-lora: interrupted by SIG{}; no output was written",
+            signal.trim_start_matches('-')
+        )
     );
     assert_eq!(
         listing(dir.path()),
@@ -69,13 +73,13 @@ fn interrupt_mid_write(signal: &str) {
 #[test]
 fn sigint_mid_write_leaves_nothing() {
     require_interop!();
-    interrupt_mid_write("-INT");
+    interrupt_mid_write("-INT", 130);
 }
 
 #[test]
 fn sigterm_mid_write_leaves_nothing() {
     require_interop!();
-    interrupt_mid_write("-TERM");
+    interrupt_mid_write("-TERM", 143);
 }
 
 #[test]

@@ -228,8 +228,9 @@ fn bad_input_exits_1_with_a_message() {
     let adapter = fixture("llama").join("adapters/standard/ref_convert.gguf");
     let (b, a) = (base.to_str().unwrap(), adapter.to_str().unwrap());
 
+    // A missing adapter is a usage error (issue 12: exit 2, as the contract says).
     let (code, _, stderr) = verify(&[b, "--merged", b]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 2);
     assert!(stderr.contains("no adapter given"), "{stderr}");
 
     let (code, _, stderr) = verify(&[b, "--lora", a, "--merged", b, "--tokens", "1,99999"]);

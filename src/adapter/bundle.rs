@@ -54,7 +54,7 @@ pub fn stored_name(i: usize, j: usize, name: &str) -> String {
 /// A named bundle (or one member of it) that cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
-    #[error("{}: general.type is {found:?}, not \"{}\": FILE#NAME selects an adapter of a named bundle (gguf-lora bundle --mode named)", file.display(), BUNDLE_TYPE)]
+    #[error("{}: general.type is {}, not \"{}\": FILE#NAME selects an adapter of a named bundle (gguf-lora bundle --mode named)", file.display(), found.as_ref().map_or_else(|| "missing".to_string(), |t| format!("{t:?}")), BUNDLE_TYPE)]
     NotABundle {
         file: PathBuf,
         found: Option<String>,
@@ -67,7 +67,7 @@ pub enum BundleError {
     },
     #[error("{}: bundle layout version {version}; this build reads version {}", file.display(), VERSION)]
     Version { file: PathBuf, version: u32 },
-    #[error("{}: {} is {count:?} but {} lists {names} adapters", file.display(), KEY_COUNT, KEY_NAMES)]
+    #[error("{}: {} is {} but {} lists {names} adapters", file.display(), KEY_COUNT, count.map_or_else(|| "missing".to_string(), |c| c.to_string()), KEY_NAMES)]
     Count {
         file: PathBuf,
         count: Option<u32>,

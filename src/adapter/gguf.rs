@@ -40,12 +40,12 @@ pub const SUFFIX_B: &str = ".lora_b";
 pub enum LoraFileError {
     #[error("{}: this is a named bundle of adapters ({names}); select one as {}#NAME", path.display(), path.display())]
     IsBundle { path: PathBuf, names: String },
-    #[error("{}: general.type is {found:?}; expected \"adapter\" (is this a base model?)", path.display())]
+    #[error("{}: general.type is {}; expected \"adapter\" (is this a base model?)", path.display(), quoted_or_missing(found))]
     NotAnAdapter {
         path: PathBuf,
         found: Option<String>,
     },
-    #[error("{}: adapter.type is {found:?}; expected \"lora\"", path.display())]
+    #[error("{}: adapter.type is {}; expected \"lora\"", path.display(), quoted_or_missing(found))]
     NotLora {
         path: PathBuf,
         found: Option<String>,
@@ -84,6 +84,12 @@ pub enum LoraFileError {
         tensor: String,
         error: crate::quant::QuantError,
     },
+}
+
+/// `"value"` or `missing`, for a metadata string in messages.
+fn quoted_or_missing(v: &Option<String>) -> String {
+    v.as_ref()
+        .map_or_else(|| "missing".to_string(), |s| format!("{s:?}"))
 }
 
 /// Why two tensors named as one LoRA pair are not one (the text follows the pair's names).
@@ -366,27 +372,15 @@ fn metadata(adapter: &Adapter, arch: &str, alpha: f32) -> Metadata {
     }
     if p.format == Some(SourceFormat::Peft) {
         m.set("gguf_lora.source.use_rslora", Value::Bool(p.use_rslora));
+        // `KEY=VALUE` per pattern entry, in the config's order.
+        let entries = |pairs: Vec<String>| Value::Array(Array::String(pairs));
         if !p.rank_pattern.is_empty() {
-            m.set(
-                "gguf_lora.source.rank_pattern",
-                Value::Array(Array::String(
-                    p.rank_pattern
-                        .iter()
-                        .map(|(k, v)| format!("{k}={v}"))
-                        .collect(),
-                )),
-            );
+            let kv = p.rank_pattern.iter().map(|(k, v)| format!("{k}={v}"));
+            m.set("gguf_lora.source.rank_pattern", entries(kv.collect()));
         }
         if !p.alpha_pattern.is_empty() {
-            m.set(
-                "gguf_lora.source.alpha_pattern",
-                Value::Array(Array::String(
-                    p.alpha_pattern
-                        .iter()
-                        .map(|(k, v)| format!("{k}={v}"))
-                        .collect(),
-                )),
-            );
+            let kv = p.alpha_pattern.iter().map(|(k, v)| format!("{k}={v}"));
+            m.set("gguf_lora.source.alpha_pattern", entries(kv.collect()));
         }
     }
     if !p.target_modules.is_empty() {

@@ -74,7 +74,7 @@ pub enum AdapterError {
     #[error(transparent)]
     Factor(Box<FactorError>),
     /// A GGUF adapter made for another architecture than the base's (see [`Opened::same_arch`]).
-    #[error("{}: adapter architecture {adapter:?} does not match the base's '{base}'", path.display())]
+    #[error("{}: the adapter is for {}, the base is '{base}'", path.display(), quoted_or(adapter, "no stated architecture"))]
     ArchMismatch {
         path: PathBuf,
         adapter: Option<String>,
@@ -110,6 +110,12 @@ boxed_from!(
     Source(SourceError),
     Factor(FactorError),
 );
+
+/// `'value'`, or `missing` when there is none: how messages show an optional name.
+pub(crate) fn quoted_or(v: &Option<String>, missing: &str) -> String {
+    v.as_ref()
+        .map_or_else(|| missing.to_string(), |s| format!("'{s}'"))
+}
 
 /// A full tensor an adapter replaces rather than adapts (`modules_to_save`, resized embeddings,
 /// mergekit norm tensors). `convert` cannot express it; `merge` can apply it.

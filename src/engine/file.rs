@@ -59,6 +59,27 @@ pub fn shard_paths(out: &Path, count: usize) -> Vec<PathBuf> {
 /// The sink a streaming run writes each tensor's bytes to, in file order: `(tensor index, bytes)`.
 pub type Sink<'s> = dyn FnMut(usize, &[u8]) -> Result<(), EngineError> + Send + 's;
 
+/// The files an output of `model` is written to: `output.path`, or one shard per input shard.
+pub fn output_paths(model: &GgufModel, output: &Output<'_>) -> Written {
+    if model.is_split() && !output.no_split {
+        shard_paths(output.path, model.shards().len())
+    } else {
+        vec![output.path.to_path_buf()]
+    }
+}
+
+/// Refuses, before any work, an output that could not be written: a target that is not a regular
+/// file ([`crate::output::check_target`]) or that is one of the inputs.
+pub fn check_output(model: &GgufModel, output: &Output<'_>) -> Result<(), EngineError> {
+    let mut inputs: Vec<&Path> = model.shards().iter().map(|s| s.path()).collect();
+    inputs.extend_from_slice(output.other_inputs);
+    for target in output_paths(model, output) {
+        crate::output::check_target(&target)?;
+        crate::output::check_not_an_input(&target, &inputs)?;
+    }
+    Ok(())
+}
+
 /// Writes `model` with each tensor's new type (`out_types`, file order) and `metadata` (first shard;
 /// later shards of a split output keep their own): lays out the output (one file, or one per input
 /// shard unless `output.no_split`), opens one atomic writer per shard, and lets `run` push every
@@ -78,11 +99,7 @@ pub fn write_streamed<R>(
         }
     }
     let shards = model.shards();
-    let targets: Vec<PathBuf> = if split {
-        shard_paths(output.path, shards.len())
-    } else {
-        vec![output.path.to_path_buf()]
-    };
+    let targets = output_paths(model, output);
     let mut inputs: Vec<&Path> = shards.iter().map(|s| s.path()).collect();
     inputs.extend_from_slice(output.other_inputs);
 

@@ -48,7 +48,9 @@ use crate::gguf::GgufError;
 use crate::quant::{GgmlType, QuantError};
 
 pub use plan::{matrix_shape, PlanProblem, ShapeProblem};
-pub use report::{CandidateReport, MergeReport, Summary, TensorReport, TypeOption, TypeSummary};
+pub use report::{
+    CandidateReport, InputSummary, MergeReport, Summary, TensorReport, TypeOption, TypeSummary,
+};
 pub use requant::{Importance, Requant};
 pub use stream::{ErrorSums, Phases};
 
@@ -100,6 +102,20 @@ pub struct LowRankShape {
     pub b_len: usize,
     /// Values of the DoRA magnitude, when there is one.
     pub magnitude_len: Option<usize>,
+}
+
+impl std::fmt::Display for LowRankShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "rank {}, {} expert(s), A of {} values, B of {}",
+            self.rank, self.n_expert, self.a_len, self.b_len
+        )?;
+        if let Some(m) = self.magnitude_len {
+            write!(f, ", magnitude of {m}")?;
+        }
+        Ok(())
+    }
 }
 
 impl LowRankShape {
@@ -237,6 +253,8 @@ pub enum EngineError {
     },
     #[error(transparent)]
     Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Output(#[from] crate::output::OutputError),
     /// The sink failed with an error of its own.
     #[error(transparent)]
     Sink(Box<dyn std::error::Error + Send + Sync>),

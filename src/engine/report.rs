@@ -80,10 +80,62 @@ pub struct TypeSummary {
     pub suggested_promotion: Option<String>,
 }
 
+/// What one adapter brought to the merge.
+#[derive(Clone, Debug, Serialize)]
+pub struct InputSummary {
+    pub name: String,
+    /// The user's scale.
+    pub scale: f32,
+    /// Base tensors it changes.
+    pub tensors: usize,
+    /// Smallest and largest rank of its low-rank updates (0 when it has none).
+    pub min_rank: usize,
+    pub max_rank: usize,
+    /// Smallest and largest effective scale (alpha/rank) of its low-rank updates.
+    pub min_lora_scale: f32,
+    pub max_lora_scale: f32,
+}
+
+impl InputSummary {
+    fn of(a: &AdapterInput) -> InputSummary {
+        let mut s = InputSummary {
+            name: a.name.clone(),
+            scale: a.scale,
+            tensors: a
+                .updates
+                .iter()
+                .map(|(t, _)| t.as_str())
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
+            min_rank: 0,
+            max_rank: 0,
+            min_lora_scale: 0.0,
+            max_lora_scale: 0.0,
+        };
+        let low_rank = a.updates.iter().filter_map(|(_, u)| match u {
+            Update::LowRank { shape, scale, .. } => Some((shape.rank, *scale)),
+            _ => None,
+        });
+        for (i, (rank, scale)) in low_rank.enumerate() {
+            if i == 0 {
+                (s.min_rank, s.max_rank) = (rank, rank);
+                (s.min_lora_scale, s.max_lora_scale) = (scale, scale);
+            }
+            s.min_rank = s.min_rank.min(rank);
+            s.max_rank = s.max_rank.max(rank);
+            s.min_lora_scale = s.min_lora_scale.min(scale);
+            s.max_lora_scale = s.max_lora_scale.max(scale);
+        }
+        s
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Summary {
     pub adapters: Vec<String>,
     pub scales: Vec<f32>,
+    /// Each adapter: its scale, how many tensors it changes, its ranks and alpha/rank.
+    pub inputs: Vec<InputSummary>,
     pub tensors_merged: usize,
     pub tensors_copied: usize,
     pub tensors_fallback: usize,
@@ -204,6 +256,7 @@ pub fn build(
         summary: Summary {
             adapters: adapters.iter().map(|a| a.name.clone()).collect(),
             scales: adapters.iter().map(|a| a.scale).collect(),
+            inputs: adapters.iter().map(InputSummary::of).collect(),
             tensors_merged: tensors.len(),
             tensors_copied: plans.len() - tensors.len(),
             tensors_fallback: tensors.iter().filter(|t| t.fallback).count(),

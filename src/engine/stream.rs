@@ -112,7 +112,7 @@ fn load_ops<'p>(p: &'p TensorPlan<'_>, name: &str) -> Result<Vec<LoadedOp<'p>>, 
                     let lr = values.get()?;
                     let got = LowRankShape::of(&lr);
                     if got != *shape {
-                        return Err(mismatch(format!("{got:?}"), format!("{shape:?}")));
+                        return Err(mismatch(got.to_string(), shape.to_string()));
                     }
                     LoadedOp::LowRank {
                         scale: op.scale,

@@ -28,7 +28,7 @@ pub fn is_writable(ty: GgmlType) -> bool {
 
 /// A type name that is not one we write.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("unknown or unsupported output type '{name}' (expected f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k or q6_k)")]
+#[error("unknown or unsupported output type '{name}' (expected {}; any case)", WRITABLE.map(GgmlType::name).join(", "))]
 pub struct TypeError {
     pub name: String,
 }

@@ -33,8 +33,11 @@ pub enum GgufErrorKind {
     /// An operating-system error while opening, reading, writing or renaming.
     #[error("cannot {op}: {error}")]
     Io { op: &'static str, error: io::Error },
+    /// A directory where a GGUF file was expected.
+    #[error("is a directory, expected a GGUF file")]
+    IsDirectory,
     /// The file does not start with the magic bytes `GGUF`.
-    #[error("not a GGUF file (starts with {found:02x?}, expected \"GGUF\")")]
+    #[error("not a GGUF file (starts with \"{}\" = {}, expected \"GGUF\")", found.escape_ascii(), hex(found))]
     BadMagic { found: Vec<u8> },
     /// The version looks byte-swapped: a big-endian GGUF file, which we do not read.
     #[error(
@@ -142,12 +145,24 @@ pub enum GgufErrorKind {
     /// A split set whose shards do not fit together.
     #[error("split set: {problem}")]
     Split { problem: String },
+    /// The output path exists and is not a regular file (or is `-`).
+    #[error("{what}; the output must be a regular file (it is written beside it and renamed into place when complete)")]
+    OutputNotAFile { what: &'static str },
     /// The output path is one of the inputs.
     #[error("output is the same file as input {input}")]
     OutputIsInput { input: PathBuf },
     /// A request to the writer that would produce a file llama.cpp cannot load, or misuse of its order.
     #[error("cannot write: {problem}")]
     Write { problem: String },
+}
+
+/// Bytes as hex, space-separated (`d8 fb 24 b7`).
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Shorthand used throughout the GGUF module.

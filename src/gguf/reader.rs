@@ -91,7 +91,12 @@ impl GgufFile {
         let path = path.as_ref();
         let io = |op, source| GgufError::new(path, GgufErrorKind::Io { op, error: source });
         let file = File::open(path).map_err(|e| io("open", e))?;
-        let len = file.metadata().map_err(|e| io("stat", e))?.len();
+        let meta = file.metadata().map_err(|e| io("stat", e))?;
+        if meta.is_dir() {
+            // Opening a directory succeeds on Linux; mapping it would fail with a puzzling ENODEV.
+            return Err(GgufError::new(path, GgufErrorKind::IsDirectory));
+        }
+        let len = meta.len();
         let backing = if len == 0 {
             Backing::Owned(Vec::new())
         } else {

@@ -50,7 +50,10 @@ impl GgufModel {
             Some(v) => v.as_uint().ok_or_else(|| {
                 split_err(
                     path,
-                    format!("{KEY_SPLIT_COUNT} is {v:?}, expected a positive integer"),
+                    format!(
+                        "{KEY_SPLIT_COUNT} is {}, expected a positive integer",
+                        v.describe()
+                    ),
                 )
             })?,
         };
@@ -106,13 +109,17 @@ impl GgufModel {
                 let no = m.get_uint(KEY_SPLIT_NO);
                 if no != Some(i as u64) {
                     return Err(err(format!(
-                        "{KEY_SPLIT_NO} is {no:?}, expected {i} for shard {} of {count}",
+                        "{KEY_SPLIT_NO} is {}, expected {i} for shard {} of {count}",
+                        shown(no),
                         i + 1
                     )));
                 }
                 let c = m.get_uint(KEY_SPLIT_COUNT);
                 if count > 1 && c != Some(count as u64) {
-                    return Err(err(format!("{KEY_SPLIT_COUNT} is {c:?}, expected {count}")));
+                    return Err(err(format!(
+                        "{KEY_SPLIT_COUNT} is {}, expected {count}",
+                        shown(c)
+                    )));
                 }
             }
             for (j, t) in shard.tensors().iter().enumerate() {
@@ -134,7 +141,8 @@ impl GgufModel {
                     shards[0].path(),
                     GgufErrorKind::Split {
                         problem: format!(
-                            "{KEY_SPLIT_TENSORS} is {v:?} but the shards hold {total} tensors"
+                            "{KEY_SPLIT_TENSORS} is {} but the shards hold {total} tensors",
+                            v.describe()
                         ),
                     },
                 ));
@@ -186,6 +194,14 @@ impl GgufModel {
     pub fn is_split(&self) -> bool {
         self.shards.len() > 1
     }
+}
+
+/// An optional integer key's value for messages: the number, or "missing".
+fn shown(v: Option<u64>) -> String {
+    v.map_or_else(
+        || "missing (or not an integer)".to_string(),
+        |n| n.to_string(),
+    )
 }
 
 #[cfg(test)]

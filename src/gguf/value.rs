@@ -191,6 +191,26 @@ impl Value {
         }
     }
 
+    /// The value as messages show it: `3 (u32)`, `"text" (string)`, `an array[u32] of 4`.
+    pub fn describe(&self) -> String {
+        let n = match self {
+            Value::U8(v) => v.to_string(),
+            Value::I8(v) => v.to_string(),
+            Value::U16(v) => v.to_string(),
+            Value::I16(v) => v.to_string(),
+            Value::U32(v) => v.to_string(),
+            Value::I32(v) => v.to_string(),
+            Value::F32(v) => v.to_string(),
+            Value::Bool(v) => v.to_string(),
+            Value::String(v) => format!("{v:?}"),
+            Value::Array(a) => return format!("an {} of {}", self.type_name(), a.len()),
+            Value::U64(v) => v.to_string(),
+            Value::I64(v) => v.to_string(),
+            Value::F64(v) => v.to_string(),
+        };
+        format!("{n} ({})", self.type_name())
+    }
+
     /// Human-readable type, with the element type for arrays (`array[string]`).
     pub fn type_name(&self) -> String {
         match self {

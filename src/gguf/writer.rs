@@ -99,7 +99,8 @@ impl Placement {
             Some(Value::U32(a)) if u64::from(*a) == alignment => {}
             Some(other) => {
                 return Err(invalid(format!(
-                    "alignment {alignment} requested but metadata has {KEY_ALIGNMENT} = {other:?}"
+                    "alignment {alignment} requested but metadata has {KEY_ALIGNMENT} = {}",
+                    other.describe()
                 )))
             }
         }
@@ -344,6 +345,7 @@ impl GgufWriter {
 fn output_error(target: &Path, e: OutputError) -> GgufError {
     let kind = match e {
         OutputError::SameAsInput { input, .. } => GgufErrorKind::OutputIsInput { input },
+        OutputError::NotAFile { what, .. } => GgufErrorKind::OutputNotAFile { what },
         OutputError::Io { op, error, .. } => GgufErrorKind::Io { op, error },
     };
     GgufError::new(target, kind)

@@ -135,8 +135,13 @@ pub fn match_report(
         arch_mismatch,
         ..
     } = adapter::open(adapter_path, Some(&base))?;
-    let arch_mismatch =
-        arch_mismatch.map(|m| format!("adapter architecture {:?}, base '{}'", m.adapter, m.base));
+    let arch_mismatch = arch_mismatch.map(|m| {
+        format!(
+            "the adapter is for {}, the base is '{}'",
+            crate::adapter::quoted_or(&m.adapter, "no stated architecture"),
+            m.base
+        )
+    });
 
     let mut rows = Vec::new();
     for t in &adapter.tensors {

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use crate::adapter::AdapterError;
 use crate::arch::ArchError;
-use crate::engine::file::{base_tensors, write_streamed, Output, Written};
+use crate::engine::file::{base_tensors, check_output, write_streamed, Output, Written};
 use crate::engine::types::{majority_type, output_ftype};
 use crate::engine::{prepare, EngineError, InputTensor};
 use crate::gguf::{
@@ -26,7 +26,7 @@ pub use crate::engine::{
     AdapterInput, CandidateReport, MergeOptions, MergeReport, MergeType, Promote, Summary,
     TensorReport, TypeOption, TypeSummary,
 };
-pub use options::OptionError;
+pub use options::{promote_key, OptionError};
 
 /// Provenance keys the merge adds.
 pub const KEY_TOOL_VERSION: &str = "gguf_lora.version";
@@ -76,6 +76,7 @@ pub fn merge_model(
             found: t.to_string(),
         });
     }
+    check_output(model, output)?;
     let base = base_tensors(model);
     let prepared = prepare(meta0.get_str(KEY_ARCH), &base, adapters, opts)?;
     let out_types = prepared.output_types();

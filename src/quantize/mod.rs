@@ -26,7 +26,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::engine::file::{base_tensors, write_streamed, Output, Written};
+use crate::engine::file::{base_tensors, check_output, write_streamed, Output, Written};
 use crate::engine::types::{fit_type, ftype_for};
 use crate::engine::{prepare_recode, EngineError, Importance, InputTensor, Recode, Requant};
 use crate::gguf::{GgufModel, Value, KEY_FILE_TYPE, KEY_QUANT_VERSION, KEY_TYPE};
@@ -233,6 +233,7 @@ pub fn quantize_model(
             problems: vec![format!("general.type is \"{t}\", expected a model")],
         });
     }
+    check_output(model, output)?;
     let base = base_tensors(model);
     let mut problems = Vec::new();
     let mut recode = Vec::with_capacity(base.len());

@@ -19,6 +19,7 @@
 use serde::Serialize;
 
 use super::forward::Logits;
+use crate::numbers::sci;
 use crate::quant::GgmlType;
 
 /// How one set of logits differs from a reference set.
@@ -122,6 +123,16 @@ pub enum Fidelity {
 }
 
 impl Fidelity {
+    /// What the class means to a user.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Fidelity::Float => "float outputs",
+            Fidelity::Bits8 => "8-bit outputs",
+            Fidelity::Bits5To6 => "5- to 6-bit outputs",
+            Fidelity::Bits4OrLess => "4-bit or smaller outputs",
+        }
+    }
+
     pub fn of(ty: GgmlType) -> Fidelity {
         use GgmlType::*;
         match ty {
@@ -235,8 +246,9 @@ pub fn compare(
     // NaN fails too.
     if merged_vs_runtime.mean_kl.is_nan() || merged_vs_runtime.mean_kl > thresholds.max_kl {
         failures.push(format!(
-            "mean KL(runtime||merged) {:.4e} is over the limit {:.4e}",
-            merged_vs_runtime.mean_kl, thresholds.max_kl
+            "mean KL(runtime||merged) {} is over the limit {}",
+            sci(merged_vs_runtime.mean_kl),
+            sci(thresholds.max_kl)
         ));
     }
     if merged_vs_runtime.top1_agreement < thresholds.min_top1 {

@@ -102,8 +102,8 @@ pub enum VerifyError {
         path: PathBuf,
         error: std::io::Error,
     },
-    #[error("cannot create a file in {}: {error}", dir.display())]
-    CreateFile { dir: PathBuf, error: std::io::Error },
+    #[error(transparent)]
+    Output(crate::output::OutputError),
     #[error("cannot write {}: {error}", path.display())]
     Write {
         path: PathBuf,

@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::Path;
 
 use super::error::{Result, VerifyError};
+use crate::output::AtomicOutput;
 
 /// The bytes of an `.npy` file holding `data` with shape `shape`.
 pub fn npy_bytes(shape: &[usize], data: &[f32]) -> Vec<u8> {
@@ -31,25 +32,16 @@ pub fn npy_bytes(shape: &[usize], data: &[f32]) -> Vec<u8> {
     out
 }
 
-/// Writes an `.npy` file atomically (temporary file beside it, renamed when complete).
+/// Writes an `.npy` file atomically (temporary file beside it, renamed when complete), with the
+/// usual permissions of a new file.
 pub fn write_npy(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut tmp =
-        tempfile::NamedTempFile::new_in(dir).map_err(|error| VerifyError::CreateFile {
-            dir: dir.to_path_buf(),
-            error,
-        })?;
     let write = |error| VerifyError::Write {
         path: path.to_path_buf(),
         error,
     };
-    tmp.write_all(&npy_bytes(shape, data))
-        .and_then(|_| tmp.as_file().sync_all())
-        .map_err(write)?;
-    tmp.persist(path).map_err(|e| write(e.error))?;
+    let mut out = AtomicOutput::create(path, &[]).map_err(VerifyError::Output)?;
+    out.write_all(&npy_bytes(shape, data)).map_err(write)?;
+    out.finish().map_err(VerifyError::Output)?;
     Ok(())
 }
 

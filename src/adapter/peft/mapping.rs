@@ -388,8 +388,13 @@ impl<'r> Mapping<'r> {
                     });
                 }
                 _ => {
+                    let shown: Vec<String> = rows
+                        .iter()
+                        .map(|r| r.map_or_else(|| "?".into(), |n| n.to_string()))
+                        .collect();
                     let message = format!(
-                        "the base fuses q/k/v into {fused} ({total} rows) and the adapted parts do not fill it ({rows:?})"
+                        "the base fuses q/k/v into {fused} ({total} rows) and the adapted parts do not fill it (q, k, v rows: {})",
+                        shown.join(", ")
                     );
                     self.issue(
                         &sources.join("+"),

@@ -14,6 +14,21 @@ pub enum TensorRole {
     Full,
 }
 
+impl TensorRole {
+    /// The name PEFT gives the role in tensor names.
+    pub fn name(&self) -> &'static str {
+        match self {
+            TensorRole::LoraA => "lora_A",
+            TensorRole::LoraB => "lora_B",
+            TensorRole::EmbeddingA => "lora_embedding_A",
+            TensorRole::EmbeddingB => "lora_embedding_B",
+            TensorRole::Magnitude => "lora_magnitude_vector",
+            TensorRole::LoraBias => "lora_B.bias",
+            TensorRole::Full => "full weight",
+        }
+    }
+}
+
 /// Splits a PEFT tensor name into the module path inside the base model and the tensor's role:
 /// `base_model.model.model.layers.0.mlp.up_proj.lora_A.default.weight` →
 /// (`model.layers.0.mlp.up_proj`, `LoraA`).

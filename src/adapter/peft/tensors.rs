@@ -163,8 +163,8 @@ pub fn read_raw(path: &Path) -> Result<PeftAdapter, AdapterError> {
                 };
                 if slot.is_some() {
                     problems.push(format!(
-                        "module '{module}' has two {:?} tensors (several adapters in one file?); last: '{}'",
-                        role, entry.name
+                        "module '{module}' has two {} tensors (several adapters in one file?); last: '{}'",
+                        role.name(), entry.name
                     ));
                 }
                 *slot = Some(factor(r, c));

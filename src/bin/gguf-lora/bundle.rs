@@ -4,13 +4,12 @@
 
 use std::path::PathBuf;
 
-use anyhow::bail;
 use gguf_lora::adapter::gguf::FactorType;
 use gguf_lora::bundle::{bundle, extract, BundleOptions, BundleReport, InputSpec, Mode};
 
-use crate::args::JsonArg;
-use crate::table::{human_bytes, Table};
-use crate::{print_stdout, Outcome};
+use crate::args::{JsonArg, OutArg};
+use crate::table::{human_bytes, plural, short, Table};
+use crate::{print_stdout, Outcome, UsageError};
 
 /// Put several LoRA adapters into one file: one standard adapter applying all of them (concat), or
 /// a container to select (BUNDLE.gguf#NAME) and extract them from by name (named).
@@ -20,14 +19,14 @@ pub struct Args {
     /// With --extract: the one bundle file.
     #[arg(value_name = "ADAPTER[:SCALE]", required = true)]
     adapters: Vec<String>,
-    /// Output GGUF file (written atomically).
-    #[arg(short, long)]
-    output: PathBuf,
+    #[command(flatten)]
+    out: OutArg,
     /// concat: one GGUF LoRA equal to applying every input at its scale; named: a container by name.
     #[arg(long, default_value = "concat", value_parser = mode_parser())]
     mode: Mode,
-    /// Base model GGUF: every input is checked against it (architecture, tensor names, shapes).
-    #[arg(long)]
+    /// Base model GGUF: every input is checked against it (architecture, tensor names, shapes);
+    /// -m/--model as llama.cpp spells it.
+    #[arg(long, short = 'm', visible_alias = "model", value_name = "BASE.gguf")]
     base: Option<PathBuf>,
     /// Tensor type of a concat bundle's lora_a/lora_b (q8_0 falls back to f16 for short rows).
     #[arg(long, default_value = "f32", value_parser = crate::factor_type_parser())]
@@ -42,18 +41,18 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<Outcome> {
     let text = if let Some(name) = &args.extract {
         let [bundle_path] = args.adapters.as_slice() else {
-            bail!("--extract NAME takes exactly one bundle file: gguf-lora bundle --extract NAME BUNDLE.gguf -o OUT.gguf");
+            return Err(UsageError("--extract NAME takes exactly one bundle file: gguf-lora bundle --extract NAME BUNDLE.gguf -o OUT.gguf".into()).into());
         };
-        let r = extract(&PathBuf::from(bundle_path), name, &args.output)?;
+        let r = extract(&PathBuf::from(bundle_path), name, &args.out.output)?;
         if args.json.json {
             json(&r)?
         } else {
             format!(
-                "{}#{} → {} ({} tensors, {})\n",
+                "{}#{} → {} ({}, {})\n",
                 r.bundle.display(),
                 r.name,
                 r.output.display(),
-                r.n_tensors,
+                plural(r.n_tensors, "tensor"),
                 human_bytes(r.bytes)
             )
         }
@@ -62,13 +61,14 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
             .adapters
             .iter()
             .map(|s| InputSpec::parse(s))
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| UsageError(e.to_string()))?;
         let opts = BundleOptions {
             mode: args.mode,
             base: args.base,
             outtype: args.outtype,
         };
-        let r = bundle(&specs, &args.output, &opts)?;
+        let r = bundle(&specs, &args.out.output, &opts)?;
         if args.json.json {
             json(&r)?
         } else {
@@ -101,15 +101,15 @@ fn json<T: serde::Serialize>(v: &T) -> anyhow::Result<String> {
 fn render(r: &BundleReport) -> String {
     let mode = r.mode.name();
     let mut out = format!(
-        "{} bundle → {} ({}, {} adapters, {} tensors, {}{})\n",
+        "{} bundle → {} ({}, {}, {}, {}{})\n",
         mode,
         r.output.display(),
         r.arch,
-        r.adapters.len(),
-        r.n_tensors,
+        plural(r.adapters.len(), "adapter"),
+        plural(r.n_tensors, "tensor"),
         human_bytes(r.bytes),
         r.alpha
-            .map(|a| format!(", adapter.lora.alpha = {a}"))
+            .map(|a| format!(", adapter.lora.alpha = {}", short(f64::from(a))))
             .unwrap_or_default()
     );
     let mut t = Table::new(&[
@@ -124,9 +124,9 @@ fn render(r: &BundleReport) -> String {
         t.row(vec![
             a.name.clone(),
             a.source.display().to_string(),
-            format!("{:?}", a.format).to_lowercase(),
-            format!("{}", a.scale),
-            format!("{}", a.alpha),
+            a.format.name().to_string(),
+            short(a.scale),
+            short(f64::from(a.alpha)),
             a.n_targets.to_string(),
             rank,
         ]);
@@ -140,7 +140,7 @@ fn render(r: &BundleReport) -> String {
                 c.rank.to_string(),
                 c.parts
                     .iter()
-                    .map(|p| format!("{}: {} × {:.6}", p.adapter, p.rank, p.scale))
+                    .map(|p| format!("{}: {} × {}", p.adapter, p.rank, short(p.scale)))
                     .collect::<Vec<_>>()
                     .join(", "),
             ]);

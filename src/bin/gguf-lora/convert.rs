@@ -6,24 +6,37 @@ use std::path::PathBuf;
 use gguf_lora::adapter::gguf::FactorType;
 use gguf_lora::convert::{convert, ConvertOptions, ConvertReport};
 
-use crate::args::JsonArg;
-use crate::table::{human_bytes, Table};
+use crate::args::{JsonArg, OutArg};
+use crate::table::{human_bytes, short, Table};
 use crate::{print_stdout, Outcome};
 
 /// Convert a PEFT LoRA adapter (or a GGUF LoRA, to re-type it) to a GGUF LoRA adapter for llama.cpp.
+///
+/// --base BASE.gguf is the safe choice: every target is checked against the base's tensors. --arch
+/// is enough when the adapter's own shapes say everything, which is not the case for a llama-family
+/// model's q_proj/k_proj (their rows are RoPE-permuted by head, and the head counts come from the
+/// base), a base that ties its output to the embeddings, or a partially adapted MoE layer: those
+/// need --base.
 #[derive(clap::Args)]
 pub struct Args {
-    /// PEFT adapter directory, PEFT .safetensors file (adapter_config.json beside it), or GGUF LoRA.
+    /// PEFT adapter directory, PEFT .safetensors file (adapter_config.json beside it), or GGUF LoRA
+    /// (or BUNDLE.gguf#NAME).
     adapter: PathBuf,
-    /// Output GGUF file (written atomically).
-    #[arg(short, long)]
-    output: PathBuf,
-    /// Base model GGUF: gives the architecture and head counts, and every target is checked against it.
-    #[arg(long, conflicts_with = "arch")]
+    #[command(flatten)]
+    out: OutArg,
+    /// Base model GGUF: gives the architecture and head counts, and every target is checked against
+    /// it (-m/--model as llama.cpp spells it).
+    #[arg(
+        long,
+        short = 'm',
+        visible_alias = "model",
+        conflicts_with = "arch",
+        value_name = "BASE.gguf"
+    )]
     base: Option<PathBuf>,
-    /// Architecture (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3, ...) when no base is
-    /// at hand; llama-family q/k adapters still need --base for the head counts.
-    #[arg(long)]
+    /// Architecture when no base is at hand: llama, mistral, mixtral, qwen2, qwen2moe, qwen3, qwen3moe,
+    /// gemma, gemma2, gemma3 or phi3 (see above for when --base is needed instead).
+    #[arg(long, value_parser = parse_arch)]
     arch: Option<String>,
     /// Tensor type of lora_a/lora_b (q8_0 falls back to f16 where rows are not multiples of 32).
     #[arg(long, default_value = "f32", value_parser = crate::factor_type_parser())]
@@ -38,7 +51,7 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
         arch: args.arch,
         outtype: args.outtype,
     };
-    let report = convert(&args.adapter, &args.output, &opts)?;
+    let report = convert(&args.adapter, &args.out.output, &opts)?;
     let text = if args.json.json {
         let mut s = serde_json::to_string_pretty(&report)?;
         s.push('\n');
@@ -50,6 +63,13 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
     Ok(Outcome::Success)
 }
 
+/// `--arch`: an architecture we map (any case, HF family names too).
+fn parse_arch(s: &str) -> Result<String, String> {
+    gguf_lora::arch::BaseInfo::from_arch(s)
+        .map(|b| b.arch)
+        .map_err(|e| e.to_string())
+}
+
 fn render(r: &ConvertReport) -> String {
     let mut out = format!(
         "{} → {} ({}, {} tensors, {}, adapter.lora.alpha = {})\n",
@@ -58,7 +78,7 @@ fn render(r: &ConvertReport) -> String {
         r.arch,
         r.written.n_tensors,
         human_bytes(r.written.bytes),
-        r.written.alpha
+        short(f64::from(r.written.alpha))
     );
     let mut t = Table::new(&["target", "source", ">rank", ">alpha", ">scale", "notes"]);
     for c in &r.tensors {
@@ -67,14 +87,14 @@ fn render(r: &ConvertReport) -> String {
             notes.push("rope-permuted".to_string());
         }
         if let Some((_, f)) = r.written.folded.iter().find(|(n, _)| *n == c.target) {
-            notes.push(format!("scale folded into B (×{f:.6})"));
+            notes.push(format!("scale folded into B (×{})", short(*f)));
         }
         t.row(vec![
             c.target.clone(),
             c.source.clone(),
             c.rank.to_string(),
-            format!("{}", c.alpha),
-            format!("{:.6}", c.scale),
+            short(c.alpha),
+            short(c.scale),
             notes.join(", "),
         ]);
     }

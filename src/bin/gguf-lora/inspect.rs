@@ -14,7 +14,7 @@ use gguf_lora::inspect::{inspect, Report};
 use serde_json::Value as Json;
 
 use crate::args::JsonArg;
-use crate::table::{human_bytes, short as num, Table};
+use crate::table::{human_bytes, plural, short as num, Table};
 use crate::{print_stdout, Outcome};
 
 /// Longest string value shown in the human output before it is cut.
@@ -28,8 +28,9 @@ const NO_LAYERS: &str = "(no blk.N tensor adapted)";
 pub struct Args {
     /// GGUF file (or any shard of a split set), .safetensors file, or PEFT adapter directory.
     file: PathBuf,
-    /// Base model GGUF: match the adapter FILE (PEFT or GGUF) against it; exit 3 if incompatible.
-    #[arg(long)]
+    /// Base model GGUF: match the adapter FILE (PEFT or GGUF) against it; exit 3 if incompatible
+    /// (-m/--model as llama.cpp spells it).
+    #[arg(long, short = 'm', visible_alias = "model", value_name = "BASE.gguf")]
     base: Option<PathBuf>,
     #[command(flatten)]
     json: JsonArg,
@@ -90,8 +91,8 @@ fn render_gguf(r: &GgufReport) -> String {
     if let Some(b) = &r.bundle {
         let _ = writeln!(
             out,
-            "\nNamed bundle: {} adapter(s); select one as {}#NAME",
-            b.adapters.len(),
+            "\nNamed bundle: {}; select one as {}#NAME",
+            plural(b.adapters.len(), "adapter"),
             r.path
         );
         let mut t = Table::new(&[
@@ -126,9 +127,10 @@ fn render_gguf(r: &GgufReport) -> String {
     if r.shards.len() > 1 {
         let _ = writeln!(out, "\nShards");
         let mut t = Table::new(&[">#", "path", ">size", ">keys", ">tensors"]);
+        // Numbered as in the shard file names (NAME-00001-of-0000N.gguf).
         for (i, s) in r.shards.iter().enumerate() {
             t.row(vec![
-                i.to_string(),
+                (i + 1).to_string(),
                 s.path.clone(),
                 human_bytes(s.file_size),
                 s.metadata_count.to_string(),
@@ -190,7 +192,7 @@ fn render_gguf(r: &GgufReport) -> String {
             x.layer.map_or_else(|| "-".into(), |l| l.to_string()),
         ];
         if split {
-            row.push(x.shard.to_string());
+            row.push((x.shard + 1).to_string());
         }
         t.row(row);
     }
@@ -247,7 +249,7 @@ fn render_match(r: &AdapterMatchReport) -> String {
         "source", "target", ">layer", "kind", ">rank", ">alpha", ">scale", "lora_a", "lora_b",
         "base", "type", "status",
     ]);
-    let num = |v: Option<f64>| v.map_or_else(|| "-".into(), |x| format!("{x:.4}"));
+    let num = |v: Option<f64>| v.map_or_else(|| "-".into(), num);
     for row in &r.rows {
         t.row(vec![
             row.source.clone(),

@@ -19,7 +19,8 @@ mod verify;
 
 use clap::{Parser, Subcommand};
 
-/// How a subcommand that ran to the end went; errors are `Err` and exit with 1.
+/// How a subcommand that ran to the end went; errors are `Err` and exit with 1 (2 for a
+/// [`UsageError`]).
 pub enum Outcome {
     /// Exit 0.
     Success,
@@ -29,26 +30,43 @@ pub enum Outcome {
 
 /// The exit codes, part of the CLI contract (DESIGN.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
 pub enum Exit {
-    Success = 0,
+    Success,
     /// Bad input, I/O: the message on stderr names the file, the tensor and what was expected.
-    Error = 1,
-    /// A usage error (clap exits with it by itself).
-    #[allow(dead_code)]
-    Usage = 2,
+    Error,
+    /// A usage error: what clap finds, and [`UsageError`]s found after parsing.
+    Usage,
     /// A check that ran and failed.
-    CheckFailed = 3,
-    /// Interrupted by SIGINT, SIGTERM or SIGHUP (128 + SIGINT, the shell convention); temporary
-    /// files are removed first.
-    Interrupted = 130,
+    CheckFailed,
+    /// Killed by this signal (exit 128 + its number, the shell convention: 130 for SIGINT, 143 for
+    /// SIGTERM); temporary files are removed first.
+    Signal(i32),
 }
 
-impl From<Exit> for std::process::ExitCode {
-    fn from(e: Exit) -> Self {
-        std::process::ExitCode::from(e as u8)
+impl Exit {
+    pub fn code(self) -> i32 {
+        match self {
+            Exit::Success => 0,
+            Exit::Error => 1,
+            Exit::Usage => 2,
+            Exit::CheckFailed => 3,
+            Exit::Signal(sig) => 128 + sig,
+        }
     }
 }
+
+/// A usage error found after clap parsed the flags (a missing adapter, flags that do not go
+/// together): exit 2, like clap's own.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
 
 #[derive(Parser)]
 #[command(name = "gguf-lora", version, about = "LoRA adapters for GGUF models")]
@@ -57,32 +75,45 @@ struct Cli {
     command: Command,
 }
 
+/// In the order of the README: make an adapter, apply it, look at files, combine, requantize, check.
 #[derive(Subcommand)]
 enum Command {
-    Bundle(bundle::Args),
     Convert(convert::Args),
-    Inspect(inspect::Args),
-    /// Bake LoRA adapters into a base GGUF, keeping each tensor's quantization.
     Merge(merge::Args),
-    Rewrite(rewrite::Args),
-    Verify(verify::Args),
-    /// Quantize a whole model to one type (ggml-exact, like `llama-quantize --pure`).
+    Inspect(inspect::Args),
+    Bundle(bundle::Args),
     Quantize(quantize::Args),
+    Verify(verify::Args),
+    Rewrite(rewrite::Args),
 }
 
-/// On SIGINT, SIGTERM or SIGHUP: remove every temporary output file and exit, holding the library's
-/// registry so that no file is created or renamed in between. If the handler cannot be installed
-/// the run goes on; an interrupt then leaves a hidden `.NAME.PID-N.tmp` behind.
-fn install_interrupt_handler() {
-    let _ = ctrlc::set_handler(|| {
-        let _held = gguf_lora::output::remove_live_temp_files();
-        std::process::exit(Exit::Interrupted as i32);
+/// On SIGINT, SIGTERM or SIGHUP: clear the progress bar, remove every temporary output file, say so
+/// in one line, and exit 128 + the signal, holding the library's registry so that no file is
+/// created or renamed in between. If the handler cannot be installed the run goes on with the
+/// default behaviour (killed, a hidden `.NAME.PID-N.tmp` left behind).
+fn install_signal_handler() {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            progress::clear();
+            let _held = gguf_lora::output::remove_live_temp_files();
+            let name = match sig {
+                SIGINT => "SIGINT",
+                SIGTERM => "SIGTERM",
+                _ => "SIGHUP",
+            };
+            eprintln!("gguf-lora: interrupted by {name}; no output was written");
+            std::process::exit(Exit::Signal(sig).code());
+        }
     });
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    install_interrupt_handler();
+    install_signal_handler();
     let result: anyhow::Result<Outcome> = match cli.command {
         Command::Bundle(args) => bundle::run(args),
         Command::Convert(args) => convert::run(args),
@@ -97,12 +128,17 @@ fn main() -> std::process::ExitCode {
         Ok(Outcome::CheckFailed) => Exit::CheckFailed,
         // `gguf-lora inspect ... | head` closing the pipe early is not an error.
         Err(err) if is_broken_pipe(&err) => Exit::Success,
+        Err(err) if err.downcast_ref::<UsageError>().is_some() => {
+            // The form clap gives its own usage errors.
+            eprintln!("error: {err}\n\nFor more information, try '--help'.");
+            Exit::Usage
+        }
         Err(err) => {
             eprintln!("gguf-lora: error: {err:#}");
             Exit::Error
         }
     };
-    exit.into()
+    std::process::ExitCode::from(exit.code() as u8)
 }
 
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
@@ -114,11 +150,13 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
 
 pub use args::factor_type_parser;
 
-/// Writes `text` to stdout in one go; a closed pipe surfaces as an error that `main` ignores.
+/// Writes `text` to stdout in one go, the one way every subcommand prints: a closed pipe surfaces
+/// as an error that `main` ignores; any other failure (a full disk) is an error naming stdout.
 pub fn print_stdout(text: &str) -> anyhow::Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())?;
-    out.flush()?;
-    Ok(())
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        // The io::Error stays in the chain, so that `main` recognises a closed pipe.
+        .map_err(|e| anyhow::Error::new(e).context("cannot write to stdout"))
 }

@@ -1,8 +1,8 @@
 //! `gguf-lora merge`: flags, adapter loading, progress bar and the report as a table or JSON.
 
-use std::path::{Path, PathBuf};
-
+use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::path::Path;
 
 use clap::Args as ClapArgs;
 use gguf_lora::engine::file::Output;
@@ -11,28 +11,38 @@ use gguf_lora::merge::inputs::read_adapter;
 use gguf_lora::merge::{merge_model, AdapterInput, MergeOptions, MergeReport, MergeType, Promote};
 use serde::Serialize;
 
-use crate::args::{JsonArg, ThreadsArg};
+use crate::args::{merge_type_parser, parse_promote, JsonArg, ModelArg, OutArg, ThreadsArg};
 use crate::lora_args::LoraArgs;
 use crate::progress::TensorProgress;
-use crate::table::{fixed3, mib};
+use crate::table::{fixed3, mib, short, Table};
 use crate::{print_stdout, Outcome};
 
 /// Bake LoRA adapters into a base GGUF, keeping each tensor's quantization.
+///
+/// Untouched tensors are copied byte for byte; touched ones are dequantized, merged in f32 and
+/// requantized once to their own type (or --outtype), or to a larger one with --promote.
 #[derive(ClapArgs, Debug)]
 pub struct Args {
-    /// Base model: a GGUF file or any shard of a gguf-split set.
-    pub base: PathBuf,
+    #[command(flatten)]
+    pub base: ModelArg,
     #[command(flatten)]
     pub lora: LoraArgs,
-    /// Output file (for a split base, the shards are named after it).
-    #[arg(short = 'o', long = "output", value_name = "OUT.gguf")]
-    pub output: PathBuf,
-    /// Type of merged tensors: keep (each its base type) or a type; untouched tensors keep their bytes.
-    #[arg(long, default_value = "keep")]
-    pub outtype: String,
-    /// Requantize touched tensors to a larger TYPE, only those of type FROM (FROM=TO[,...]), or choose per tensor with auto[:BUDGET] (size growth, default 5%).
-    #[arg(long, value_name = "TYPE|FROM=TO|auto[:BUDGET]")]
-    pub promote: Option<String>,
+    #[command(flatten)]
+    pub out: OutArg,
+    /// Type of merged tensors: keep (each its base type) or one type for all; untouched tensors
+    /// keep their bytes.
+    #[arg(long, default_value = "keep", value_parser = merge_type_parser(), ignore_case = true)]
+    pub outtype: MergeType,
+    /// Requantize touched tensors to a larger TYPE, only those of type FROM (FROM=TO[,...]), or
+    /// choose per tensor with auto[:BUDGET] (size growth, default 5%). Chooses types per tensor,
+    /// so it does not go with --outtype.
+    #[arg(
+        long,
+        value_name = "TYPE|FROM=TO|auto[:BUDGET]",
+        value_parser = parse_promote,
+        conflicts_with = "outtype"
+    )]
+    pub promote: Option<Promote>,
     #[command(flatten)]
     pub threads: ThreadsArg,
     /// Write one file even when the base is a split set.
@@ -58,19 +68,14 @@ struct JsonOut<'a> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<Outcome> {
-    let outtype: MergeType = args.outtype.parse()?;
-    let promote = match &args.promote {
-        None => Promote::None,
-        Some(p) => p.parse()?,
-    };
     let opts = MergeOptions {
-        outtype,
-        promote,
+        outtype: args.outtype,
+        promote: args.promote.clone().unwrap_or(Promote::None),
         ..Default::default()
     };
     let specs = args.lora.adapters()?;
     args.threads.run(|| {
-        let model = GgufModel::open(&args.base)?;
+        let model = GgufModel::open(args.base.path())?;
         let adapters = specs
             .iter()
             .map(|(s, scale)| load_adapter(s, *scale, &model))
@@ -79,7 +84,7 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
         let progress = TensorProgress::new(&model);
         let on_done = |i: usize, b: u64| progress.on_done(i, b);
         let output = Output {
-            path: &args.output,
+            path: &args.out.output,
             no_split: args.no_split,
             other_inputs: &adapter_paths,
         };
@@ -94,7 +99,7 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
             s.push('\n');
             s
         } else {
-            render(&report, &outputs)
+            render(&report, &outputs, &specs, args.promote.as_ref())
         };
         print_stdout(&text)?;
         Ok(Outcome::Success)
@@ -105,10 +110,46 @@ fn err_str(e: Option<f64>) -> String {
     e.map_or_else(|| "-".to_string(), fixed3)
 }
 
-fn render(r: &MergeReport, outputs: &[String]) -> String {
+/// `a` or `a..b`.
+fn range<T: PartialEq + std::fmt::Display>(lo: T, hi: T) -> String {
+    if lo == hi {
+        lo.to_string()
+    } else {
+        format!("{lo}..{hi}")
+    }
+}
+
+fn render(
+    r: &MergeReport,
+    outputs: &[String],
+    specs: &[(String, f32)],
+    promote: Option<&Promote>,
+) -> String {
     let mut out = String::new();
     let s = &r.summary;
     let _ = writeln!(out, "wrote {}", outputs.join(", "));
+
+    // What went in.
+    let mut t = Table::new(&["adapter", ">scale", ">alpha/rank", ">rank", ">tensors"]);
+    for ((spec, scale), i) in specs.iter().zip(&s.inputs) {
+        let note = match *scale {
+            0.0 => " (zero: changes nothing)",
+            x if x < 0.0 => " (negative: subtracts the adapter)",
+            _ => "",
+        };
+        t.row(vec![
+            format!("{spec}{note}"),
+            short(f64::from(*scale)),
+            range(
+                short(f64::from(i.min_lora_scale)),
+                short(f64::from(i.max_lora_scale)),
+            ),
+            range(i.min_rank, i.max_rank),
+            i.tensors.to_string(),
+        ]);
+    }
+    out.push_str(&t.render(0));
+
     let _ = writeln!(
         out,
         "merged {} tensors, copied {} byte for byte; {} → {} (×{:.3}){}{}",
@@ -131,6 +172,39 @@ fn render(r: &MergeReport, outputs: &[String]) -> String {
             String::new()
         },
     );
+
+    // Promotions made, per (from, to), with what they cost.
+    if let Some(p) = promote {
+        let mut moves: BTreeMap<(String, String), (usize, i128)> = BTreeMap::new();
+        for t in r.tensors.iter().filter(|t| t.promoted) {
+            let planned = t.candidates.first().map_or(t.bytes_in, |c| c.bytes);
+            let e = moves
+                .entry((t.type_in.clone(), t.type_out.clone()))
+                .or_default();
+            e.0 += 1;
+            e.1 += t.bytes_out as i128 - planned as i128;
+        }
+        if moves.is_empty() {
+            let _ = writeln!(
+                out,
+                "--promote {}: no tensor promoted (each merged tensor is already of that size or larger)",
+                promote_text(p)
+            );
+        } else {
+            let _ = writeln!(out, "\npromotions (--promote {}):", promote_text(p));
+            let mut t = Table::new(&["", ">tensors", ">size change"]);
+            for ((from, to), (n, bytes)) in &moves {
+                let sign = if *bytes < 0 { "-" } else { "+" };
+                t.row(vec![
+                    format!("{from} → {to}"),
+                    format!("×{n}"),
+                    format!("{sign}{}", mib(bytes.unsigned_abs() as u64)),
+                ]);
+            }
+            out.push_str(&t.render(2));
+        }
+    }
+
     let _ = writeln!(out);
     let _ = writeln!(out, "requantization error relative to the adapter's delta (RMS(requantized − exact merge) / RMS(delta)):");
     let _ = writeln!(
@@ -139,10 +213,16 @@ fn render(r: &MergeReport, outputs: &[String]) -> String {
         "type", "tensors", "error", "other choices for these tensors (error, whole-file size)"
     );
     for t in &s.per_type {
+        // Only choices that would keep more of the adapter than what was written.
+        let better = |e: Option<f64>| match (e, t.relative_error) {
+            (Some(e), Some(w)) => e < w,
+            _ => false,
+        };
         let others: Vec<String> = t
             .options
             .iter()
             .skip(1)
+            .filter(|o| better(o.relative_error))
             .map(|o| {
                 format!(
                     "{} {} ×{:.3}",
@@ -158,7 +238,11 @@ fn render(r: &MergeReport, outputs: &[String]) -> String {
             t.type_in,
             t.tensors,
             err_str(t.relative_error),
-            others.join(", ")
+            if others.is_empty() {
+                "-".to_string()
+            } else {
+                others.join(", ")
+            }
         );
     }
     for t in s.per_type.iter().filter(|t| t.lossy) {
@@ -166,8 +250,7 @@ fn render(r: &MergeReport, outputs: &[String]) -> String {
             Some(p) => {
                 let o = t.options.iter().find(|o| &o.choice == p);
                 format!(
-                    "; --promote {} would leave {} at ×{:.3} the base size (or try --promote auto)",
-                    p.to_ascii_lowercase(),
+                    "; --promote {p} would leave {} at ×{:.3} the base size (or try --promote auto)",
                     err_str(o.and_then(|o| o.relative_error)),
                     o.map_or(0.0, |o| o.size_ratio)
                 )
@@ -175,11 +258,11 @@ fn render(r: &MergeReport, outputs: &[String]) -> String {
             None => "; try --promote q8_0 or --promote auto".to_string(),
         };
         let _ = writeln!(
-
             out,
-            "warning: the {} {} tensors lose much of the adapter to requantization (rounding error {}× the adapter's change){fix}",
+            "warning: the {} {} {} much of the adapter to requantization (rounding error {}× the adapter's change){fix}",
             t.tensors,
             t.type_in,
+            if t.tensors == 1 { "tensor loses" } else { "tensors lose" },
             err_str(t.relative_error)
         );
     }
@@ -213,4 +296,9 @@ fn render(r: &MergeReport, outputs: &[String]) -> String {
         }
     }
     out
+}
+
+/// `--promote` as the user gave it, in the report's terms.
+fn promote_text(p: &Promote) -> String {
+    gguf_lora::merge::promote_key(p).unwrap_or_else(|| "none".into())
 }

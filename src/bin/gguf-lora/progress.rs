@@ -3,8 +3,23 @@
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use gguf_lora::gguf::GgufModel;
+
+/// The bar on screen, if any, so that the signal handler can clear it before its last words.
+static ON_SCREEN: Mutex<Option<indicatif::ProgressBar>> = Mutex::new(None);
+
+/// Clears the progress bar on screen, if there is one.
+pub fn clear() {
+    let bar = ON_SCREEN
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .take();
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+}
 
 pub struct TensorProgress {
     bar: Option<indicatif::ProgressBar>,
@@ -23,6 +38,7 @@ impl TensorProgress {
                 )
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
+            *ON_SCREEN.lock().unwrap_or_else(|p| p.into_inner()) = Some(bar.clone());
             bar
         });
         TensorProgress {
@@ -42,8 +58,8 @@ impl TensorProgress {
     }
 
     pub fn finish(&self) {
-        if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
+        if self.bar.is_some() {
+            clear();
         }
     }
 }

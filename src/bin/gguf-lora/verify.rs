@@ -5,22 +5,22 @@
 use std::fmt::Write;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use gguf_lora::gguf::GgufModel;
 use gguf_lora::verify::forward::Model;
 use gguf_lora::verify::{self, VerifyOptions, VerifyReport, DEFAULT_N_TOKENS};
 use serde::Serialize;
 
-use crate::args::{JsonArg, ThreadsArg};
+use crate::args::{JsonArg, ModelArg, ThreadsArg};
 use crate::lora_args::LoraArgs;
-use crate::table::Table;
-use crate::{print_stdout, Outcome};
+use crate::table::{fixed3, sci, short, Table};
+use crate::{print_stdout, Outcome, UsageError};
 
 /// Check that a merged model gives the logits of its base with the adapters applied at runtime.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Base model GGUF (or any shard of a split set).
-    base: PathBuf,
+    #[command(flatten)]
+    base: ModelArg,
     #[command(flatten)]
     lora: LoraArgs,
     /// The merged model to check; without it, the adapters are merged as `gguf-lora merge` does
@@ -33,9 +33,9 @@ pub struct Args {
     /// Seed of the deterministic token sequence used without --tokens.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Length of the seeded token sequence.
-    #[arg(long, default_value_t = DEFAULT_N_TOKENS)]
-    n_tokens: usize,
+    /// Length of the seeded token sequence (1 to 4096).
+    #[arg(long, default_value_t = DEFAULT_N_TOKENS as u16, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    n_tokens: u16,
     /// Max mean KL(runtime||merged) (default by the merged tensors' type).
     #[arg(long)]
     max_kl: Option<f64>,
@@ -80,7 +80,10 @@ pub fn run(args: Args) -> Result<Outcome> {
 
 fn check(args: &Args) -> Result<Outcome> {
     let adapters = args.lora.adapters()?;
-    let base = GgufModel::open(&args.base)?;
+    if args.tokens.as_ref().is_some_and(Vec::is_empty) {
+        return Err(UsageError("--tokens: no token ids given".into()).into());
+    }
+    let base = GgufModel::open(args.base.path())?;
     // Architecture and shape checks first: they explain more than an adapter mismatch would.
     let n_vocab = Model::new(&base)?.n_vocab()?;
     // Without --merged: the merge `gguf-lora merge` would write (types kept), in a temporary file.
@@ -93,14 +96,8 @@ fn check(args: &Args) -> Result<Outcome> {
     };
     let lora = verify::load_adapters(&base, &adapters)?;
     let tokens = match &args.tokens {
-        Some(t) if t.is_empty() => bail!("--tokens: no token ids given"),
         Some(t) => t.clone(),
-        None => {
-            if args.n_tokens == 0 || args.n_tokens > 4096 {
-                bail!("--n-tokens must be between 1 and 4096");
-            }
-            verify::seeded_tokens(args.seed, args.n_tokens, n_vocab)
-        }
+        None => verify::seeded_tokens(args.seed, args.n_tokens.into(), n_vocab),
     };
     let opts = VerifyOptions {
         tokens,
@@ -117,7 +114,7 @@ fn check(args: &Args) -> Result<Outcome> {
     let report = &run.report;
     if args.json.json {
         let mut s = serde_json::to_string_pretty(&JsonOut {
-            base: args.base.display().to_string(),
+            base: args.base.path().display().to_string(),
             merged: args.merged.as_ref().map(|p| p.display().to_string()),
             adapters: adapters
                 .iter()
@@ -147,9 +144,9 @@ fn check(args: &Args) -> Result<Outcome> {
 fn render(args: &Args, adapters: &[(String, f32)], r: &VerifyReport) -> String {
     let mut out = String::new();
     let c = &r.comparison;
-    let _ = writeln!(out, "base      {}", args.base.display());
+    let _ = writeln!(out, "base      {}", args.base.path().display());
     for (p, s) in adapters {
-        let _ = writeln!(out, "adapter   {p} (scale {s})");
+        let _ = writeln!(out, "adapter   {p} (scale {})", short(f64::from(*s)));
     }
     match &args.merged {
         Some(m) => {
@@ -186,23 +183,41 @@ fn render(args: &Args, adapters: &[(String, f32)], r: &VerifyReport) -> String {
         t.row(vec![
             label.into(),
             format!("{:.4}", s.max_abs_diff),
-            format!("{:.3e}", s.mean_kl),
-            format!("{:.3e}", s.max_kl),
-            format!("{:.3}", s.top1_agreement),
+            sci(s.mean_kl),
+            sci(s.max_kl),
+            fixed3(s.top1_agreement),
         ]);
     }
     out.push_str(&t.render(0));
     let _ = writeln!(
         out,
         "share of the adapter's effect kept: {}",
-        c.share_kept
-            .map_or("n/a".to_string(), |s| format!("{s:.3}"))
+        c.share_kept.map_or("n/a".to_string(), fixed3)
     );
     let th = &c.thresholds;
+    // Only the limits that are on (an infinite maximum or a zero minimum checks nothing).
+    let mut limits = Vec::new();
+    if th.max_kl.is_finite() {
+        limits.push(format!("mean KL <= {}", sci(th.max_kl)));
+    }
+    if th.max_kl_ratio.is_finite() {
+        limits.push(format!("KL <= {:.2} x KL(runtime||base)", th.max_kl_ratio));
+    }
+    if th.min_top1 > 0.0 {
+        limits.push(format!("top-1 >= {:.2}", th.min_top1));
+    }
+    if th.min_share > f64::NEG_INFINITY {
+        limits.push(format!("share >= {:.2}", th.min_share));
+    }
     let _ = writeln!(
         out,
-        "limits ({:?}): mean KL <= {:.3e} and <= {:.2} x KL(runtime||base), top-1 >= {:.2}, share >= {:.2}",
-        r.merged_types.fidelity, th.max_kl, th.max_kl_ratio, th.min_top1, th.min_share
+        "limits for {}: {}",
+        r.merged_types.fidelity.describe(),
+        if limits.is_empty() {
+            "none".to_string()
+        } else {
+            limits.join(", ")
+        }
     );
     let _ = writeln!(
         out,
