@@ -32,7 +32,7 @@ flock 9
 if [ "$CHECK_ONLY" = 1 ]; then
   # Everything the steps below would install, without installing it.
   SRC_CHECK="$CACHE/llama_cpp_python-$LCP_VERSION"
-  for need in "$VENV/bin/python" "$VENV/.stamp-base" "$SRC_CHECK" "$TOOLS/.stamp" \
+  for need in "$VENV/bin/python" "$VENV/.stamp-base" "$SRC_CHECK" "$TOOLS/.stamp" "$TOOLS/llama-quantize" \
       "$MODELS/gemma3-270m-q4_k_m.gguf" "$MODELS/SmolLM2-135M-Instruct.Q4_1.gguf"; do
     [ -e "$need" ] || exit 3
   done
@@ -62,7 +62,19 @@ if [ ! -f "$VENV/.stamp-base" ]; then
   touch "$VENV/.stamp-base"
 fi
 
-# 3. llama-cpp-python from source (the wheel is cached; the CMake tree is kept to build the tools).
+# 3. The llama-cpp-python sdist, downloaded once and unpacked in the cache: it holds the llama.cpp
+#    source (convert_*.py, ggml-quants.c, ...) and is what the wheel and the tools are built from.
+SRC="$CACHE/llama_cpp_python-$LCP_VERSION"
+if [ ! -d "$SRC" ]; then
+  log "downloading and unpacking the llama-cpp-python $LCP_VERSION sdist"
+  tmp=$(mktemp -d)
+  "$PY" -m pip download -q --no-deps --no-binary :all: -d "$tmp" "llama-cpp-python==$LCP_VERSION" >&2
+  tar -xzf "$tmp"/llama_cpp_python-$LCP_VERSION.tar.gz -C "$CACHE"
+  rm -rf "$tmp"
+fi
+
+# 4. llama-cpp-python built from that tree (the wheel is cached). Its CMake tree ($LCP_BUILD) is kept,
+#    so that the tools below are built in it and ggml/llama are compiled once, not twice.
 #    GGML_NATIVE=OFF: with -march=native ggml compiles its AMX backend, which segfaults on these Xeons.
 WHEEL_DIR="$CACHE/wheels"
 mkdir -p "$WHEEL_DIR"
@@ -70,32 +82,39 @@ CMAKE_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML
  -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF"
 if ! ls "$WHEEL_DIR"/llama_cpp_python-$LCP_VERSION-*.whl >/dev/null 2>&1; then
-  log "building llama-cpp-python $LCP_VERSION from source (about 6 minutes on 2 cores)"
+  log "building llama-cpp-python $LCP_VERSION from source (about 3 minutes on 2 cores)"
   CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="$CMAKE_FLAGS" \
-    "$PY" -m pip wheel --no-deps --no-binary llama-cpp-python -w "$WHEEL_DIR" \
-    --config-settings=build-dir="$LCP_BUILD" "llama-cpp-python==$LCP_VERSION" >&2
+    "$PY" -m pip wheel --no-deps -w "$WHEEL_DIR" --config-settings=build-dir="$LCP_BUILD" "$SRC" >&2
 fi
 if ! "$PY" -c "import llama_cpp" >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-deps "$WHEEL_DIR"/llama_cpp_python-$LCP_VERSION-*.whl >&2
 fi
 
-# 4. The llama.cpp source (for convert_*.py and reading) and its command-line tools.
-SRC="$CACHE/llama_cpp_python-$LCP_VERSION"
-if [ ! -d "$SRC" ]; then
-  log "unpacking llama-cpp-python sdist"
-  tmp=$(mktemp -d)
-  "$PY" -m pip download -q --no-deps --no-binary :all: -d "$tmp" "llama-cpp-python==$LCP_VERSION" >&2
-  tar -xzf "$tmp"/llama_cpp_python-$LCP_VERSION.tar.gz -C "$CACHE"
-  rm -rf "$tmp"
-fi
+# The llama.cpp command-line tools. First choice: the wheel's CMake tree, reconfigured with the
+# tools on (only their own sources and `common` remain to compile; they link the tree's shared
+# libraries by their build RPATH). When that tree is not from this source (a cache made by an older
+# version of this script), a separate static build.
 TOOL_LIST="llama-export-lora llama-quantize llama-gguf-split llama-perplexity llama-imatrix"
 if [ ! -f "$TOOLS/.stamp" ]; then
   log "building llama.cpp tools: $TOOL_LIST"
   mkdir -p "$TOOLS"
-  cmake -S "$SRC/vendor/llama.cpp" -B "$TOOLS/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-    $CMAKE_FLAGS -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF >&2
-  ninja -C "$TOOLS/build" -j2 $TOOL_LIST >&2
-  for t in $TOOL_LIST; do ln -sf "$TOOLS/build/bin/$t" "$TOOLS/$t"; done
+  bin_dir=""
+  if grep -qx "CMAKE_HOME_DIRECTORY:INTERNAL=$SRC" "$LCP_BUILD/CMakeCache.txt" 2>/dev/null \
+      && cmake -S "$SRC" -B "$LCP_BUILD" -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=OFF >&2 \
+      && ninja -C "$LCP_BUILD" -j2 $TOOL_LIST >&2; then
+    bin_dir=$(dirname "$(find "$LCP_BUILD" -type f -name llama-quantize -perm -u+x | head -n1)")
+  fi
+  if [ -z "$bin_dir" ] || [ "$bin_dir" = . ]; then
+    log "the wheel's CMake tree cannot build the tools: building them separately"
+    cmake -S "$SRC/vendor/llama.cpp" -B "$TOOLS/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+      $CMAKE_FLAGS -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF >&2
+    ninja -C "$TOOLS/build" -j2 $TOOL_LIST >&2
+    bin_dir="$TOOLS/build/bin"
+  fi
+  for t in $TOOL_LIST; do ln -sf "$bin_dir/$t" "$TOOLS/$t"; done
+  # 126/127: cannot be executed or a shared library is missing; anything else means it runs.
+  rc=0; "$TOOLS/llama-quantize" --help >/dev/null 2>&1 || rc=$?
+  if [ "$rc" -ge 126 ]; then log "llama-quantize does not run (exit $rc)"; exit 1; fi
   touch "$TOOLS/.stamp"
 fi
 
