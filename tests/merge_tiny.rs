@@ -350,7 +350,7 @@ fn refusals_exit_1_name_every_offending_tensor_and_write_nothing() {
         .assert()
         .code(1);
     assert_eq!(std::fs::read(&base_copy).unwrap(), original);
-    // A base that is not a GGUF, an adapter that is a model, a bad type: clear errors, exit 1.
+    // A base that is not a GGUF, an adapter that is a model: clear errors, exit 1; a bad type: exit 2.
     let a = gguf_lora()
         .args(["merge", s(&good), "--lora", s(&good), "-o", s(&out)])
         .assert()
@@ -375,7 +375,8 @@ fn refusals_exit_1_name_every_offending_tensor_and_write_nothing() {
             "q7_k",
         ])
         .assert()
-        .code(1);
+        // An unknown type is a usage error (issue 12: exit 2, as the contract says).
+        .code(2);
     assert!(!out.exists());
 }
 

@@ -335,7 +335,8 @@ fn mix_names_are_refused_with_a_hint() {
     let a = gguf_lora()
         .args(["quantize", s(&input), "-o", s(&out), "--type", "Q4_K_M"])
         .assert()
-        .code(1);
+        // A usage error (issue 12: exit 2, as the contract says).
+        .code(2);
     let err = String::from_utf8_lossy(&a.get_output().stderr).into_owned();
     assert!(err.contains("--type q4_k"), "{err}");
     assert!(!out.exists());

@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::args::{merge_type_parser, parse_promote, JsonArg, ModelArg, OutArg, ThreadsArg};
 use crate::lora_args::LoraArgs;
 use crate::progress::TensorProgress;
-use crate::table::{fixed3, mib, short, Table};
+use crate::table::{fixed3, human_bytes, short, Table};
 use crate::{print_stdout, Outcome};
 
 /// Bake LoRA adapters into a base GGUF, keeping each tensor's quantization.
@@ -155,8 +155,8 @@ fn render(
         "merged {} tensors, copied {} byte for byte; {} → {} (×{:.3}){}{}",
         s.tensors_merged,
         s.tensors_copied,
-        mib(s.bytes_in),
-        mib(s.bytes_out),
+        human_bytes(s.bytes_in),
+        human_bytes(s.bytes_out),
         s.size_ratio,
         if s.tensors_promoted > 0 {
             format!("; {} promoted", s.tensors_promoted)
@@ -198,7 +198,7 @@ fn render(
                 t.row(vec![
                     format!("{from} → {to}"),
                     format!("×{n}"),
-                    format!("{sign}{}", mib(bytes.unsigned_abs() as u64)),
+                    format!("{sign}{}", human_bytes(bytes.unsigned_abs() as u64)),
                 ]);
             }
             out.push_str(&t.render(2));

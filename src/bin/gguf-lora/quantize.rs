@@ -12,7 +12,7 @@ use gguf_lora::quantize::{imatrix, quantize_model, Action, QuantizeOptions, Quan
 
 use crate::args::{parse_target_type, JsonArg, ModelArg, OutArg, ThreadsArg};
 use crate::progress::TensorProgress;
-use crate::table::{mib, plural};
+use crate::table::{human_bytes, plural};
 use crate::{print_stdout, Outcome};
 
 /// Quantize a whole model to one type (ggml-exact, like `llama-quantize --pure`).
@@ -109,8 +109,8 @@ fn render(r: &QuantizeReport) -> String {
         s.copied,
         s.target,
         s.kept,
-        mib(s.bytes_in),
-        mib(s.bytes_out),
+        human_bytes(s.bytes_in),
+        human_bytes(s.bytes_out),
         s.size_ratio
     );
     let _ = writeln!(out, "wrote {}", r.outputs.join(", "));

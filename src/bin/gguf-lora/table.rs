@@ -59,11 +59,6 @@ impl Table {
     }
 }
 
-/// Bytes in MiB with one decimal (`253.4 MiB`), whatever the size: the merge and quantize summaries.
-pub fn mib(b: u64) -> String {
-    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
-}
-
 /// `1 adapter`, `2 adapters`.
 pub fn plural(n: usize, word: &str) -> String {
     if n == 1 {
