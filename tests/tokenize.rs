@@ -11,7 +11,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use gguf_lora::gguf::GgufFile;
+use gguf_lora::gguf::{Array, GgufFile, GgufWriter, Metadata, Value as Value_};
 use gguf_lora::tokenizer::Tokenizer;
 use serde_json::Value;
 
@@ -47,18 +47,18 @@ fn hex(s: &str) -> Vec<u8> {
 const MODES: [(bool, bool); 4] = [(true, false), (true, true), (false, false), (false, true)];
 const DETOK: [(bool, bool); 4] = [(false, false), (false, true), (true, false), (true, true)];
 
-fn reference(model: &Path, pieces: bool) -> Value {
-    let mut args = vec![
-        "reference".to_string(),
-        data("corpus.json").display().to_string(),
-        model.display().to_string(),
-    ];
-    if pieces {
-        args.push("--pieces".into());
+/// llama.cpp's results for each model (`(path, with every token's piece)`), in one Python run.
+fn references(models: &[(PathBuf, bool)]) -> Vec<Value> {
+    let mut args = vec![data("corpus.json").display().to_string()];
+    for (m, pieces) in models {
+        args.push(format!("{}{}", if *pieces { "+" } else { "" }, m.display()));
     }
     let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     let out = common::interop().python(&data("llama_tokenize.py"), &args);
-    serde_json::from_str(&out).expect("reference JSON")
+    let v: Value = serde_json::from_str(&out).expect("reference JSON");
+    let list = v.as_array().expect("a list").clone();
+    assert_eq!(list.len(), models.len());
+    list
 }
 
 fn load(model: &Path) -> Tokenizer {
@@ -131,7 +131,7 @@ fn differences(label: &str, tok: &Tokenizer, r: &Value) -> (Vec<String>, usize) 
     (diffs, compared)
 }
 
-/// Pieces, attributes and special ids of every token.
+/// Attributes, pieces (when the reference has them), end-of-generation set and BOS/EOS settings.
 fn vocab_differences(label: &str, tok: &Tokenizer, r: &Value) -> Vec<String> {
     let mut diffs = Vec::new();
     let attrs = r["attrs"].as_array().unwrap();
@@ -144,6 +144,9 @@ fn vocab_differences(label: &str, tok: &Tokenizer, r: &Value) -> Vec<String> {
                 tok.token_text(id).unwrap(),
                 tok.token_attr(id).unwrap()
             ));
+        }
+        if r.get("pieces").is_none() {
+            continue;
         }
         for (si, special) in [false, true].into_iter().enumerate() {
             let want = hex(r["pieces"][si][id as usize].as_str().unwrap());
@@ -184,11 +187,12 @@ fn vocab_differences(label: &str, tok: &Tokenizer, r: &Value) -> Vec<String> {
     diffs
 }
 
-fn check_model(label: &str, model: &Path) -> usize {
-    let r = reference(model, true);
+/// Compares our tokenizer on `model` with llama.cpp's reference `r`; panics listing the first
+/// differences. Returns how many (text, mode) pairs llama.cpp tokenized.
+fn check(label: &str, model: &Path, r: &Value) -> usize {
     let tok = load(model);
-    let (mut diffs, compared) = differences(label, &tok, &r);
-    diffs.extend(vocab_differences(label, &tok, &r));
+    let (mut diffs, compared) = differences(label, &tok, r);
+    diffs.extend(vocab_differences(label, &tok, r));
     for d in diffs.iter().take(40) {
         println!("{d}");
     }
@@ -198,6 +202,11 @@ fn check_model(label: &str, model: &Path) -> usize {
         diffs.len()
     );
     compared
+}
+
+fn check_model(label: &str, model: &Path) -> usize {
+    let r = references(&[(model.to_path_buf(), true)]).remove(0);
+    check(label, model, &r)
 }
 
 #[test]
@@ -225,12 +234,276 @@ fn fixture_architectures_match_llama_cpp() {
         .collect();
     archs.sort();
     assert!(archs.len() >= 9, "{archs:?}");
-    for arch in &archs {
-        let compared = check_model(arch, &root.join(arch).join("base-f32.gguf"));
+    let models: Vec<(PathBuf, bool)> = archs
+        .iter()
+        .map(|a| (root.join(a).join("base-f32.gguf"), true))
+        .collect();
+    let refs = references(&models);
+    for ((model, _), (arch, r)) in models.iter().zip(archs.iter().zip(&refs)) {
+        let compared = check(arch, model, r);
         // The fixture-alphabet texts (and the empty one) tokenize; the rest abort in llama.cpp.
         assert!(
             compared >= 7 * MODES.len(),
             "{arch}: only {compared} texts compared"
         );
     }
+}
+
+/// A metadata-only copy of `src` (vocab_only loading reads no tensors) with `edit` applied.
+fn variant(src: &Path, dst: &Path, edit: impl FnOnce(&mut Metadata)) {
+    let file = GgufFile::open(src).unwrap();
+    let mut md = file.metadata().clone();
+    md.remove("general.alignment");
+    edit(&mut md);
+    GgufWriter::create(dst, &[], 3, 32, &md, &[])
+        .unwrap()
+        .finish()
+        .unwrap();
+}
+
+fn set_str(md: &mut Metadata, key: &str, value: &str) {
+    md.set(key, Value_::String(value.to_string()));
+}
+
+/// One `tokenizer.ggml.pre` per distinct behaviour in llama.cpp's table (pre-tokenizer regexes and
+/// the flags the name sets), each on SmolLM2's byte-level vocabulary and merges.
+const PRE_TOKENIZERS: [&str; 38] = [
+    "default",
+    "minicpm5",
+    "llama-bpe",
+    "deepseek-llm",
+    "deepseek-coder",
+    "deepseek-v3",
+    "spark2_5",
+    "youtu",
+    "falcon",
+    "gpt-2",
+    "starcoder",
+    "command-r",
+    "jais-2",
+    "gemma4",
+    "sarvam-moe",
+    "qwen2",
+    "stablelm2",
+    "qwen35",
+    "dbrx",
+    "poro-chat",
+    "bloom",
+    "chatglm-bpe",
+    "glm4",
+    "viking",
+    "tekken",
+    "exaone-moe",
+    "chameleon",
+    "gpt-4o",
+    "granite-embed-multi-97m",
+    "tiny_aya",
+    "trillion",
+    "bailingmoe",
+    "seed-coder",
+    "kimi-k2",
+    "ufakzeka",
+    "grok-2",
+    "afmoe",
+    "laguna",
+];
+
+#[test]
+fn pre_tokenizers_and_flags_match_llama_cpp() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = common::interop();
+    let mut models = Vec::new();
+    let mut labels = Vec::new();
+    for pre in PRE_TOKENIZERS {
+        let p = dir.path().join(format!("pre-{pre}.gguf"));
+        variant(&env.smollm, &p, |md| set_str(md, "tokenizer.ggml.pre", pre));
+        // Pieces only where the name changes them (SentencePiece-style whitespace in BPE).
+        models.push((p, matches!(pre, "gemma4" | "sarvam-moe")));
+        labels.push(format!("pre={pre}"));
+    }
+    // Settings the metadata of the real models leaves at one value: BOS from the pre-tokenizer's
+    // default (no add_bos_token key), no BOS id at all (chatglm), EOS added, the space prefix in SPM,
+    // LSTRIP from a name rule, and RSTRIP from the Phi-3 name rule (on the fixture vocabulary, plus
+    // the one token that rule needs).
+    let mut extra = |label: &str, src: &Path, pieces: bool, edit: &dyn Fn(&mut Metadata)| {
+        let p = dir.path().join(format!("{label}.gguf"));
+        variant(src, &p, edit);
+        models.push((p, pieces));
+        labels.push(label.to_string());
+    };
+    for pre in ["llama-bpe", "tekken", "chameleon"] {
+        extra(
+            &format!("pre={pre}-bos-default"),
+            &env.smollm,
+            false,
+            &|md| {
+                set_str(md, "tokenizer.ggml.pre", pre);
+                md.remove("tokenizer.ggml.add_bos_token");
+            },
+        );
+    }
+    extra("pre=chatglm-bpe-no-bos-id", &env.smollm, false, &|md| {
+        set_str(md, "tokenizer.ggml.pre", "chatglm-bpe");
+        md.remove("tokenizer.ggml.bos_token_id");
+        md.remove("tokenizer.ggml.add_bos_token");
+    });
+    extra("smollm-bos-eos", &env.smollm, false, &|md| {
+        md.set("tokenizer.ggml.add_bos_token", Value_::Bool(true));
+        md.set("tokenizer.ggml.add_eos_token", Value_::Bool(true));
+    });
+    extra("gemma3-space-prefix-eos-lstrip", &env.gemma, false, &|md| {
+        md.set("tokenizer.ggml.add_space_prefix", Value_::Bool(true));
+        md.set("tokenizer.ggml.add_eos_token", Value_::Bool(true));
+        set_str(md, "tokenizer.ggml.pre", "jina-v2-de");
+    });
+    let phi3 = common::repo_root().join("testdata/fixtures/phi3/base-f32.gguf");
+    extra("phi3-name-rstrip", &phi3, true, &|md| {
+        set_str(md, "general.name", "Phi3 test");
+        for (key, value) in [
+            (
+                "tokenizer.ggml.tokens",
+                Value_::String("<|endoftext|>".into()),
+            ),
+            ("tokenizer.ggml.scores", Value_::F32(0.0)),
+            ("tokenizer.ggml.token_type", Value_::I32(3)),
+        ] {
+            let mut a = md.get_array(key).unwrap().clone();
+            match (&mut a, value) {
+                (Array::String(v), Value_::String(s)) => v.push(s),
+                (Array::F32(v), Value_::F32(x)) => v.push(x),
+                (Array::I32(v), Value_::I32(x)) => v.push(x),
+                _ => unreachable!(),
+            }
+            md.set(key, Value_::Array(a));
+        }
+    });
+    let refs = references(&models);
+    let mut failures = Vec::new();
+    for (((model, _), label), r) in models.iter().zip(&labels).zip(&refs) {
+        assert!(
+            r.get("load_error").is_none(),
+            "{label}: llama.cpp refused the file: {r}"
+        );
+        let result = std::panic::catch_unwind(|| check(label, model, r));
+        if result.is_err() {
+            failures.push(label.clone());
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "differences from llama.cpp for {failures:?}"
+    );
+}
+
+#[test]
+fn unsupported_pre_tokenizers_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    for pre in ["superbpe", "whitespace", "no-such-pre-tokenizer"] {
+        let p = dir.path().join("v.gguf");
+        variant(&common::interop().smollm, &p, |md| {
+            set_str(md, "tokenizer.ggml.pre", pre)
+        });
+        let file = GgufFile::open(&p).unwrap();
+        let err = Tokenizer::from_metadata(file.metadata())
+            .err()
+            .expect("refused");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(pre) && msg.ends_with("is not supported; pass --tokens"),
+            "{msg}"
+        );
+    }
+}
+
+/// Every `tokenizer.ggml.pre` name in llama.cpp's source is accepted (or refused as unsupported
+/// only where we say so), so no name in our table can be missing or misspelt.
+#[test]
+fn every_pre_tokenizer_name_in_llama_cpp_is_known() {
+    let src =
+        std::fs::read_to_string(common::interop().llama_src.join("src/llama-vocab.cpp")).unwrap();
+    let names: std::collections::BTreeSet<&str> = src
+        .split("tokenizer_pre == \"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .collect();
+    assert!(names.len() > 80, "{} names found", names.len());
+    let smollm = GgufFile::open(&common::interop().smollm).unwrap();
+    for name in names {
+        let mut md = smollm.metadata().clone();
+        set_str(&mut md, "tokenizer.ggml.pre", name);
+        match Tokenizer::from_metadata(&md) {
+            Ok(_) => {}
+            Err(e) if matches!(name, "superbpe" | "whitespace") => {
+                assert!(e.to_string().contains("not supported"), "{name}: {e}")
+            }
+            Err(e) => panic!("pre-tokenizer {name}: {e}"),
+        }
+    }
+}
+
+/// The pre-tokenizer regexes we use are exactly those of llama.cpp's `llm_tokenizer_bpe` (compared as
+/// sets of strings, so a character changed in transcription, e.g. by Unicode normalization, fails).
+#[test]
+fn pre_tokenizer_regexes_match_llama_cpp_source() {
+    let src =
+        std::fs::read_to_string(common::interop().llama_src.join("src/llama-vocab.cpp")).unwrap();
+    let start = src.find("switch (vocab.get_pre_type()) {").unwrap();
+    let end = start
+        + src[start..]
+            .find("std::vector<std::string> regex_exprs;")
+            .unwrap();
+    let mut theirs = std::collections::BTreeSet::new();
+    for line in src[start..end].lines().map(str::trim) {
+        if line.starts_with("//") {
+            continue;
+        }
+        // C string literals on the line: unescape \\ \" \n \r \t.
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            if c != '"' {
+                continue;
+            }
+            let mut lit = String::new();
+            while let Some(c) = chars.next() {
+                match c {
+                    '"' => break,
+                    '\\' => lit.push(match chars.next().unwrap() {
+                        'n' => '\n',
+                        'r' => '\r',
+                        't' => '\t',
+                        other => other,
+                    }),
+                    c => lit.push(c),
+                }
+            }
+            theirs.insert(lit);
+        }
+    }
+    let ours: std::collections::BTreeSet<String> = gguf_lora::tokenizer::pre_tokenizer_regexes()
+        .into_iter()
+        .collect();
+    assert!(
+        theirs.len() > 40,
+        "{} regexes found in llama-vocab.cpp",
+        theirs.len()
+    );
+    assert_eq!(ours, theirs);
+}
+
+/// `src/tokenizer/unicode_data.rs` is exactly what its generator makes from llama.cpp's tables.
+#[test]
+fn unicode_tables_match_llama_cpp() {
+    let env = common::interop();
+    let out = env.python(
+        &data("gen_unicode_data.py"),
+        &[
+            env.llama_src.to_str().unwrap(),
+            "--check",
+            common::repo_root()
+                .join("src/tokenizer/unicode_data.rs")
+                .to_str()
+                .unwrap(),
+        ],
+    );
+    assert_eq!(out.trim(), "ok");
 }

@@ -57,6 +57,13 @@ use vocab::{
 
 use crate::gguf::Metadata;
 
+/// Every pre-tokenizer regex we copied from llama.cpp, for the test that checks them against
+/// llama.cpp's source; not part of the API.
+#[doc(hidden)]
+pub fn pre_tokenizer_regexes() -> Vec<String> {
+    pretokenize::all_regexes()
+}
+
 /// A tokenizer built from GGUF metadata.
 pub struct Tokenizer {
     vocab: Vocab,
@@ -528,6 +535,63 @@ fn clean_up_spaces(text: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gguf::{Array, Value};
+
+    fn strings(xs: &[&str]) -> Value {
+        Value::Array(Array::String(xs.iter().map(|s| s.to_string()).collect()))
+    }
+
+    /// A byte-level BPE vocabulary `a b c ab abc Ġ` with merges `a b`, `ab c`.
+    fn bpe(pre: &str) -> Metadata {
+        let mut md = Metadata::new();
+        md.set("tokenizer.ggml.model", Value::String("gpt2".into()));
+        md.set("tokenizer.ggml.pre", Value::String(pre.into()));
+        md.set(
+            "tokenizer.ggml.tokens",
+            strings(&["a", "b", "c", "ab", "abc", "Ġ", "<|x|>"]),
+        );
+        md.set("tokenizer.ggml.merges", strings(&["a b", "ab c"]));
+        md.set(
+            "tokenizer.ggml.token_type",
+            Value::Array(Array::I32(vec![1, 1, 1, 1, 1, 1, 3])),
+        );
+        md
+    }
+
+    #[test]
+    fn bpe_merges_and_drops_unknown_bytes() {
+        let tok = Tokenizer::from_metadata(&bpe("gpt-2")).unwrap();
+        assert_eq!(tok.tokenize(b"abc", false, false).unwrap(), [4]);
+        // "x" has no token and no byte token: llama.cpp drops it; the space becomes Ġ.
+        assert_eq!(tok.tokenize(b"ab x c", false, false).unwrap(), [3, 5, 5, 2]);
+        assert_eq!(tok.tokenize(b"a<|x|>b", false, true).unwrap(), [0, 6, 1]);
+        assert_eq!(
+            tok.detokenize(&[4, 5, 6], false, true).unwrap(),
+            b"abc <|x|>"
+        );
+        assert_eq!(tok.detokenize(&[4, 5, 6], false, false).unwrap(), b"abc ");
+    }
+
+    #[test]
+    fn llama_cpp_aborts_become_errors() {
+        let mut md = bpe("chatglm-bpe");
+        md.set("tokenizer.ggml.add_bos_token", Value::Bool(true));
+        let tok = Tokenizer::from_metadata(&md).unwrap();
+        assert_eq!(tok.specials().bos, None);
+        let e = tok.tokenize(b"abc", true, false).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "the model adds a BOS token (tokenizer.ggml.add_bos_token) but has none"
+        );
+        assert_eq!(tok.tokenize(b"abc", false, false).unwrap(), [4]);
+        let e = tok
+            .tokenize(b"a\xF5\x80\x80\x80", false, false)
+            .unwrap_err();
+        assert!(matches!(e, TokenizerError::InvalidCodepoint), "{e}");
+        let e = tok.detokenize(&[7], false, false).unwrap_err().to_string();
+        assert_eq!(e, "token id 7 is out of range: the vocabulary has 7 tokens");
+        assert!(tok.token_to_piece(u32::MAX, true).is_err());
+    }
 
     fn clean(s: &str) -> String {
         let mut v = s.as_bytes().to_vec();

@@ -456,7 +456,7 @@ fn detect_specials(
         "<EOT>",
         "_<EOT>",
         "[EOT]",
-        "<｜end▁of▁sentence｜>",
+        "<\u{FF5C}end\u{2581}of\u{2581}sentence\u{FF5C}>",
         "<end_of_utterance>",
     ];
     const EOM: &[&str] = &["<|eom_id|>"];
@@ -464,9 +464,9 @@ fn detect_specials(
         "<|fim_prefix|>",
         "<fim-prefix>",
         "<fim_prefix>",
-        "<｜fim▁begin｜>",
+        "<\u{FF5C}fim\u{2581}begin\u{FF5C}>",
         "<PRE>",
-        "▁<PRE>",
+        "\u{2581}<PRE>",
         "<|code_prefix|>",
         "<|prefix|>",
     ];
@@ -474,9 +474,9 @@ fn detect_specials(
         "<|fim_suffix|>",
         "<fim-suffix>",
         "<fim_suffix>",
-        "<｜fim▁hole｜>",
+        "<\u{FF5C}fim\u{2581}hole\u{FF5C}>",
         "<SUF>",
-        "▁<SUF>",
+        "\u{2581}<SUF>",
         "<|code_suffix|>",
         "<|suffix|>",
     ];
@@ -484,9 +484,9 @@ fn detect_specials(
         "<|fim_middle|>",
         "<fim-middle>",
         "<fim_middle>",
-        "<｜fim▁end｜>",
+        "<\u{FF5C}fim\u{2581}end\u{FF5C}>",
         "<MID>",
-        "▁<MID>",
+        "\u{2581}<MID>",
         "<|code_middle|>",
         "<|middle|>",
     ];
@@ -520,7 +520,7 @@ fn detect_specials(
         "<eos>",
         "<turn|>",
         "<|tool_response>",
-        "<｜end▁of▁sentence｜>",
+        "<\u{FF5C}end\u{2581}of\u{2581}sentence\u{FF5C}>",
         "[e~[",
     ];
     let lookup = |t: &str| token_to_id.get(t.as_bytes()).copied();
@@ -587,6 +587,143 @@ fn detect_specials(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A small SPM vocabulary's metadata: `<unk> <s> </s> ▁a a b`.
+    fn spm() -> Metadata {
+        let mut md = Metadata::new();
+        md.set(KEY_MODEL, Value::String("llama".into()));
+        let toks = ["<unk>", "<s>", "</s>", "\u{2581}a", "a", "b"];
+        md.set(
+            KEY_TOKENS,
+            Value::Array(Array::String(toks.iter().map(|t| t.to_string()).collect())),
+        );
+        md.set(
+            KEY_SCORES,
+            Value::Array(Array::F32(vec![0.0, 0.0, 0.0, -1.0, -2.0, -3.0])),
+        );
+        md.set(
+            KEY_TOKEN_TYPE,
+            Value::Array(Array::I32(vec![2, 3, 3, 1, 1, 1])),
+        );
+        md
+    }
+
+    fn err(md: &Metadata) -> String {
+        match Vocab::load(md) {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn loads_defaults_like_llama_cpp() {
+        let v = Vocab::load(&spm()).unwrap();
+        assert_eq!(v.kind, Kind::Spm);
+        assert_eq!(
+            (v.specials.bos, v.specials.eos, v.specials.unk),
+            (Some(1), Some(2), Some(0))
+        );
+        assert!(v.add_bos && !v.add_eos && v.add_space_prefix);
+        assert_eq!(v.attrs[0], ATTR_UNKNOWN);
+        // </s> is end-of-generation by its text, and as EOS.
+        assert!(v.eog.contains(&2));
+    }
+
+    #[test]
+    fn special_ids_out_of_range_fall_back_like_llama_cpp() {
+        let mut md = spm();
+        md.set("tokenizer.ggml.bos_token_id", Value::U32(99));
+        md.set("tokenizer.ggml.eos_token_id", Value::U32(4));
+        let v = Vocab::load(&md).unwrap();
+        assert_eq!(
+            v.specials.bos,
+            Some(1),
+            "an out-of-range id keeps the default"
+        );
+        assert_eq!(v.specials.eos, Some(4));
+    }
+
+    #[test]
+    fn odd_metadata_gets_errors_naming_the_key() {
+        let mut md = spm();
+        md.remove(KEY_MODEL);
+        assert_eq!(err(&md), "metadata key 'tokenizer.ggml.model' is missing");
+
+        let mut md = spm();
+        md.remove(KEY_TOKENS);
+        assert_eq!(err(&md), "metadata key 'tokenizer.ggml.tokens' is missing");
+
+        let mut md = spm();
+        md.set(KEY_TOKENS, Value::Array(Array::U32(vec![1, 2])));
+        assert!(err(&md).starts_with("metadata key 'tokenizer.ggml.tokens' has type array[u32]"));
+
+        let mut md = spm();
+        md.set(KEY_SCORES, Value::Array(Array::F32(vec![0.0; 3])));
+        assert_eq!(
+            err(&md),
+            "metadata key 'tokenizer.ggml.scores' has 3 entries, but the vocabulary has 6 tokens"
+        );
+
+        let mut md = spm();
+        md.set(KEY_SCORES, Value::F32(1.0));
+        assert!(
+            err(&md).contains("'tokenizer.ggml.scores' has type f32"),
+            "{}",
+            err(&md)
+        );
+
+        let mut md = spm();
+        md.set(KEY_TOKEN_TYPE, Value::Array(Array::U8(vec![1; 6])));
+        assert!(err(&md)
+            .contains("'tokenizer.ggml.token_type' has type array[u8], expected array[i32]"));
+
+        let mut md = spm();
+        md.set("tokenizer.ggml.bos_token_id", Value::I32(1));
+        assert!(err(&md).contains("'tokenizer.ggml.bos_token_id' has type i32, expected u32"));
+
+        let mut md = spm();
+        md.set("tokenizer.ggml.add_bos_token", Value::U8(1));
+        assert!(err(&md).contains("'tokenizer.ggml.add_bos_token' has type u8, expected bool"));
+
+        let mut md = spm();
+        md.set(
+            KEY_SCORES,
+            Value::Array(Array::F32(vec![0.0, 0.0, 0.0, f32::NAN, 0.0, 0.0])),
+        );
+        assert_eq!(
+            err(&md),
+            "metadata key 'tokenizer.ggml.scores' has NaN for token 3"
+        );
+
+        let mut md = spm();
+        let dup = ["<unk>", "a", "a"].iter().map(|t| t.to_string()).collect();
+        md.set(KEY_TOKENS, Value::Array(Array::String(dup)));
+        assert!(
+            err(&md).contains("has the text \"a\" twice (tokens 1 and 2)"),
+            "{}",
+            err(&md)
+        );
+
+        let mut md = spm();
+        md.set(KEY_MODEL, Value::String("bert".into()));
+        assert_eq!(err(&md), "tokenizer 'bert' is not supported; pass --tokens");
+
+        let mut md = spm();
+        md.set(KEY_MODEL, Value::String("gpt2".into()));
+        assert_eq!(err(&md), "metadata key 'tokenizer.ggml.merges' is missing");
+
+        let mut md = spm();
+        md.set(KEY_MODEL, Value::String("none".into()));
+        assert!(err(&md).starts_with("the model has no vocabulary"));
+
+        let mut md = spm();
+        md.set("general.name", Value::String("Phi-3 mini".into()));
+        assert!(
+            err(&md).contains("need token \"<|endoftext|>\""),
+            "{}",
+            err(&md)
+        );
+    }
 
     #[test]
     fn merges_split_at_the_first_space_after_the_first_byte() {

@@ -1,14 +1,12 @@
 """llama.cpp's tokenizer as ground truth for tests/tokenize.rs (llama-cpp-python, vocab_only).
 
-    python llama_tokenize.py reference CORPUS.json MODEL.gguf [--pieces]
-        One JSON object on stdout: for every corpus entry and each (add_special, parse_special) pair,
-        llama.cpp's ids (Llama.tokenize) or "abort" where llama.cpp kills the process; for each id
-        list, llama_detokenize with every (remove_special, unparse_special) pair (hex); and with
-        --pieces, llama_token_to_piece of every token (special false/true, hex), every token's
-        attributes and the special ids.
-    python llama_tokenize.py variant SRC.gguf DST.gguf KEY=VALUE...
-        Writes DST: SRC's metadata only (no tensors, which vocab_only loading never reads), with each
-        string KEY set to VALUE (e.g. tokenizer.ggml.pre=qwen2).
+    python llama_tokenize.py CORPUS.json MODEL.gguf...
+        A JSON list on stdout, one object per model: for every corpus entry and each
+        (add_special, parse_special) pair, llama.cpp's ids (Llama.tokenize) or "abort" where llama.cpp
+        kills the process ({"load_error": ...} if llama.cpp refuses the file); for each id list, llama_detokenize with every (remove_special,
+        unparse_special) pair (hex); every token's attributes, the end-of-generation tokens and the
+        BOS/EOS settings; and, for a model path written with a leading '+', llama_token_to_piece of
+        every token (special false/true, hex).
 
 Some inputs make llama.cpp abort (e.g. a character the vocabulary cannot encode, std::out_of_range);
 the tokenization runs in a forked child so that such an abort is recorded, not fatal.
@@ -72,7 +70,10 @@ def reference(corpus_path, model_path, with_pieces):
     import llama_cpp
 
     texts = corpus_bytes(corpus_path)
-    model = llama_cpp.Llama(model_path, vocab_only=True, verbose=False)
+    try:
+        model = llama_cpp.Llama(model_path, vocab_only=True, verbose=False)
+    except Exception as e:  # llama.cpp refuses the file
+        return {"load_error": str(e)}
     todo = [(ti, mi) for ti in range(len(texts)) for mi in range(len(MODES))]
     results = {}
     while todo:
@@ -100,46 +101,22 @@ def reference(corpus_path, model_path, with_pieces):
     out = {
         "tokenize": [[results[(ti, mi)] for mi in range(len(MODES))] for ti in range(len(texts))],
     }
+    vocab = llama_cpp.llama_model_get_vocab(model.model)
+    n = llama_cpp.llama_vocab_n_tokens(vocab)
     if with_pieces:
-        vocab = llama_cpp.llama_model_get_vocab(model.model)
-        n = llama_cpp.llama_vocab_n_tokens(vocab)
         out["pieces"] = [[piece(llama_cpp, vocab, t, s).hex() for t in range(n)] for s in (False, True)]
-        out["attrs"] = [llama_cpp.llama_vocab_get_attr(vocab, t) for t in range(n)]
-        out["eog"] = [t for t in range(n) if llama_cpp.llama_vocab_is_eog(vocab, t)]
-        out["bos"] = llama_cpp.llama_vocab_bos(vocab)
-        out["eos"] = llama_cpp.llama_vocab_eos(vocab)
-        out["add_bos"] = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
-        out["add_eos"] = bool(llama_cpp.llama_vocab_get_add_eos(vocab))
-    json.dump(out, sys.stdout)
-
-
-def variant(src, dst, settings):
-    import gguf
-
-    r = gguf.GGUFReader(src)
-    arch = r.fields["general.architecture"].contents()
-    w = gguf.GGUFWriter(dst, arch)
-    for k, f in r.fields.items():
-        if k.startswith("GGUF.") or k == "general.architecture":
-            continue
-        if k in settings:
-            w.add_key_value(k, settings.pop(k), gguf.GGUFValueType.STRING)
-        elif f.types[0] == gguf.GGUFValueType.ARRAY:
-            w.add_key_value(k, f.contents(), f.types[0], sub_type=f.types[1])
-        else:
-            w.add_key_value(k, f.contents(), f.types[0])
-    for k, v in settings.items():
-        w.add_key_value(k, v, gguf.GGUFValueType.STRING)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    out["attrs"] = [llama_cpp.llama_vocab_get_attr(vocab, t) for t in range(n)]
+    out["eog"] = [t for t in range(n) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+    out["bos"] = llama_cpp.llama_vocab_bos(vocab)
+    out["eos"] = llama_cpp.llama_vocab_eos(vocab)
+    out["add_bos"] = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+    out["add_eos"] = bool(llama_cpp.llama_vocab_get_add_eos(vocab))
+    model.close()
+    return out
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "reference":
-        reference(sys.argv[2], sys.argv[3], "--pieces" in sys.argv[4:])
-    elif sys.argv[1] == "variant":
-        variant(sys.argv[2], sys.argv[3], dict(a.split("=", 1) for a in sys.argv[4:]))
-    else:
+    if len(sys.argv) < 3:
         sys.exit(__doc__)
+    results = [reference(sys.argv[1], m.lstrip("+"), m.startswith("+")) for m in sys.argv[2:]]
+    json.dump(results, sys.stdout)

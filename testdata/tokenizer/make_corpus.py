@@ -62,6 +62,7 @@ t("fixture-punct", "loni, muri! geru? wesh. the fafa")
 t("fixture-spaces", "  on  the   li    ")
 t("fixture-unknown-words", "zzz qqq yyy bbb kkk vvv xyz")
 t("fixture-special", "<s>on the</s> li<unk>do </s>")
+t("fixture-strip", "on</s>   li </s>  do<unk>  the </s>")
 random.seed(7)
 fl = []
 n = 0
