@@ -507,3 +507,142 @@ fn unicode_tables_match_llama_cpp() {
     );
     assert_eq!(out.trim(), "ok");
 }
+
+// ---- the `tokenize` subcommand ----
+
+fn run_cli(args: &[&str]) -> std::process::Output {
+    common::gguf_lora()
+        .arg("tokenize")
+        .args(args)
+        .output()
+        .expect("run gguf-lora")
+}
+
+fn ids_of(tok: &Tokenizer, text: &str, add_special: bool, parse_special: bool) -> Vec<u32> {
+    tok.tokenize(text.as_bytes(), add_special, parse_special)
+        .unwrap()
+}
+
+#[test]
+fn cli_prints_ids_and_pieces_like_llama_tokenize() {
+    let env = common::interop();
+    let gemma = env.gemma.to_str().unwrap();
+    let smollm = env.smollm.to_str().unwrap();
+    let text = "<start_of_turn>user\nHi, café 😀<end_of_turn>";
+    let tok = load(&env.gemma);
+
+    // Default: BOS as the model says, specials parsed, `%6d -> '%s'` per token.
+    let out = run_cli(&[gemma, text]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let ids = ids_of(&tok, text, true, true);
+    assert_eq!(ids[0], 2, "gemma3 adds <bos>");
+    let want: String = ids
+        .iter()
+        .map(|&id| {
+            let piece = String::from_utf8_lossy(tok.token_to_piece(id, true).unwrap()).into_owned();
+            format!("{id:6} -> '{piece}'\n")
+        })
+        .collect();
+    assert_eq!(stdout, want);
+    assert!(stdout.contains("   105 -> '<start_of_turn>'\n"), "{stdout}");
+
+    // --ids-only --no-bos: a Python-style list, without BOS.
+    let out = run_cli(&[gemma, text, "--ids-only", "--no-bos"]);
+    let listed: Vec<u32> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed, ids_of(&tok, text, false, true));
+    assert_eq!(listed, ids[1..]);
+
+    // --no-special: control-token texts are plain text.
+    let smol = load(&env.smollm);
+    let out = run_cli(&[smollm, "<|im_start|>user", "--ids-only", "--no-special"]);
+    let listed: Vec<u32> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed, ids_of(&smol, "<|im_start|>user", true, false));
+    assert!(!listed.contains(&1), "{listed:?}");
+    let out = run_cli(&[smollm, "<|im_start|>user", "--ids-only"]);
+    let listed: Vec<u32> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed[0], 1);
+
+    // --json: exactly one object; a piece that is part of a UTF-8 sequence carries its bytes.
+    let out = run_cli(&[smollm, "é😀", "--json"]);
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON value");
+    assert_eq!(v["tokenizer"], "gpt2");
+    assert_eq!(v["pre_tokenizer"], "smollm");
+    let got: Vec<u32> = v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(got, ids_of(&smol, "é😀", true, true));
+    assert_eq!(v["n_tokens"].as_u64().unwrap() as usize, got.len());
+    let bytes: Vec<u8> = v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| match t.get("bytes") {
+            Some(b) => b
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u8)
+                .collect(),
+            None => t["piece"].as_str().unwrap().as_bytes().to_vec(),
+        })
+        .collect();
+    assert_eq!(bytes, "é😀".as_bytes());
+
+    // --file reads the text from a file, byte for byte.
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("prompt.txt");
+    std::fs::write(&f, "line one\n\tline two\n").unwrap();
+    let out = run_cli(&[smollm, "--file", f.to_str().unwrap(), "--ids-only"]);
+    let listed: Vec<u32> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed, ids_of(&smol, "line one\n\tline two\n", true, true));
+}
+
+#[test]
+fn cli_errors_are_one_line_and_exit_1() {
+    let fixture = common::repo_root().join("testdata/fixtures/llama/base-f32.gguf");
+    let fixture = fixture.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let unsupported = dir.path().join("superbpe.gguf");
+    variant(&common::interop().smollm, &unsupported, |md| {
+        set_str(md, "tokenizer.ggml.pre", "superbpe")
+    });
+    let missing = dir.path().join("missing.gguf");
+    let cases: [(&[&str], &str); 3] = [
+        // The fixture vocabulary has no 'H' and no byte tokens: llama.cpp aborts, we refuse.
+        (&[fixture, "Hello"], "cannot tokenize byte 0x48 ('H')"),
+        (
+            &[unsupported.to_str().unwrap(), "x"],
+            "pre-tokenizer 'superbpe'",
+        ),
+        (&[missing.to_str().unwrap(), "x"], "missing.gguf"),
+    ];
+    for (args, expect) in cases {
+        let out = run_cli(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains(expect) && !stderr.contains("panicked"),
+            "{stderr}"
+        );
+        assert!(stderr.contains(args[0]), "names the file: {stderr}");
+    }
+    // Usage errors exit 2.
+    assert_eq!(run_cli(&[fixture]).status.code(), Some(2));
+    assert_eq!(
+        run_cli(&[fixture, "x", "--ids-only", "--json"])
+            .status
+            .code(),
+        Some(2)
+    );
+}

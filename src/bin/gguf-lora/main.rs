@@ -18,6 +18,7 @@ mod inspect;
 mod lora_args;
 mod rewrite;
 mod table;
+mod tokenize;
 mod verify;
 
 /// How a subcommand that ran to the end went; errors are `Err` and exit with 1.
@@ -51,6 +52,7 @@ enum Command {
     Verify(verify::Args),
     /// Quantize a whole model to one type (ggml-exact, like `llama-quantize --pure`).
     Quantize(quantize::Args),
+    Tokenize(tokenize::Args),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +65,7 @@ fn main() -> ExitCode {
         Command::Rewrite(args) => rewrite::run(args),
         Command::Verify(args) => verify::run(args),
         Command::Quantize(args) => quantize::run(args),
+        Command::Tokenize(args) => tokenize::run(args),
     };
     match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
