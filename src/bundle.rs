@@ -22,23 +22,50 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::adapter::bundle::{self as layout, key, stored_name, GgufSource};
-use crate::adapter::gguf::{self as gguf_adapter, OutType};
+use crate::adapter::bundle::{self as layout, key, stored_name};
+use crate::adapter::gguf::{self as gguf_adapter, FactorType, LoraFile};
+use crate::adapter::source::{split_spec, GgufSource};
 use crate::adapter::{
-    peft, Adapter, AdapterError, ConcatPart, Layout, LoraTensor, Provenance, SourceFormat,
+    self, peft, Adapter, AdapterError, ConcatPart, Issue, Layout, LoraTensor, Opened, Provenance,
+    ScaleSuffix, SourceFormat,
 };
-use crate::arch::BaseInfo;
-use crate::convert::{self, kind_name, ConvertError, ConvertOptions};
-use crate::gguf::{Array, GgufWriter, Metadata, TensorDesc, Value};
+use crate::arch::{BaseError, BaseInfo};
+use crate::gguf::{Array, GgufError, GgufWriter, Metadata, TensorDesc, Value};
 
 /// `--mode`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// One standard GGUF LoRA applying all inputs at their scales.
     Concat,
     /// A container of the inputs, each selectable (`BUNDLE.gguf#NAME`) and extractable by name.
     Named,
+}
+
+impl Mode {
+    /// The names `--mode` takes.
+    pub const NAMES: [&'static str; 2] = ["concat", "named"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Concat => "concat",
+            Mode::Named => "named",
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Mode, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "concat" => Ok(Mode::Concat),
+            "named" => Ok(Mode::Named),
+            _ => Err(format!(
+                "unknown bundle mode '{s}' (expected concat or named)"
+            )),
+        }
+    }
 }
 
 /// One input: `[NAME=]PATH[:SCALE]`.
@@ -64,34 +91,36 @@ pub fn valid_name(name: &str) -> bool {
 impl InputSpec {
     /// Parses `[NAME=]PATH[:SCALE]`. A string that exists as a path is taken whole, so paths with
     /// `=` or `:` in them still work when given plainly.
-    pub fn parse(s: &str) -> Result<InputSpec, String> {
-        let mut rest = s;
-        let mut scale = 1.0;
-        if !Path::new(rest).exists() {
-            if let Some((p, sc)) = rest.rsplit_once(':') {
-                if let Ok(v) = sc.parse::<f64>() {
-                    if !v.is_finite() {
-                        return Err(format!("'{s}': scale {sc} is not finite"));
-                    }
-                    scale = v;
-                    rest = p;
+    pub fn parse(s: &str) -> Result<InputSpec, SpecError> {
+        let spec = || s.to_string();
+        let (mut rest, scale) = match adapter::split_scale(s) {
+            (p, ScaleSuffix::Scale(v, text)) => {
+                if !v.is_finite() {
+                    return Err(SpecError::ScaleNotFinite {
+                        spec: spec(),
+                        scale: text.to_string(),
+                    });
                 }
+                (p, v)
             }
-        }
+            // A tail that is no number is part of the path (which then must exist).
+            (p, ScaleSuffix::None | ScaleSuffix::NotANumber(_)) => (p, 1.0),
+        };
         let mut name = None;
         if !Path::new(rest).exists() {
             if let Some((n, p)) = rest.split_once('=') {
                 if !valid_name(n) {
-                    return Err(format!(
-                        "'{s}': '{n}' is not a valid adapter name (no '#', ':', '=', '/', '\\')"
-                    ));
+                    return Err(SpecError::BadName {
+                        spec: spec(),
+                        name: n.to_string(),
+                    });
                 }
                 name = Some(n.to_string());
                 rest = p;
             }
         }
         if rest.is_empty() {
-            return Err(format!("'{s}': no adapter path"));
+            return Err(SpecError::NoPath { spec: spec() });
         }
         Ok(InputSpec {
             name,
@@ -106,7 +135,7 @@ impl InputSpec {
         if let Some(n) = &self.name {
             return n.clone();
         }
-        let (file, member) = layout::split_spec(&self.path);
+        let (file, member) = split_spec(&self.path);
         if let Some(m) = member {
             return m;
         }
@@ -127,19 +156,68 @@ pub struct BundleOptions {
     /// Base model GGUF: every input is checked against it (architecture, tensor names and shapes).
     pub base: Option<PathBuf>,
     /// Tensor type of a concat bundle's `lora_a`/`lora_b`.
-    pub outtype: OutType,
+    pub outtype: FactorType,
 }
 
-/// Why nothing was bundled.
+/// A `[NAME=]PATH[:SCALE]` argument that does not parse.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("'{spec}': scale {scale} is not finite")]
+    ScaleNotFinite { spec: String, scale: String },
+    #[error("'{spec}': '{name}' is not a valid adapter name (no '#', ':', '=', '/', '\\')")]
+    BadName { spec: String, name: String },
+    #[error("'{spec}': no adapter path")]
+    NoPath { spec: String },
+}
+
+/// Why nothing was bundled. Every variant means nothing was written.
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
     #[error(transparent)]
     Adapter(#[from] AdapterError),
     #[error(transparent)]
-    Convert(#[from] ConvertError),
-    /// The inputs do not go together, or cannot be bundled; nothing was written.
-    #[error("{0}")]
-    Invalid(String),
+    Base(#[from] BaseError),
+    #[error(transparent)]
+    Refused(#[from] adapter::Refusal),
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("no adapter to bundle")]
+    NoInputs,
+    #[error("{}: {} module(s) do not fit the base; nothing was written:\n{}", path.display(), lines.len(), lines.join("\n"))]
+    Misfit { path: PathBuf, lines: Vec<String> },
+    #[error("{}: a PEFT adapter needs the base model's architecture: pass --base BASE.gguf (or bundle it with a GGUF adapter, whose architecture is used)", path.display())]
+    PeftNeedsArch { path: PathBuf },
+    #[error("{}: the adapter does not say its architecture (general.architecture)", path.display())]
+    NoArch { path: PathBuf },
+    #[error("{} is for architecture '{arch}' but {} is for '{first_arch}': bundled adapters must share one base model; nothing was written", path.display(), first.display())]
+    ArchDiffers {
+        path: PathBuf,
+        arch: String,
+        first: PathBuf,
+        first_arch: String,
+    },
+    #[error("the adapters are for architecture '{arch}' but the base is '{base}'")]
+    BaseArch { arch: String, base: String },
+    #[error("tensor {target}: {} adapts a {shape} but {} a {other_shape}: the adapters were trained on different base shapes; nothing was written", path.display(), other.display())]
+    Shapes {
+        target: String,
+        path: PathBuf,
+        shape: String,
+        other: PathBuf,
+        other_shape: String,
+    },
+    #[error("{}: {} tensor(s) cannot be expressed in a GGUF LoRA (concat writes one); nothing was written:\n{}", path.display(), lines.len(), lines.iter().map(|l| format!("  - {l}")).collect::<Vec<_>>().join("\n"))]
+    Unrepresentable { path: PathBuf, lines: Vec<String> },
+    #[error("{}: an aLoRA adapter activates on its own invocation tokens, which one concatenated adapter cannot keep; use --mode named", path.display())]
+    ConcatAlora { path: PathBuf },
+    #[error("{}: '{name}' cannot name an adapter (it must be non-empty, without '#', ':', '=', '/', '\\'); name it with NAME=PATH", path.display())]
+    BadName { path: PathBuf, name: String },
+    #[error("{} and {} would both be named '{name}'; name them with NAME=PATH", first.display(), path.display())]
+    DuplicateName {
+        first: PathBuf,
+        path: PathBuf,
+        name: String,
+    },
 }
 
 /// One bundled adapter, for the report.
@@ -209,18 +287,16 @@ fn read_inputs(
     opts: &BundleOptions,
 ) -> Result<(Vec<Input>, Option<BaseInfo>), BundleError> {
     if specs.is_empty() {
-        return Err(BundleError::Invalid("no adapter to bundle".into()));
+        return Err(BundleError::NoInputs);
     }
-    let base = convert::load_base(&ConvertOptions {
-        base: opts.base.clone(),
-        arch: None,
-        outtype: opts.outtype,
-    })?;
+    let base = BaseInfo::resolve(opts.base.as_deref(), None)?;
     // GGUF inputs first: they name their architecture, which PEFT inputs need when no base is given.
-    let is_peft = |s: &InputSpec| peft::is_peft(&s.path);
+    let is_peft = |s: &InputSpec| adapter::detect(&s.path) == SourceFormat::Peft;
     let mut slots: Vec<Option<Input>> = specs.iter().map(|_| None).collect();
     for (i, spec) in specs.iter().enumerate().filter(|(_, s)| !is_peft(s)) {
-        let (adapter, issues) = convert::read_adapter(&spec.path, base.as_ref())?;
+        let Opened {
+            adapter, issues, ..
+        } = adapter::open(&spec.path, base.as_ref())?.same_arch(&spec.path)?;
         refuse_issues(&spec.path, &issues)?;
         slots[i] = Some(input(spec, SourceFormat::Gguf, adapter));
     }
@@ -232,12 +308,13 @@ fn read_inputs(
     };
     for (i, spec) in specs.iter().enumerate().filter(|(_, s)| is_peft(s)) {
         let Some(b) = &peft_base else {
-            return Err(BundleError::Invalid(format!(
-                "{}: a PEFT adapter needs the base model's architecture: pass --base BASE.gguf (or bundle it with a GGUF adapter, whose architecture is used)",
-                spec.path.display()
-            )));
+            return Err(BundleError::PeftNeedsArch {
+                path: spec.path.clone(),
+            });
         };
-        let (adapter, issues) = convert::read_adapter(&spec.path, Some(b))?;
+        let Opened {
+            adapter, issues, ..
+        } = adapter::open(&spec.path, Some(b))?.same_arch(&spec.path)?;
         refuse_issues(&spec.path, &issues)?;
         slots[i] = Some(input(spec, SourceFormat::Peft, adapter));
     }
@@ -255,7 +332,7 @@ fn input(spec: &InputSpec, format: SourceFormat, adapter: Adapter) -> Input {
     }
 }
 
-fn refuse_issues(path: &Path, issues: &[crate::adapter::Issue]) -> Result<(), BundleError> {
+fn refuse_issues(path: &Path, issues: &[Issue]) -> Result<(), BundleError> {
     if issues.is_empty() {
         return Ok(());
     }
@@ -266,42 +343,38 @@ fn refuse_issues(path: &Path, issues: &[crate::adapter::Issue]) -> Result<(), Bu
             None => format!("  - {}: {}", i.source, i.message),
         })
         .collect();
-    Err(BundleError::Invalid(format!(
-        "{}: {} module(s) do not fit the base; nothing was written:\n{}",
-        path.display(),
-        lines.len(),
-        lines.join("\n")
-    )))
+    Err(BundleError::Misfit {
+        path: path.to_path_buf(),
+        lines,
+    })
 }
 
 /// One architecture, and one shape per adapted base tensor, across all inputs.
 fn check_together(inputs: &[Input], base: Option<&BaseInfo>) -> Result<(), BundleError> {
     let first = &inputs[0];
     let arch_of = |i: &Input| {
-        i.adapter.arch.clone().ok_or_else(|| {
-            BundleError::Invalid(format!(
-                "{}: the adapter does not say its architecture (general.architecture)",
-                i.spec.path.display()
-            ))
+        i.adapter.arch.clone().ok_or_else(|| BundleError::NoArch {
+            path: i.spec.path.clone(),
         })
     };
     let arch = arch_of(first)?;
     for i in inputs {
         let a = arch_of(i)?;
         if a != arch {
-            return Err(BundleError::Invalid(format!(
-                "{} is for architecture '{a}' but {} is for '{arch}': bundled adapters must share one base model; nothing was written",
-                i.spec.path.display(),
-                first.spec.path.display()
-            )));
+            return Err(BundleError::ArchDiffers {
+                path: i.spec.path.clone(),
+                arch: a,
+                first: first.spec.path.clone(),
+                first_arch: arch,
+            });
         }
     }
     if let Some(b) = base {
         if b.arch != arch {
-            return Err(BundleError::Invalid(format!(
-                "the adapters are for architecture '{arch}' but the base is '{}'",
-                b.arch
-            )));
+            return Err(BundleError::BaseArch {
+                arch,
+                base: b.arch.clone(),
+            });
         }
     }
     let mut seen: HashMap<&str, (&Input, &LoraTensor)> = HashMap::new();
@@ -316,7 +389,7 @@ fn check_together(inputs: &[Input], base: Option<&BaseInfo>) -> Result<(), Bundl
                 let show = |t: &LoraTensor| {
                     format!(
                         "{} {}×{}{}",
-                        kind_name(t.kind),
+                        t.kind.name(),
                         t.n_out(),
                         t.n_in(),
                         if t.n_expert() > 1 {
@@ -326,14 +399,13 @@ fn check_together(inputs: &[Input], base: Option<&BaseInfo>) -> Result<(), Bundl
                         }
                     )
                 };
-                return Err(BundleError::Invalid(format!(
-                    "tensor {}: {} adapts a {} but {} a {}: the adapters were trained on different base shapes; nothing was written",
-                    t.target,
-                    i.spec.path.display(),
-                    show(t),
-                    j.spec.path.display(),
-                    show(u)
-                )));
+                return Err(BundleError::Shapes {
+                    target: t.target.clone(),
+                    path: i.spec.path.clone(),
+                    shape: show(t),
+                    other: j.spec.path.clone(),
+                    other_shape: show(u),
+                });
             }
         }
     }
@@ -344,7 +416,7 @@ fn check_together(inputs: &[Input], base: Option<&BaseInfo>) -> Result<(), Bundl
 fn input_files(inputs: &[Input], base: Option<&Path>) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for i in inputs {
-        let (file, _) = layout::split_spec(&i.spec.path);
+        let (file, _) = split_spec(&i.spec.path);
         if let Ok((config, weights)) = peft::locate(&file) {
             out.push(config);
             out.push(weights);
@@ -390,18 +462,15 @@ fn concat(
     for i in inputs {
         let bad = i.adapter.unrepresentable();
         if !bad.is_empty() {
-            return Err(BundleError::Invalid(format!(
-                "{}: {} tensor(s) cannot be expressed in a GGUF LoRA (concat writes one); nothing was written:\n{}",
-                i.spec.path.display(),
-                bad.len(),
-                bad.iter().map(|l| format!("  - {l}")).collect::<Vec<_>>().join("\n")
-            )));
+            return Err(BundleError::Unrepresentable {
+                path: i.spec.path.clone(),
+                lines: bad,
+            });
         }
         if i.adapter.alora_invocation_tokens.is_some() {
-            return Err(BundleError::Invalid(format!(
-                "{}: an aLoRA adapter activates on its own invocation tokens, which one concatenated adapter cannot keep; use --mode named",
-                i.spec.path.display()
-            )));
+            return Err(BundleError::ConcatAlora {
+                path: i.spec.path.clone(),
+            });
         }
     }
     // Targets in order of first appearance; each gets every input's tensor for it, in input order.
@@ -433,7 +502,7 @@ fn concat(
         let layer = first.tensor.layer;
         targets.push(ConcatTarget {
             target: target.clone(),
-            kind: kind_name(kind),
+            kind: kind.name(),
             rank: ps.iter().map(|(_, p)| p.tensor.rank()).sum(),
             parts: ps
                 .iter()
@@ -490,72 +559,96 @@ fn concat(
     })
 }
 
+/// One member of a named bundle as its own GGUF file has it: a GGUF input as it is, a PEFT input as
+/// `convert` would write it (laid out now, its tensors encoded while the bundle is written).
+enum Member<'a> {
+    File(GgufSource),
+    Converted {
+        adapter: &'a Adapter,
+        layout: LoraFile,
+    },
+}
+
+impl Member<'_> {
+    fn version(&self) -> u32 {
+        match self {
+            Member::File(src) => src.version,
+            Member::Converted { layout, .. } => layout.version,
+        }
+    }
+
+    fn metadata(&self) -> &Metadata {
+        match self {
+            Member::File(src) => &src.metadata,
+            Member::Converted { layout, .. } => &layout.metadata,
+        }
+    }
+
+    /// Its tensors' names, shapes and types, in its own order.
+    fn descs(&self) -> Vec<TensorDesc> {
+        match self {
+            Member::File(src) => src.tensors.iter().map(|t| (&t.info).into()).collect(),
+            Member::Converted { layout, .. } => layout.descs.clone(),
+        }
+    }
+
+    /// Writes its tensors' bytes in order; returns how many.
+    fn write(&self, w: &mut GgufWriter) -> Result<u64, BundleError> {
+        match self {
+            Member::File(src) => Ok(src.copy_tensors(w)?),
+            Member::Converted { adapter, layout } => {
+                let summary =
+                    gguf_adapter::encode_tensors(adapter, layout, |b| Ok(w.write_tensor(b)?))?;
+                Ok(summary.bytes)
+            }
+        }
+    }
+}
+
 fn named(
-    mut inputs: Vec<Input>,
+    inputs: Vec<Input>,
     output: &Path,
     opts: &BundleOptions,
 ) -> Result<BundleReport, BundleError> {
     let mut names: HashMap<&str, &Path> = HashMap::new();
     for i in &inputs {
         if !valid_name(&i.name) {
-            return Err(BundleError::Invalid(format!(
-                "{}: '{}' cannot name an adapter (it must be non-empty, without '#', ':', '=', '/', '\\'); name it with NAME=PATH",
-                i.spec.path.display(),
-                i.name
-            )));
+            return Err(BundleError::BadName {
+                path: i.spec.path.clone(),
+                name: i.name.clone(),
+            });
         }
         if let Some(other) = names.insert(&i.name, &i.spec.path) {
-            return Err(BundleError::Invalid(format!(
-                "{} and {} would both be named '{}'; name them with NAME=PATH",
-                other.display(),
-                i.spec.path.display(),
-                i.name
-            )));
+            return Err(BundleError::DuplicateName {
+                first: other.to_path_buf(),
+                path: i.spec.path.clone(),
+                name: i.name.clone(),
+            });
         }
     }
     let arch = inputs[0].adapter.arch.clone().unwrap_or_default();
-    // What the listing needs from the checked adapters; their values (read to check them) are
-    // dropped before the tensors are copied, so peak memory stays near one adapter.
-    let coverage: Vec<(Vec<String>, Vec<u32>)> = inputs
-        .iter()
-        .map(|i| {
-            let t = &i.adapter.tensors;
-            (
-                t.iter().map(|t| t.target.clone()).collect(),
-                t.iter().map(|t| t.rank() as u32).collect(),
-            )
-        })
-        .collect();
-    let summaries: Vec<BundledAdapter> = inputs.iter().map(|i| summary(i, 0.0)).collect();
-    for i in &mut inputs {
-        i.adapter.tensors = Vec::new();
-        i.adapter.full_tensors = Vec::new();
-    }
-    // Each adapter as its GGUF file has it; PEFT inputs through `convert`, into a scratch directory.
-    let scratch = tempfile::tempdir()
-        .map_err(|e| BundleError::Invalid(format!("cannot create a scratch directory: {e}")))?;
-    let mut sources = Vec::with_capacity(inputs.len());
-    for (k, i) in inputs.iter().enumerate() {
-        let src = match i.format {
-            SourceFormat::Gguf => GgufSource::open(&i.spec.path)?,
+    // Each adapter as its GGUF file has it; PEFT inputs laid out as `convert` writes them (F32), after
+    // the same refusal `convert` makes of what a GGUF LoRA cannot hold.
+    let mut members = Vec::with_capacity(inputs.len());
+    for i in &inputs {
+        members.push(match i.format {
+            SourceFormat::Gguf => Member::File(GgufSource::open(&i.spec.path)?),
             SourceFormat::Peft => {
-                let tmp = scratch.path().join(format!("{k}.gguf"));
-                let copts = ConvertOptions {
-                    base: opts.base.clone(),
-                    arch: opts.base.is_none().then(|| arch.clone()),
-                    outtype: OutType::F32,
-                };
-                convert::convert(&i.spec.path, &tmp, &copts)?;
-                GgufSource::open_member(i.spec.path.clone(), tmp, None)?
+                if let Some(r) = adapter::Refusal::unrepresentable(&i.spec.path, &i.adapter) {
+                    return Err(r.into());
+                }
+                Member::Converted {
+                    adapter: &i.adapter,
+                    layout: gguf_adapter::layout(&i.adapter, FactorType::F32)?,
+                }
             }
-        };
-        sources.push(src);
+        });
     }
 
     let mut md = Metadata::new();
-    md.set(gguf_adapter::KEY_ARCH, Value::String(arch.clone()));
+    md.set(crate::gguf::KEY_ARCH, Value::String(arch.clone()));
     md.set(
-        gguf_adapter::KEY_TYPE,
+        crate::gguf::KEY_TYPE,
         Value::String(layout::BUNDLE_TYPE.into()),
     );
     md.set(
@@ -572,12 +665,13 @@ fn named(
     );
     let mut descs = Vec::new();
     let mut adapters = Vec::with_capacity(inputs.len());
-    for (k, ((i, src), (targets, ranks))) in inputs.iter().zip(&sources).zip(coverage).enumerate() {
-        let alpha = src.metadata.get_f32(gguf_adapter::KEY_ALPHA).unwrap_or(0.0);
-        let format = match i.format {
-            SourceFormat::Gguf => "gguf",
-            SourceFormat::Peft => "peft",
-        };
+    for (k, (i, member)) in inputs.iter().zip(&members).enumerate() {
+        let own = member.metadata();
+        let alpha = own.get_f32(gguf_adapter::KEY_ALPHA).unwrap_or(0.0);
+        let t = &i.adapter.tensors;
+        let targets = t.iter().map(|t| t.target.clone()).collect();
+        let ranks = t.iter().map(|t| t.rank() as u32).collect();
+        let member_descs = member.descs();
         md.set(key(k, "name"), Value::String(i.name.clone()));
         md.set(key(k, "architecture"), Value::String(arch.clone()));
         md.set(key(k, "alpha"), Value::F32(alpha));
@@ -586,35 +680,30 @@ fn named(
             key(k, "source"),
             Value::String(i.spec.path.display().to_string()),
         );
-        md.set(key(k, "format"), Value::String(format.into()));
-        md.set(key(k, "gguf_version"), Value::U32(src.version));
+        md.set(key(k, "format"), Value::String(i.format.name().into()));
+        md.set(key(k, "gguf_version"), Value::U32(member.version()));
         md.set(key(k, "targets"), Value::Array(Array::String(targets)));
         md.set(key(k, "ranks"), Value::Array(Array::U32(ranks)));
         md.set(
             key(k, "tensors"),
             Value::Array(Array::String(
-                src.tensors.iter().map(|t| t.info.name.clone()).collect(),
+                member_descs.iter().map(|d| d.name.clone()).collect(),
             )),
         );
         let prefix = layout::kv_prefix(k);
-        for (kk, v) in src.metadata.iter() {
+        for (kk, v) in own.iter() {
             md.set(format!("{prefix}{kk}"), v.clone());
         }
-        for (j, t) in src.tensors.iter().enumerate() {
+        for (j, d) in member_descs.into_iter().enumerate() {
             descs.push(TensorDesc {
-                name: stored_name(k, j, &t.info.name),
-                dims: t.info.dims.clone(),
-                ty: t.info.ty,
+                name: stored_name(k, j, &d.name),
+                ..d
             });
         }
-        adapters.push(BundledAdapter {
-            alpha,
-            ..summaries[k].clone()
-        });
+        adapters.push(summary(i, alpha));
     }
     let files = input_files(&inputs, opts.base.as_deref());
     let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
-    let gerr = |e: crate::gguf::GgufError| BundleError::Invalid(e.to_string());
     let mut w = GgufWriter::create(
         output,
         &refs,
@@ -622,18 +711,12 @@ fn named(
         crate::gguf::DEFAULT_ALIGNMENT,
         &md,
         &descs,
-    )
-    .map_err(gerr)?;
+    )?;
     let mut bytes = 0;
-    for src in &sources {
-        for t in &src.tensors {
-            let data = src.data(t);
-            bytes += data.len() as u64;
-            w.write_tensor(data).map_err(gerr)?;
-            src.release(t);
-        }
+    for member in &members {
+        bytes += member.write(&mut w)?;
     }
-    w.finish().map_err(gerr)?;
+    w.finish()?;
     Ok(BundleReport {
         mode: Mode::Named,
         output: output.to_path_buf(),
@@ -691,13 +774,16 @@ pub struct ListedAdapter {
 }
 
 /// The listing of a named bundle (`None` when the file is not one).
-pub fn listing(path: &Path, metadata: &Metadata) -> Option<Result<BundleListing, AdapterError>> {
-    if metadata.get_str(gguf_adapter::KEY_TYPE) != Some(layout::BUNDLE_TYPE) {
+pub fn listing(
+    path: &Path,
+    metadata: &Metadata,
+) -> Option<Result<BundleListing, adapter::BundleError>> {
+    if metadata.get_str(crate::gguf::KEY_TYPE) != Some(layout::BUNDLE_TYPE) {
         return None;
     }
     Some(layout::Listing::read(path, metadata).map(|l| {
         BundleListing {
-            arch: metadata.get_str(gguf_adapter::KEY_ARCH).map(str::to_string),
+            arch: metadata.get_str(crate::gguf::KEY_ARCH).map(str::to_string),
             adapters: l
                 .adapters
                 .into_iter()

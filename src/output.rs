@@ -2,21 +2,20 @@
 //! renamed into place only when complete and flushed to disk, so a failure or Ctrl-C never leaves a
 //! half-written output, and an output may never be one of the inputs.
 //!
-//! Live temporary files are kept in a process-wide registry. On SIGINT, SIGTERM or SIGHUP a handler
-//! (installed on first use, through the `ctrlc` crate) deletes every registered temporary file and
-//! exits with status 130. The registry lock is held while a temporary file is created, renamed or
+//! Live temporary files are kept in a process-wide registry, so that a program's signal handler can
+//! delete them all ([`remove_live_temp_files`]; the `gguf-lora` binary installs one for SIGINT,
+//! SIGTERM and SIGHUP). The registry lock is held while a temporary file is created, renamed or
 //! removed, so the handler never sees a half-registered file nor deletes one that was just renamed.
+//! The library installs no handler itself: what a signal does to a process is its program's
+//! decision.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, Once};
+use std::sync::{Mutex, MutexGuard};
 
 use thiserror::Error;
-
-/// Exit status after an interrupt (128 + SIGINT, the shell convention).
-pub const EXIT_INTERRUPTED: i32 = 130;
 
 /// Why an output could not be created or completed.
 #[derive(Debug, Error)]
@@ -34,7 +33,6 @@ pub enum OutputError {
 }
 
 static LIVE_TEMP_FILES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
-static INSTALL_HANDLER: Once = Once::new();
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 fn registry() -> MutexGuard<'static, Vec<PathBuf>> {
@@ -44,19 +42,15 @@ fn registry() -> MutexGuard<'static, Vec<PathBuf>> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Installs the interrupt handler that removes live temporary files (idempotent). If the embedding
-/// program already installed its own `ctrlc` handler, that one stays and this does nothing.
-pub fn install_interrupt_cleanup() {
-    INSTALL_HANDLER.call_once(|| {
-        let _ = ctrlc::set_handler(|| {
-            let live = registry();
-            for path in live.iter() {
-                let _ = fs::remove_file(path);
-            }
-            // Exit while still holding the lock: no other thread can rename or create a temp file now.
-            std::process::exit(EXIT_INTERRUPTED);
-        });
-    });
+/// Deletes every live temporary file, for a signal handler about to exit. Returns the registry
+/// lock, still held: exit while holding it, so that no other thread can create or rename a
+/// temporary file in between.
+pub fn remove_live_temp_files() -> MutexGuard<'static, Vec<PathBuf>> {
+    let live = registry();
+    for path in live.iter() {
+        let _ = fs::remove_file(path);
+    }
+    live
 }
 
 /// Fails if `target` is the same file as any of `inputs`: the same path once symlinks and `..` are
@@ -120,7 +114,6 @@ impl AtomicOutput {
     /// Creates the temporary file for `target` after checking that `target` is none of `inputs`.
     pub fn create(target: &Path, inputs: &[&Path]) -> Result<AtomicOutput, OutputError> {
         check_not_an_input(target, inputs)?;
-        install_interrupt_cleanup();
         let name = target.file_name().ok_or_else(|| OutputError::Io {
             op: "create a file there",
             path: target.to_path_buf(),

@@ -37,6 +37,7 @@ fn make_lora(dir: &Path, kind: &str, extra: &[&str]) -> PathBuf {
 /// and `merge --outtype f32` the same weights.
 #[test]
 fn concat_equals_the_inputs_applied_together() {
+    require_interop!();
     let dir = tempfile::tempdir().unwrap();
     let patterns = fixture("llama/adapters/patterns/ref_convert.gguf");
     let embed = fixture("llama/adapters/embed_lm_head/ref_convert.gguf");
@@ -138,6 +139,7 @@ print(max(float(np.abs(a[n] - b[n]).max() / np.abs(b[n] - base[n]).max()) for n 
 /// F16 inputs are read through their exact dequantization; the bundle keeps ΔW to f32 rounding.
 #[test]
 fn concat_reads_f16_inputs_exactly() {
+    require_interop!();
     let dir = tempfile::tempdir().unwrap();
     let ours = make_lora(dir.path(), "concat", &["--f16"]);
     let standard = fixture("llama/adapters/standard/ref_convert.gguf");
@@ -196,6 +198,7 @@ print(max(float(np.abs(c.delta(alpha, a, b, n)[0] - exp[n]).max() / np.abs(exp[n
 /// back as `convert` writes it; `#NAME` is accepted where adapters are read; inspect lists them.
 #[test]
 fn named_bundle_extracts_bit_for_bit_and_selects_by_name() {
+    require_interop!();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let patterns = fixture("llama/adapters/patterns/ref_convert.gguf");
@@ -382,6 +385,7 @@ print(bytes(r.get_field("general.type").parts[-1]).decode())
 /// the files, nothing written (both modes); an input against the wrong --base likewise.
 #[test]
 fn mismatched_inputs_are_refused_and_nothing_is_written() {
+    require_interop!();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let llama = fixture("llama/adapters/standard/ref_convert.gguf");

@@ -212,6 +212,7 @@ fn compare_with_live_libggml(
 
 #[test]
 fn random_rows_match_live_libggml() {
+    require_interop!();
     use GgmlType::*;
     let all = [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, IQ4_XS, F16, BF16];
     // Q8_1 has no `to_float` (ggml only quantizes to it, through `quantize_row_q8_1_ref`).
@@ -223,6 +224,7 @@ fn random_rows_match_live_libggml() {
 /// lanes and the remaining 3 one by one; both paths must match.
 #[test]
 fn rows_not_a_multiple_of_eight_blocks_match_live_libggml() {
+    require_interop!();
     use GgmlType::*;
     let legacy = [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL];
     compare_with_live_libggml(0x0BAD_5EED, 11 * 32, 160, &legacy, &legacy);

@@ -289,6 +289,7 @@ mod live_ggml {
 /// without an importance matrix, gives libggml's bytes.
 #[test]
 fn real_model_rows_match_libggml() {
+    require_interop!();
     let env = common::interop();
     let dir = tempfile::tempdir().unwrap();
     env.python(

@@ -96,12 +96,14 @@ fn check_model(model: &Path, expected_types: &[GgmlType]) {
 
 #[test]
 fn gemma3_every_tensor_dequantizes_like_libggml() {
+    require_interop!();
     use GgmlType::*;
     check_model(&common::interop().gemma, &[F32, Q5_0, Q4_K, Q8_0, Q6_K]);
 }
 
 #[test]
 fn smollm2_every_tensor_dequantizes_like_libggml() {
+    require_interop!();
     use GgmlType::*;
     check_model(&common::interop().smollm, &[F32, Q4_1, Q8_0]);
 }

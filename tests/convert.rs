@@ -167,6 +167,7 @@ fn logits_check(cases: &Json) -> serde_json::Map<String, Json> {
 
 #[test]
 fn llama_cpp_with_our_adapters_gives_pytorch_logits() {
+    require_interop!();
     let dir = tempfile::tempdir().unwrap();
     let mut cases = Vec::new();
     for (arch, name, entry) in adapters() {
@@ -226,6 +227,7 @@ print("bad", bad)
 
 #[test]
 fn outtypes_encode_like_gguf_py_with_the_q8_0_fallback() {
+    require_interop!();
     let dir = tempfile::tempdir().unwrap();
     let reference = fixtures().join("llama/adapters/standard/ref_convert.gguf");
     for (outtype, types) in [
@@ -461,6 +463,7 @@ fn a_gguf_adapter_converts_to_itself_and_can_be_retyped() {
 
 #[test]
 fn moe_experts_stack_like_the_reference_and_give_pytorch_logits() {
+    require_interop!();
     // testdata/fixtures/qwen2moe (make_moe_fixture.py): 4 experts and a shared expert per layer, all
     // adapted; llama.cpp's converters stack the experts into ffn_*_exps.
     let dir = tempfile::tempdir().unwrap();

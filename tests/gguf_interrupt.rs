@@ -3,18 +3,10 @@
 
 mod common;
 
-use std::path::Path;
+use common::listing;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn dir_entries(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
 
 fn interrupt_mid_write(signal: &str) {
     let env = common::interop();
@@ -34,7 +26,7 @@ fn interrupt_mid_write(signal: &str) {
     // Wait until the temporary file exists and has tensor data in it.
     let start = Instant::now();
     loop {
-        let temp = dir_entries(dir.path())
+        let temp = listing(dir.path())
             .into_iter()
             .find(|n| n.ends_with(".tmp"));
         if let Some(t) = temp {
@@ -68,7 +60,7 @@ fn interrupt_mid_write(signal: &str) {
         String::from_utf8_lossy(&output.stderr)
     );
     assert_eq!(
-        dir_entries(dir.path()),
+        listing(dir.path()),
         Vec::<String>::new(),
         "no output and no temp file remain"
     );
@@ -76,11 +68,13 @@ fn interrupt_mid_write(signal: &str) {
 
 #[test]
 fn sigint_mid_write_leaves_nothing() {
+    require_interop!();
     interrupt_mid_write("-INT");
 }
 
 #[test]
 fn sigterm_mid_write_leaves_nothing() {
+    require_interop!();
     interrupt_mid_write("-TERM");
 }
 
@@ -109,7 +103,7 @@ fn output_equal_to_input_is_refused_and_input_untouched() {
         "{stderr}"
     );
     assert_eq!(std::fs::read(&input).unwrap(), before);
-    assert_eq!(dir_entries(dir.path()), ["in.gguf"]);
+    assert_eq!(listing(dir.path()), ["in.gguf"]);
 }
 
 #[test]
@@ -129,5 +123,5 @@ fn a_failed_write_leaves_nothing() {
         stderr.contains("missing/out.gguf: cannot create a temporary file"),
         "{stderr}"
     );
-    assert_eq!(dir_entries(dir.path()), Vec::<String>::new());
+    assert_eq!(listing(dir.path()), Vec::<String>::new());
 }

@@ -170,6 +170,7 @@ fn version_2_reads_like_version_3() {
 
 #[test]
 fn gemma3_vocabulary_of_262144_strings() {
+    require_interop!();
     let env = common::interop();
     let f = GgufFile::open(&env.gemma).unwrap();
     let Some(Array::String(tokens)) = f.metadata().get_array("tokenizer.ggml.tokens") else {

@@ -60,11 +60,13 @@ fn round_trip(model_path: &Path) {
 
 #[test]
 fn gemma3_round_trip_is_byte_identical() {
+    require_interop!();
     round_trip(&common::interop().gemma);
 }
 
 #[test]
 fn smollm2_round_trip_is_byte_identical() {
+    require_interop!();
     round_trip(&common::interop().smollm);
 }
 
@@ -184,6 +186,7 @@ fn scalar_json(v: &Value) -> serde_json::Value {
 
 #[test]
 fn gguf_py_reads_what_we_write() {
+    require_interop!();
     let env = common::interop();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ours.gguf");
@@ -247,6 +250,7 @@ print(json.dumps(out))
 
 #[test]
 fn llama_cpp_loads_and_runs_what_we_write() {
+    require_interop!();
     let env = common::interop();
     let dir = tempfile::tempdir().unwrap();
     // A byte-identical rewrite, and one with changed metadata, which moves the whole data section
@@ -298,6 +302,7 @@ fn llama_cpp_loads_and_runs_what_we_write() {
 
 #[test]
 fn llama_gguf_split_set_reads_as_the_same_model() {
+    require_interop!();
     let env = common::interop();
     let dir = tempfile::tempdir().unwrap();
     let prefix = dir.path().join("smol");
@@ -349,6 +354,7 @@ fn llama_gguf_split_set_reads_as_the_same_model() {
 
 #[test]
 fn missing_or_inconsistent_shards_are_refused() {
+    require_interop!();
     let env = common::interop();
     let dir = tempfile::tempdir().unwrap();
     let prefix = dir.path().join("smol");

@@ -56,6 +56,7 @@ fn json_of_gguf_py_fixture() {
 
 #[test]
 fn json_of_gemma3_cuts_long_arrays() {
+    require_interop!();
     let j = inspect_json(&common::interop().gemma);
     assert_eq!(j["architecture"], "gemma3");
     let h = &j["hyperparameters"];
@@ -95,6 +96,7 @@ fn json_of_gemma3_cuts_long_arrays() {
 
 #[test]
 fn human_output_is_aligned_tables() {
+    require_interop!();
     let out = gguf_lora()
         .arg("inspect")
         .arg(&common::interop().gemma)
@@ -140,6 +142,7 @@ fn human_output_is_aligned_tables() {
 
 #[test]
 fn split_set_inspects_as_one_model() {
+    require_interop!();
     let env = common::interop();
     let dir = tempfile::tempdir().unwrap();
     let ok = std::process::Command::new(env.tools.join("llama-gguf-split"))

@@ -68,6 +68,7 @@ fn file_type(path: &Path) -> u64 {
 
 #[test]
 fn keep_is_libggml_s_requantization_of_the_f32_merge_and_copies_the_rest() {
+    require_interop!();
     let dir = tempfile::tempdir().unwrap();
     let keep = dir.path().join("keep.gguf");
     let f32 = dir.path().join("f32.gguf");
@@ -113,6 +114,7 @@ fn keep_is_libggml_s_requantization_of_the_f32_merge_and_copies_the_rest() {
 
 #[test]
 fn f32_merge_of_the_quantized_base_equals_numpy_reference() {
+    require_interop!();
     let dir = tempfile::tempdir().unwrap();
     let f32 = dir.path().join("f32.gguf");
     merge(&f32, &["--outtype", "f32"]);
@@ -129,6 +131,7 @@ fn f32_merge_of_the_quantized_base_equals_numpy_reference() {
 
 #[test]
 fn llama_cpp_loads_merges_and_promotions_buy_back_the_adapter() {
+    require_interop!();
     let dir = tempfile::tempdir().unwrap();
     let keep = dir.path().join("keep.gguf");
     let q8 = dir.path().join("q8.gguf");
@@ -193,6 +196,7 @@ fn llama_cpp_loads_merges_and_promotions_buy_back_the_adapter() {
 
 #[test]
 fn weights_are_as_close_to_the_exact_merge_as_export_lora_then_llama_quantize() {
+    require_interop!();
     let dir = tempfile::tempdir().unwrap();
     let keep = dir.path().join("keep.gguf");
     let f32 = dir.path().join("f32.gguf");

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{gguf_lora, interop, repo_root};
+use common::{gguf_lora, interop, listing, repo_root};
 use serde_json::Value;
 
 fn fixture(rel: &str) -> PathBuf {
@@ -35,18 +35,9 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// Files in `dir` (to prove a refusal left nothing behind).
-fn listing(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 #[test]
 fn outtype_f32_equals_numpy_reference_for_two_adapters_with_different_tensor_sets() {
+    require_interop!();
     let dir = tempfile::tempdir().unwrap();
     let base = fixture("gemma3/base-f32.gguf");
     // One adapter on q, v, down and the token embeddings; one (F16 tensors) on q and up of layer 1 only.
@@ -144,6 +135,7 @@ fn outtype_f32_equals_numpy_reference_for_two_adapters_with_different_tensor_set
 
 #[test]
 fn llama_cpp_runs_the_f32_merge_like_the_runtime_lora() {
+    require_interop!();
     let dir = tempfile::tempdir().unwrap();
     // llama has untied embeddings: llama.cpp aborts on a token_embd LoRA when they are tied (gemma3),
     // because the runtime applies it to the output head too.
@@ -187,6 +179,7 @@ fn llama_cpp_runs_the_f32_merge_like_the_runtime_lora() {
 
 #[test]
 fn metadata_is_the_base_s_with_provenance_and_no_adapter_keys() {
+    require_interop!();
     let dir = tempfile::tempdir().unwrap();
     let base = fixture("gemma3/base-f16.gguf");
     let a = make_lora(
@@ -250,6 +243,7 @@ print(json.dumps({"base": b, "merged": m, "base_types": bt, "merged_types": mt})
 
 #[test]
 fn refusals_exit_1_name_every_offending_tensor_and_write_nothing() {
+    require_interop!();
     let dir = tempfile::tempdir().unwrap();
     let base = fixture("gemma3/base-f32.gguf");
     let good = make_lora(
@@ -387,6 +381,7 @@ fn refusals_exit_1_name_every_offending_tensor_and_write_nothing() {
 
 #[test]
 fn split_base_gives_split_output_with_the_same_layout_or_one_file() {
+    require_interop!();
     let dir = tempfile::tempdir().unwrap();
     let base = fixture("gemma3/base-f32.gguf");
     let prefix = dir.path().join("base");
@@ -469,6 +464,7 @@ print(json.dumps(out))
 
 #[test]
 fn peft_directories_merge_like_peft_merge_and_unload() {
+    require_interop!();
     // DoRA (llama q/k rows RoPE-permuted, magnitudes too), modules_to_save (lm_head replaced) and
     // lora_B biases (qwen2's q/k/v biases): PEFT's own merge, converted by convert_hf_to_gguf.py, is
     // the reference; the PEFT directory goes straight to merge.

@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{gguf_lora, interop, repo_root};
+use common::{gguf_lora, interop, listing, repo_root};
 use serde_json::Value;
 
 fn s(p: &Path) -> &str {
@@ -124,6 +124,7 @@ const TYPES: &[(&str, &str)] = &[
 
 #[test]
 fn every_type_equals_llama_quantize_pure() {
+    require_interop!();
     let dir = tempfile::tempdir().unwrap();
     let model = make_model(dir.path(), "m.gguf", None);
     for (ty, ftype) in TYPES {
@@ -163,6 +164,7 @@ fn every_type_equals_llama_quantize_pure() {
 
 #[test]
 fn imatrix_gguf_and_dat_equal_llama_quantize() {
+    require_interop!();
     let dir = tempfile::tempdir().unwrap();
     let model = make_model(dir.path(), "m.gguf", None);
     let text = script("imatrix.txt");
@@ -217,6 +219,7 @@ fn imatrix_gguf_and_dat_equal_llama_quantize() {
 
 #[test]
 fn output_loads_and_runs_in_llama_cpp() {
+    require_interop!();
     let dir = tempfile::tempdir().unwrap();
     let model = make_model(dir.path(), "m.gguf", None);
     let q = dir.path().join("q4k.gguf");
@@ -236,6 +239,7 @@ print("ok", m.metadata.get("general.file_type"))
 
 #[test]
 fn f32_round_trip_and_a_tensor_of_the_type_is_copied() {
+    require_interop!();
     let dir = tempfile::tempdir().unwrap();
     // blk.0.attn_q.weight is already Q8_0 (quantized by libggml).
     let model = make_model(dir.path(), "mq8.gguf", Some("blk.0.attn_q.weight"));
@@ -273,18 +277,9 @@ print("ok", len(b))
     assert!(out.contains("ok 21"), "{out}");
 }
 
-/// Files in `dir` (to prove a refusal left nothing behind).
-fn listing(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 #[test]
 fn bad_imatrix_is_refused_and_nothing_is_written() {
+    require_interop!();
     let dir = tempfile::tempdir().unwrap();
     let model = make_model(dir.path(), "m.gguf", None);
     // A GGUF imatrix (written by gguf-py) whose entry for attn_q has the wrong length.
@@ -348,6 +343,7 @@ fn mix_names_are_refused_with_a_hint() {
 
 #[test]
 fn split_input_gives_split_output_with_the_same_tensors() {
+    require_interop!();
     let dir = tempfile::tempdir().unwrap();
     let model = make_model(dir.path(), "m.gguf", None);
     let mut c = tool("llama-gguf-split");

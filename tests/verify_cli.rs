@@ -44,6 +44,7 @@ fn verify(args: &[&str]) -> (i32, String, String) {
 
 #[test]
 fn f32_merges_pass_when_correct_and_fail_with_exit_3_when_wrong() {
+    require_interop!();
     let dir = tempfile::tempdir().unwrap();
     let base = fixture("llama").join("base-f32.gguf");
     let adapter = fixture("llama").join("adapters/standard/ref_convert.gguf");
@@ -105,6 +106,7 @@ fn f32_merges_pass_when_correct_and_fail_with_exit_3_when_wrong() {
 
 #[test]
 fn quantized_keep_type_merge_of_gemma3_passes_and_the_same_at_0_8_fails() {
+    require_interop!();
     let env = common::interop();
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
@@ -141,6 +143,7 @@ fn quantized_keep_type_merge_of_gemma3_passes_and_the_same_at_0_8_fails() {
 
 #[test]
 fn logits_out_writes_npy_files_numpy_reads_and_json_is_one_object() {
+    require_interop!();
     let dir = tempfile::tempdir().unwrap();
     let base = fixture("qwen3").join("base-f32.gguf");
     let adapter = fixture("qwen3").join("adapters/standard/ref_convert.gguf");
@@ -220,6 +223,7 @@ fn without_merged_the_merge_is_done_by_gguf_lora_merge_and_checked() {
 
 #[test]
 fn bad_input_exits_1_with_a_message() {
+    require_interop!();
     let base = fixture("llama").join("base-f32.gguf");
     let adapter = fixture("llama").join("adapters/standard/ref_convert.gguf");
     let (b, a) = (base.to_str().unwrap(), adapter.to_str().unwrap());

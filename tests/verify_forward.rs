@@ -141,6 +141,7 @@ fn check_like_llama_cpp(
 
 #[test]
 fn base_logits_match_llama_cpp_on_f32_fixtures_of_every_architecture() {
+    require_interop!();
     for arch in ARCHS {
         let model = fixture(arch).join("base-f32.gguf");
         check(
@@ -155,6 +156,7 @@ fn base_logits_match_llama_cpp_on_f32_fixtures_of_every_architecture() {
 
 #[test]
 fn base_logits_match_llama_cpp_on_f16_fixtures() {
+    require_interop!();
     for arch in ["llama", "qwen2", "gemma3", "phi3"] {
         let model = fixture(arch).join("base-f16.gguf");
         check(
@@ -176,6 +178,7 @@ fn base_logits_match_llama_cpp_on_f16_fixtures() {
 
 #[test]
 fn runtime_lora_logits_match_llama_cpp_for_every_architecture() {
+    require_interop!();
     for arch in ARCHS {
         let dir = fixture(arch);
         let adapter = dir.join("adapters/standard/ref_convert.gguf");
@@ -191,6 +194,7 @@ fn runtime_lora_logits_match_llama_cpp_for_every_architecture() {
 
 #[test]
 fn several_runtime_adapters_at_once_match_llama_cpp() {
+    require_interop!();
     let dir = fixture("llama");
     let a = |n: &str| dir.join("adapters").join(n).join("ref_convert.gguf");
     check(
@@ -208,6 +212,7 @@ fn several_runtime_adapters_at_once_match_llama_cpp() {
 
 #[test]
 fn base_logits_match_llama_cpp_on_real_quantized_models() {
+    require_interop!();
     let env = common::interop();
     // Token ids well inside both vocabularies, starting with each model's BOS.
     let smol = [
@@ -237,6 +242,7 @@ fn base_logits_match_llama_cpp_on_real_quantized_models() {
 
 #[test]
 fn base_logits_match_llama_cpp_on_gemma3_270m_dequantized_to_f32() {
+    require_interop!();
     let env = common::interop();
     let dir = tempfile::tempdir().unwrap();
     let f32_model = dir.path().join("gemma3-270m-f32.gguf");

@@ -1,6 +1,6 @@
-//! The named-bundle container (one GGUF holding several GGUF LoRA adapters, each kept bit for bit)
-//! and [`GgufSource`], the view every GGUF adapter is read through, so that `BUNDLE.gguf#NAME` works
-//! wherever a GGUF adapter file does.
+//! The named-bundle container layout: one GGUF holding several GGUF LoRA adapters, each kept bit
+//! for bit. Its keys, stored tensor names and listing are defined here; reading one member back as
+//! its own file is [`super::source::GgufSource`]'s job, writing a bundle is [`crate::bundle`]'s.
 //!
 //! Layout (the full description, with an example, is in `docs/FORMAT.md`):
 //! - `general.type = "lora_bundle"` (llama.cpp refuses to load it as an adapter, rightly: its tensor
@@ -19,15 +19,9 @@
 //! (alignment included), its tensors in order with their bytes. A file written with llama.cpp's
 //! layout rules (as gguf-py and our writer do) comes back byte for byte.
 
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use super::{AdapterError, Matrix};
-use crate::gguf::{
-    Array, GgufModel, GgufWriter, Metadata, TensorDesc, TensorInfo, Value, DEFAULT_ALIGNMENT,
-    KEY_ALIGNMENT, MAX_NAME_LEN,
-};
-use crate::quant;
+use crate::gguf::{Array, Metadata, Value, MAX_NAME_LEN};
 
 /// `general.type` of a named bundle.
 pub const BUNDLE_TYPE: &str = "lora_bundle";
@@ -57,197 +51,47 @@ pub fn stored_name(i: usize, j: usize, name: &str) -> String {
     }
 }
 
-/// Splits `BUNDLE.gguf#NAME` into the file and the adapter name. A path that exists as given is
-/// never split (file names may contain `#`).
-pub fn split_spec(spec: &Path) -> (PathBuf, Option<String>) {
-    if spec.exists() {
-        return (spec.to_path_buf(), None);
-    }
-    match spec.to_str().and_then(|s| s.rsplit_once('#')) {
-        Some((file, name)) if !file.is_empty() && !name.is_empty() => {
-            (PathBuf::from(file), Some(name.to_string()))
-        }
-        _ => (spec.to_path_buf(), None),
-    }
-}
-
-/// One tensor of a [`GgufSource`]: its info under the adapter's own name, and where it is stored.
-#[derive(Clone, Debug)]
-pub struct SourceTensor {
-    /// Shape and type, `name` being the adapter's own tensor name (the offset is the stored one's).
-    pub info: TensorInfo,
-    /// Name in the opened file (differs inside a bundle).
-    pub stored: String,
-}
-
-/// A GGUF adapter as its own file had it: a plain GGUF file, or one member of a named bundle.
-pub struct GgufSource {
-    /// The path, or `BUNDLE.gguf#NAME`, for messages and provenance.
-    pub label: PathBuf,
-    /// The file opened (the bundle for a member).
-    pub file: PathBuf,
-    pub model: GgufModel,
-    pub version: u32,
-    pub metadata: Metadata,
-    pub tensors: Vec<SourceTensor>,
-}
-
-impl std::fmt::Debug for GgufSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GgufSource")
-            .field("label", &self.label)
-            .field("tensors", &self.tensors.len())
-            .finish_non_exhaustive()
-    }
-}
-
-impl GgufSource {
-    /// Opens `spec`: a GGUF file (any shard of a split set), or `BUNDLE.gguf#NAME`.
-    pub fn open(spec: &Path) -> Result<GgufSource, AdapterError> {
-        let (file, member) = split_spec(spec);
-        GgufSource::open_member(spec.to_path_buf(), file, member)
-    }
-
-    /// Opens `file`, or adapter `member` of the named bundle `file`; `label` names it in messages.
-    pub fn open_member(
-        label: PathBuf,
+/// A named bundle (or one member of it) that cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("{}: general.type is {found:?}, not \"{}\": FILE#NAME selects an adapter of a named bundle (gguf-lora bundle --mode named)", file.display(), BUNDLE_TYPE)]
+    NotABundle {
         file: PathBuf,
-        member: Option<String>,
-    ) -> Result<GgufSource, AdapterError> {
-        let model = GgufModel::open(&file).map_err(|e| AdapterError::Invalid(e.to_string()))?;
-        match member {
-            None => {
-                let tensors = model
-                    .tensors()
-                    .map(|(_, t)| SourceTensor {
-                        info: t.clone(),
-                        stored: t.name.clone(),
-                    })
-                    .collect();
-                let mut metadata = model.metadata().clone();
-                if model.is_split() {
-                    for k in [
-                        crate::gguf::split::KEY_SPLIT_NO,
-                        crate::gguf::split::KEY_SPLIT_COUNT,
-                        crate::gguf::split::KEY_SPLIT_TENSORS,
-                    ] {
-                        metadata.remove(k);
-                    }
-                }
-                Ok(GgufSource {
-                    label,
-                    version: model.shards()[0].version(),
-                    file,
-                    model,
-                    metadata,
-                    tensors,
-                })
-            }
-            Some(name) => {
-                let listing = Listing::read(&file, model.metadata())?;
-                let Some(entry) = listing.adapters.iter().find(|a| a.name == name) else {
-                    return Err(AdapterError::Invalid(format!(
-                        "{}: the bundle has no adapter named '{name}' (it has: {})",
-                        file.display(),
-                        listing.names().join(", ")
-                    )));
-                };
-                let member = entry.member(&file, &model)?;
-                Ok(GgufSource {
-                    label,
-                    file,
-                    model,
-                    version: member.0,
-                    metadata: member.1,
-                    tensors: member.2,
-                })
-            }
-        }
-    }
-
-    /// The tensor's bytes (a zero-copy slice of the mapped file).
-    pub fn data(&self, t: &SourceTensor) -> &[u8] {
-        self.model.tensor_data(&t.stored).unwrap_or(&[])
-    }
-
-    pub fn tensor(&self, name: &str) -> Option<&SourceTensor> {
-        self.tensors.iter().find(|t| t.info.name == name)
-    }
-
-    /// Lets the OS drop `t`'s mapped pages from the resident set (they are read back from the file
-    /// if touched again): streaming passes call it when done with a tensor.
-    pub fn release(&self, t: &SourceTensor) {
-        if let (Some(s), Some(info)) =
-            (self.model.shard_of(&t.stored), self.model.tensor(&t.stored))
-        {
-            self.model.shards()[s].release_pages(info);
-        }
-    }
-
-    /// Rows `rows` of tensor `name` (every dimension past `ne[0]` folded into rows) as f32, then
-    /// lets the OS drop the tensor's mapped pages, so streaming through an adapter keeps only what
-    /// is being worked on resident.
-    pub fn dequantize_rows(&self, name: &str, rows: Range<usize>) -> Result<Matrix, AdapterError> {
-        let invalid = |m: String| {
-            AdapterError::Invalid(format!("{}: tensor '{name}': {m}", self.label.display()))
-        };
-        let t = self.tensor(name).ok_or_else(|| invalid("missing".into()))?;
-        let (row_len, n_rows) = (t.info.row_len(), t.info.rows());
-        if rows.start > rows.end || rows.end as u64 > n_rows {
-            return Err(invalid(format!(
-                "rows {rows:?} asked of a tensor with {n_rows} rows"
-            )));
-        }
-        let row_bytes = t.info.row_bytes() as usize;
-        let data = self.data(t);
-        // The reader checked that the data holds exactly `n_rows` rows, so these bounds are too.
-        let bytes = data
-            .get(rows.start * row_bytes..rows.end * row_bytes)
-            .ok_or_else(|| invalid("data shorter than its shape".into()))?;
-        let cols = row_len as usize;
-        let mut out = vec![0f32; rows.len() * cols];
-        quant::dequantize_rows(t.info.ty, bytes, cols.max(1), &mut out)
-            .map_err(|e| invalid(e.to_string()))?;
-        self.release(t);
-        Matrix::new(rows.len(), cols, out).ok_or_else(|| invalid("shape".into()))
-    }
-
-    /// `general.alignment` of the adapter's own metadata (32 when absent).
-    pub fn alignment(&self) -> u64 {
-        self.metadata
-            .get_u32(KEY_ALIGNMENT)
-            .map_or(DEFAULT_ALIGNMENT, u64::from)
-    }
-
-    /// Whether the opened file is a named bundle (and no member was asked for).
-    pub fn is_bundle(&self) -> bool {
-        self.metadata.get_str(super::gguf::KEY_TYPE) == Some(BUNDLE_TYPE)
-    }
-
-    /// Writes the adapter as its own GGUF file at `target` (atomically): its version, metadata and
-    /// tensors in order, bytes copied.
-    pub fn write(&self, target: &Path, inputs: &[&Path]) -> Result<u64, AdapterError> {
-        let gerr = |e: crate::gguf::GgufError| AdapterError::Invalid(e.to_string());
-        let descs: Vec<TensorDesc> = self.tensors.iter().map(|t| (&t.info).into()).collect();
-        let mut w = GgufWriter::create(
-            target,
-            inputs,
-            self.version,
-            self.alignment(),
-            &self.metadata,
-            &descs,
-        )
-        .map_err(gerr)?;
-        let mut bytes = 0;
-        for t in &self.tensors {
-            let data = self.data(t);
-            bytes += data.len() as u64;
-            w.write_tensor(data).map_err(gerr)?;
-            self.release(t);
-        }
-        w.finish().map_err(gerr)?;
-        Ok(bytes)
-    }
+        found: Option<String>,
+    },
+    #[error("{}: {key} is missing or not {expected}", file.display())]
+    Key {
+        file: PathBuf,
+        key: String,
+        expected: &'static str,
+    },
+    #[error("{}: bundle layout version {version}; this build reads version {}", file.display(), VERSION)]
+    Version { file: PathBuf, version: u32 },
+    #[error("{}: {} is {count:?} but {} lists {names} adapters", file.display(), KEY_COUNT, KEY_NAMES)]
+    Count {
+        file: PathBuf,
+        count: Option<u32>,
+        names: usize,
+    },
+    #[error("{}: the bundle has no adapter named '{name}' (it has: {})", file.display(), names.join(", "))]
+    NoSuchMember {
+        file: PathBuf,
+        name: String,
+        names: Vec<String>,
+    },
+    #[error("{}: adapter '{member}': {key} is missing", file.display())]
+    MemberKey {
+        file: PathBuf,
+        member: String,
+        key: String,
+    },
+    #[error("{}: adapter '{member}': tensor '{tensor}' should be stored as '{stored}', which is missing", file.display())]
+    MemberTensor {
+        file: PathBuf,
+        member: String,
+        tensor: String,
+        stored: String,
+    },
 }
 
 /// One adapter of a named bundle, as its metadata lists it.
@@ -284,39 +128,41 @@ fn strings(m: &Metadata, key: &str) -> Option<Vec<String>> {
 impl Listing {
     /// Reads the listing of the bundle whose metadata is `m` (`file` for messages). Counts are
     /// checked against what the metadata holds, never trusted for allocation.
-    pub fn read(file: &Path, m: &Metadata) -> Result<Listing, AdapterError> {
-        let bad = |what: String| AdapterError::Invalid(format!("{}: {what}", file.display()));
-        if m.get_str(super::gguf::KEY_TYPE) != Some(BUNDLE_TYPE) {
-            return Err(bad(format!(
-                "general.type is {:?}, not \"{BUNDLE_TYPE}\": FILE#NAME selects an adapter of a named bundle (gguf-lora bundle --mode named)",
-                m.get_str(super::gguf::KEY_TYPE)
-            )));
+    pub fn read(file: &Path, m: &Metadata) -> Result<Listing, BundleError> {
+        let key_err = |key: String, expected: &'static str| BundleError::Key {
+            file: file.to_path_buf(),
+            key,
+            expected,
+        };
+        let ty = m.get_str(crate::gguf::KEY_TYPE);
+        if ty != Some(BUNDLE_TYPE) {
+            return Err(BundleError::NotABundle {
+                file: file.to_path_buf(),
+                found: ty.map(str::to_string),
+            });
         }
         let version = m
             .get_u32(KEY_VERSION)
-            .ok_or_else(|| bad(format!("{KEY_VERSION} is missing or not UINT32")))?;
+            .ok_or_else(|| key_err(KEY_VERSION.into(), "UINT32"))?;
         if version != VERSION {
-            return Err(bad(format!(
-                "bundle layout version {version}; this build reads version {VERSION}"
-            )));
+            return Err(BundleError::Version {
+                file: file.to_path_buf(),
+                version,
+            });
         }
-        let names = strings(m, KEY_NAMES)
-            .ok_or_else(|| bad(format!("{KEY_NAMES} is missing or not ARRAY[STRING]")))?;
+        let names =
+            strings(m, KEY_NAMES).ok_or_else(|| key_err(KEY_NAMES.into(), "ARRAY[STRING]"))?;
         if m.get_u32(KEY_COUNT) != Some(names.len() as u32) {
-            return Err(bad(format!(
-                "{KEY_COUNT} is {:?} but {KEY_NAMES} lists {} adapters",
-                m.get_u32(KEY_COUNT),
-                names.len()
-            )));
+            return Err(BundleError::Count {
+                file: file.to_path_buf(),
+                count: m.get_u32(KEY_COUNT),
+                names: names.len(),
+            });
         }
         let mut adapters = Vec::with_capacity(names.len());
         for (index, name) in names.into_iter().enumerate() {
-            let tensors = strings(m, &key(index, "tensors")).ok_or_else(|| {
-                bad(format!(
-                    "{} is missing or not ARRAY[STRING]",
-                    key(index, "tensors")
-                ))
-            })?;
+            let tensors = strings(m, &key(index, "tensors"))
+                .ok_or_else(|| key_err(key(index, "tensors"), "ARRAY[STRING]"))?;
             let targets = strings(m, &key(index, "targets")).unwrap_or_default();
             let ranks = match m.get(&key(index, "ranks")) {
                 Some(Value::Array(Array::U32(r))) => r.clone(),
@@ -343,51 +189,6 @@ impl Listing {
     }
 }
 
-/// `(version, metadata, tensors)` of one member.
-type Member = (u32, Metadata, Vec<SourceTensor>);
-
-impl BundleEntry {
-    /// Rebuilds the member's own version, metadata and tensor list from the bundle.
-    fn member(&self, file: &Path, model: &GgufModel) -> Result<Member, AdapterError> {
-        let i = self.index;
-        let bad = |what: String| {
-            AdapterError::Invalid(format!(
-                "{}: adapter '{}': {what}",
-                file.display(),
-                self.name
-            ))
-        };
-        let m = model.metadata();
-        let version = m
-            .get_u32(&key(i, "gguf_version"))
-            .ok_or_else(|| bad(format!("{} is missing", key(i, "gguf_version"))))?;
-        let prefix = kv_prefix(i);
-        let mut metadata = Metadata::new();
-        for (k, v) in m.iter() {
-            if let Some(own) = k.strip_prefix(&prefix) {
-                metadata.set(own, v.clone());
-            }
-        }
-        let mut tensors = Vec::with_capacity(self.tensors.len());
-        for (j, name) in self.tensors.iter().enumerate() {
-            let stored = stored_name(i, j, name);
-            let info = model.tensor(&stored).ok_or_else(|| {
-                bad(format!(
-                    "tensor '{name}' should be stored as '{stored}', which is missing"
-                ))
-            })?;
-            tensors.push(SourceTensor {
-                info: TensorInfo {
-                    name: name.clone(),
-                    ..info.clone()
-                },
-                stored,
-            });
-        }
-        Ok((version, metadata, tensors))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -402,19 +203,5 @@ mod tests {
         assert_eq!(long.len(), 62);
         assert_eq!(stored_name(12, 7, &long), "a12.#7");
         assert_eq!(stored_name(1, 2, "#5"), "a1.#2");
-    }
-
-    #[test]
-    fn specs_split_at_the_last_hash_unless_the_path_exists() {
-        let dir = tempfile::tempdir().unwrap();
-        let odd = dir.path().join("odd#name.gguf");
-        std::fs::write(&odd, b"x").unwrap();
-        assert_eq!(split_spec(&odd), (odd.clone(), None));
-        let b = dir.path().join("b.gguf#style");
-        assert_eq!(
-            split_spec(&b),
-            (dir.path().join("b.gguf"), Some("style".to_string()))
-        );
-        assert_eq!(split_spec(Path::new("x.gguf#")).1, None);
     }
 }

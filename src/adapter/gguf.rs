@@ -20,50 +20,131 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::bundle::GgufSource;
-use super::{
-    Adapter, AdapterError, Factor, FullTensor, Layout, LoraPair, LoraTensor, Provenance,
-    SourceFormat, TargetKind,
-};
+use super::model::{Factor, Layout, LoraPair, LoraTensor};
+use super::source::GgufSource;
+use super::{Adapter, AdapterError, FullTensor, Provenance, SourceFormat};
+use crate::arch::TargetKind;
 use crate::gguf::{Array, GgufWriter, Metadata, TensorDesc, Value};
 use crate::quant::{self, GgmlType};
+use std::path::PathBuf;
 
-pub const KEY_ARCH: &str = "general.architecture";
-pub const KEY_TYPE: &str = "general.type";
+pub use crate::gguf::{KEY_ARCH, KEY_TYPE};
 pub const KEY_ADAPTER_TYPE: &str = "adapter.type";
 pub const KEY_ALPHA: &str = "adapter.lora.alpha";
 pub const KEY_ALORA: &str = "adapter.alora.invocation_tokens";
 pub const SUFFIX_A: &str = ".lora_a";
 pub const SUFFIX_B: &str = ".lora_b";
 
-/// Tensor type of a written adapter (`--outtype`), as `convert_lora_to_gguf.py` offers them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+/// A GGUF file that is not a LoRA adapter llama.cpp would load.
+#[derive(Debug, thiserror::Error)]
+pub enum LoraFileError {
+    #[error("{}: this is a named bundle of adapters ({names}); select one as {}#NAME", path.display(), path.display())]
+    IsBundle { path: PathBuf, names: String },
+    #[error("{}: general.type is {found:?}; expected \"adapter\" (is this a base model?)", path.display())]
+    NotAnAdapter {
+        path: PathBuf,
+        found: Option<String>,
+    },
+    #[error("{}: adapter.type is {found:?}; expected \"lora\"", path.display())]
+    NotLora {
+        path: PathBuf,
+        found: Option<String>,
+    },
+    #[error("{}: {key} is {found}, llama.cpp requires {expected}", path.display())]
+    KeyType {
+        path: PathBuf,
+        key: &'static str,
+        found: String,
+        expected: &'static str,
+    },
+    #[error("{}: tensor '{name}' has an unexpected suffix (llama.cpp accepts .lora_a, .lora_b and *_norm.weight)", path.display())]
+    UnexpectedTensor { path: PathBuf, name: String },
+    #[error("{}: LoRA tensor pair for '{base}' is missing one component", path.display())]
+    HalfPair { path: PathBuf, base: String },
+    #[error("{}: '{a}' (ne {a_dims:?}) and '{b}' (ne {b_dims:?}){problem}", path.display())]
+    Pair {
+        path: PathBuf,
+        a: String,
+        a_dims: Vec<u64>,
+        b: String,
+        b_dims: Vec<u64>,
+        problem: PairProblem,
+    },
+    #[error("{}: '{a}' has zero experts", path.display())]
+    ZeroExperts { path: PathBuf, a: String },
+    /// Writing: the architecture is not known.
+    #[error("{}: the architecture is unknown; pass --base BASE.gguf or --arch ARCH", path.display())]
+    UnknownArch { path: PathBuf },
+    /// Writing: nothing to write.
+    #[error("{}: the adapter has no LoRA tensors", path.display())]
+    NoTensors { path: PathBuf },
+    /// Writing: a tensor could not be encoded.
+    #[error("{tensor}: {error}")]
+    Encode {
+        tensor: String,
+        error: crate::quant::QuantError,
+    },
+}
+
+/// Why two tensors named as one LoRA pair are not one (the text follows the pair's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PairProblem {
+    #[error(": expected two 2-D tensors, or two 3-D expert tensors with the same expert count")]
+    Dims,
+    #[error(" do not form a LoRA pair (rank mismatch)")]
+    Rank,
+}
+
+/// Tensor type of a written adapter's `lora_a`/`lora_b` (`--outtype` of `convert` and `bundle`), as
+/// `convert_lora_to_gguf.py` offers them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum OutType {
+pub enum FactorType {
     F32,
     F16,
     Bf16,
-    #[value(name = "q8_0")]
     #[serde(rename = "q8_0")]
     Q8_0,
 }
 
-impl OutType {
+impl FactorType {
+    /// The names `--outtype` takes, in the order help lists them.
+    pub const NAMES: [&'static str; 4] = ["f32", "f16", "bf16", "q8_0"];
+
     /// The ggml type for a tensor whose rows are `row_len` long: Q8_0 needs whole 32-element blocks
     /// and falls back to F16 otherwise (the reference converter's `QuantError` fallback).
     pub fn ggml_type(self, row_len: u64) -> GgmlType {
         match self {
-            OutType::F32 => GgmlType::F32,
-            OutType::F16 => GgmlType::F16,
-            OutType::Bf16 => GgmlType::BF16,
-            OutType::Q8_0 if row_len.is_multiple_of(32) => GgmlType::Q8_0,
-            OutType::Q8_0 => GgmlType::F16,
+            FactorType::F32 => GgmlType::F32,
+            FactorType::F16 => GgmlType::F16,
+            FactorType::Bf16 => GgmlType::BF16,
+            FactorType::Q8_0 if row_len.is_multiple_of(32) => GgmlType::Q8_0,
+            FactorType::Q8_0 => GgmlType::F16,
         }
     }
 }
 
+impl std::str::FromStr for FactorType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<FactorType, String> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "f32" => FactorType::F32,
+            "f16" => FactorType::F16,
+            "bf16" => FactorType::Bf16,
+            "q8_0" => FactorType::Q8_0,
+            _ => {
+                return Err(format!(
+                    "unknown adapter tensor type '{s}' (expected {})",
+                    FactorType::NAMES.join(", ")
+                ))
+            }
+        })
+    }
+}
+
 /// The two tensors a target becomes, with shapes, before any data is read.
-fn descs(t: &LoraTensor, outtype: OutType) -> [TensorDesc; 2] {
+fn descs_of(t: &LoraTensor, outtype: FactorType) -> [TensorDesc; 2] {
     let (rank, n_in, n_out, n_exp) = (
         t.rank() as u64,
         t.n_in() as u64,
@@ -123,57 +204,64 @@ pub struct WriteSummary {
     pub bytes: u64,
 }
 
-/// Writes `adapter` as a GGUF LoRA to `target` through the atomic streaming writer, loading one
-/// target at a time. `inputs` are refused as `target`. On any error (a non-finite value found while
-/// loading, I/O) nothing is left at `target`.
-pub fn write(
-    adapter: &Adapter,
-    target: &Path,
-    inputs: &[&Path],
-    outtype: OutType,
-) -> Result<WriteSummary, AdapterError> {
-    let arch = adapter.arch.as_deref().ok_or_else(|| {
-        AdapterError::Invalid(format!(
-            "{}: the architecture is unknown; pass --base BASE.gguf or --arch ARCH",
-            adapter.provenance.path.display()
-        ))
-    })?;
+/// How an adapter is laid out as a GGUF LoRA file, before any tensor data is read: the metadata,
+/// the tensor descriptions in order, and the file alpha every `B` is folded relative to.
+pub struct LoraFile {
+    pub version: u32,
+    pub metadata: Metadata,
+    pub descs: Vec<TensorDesc>,
+    file_alpha: f64,
+    f16_fallback: Vec<String>,
+}
+
+/// Lays out `adapter` as a GGUF LoRA with factors of type `outtype` (see [`LoraFile`]).
+pub fn layout(adapter: &Adapter, outtype: FactorType) -> Result<LoraFile, AdapterError> {
+    let path = || adapter.provenance.path.clone();
+    let arch = adapter
+        .arch
+        .as_deref()
+        .ok_or_else(|| LoraFileError::UnknownArch { path: path() })?;
     if adapter.tensors.is_empty() {
-        return Err(AdapterError::Invalid(format!(
-            "{}: the adapter has no LoRA tensors",
-            adapter.provenance.path.display()
-        )));
+        return Err(LoraFileError::NoTensors { path: path() }.into());
     }
     let file_alpha = choose_file_alpha(adapter);
-    let alpha32 = file_alpha as f32;
-    let metadata = metadata(adapter, arch, alpha32);
-    let mut all_descs = Vec::with_capacity(adapter.tensors.len() * 2);
-    let mut summary = WriteSummary {
-        alpha: alpha32,
-        n_tensors: adapter.tensors.len() * 2,
-        folded: Vec::new(),
-        f16_fallback: Vec::new(),
-        bytes: 0,
-    };
+    let metadata = metadata(adapter, arch, file_alpha as f32);
+    let mut descs = Vec::with_capacity(adapter.tensors.len() * 2);
+    let mut f16_fallback = Vec::new();
     for t in &adapter.tensors {
-        for d in descs(t, outtype) {
-            if outtype == OutType::Q8_0 && d.ty != GgmlType::Q8_0 {
-                summary.f16_fallback.push(d.name.clone());
+        for d in descs_of(t, outtype) {
+            if outtype == FactorType::Q8_0 && d.ty != GgmlType::Q8_0 {
+                f16_fallback.push(d.name.clone());
             }
-            all_descs.push(d);
+            descs.push(d);
         }
     }
-    let gerr = |e: crate::gguf::GgufError| AdapterError::Invalid(e.to_string());
-    let mut w = GgufWriter::create(
-        target,
-        inputs,
-        crate::gguf::VERSION,
-        crate::gguf::DEFAULT_ALIGNMENT,
-        &metadata,
-        &all_descs,
-    )
-    .map_err(gerr)?;
-    for (t, d) in adapter.tensors.iter().zip(all_descs.chunks(2)) {
+    Ok(LoraFile {
+        version: crate::gguf::VERSION,
+        metadata,
+        descs,
+        file_alpha,
+        f16_fallback,
+    })
+}
+
+/// Loads each target of `adapter` in turn (one at a time), folds its alpha relative to the file's
+/// into `B`, encodes `lora_a` and `lora_b` as `layout` says and hands each tensor's bytes to `sink`,
+/// in the layout's order. Returns what was written.
+pub fn encode_tensors(
+    adapter: &Adapter,
+    layout: &LoraFile,
+    mut sink: impl FnMut(&[u8]) -> Result<(), AdapterError>,
+) -> Result<WriteSummary, AdapterError> {
+    let file_alpha = layout.file_alpha;
+    let mut summary = WriteSummary {
+        alpha: file_alpha as f32,
+        n_tensors: layout.descs.len(),
+        folded: Vec::new(),
+        f16_fallback: layout.f16_fallback.clone(),
+        bytes: 0,
+    };
+    for (t, d) in adapter.tensors.iter().zip(layout.descs.chunks(2)) {
         let mut l = t.load()?;
         if l.alpha != file_alpha {
             let factor = if file_alpha == 0.0 {
@@ -194,15 +282,37 @@ pub fn write(
                 // F32 on a little-endian host: the values are already the file's bytes.
                 let bytes: &[u8] = bytemuck::cast_slice(&m.data);
                 summary.bytes += bytes.len() as u64;
-                w.write_tensor(bytes).map_err(gerr)?;
+                sink(bytes)?;
                 continue;
             }
             let bytes = encode(&m.data, desc)?;
             summary.bytes += bytes.len() as u64;
-            w.write_tensor(&bytes).map_err(gerr)?;
+            sink(&bytes)?;
         }
     }
-    w.finish().map_err(gerr)?;
+    Ok(summary)
+}
+
+/// Writes `adapter` as a GGUF LoRA to `target` through the atomic streaming writer, loading one
+/// target at a time. `inputs` are refused as `target`. On any error (a non-finite value found while
+/// loading, I/O) nothing is left at `target`.
+pub fn write(
+    adapter: &Adapter,
+    target: &Path,
+    inputs: &[&Path],
+    outtype: FactorType,
+) -> Result<WriteSummary, AdapterError> {
+    let layout = layout(adapter, outtype)?;
+    let mut w = GgufWriter::create(
+        target,
+        inputs,
+        layout.version,
+        crate::gguf::DEFAULT_ALIGNMENT,
+        &layout.metadata,
+        &layout.descs,
+    )?;
+    let summary = encode_tensors(adapter, &layout, |bytes| Ok(w.write_tensor(bytes)?))?;
+    w.finish()?;
     Ok(summary)
 }
 
@@ -212,8 +322,12 @@ fn encode(values: &[f32], desc: &TensorDesc) -> Result<Vec<u8>, AdapterError> {
     let row_bytes = desc.ty.row_bytes(row as u64).unwrap_or(0) as usize;
     let rows = values.len().checked_div(row).unwrap_or(0);
     let mut out = vec![0u8; rows * row_bytes];
-    quant::quantize_rows(desc.ty, values, row, &mut out, None)
-        .map_err(|e| AdapterError::Invalid(format!("{}: {e}", desc.name)))?;
+    quant::quantize_rows(desc.ty, values, row, &mut out, None).map_err(|error| {
+        LoraFileError::Encode {
+            tensor: desc.name.clone(),
+            error,
+        }
+    })?;
     Ok(out)
 }
 
@@ -231,7 +345,7 @@ fn metadata(adapter: &Adapter, arch: &str, alpha: f32) -> Metadata {
     if let Some(tokens) = &adapter.alora_invocation_tokens {
         m.set(KEY_ALORA, Value::Array(Array::U32(tokens.clone())));
     }
-    m.set("general.quantization_version", Value::U32(2));
+    m.set(crate::gguf::KEY_QUANT_VERSION, Value::U32(2));
     // Provenance: what the source said, so a reader can tell how scales were derived.
     m.set(
         "gguf_lora.version",
@@ -294,52 +408,49 @@ pub fn read(path: &Path) -> Result<Adapter, AdapterError> {
 /// [`read`] on an opened [`GgufSource`].
 pub fn read_source(src: &Arc<GgufSource>) -> Result<Adapter, AdapterError> {
     let path = src.label.as_path();
-    let invalid = |m: String| AdapterError::Invalid(format!("{}: {m}", path.display()));
+    let p = || path.to_path_buf();
     let md = &src.metadata;
     if src.is_bundle() {
         let names = super::bundle::Listing::read(path, md)
             .map(|l| l.names().join(", "))
             .unwrap_or_default();
-        return Err(invalid(format!(
-            "this is a named bundle of adapters ({names}); select one as {}#NAME",
-            path.display()
-        )));
+        return Err(LoraFileError::IsBundle { path: p(), names }.into());
     }
     match md.get_str(KEY_TYPE) {
         Some("adapter") => {}
         other => {
-            return Err(invalid(format!(
-                "general.type is {other:?}; expected \"adapter\" (is this a base model?)"
-            )))
+            return Err(LoraFileError::NotAnAdapter {
+                path: p(),
+                found: other.map(str::to_string),
+            }
+            .into())
         }
     }
     match md.get_str(KEY_ADAPTER_TYPE) {
         Some("lora") => {}
         other => {
-            return Err(invalid(format!(
-                "adapter.type is {other:?}; expected \"lora\""
-            )))
+            return Err(LoraFileError::NotLora {
+                path: p(),
+                found: other.map(str::to_string),
+            }
+            .into())
         }
     }
+    let key_type = |key, v: &Value, expected| LoraFileError::KeyType {
+        path: p(),
+        key,
+        found: v.type_name(),
+        expected,
+    };
     let file_alpha = match md.get(KEY_ALPHA) {
         None => 0.0,
         Some(Value::F32(a)) => *a as f64,
-        Some(v) => {
-            return Err(invalid(format!(
-                "{KEY_ALPHA} is {}, llama.cpp requires F32",
-                v.type_name()
-            )))
-        }
+        Some(v) => return Err(key_type(KEY_ALPHA, v, "F32").into()),
     };
     let alora = match md.get(KEY_ALORA) {
         None => None,
         Some(Value::Array(Array::U32(t))) => Some(t.clone()),
-        Some(v) => {
-            return Err(invalid(format!(
-                "{KEY_ALORA} is {}, llama.cpp requires ARRAY[UINT32]",
-                v.type_name()
-            )))
-        }
+        Some(v) => return Err(key_type(KEY_ALORA, v, "ARRAY[UINT32]").into()),
     };
     let mut pairs: BTreeMap<String, (Option<String>, Option<String>)> = BTreeMap::new();
     let mut full = Vec::new();
@@ -362,18 +473,17 @@ pub fn read_source(src: &Arc<GgufSource>) -> Result<Adapter, AdapterError> {
                 data: factor(src, &t.name, 0..t.rows() as usize, false),
             });
         } else {
-            return Err(invalid(format!(
-                "tensor '{}' has an unexpected suffix (llama.cpp accepts .lora_a, .lora_b and *_norm.weight)",
-                t.name
-            )));
+            return Err(LoraFileError::UnexpectedTensor {
+                path: p(),
+                name: t.name.clone(),
+            }
+            .into());
         }
     }
     let mut tensors = Vec::new();
     for base in order {
         let (Some(a_name), Some(b_name)) = pairs[&base].clone() else {
-            return Err(invalid(format!(
-                "LoRA tensor pair for '{base}' is missing one component"
-            )));
+            return Err(LoraFileError::HalfPair { path: p(), base }.into());
         };
         let a_info = src.tensor(&a_name).map(|t| t.info.clone());
         let b_info = src.tensor(&b_name).map(|t| t.info.clone());
@@ -385,10 +495,14 @@ pub fn read_source(src: &Arc<GgufSource>) -> Result<Adapter, AdapterError> {
             && ai.dims.len() == bi.dims.len()
             && (ai.dims.len() == 2 || (ai.dims[2] == bi.dims[2] && !is_embd));
         if !dims_ok {
-            return Err(invalid(format!(
-                "'{a_name}' (ne {:?}) and '{b_name}' (ne {:?}): expected two 2-D tensors, or two 3-D expert tensors with the same expert count",
-                ai.dims, bi.dims
-            )));
+            return Err(pair_error(
+                p(),
+                a_name,
+                ai.dims,
+                b_name,
+                bi.dims,
+                PairProblem::Dims,
+            ));
         }
         let n_exp = if ai.dims.len() == 3 {
             ai.dims[2] as usize
@@ -396,7 +510,11 @@ pub fn read_source(src: &Arc<GgufSource>) -> Result<Adapter, AdapterError> {
             1
         };
         if n_exp == 0 {
-            return Err(invalid(format!("'{a_name}' has zero experts")));
+            return Err(LoraFileError::ZeroExperts {
+                path: p(),
+                a: a_name,
+            }
+            .into());
         }
         // Ranks: ne[1] of A (ne[0] of the transposed token_embd A) must equal ne[0] of B.
         let rank = bi.dims[0] as usize;
@@ -406,10 +524,14 @@ pub fn read_source(src: &Arc<GgufSource>) -> Result<Adapter, AdapterError> {
             ai.dims.get(1).copied().unwrap_or(0)
         } as usize;
         if a_rank != rank || rank == 0 {
-            return Err(invalid(format!(
-                "'{a_name}' (ne {:?}) and '{b_name}' (ne {:?}) do not form a LoRA pair (rank mismatch)",
-                ai.dims, bi.dims
-            )));
+            return Err(pair_error(
+                p(),
+                a_name,
+                ai.dims,
+                b_name,
+                bi.dims,
+                PairProblem::Rank,
+            ));
         }
         let alpha = if file_alpha == 0.0 {
             rank as f64
@@ -469,6 +591,25 @@ pub fn read_source(src: &Arc<GgufSource>) -> Result<Adapter, AdapterError> {
             ..Provenance::default()
         },
     })
+}
+
+fn pair_error(
+    path: PathBuf,
+    a: String,
+    a_dims: Vec<u64>,
+    b: String,
+    b_dims: Vec<u64>,
+    problem: PairProblem,
+) -> AdapterError {
+    LoraFileError::Pair {
+        path,
+        a,
+        a_dims,
+        b,
+        b_dims,
+        problem,
+    }
+    .into()
 }
 
 /// Rows `rows` of tensor `name` of `src` as a lazily loaded factor (see [`Factor::Gguf`]).
@@ -553,7 +694,7 @@ mod tests {
         };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.gguf");
-        let summary = write(&adapter, &path, &[], OutType::F32).unwrap();
+        let summary = write(&adapter, &path, &[], FactorType::F32).unwrap();
         assert_eq!(summary.alpha, 8.0);
         assert_eq!(summary.folded, [("blk.0.attn_q.weight".to_string(), 2.0)]);
 
@@ -620,9 +761,9 @@ mod tests {
 
     #[test]
     fn q8_0_falls_back_to_f16_for_short_rows() {
-        assert_eq!(OutType::Q8_0.ggml_type(64), GgmlType::Q8_0);
-        assert_eq!(OutType::Q8_0.ggml_type(16), GgmlType::F16);
-        assert_eq!(OutType::Bf16.ggml_type(16), GgmlType::BF16);
+        assert_eq!(FactorType::Q8_0.ggml_type(64), GgmlType::Q8_0);
+        assert_eq!(FactorType::Q8_0.ggml_type(16), GgmlType::F16);
+        assert_eq!(FactorType::Bf16.ggml_type(16), GgmlType::BF16);
     }
 
     #[test]

@@ -29,684 +29,87 @@
 //! 7B adapter is never held in memory whole.
 
 pub mod bundle;
+pub mod check;
+mod combine;
 pub mod gguf;
+mod matrix;
+mod model;
+mod open;
 pub mod peft;
+pub mod source;
 
-use std::ops::Range;
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use crate::arch::BaseInfo;
-use crate::safetensors_file::{SafetensorsError, SafetensorsFile, TensorEntry};
+pub use bundle::BundleError;
+pub use check::{check_against_base, Issue, IssueKind};
+pub use combine::permute_rows;
+pub use gguf::LoraFileError;
+pub use matrix::Matrix;
+pub use model::{
+    ConcatPart, Factor, FactorError, FusedPart, Layout, LoadedLora, LoraPair, LoraTensor, LowRank,
+};
+pub use peft::{ConfigError, PeftError};
+pub use source::SourceError;
 
-/// A dense row-major f32 matrix.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Matrix {
-    pub rows: usize,
-    pub cols: usize,
-    pub data: Vec<f32>,
-}
+use crate::gguf::GgufError;
+use crate::safetensors_file::SafetensorsError;
+pub use open::{detect, open, split_scale, ArchMismatch, Opened, ScaleSuffix};
 
-impl Matrix {
-    /// A matrix over `data`; `None` when the length is not `rows × cols`.
-    pub fn new(rows: usize, cols: usize, data: Vec<f32>) -> Option<Matrix> {
-        (rows.checked_mul(cols) == Some(data.len())).then_some(Matrix { rows, cols, data })
-    }
-
-    pub fn zeros(rows: usize, cols: usize) -> Matrix {
-        Matrix {
-            rows,
-            cols,
-            data: vec![0.0; rows * cols],
-        }
-    }
-
-    pub fn row(&self, i: usize) -> &[f32] {
-        &self.data[i * self.cols..(i + 1) * self.cols]
-    }
-
-    pub fn transposed(&self) -> Matrix {
-        let mut data = Vec::with_capacity(self.data.len());
-        for c in 0..self.cols {
-            for r in 0..self.rows {
-                data.push(self.data[r * self.cols + c]);
-            }
-        }
-        Matrix {
-            rows: self.cols,
-            cols: self.rows,
-            data,
-        }
-    }
-
-    /// The rows in `range` as a new matrix.
-    pub fn rows_range(&self, range: Range<usize>) -> Matrix {
-        Matrix {
-            rows: range.len(),
-            cols: self.cols,
-            data: self.data[range.start * self.cols..range.end * self.cols].to_vec(),
-        }
-    }
-
-    pub fn scale_in_place(&mut self, factor: f32) {
-        self.data.iter_mut().for_each(|v| *v *= factor);
-    }
-
-    /// Index of the first NaN or ±Inf value.
-    pub fn first_non_finite(&self) -> Option<usize> {
-        self.data.iter().position(|v| !v.is_finite())
-    }
-
-    /// `self · other` in f32 (f64 accumulation); for tests and small checks, not a BLAS.
-    pub fn matmul(&self, other: &Matrix) -> Matrix {
-        assert_eq!(self.cols, other.rows);
-        let mut out = Matrix::zeros(self.rows, other.cols);
-        for i in 0..self.rows {
-            for j in 0..other.cols {
-                let mut acc = 0f64;
-                for k in 0..self.cols {
-                    acc +=
-                        self.data[i * self.cols + k] as f64 * other.data[k * other.cols + j] as f64;
-                }
-                out.data[i * other.cols + j] = acc as f32;
-            }
-        }
-        out
-    }
-}
-
-/// Errors from reading an adapter or materializing its tensors.
+/// Errors from reading an adapter or materializing its tensors. The format errors are boxed: they
+/// carry paths and names, and an error should stay small on the success path.
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
     #[error(transparent)]
-    Safetensors(#[from] SafetensorsError),
-    /// Anything else wrong with the input; the message names the file and tensor.
-    #[error("{0}")]
-    Invalid(String),
-}
-
-/// Where one 2-D factor's values live. Cheap to clone; data is read on [`Factor::load`].
-#[derive(Clone, Debug)]
-pub enum Factor {
-    /// Held in memory (GGUF adapters after dequantization, synthesized zero blocks, tests).
-    Owned(Arc<Matrix>),
-    /// A tensor of a mapped safetensors file, read as `rows × cols` (its PyTorch shape, with
-    /// leading dimensions of 1 folded away).
-    Safetensors {
-        file: Arc<SafetensorsFile>,
-        entry: TensorEntry,
-        rows: usize,
-        cols: usize,
+    Safetensors(Box<SafetensorsError>),
+    #[error(transparent)]
+    Gguf(Box<GgufError>),
+    #[error(transparent)]
+    Peft(Box<PeftError>),
+    #[error(transparent)]
+    LoraFile(Box<LoraFileError>),
+    #[error(transparent)]
+    Bundle(Box<BundleError>),
+    #[error(transparent)]
+    Source(Box<SourceError>),
+    #[error(transparent)]
+    Factor(Box<FactorError>),
+    /// A GGUF adapter made for another architecture than the base's (see [`Opened::same_arch`]).
+    #[error("{}: adapter architecture {adapter:?} does not match the base's '{base}'", path.display())]
+    ArchMismatch {
+        path: PathBuf,
+        adapter: Option<String>,
+        base: String,
     },
-    /// Rows `rows` of a GGUF adapter tensor (of a file or a bundle member; every dimension past
-    /// `ne[0] = cols` folded into rows), dequantized on load and transposed when `transpose`
-    /// (`token_embd`'s stored `lora_a`). Nothing is read until then, so a 7B adapter is never
-    /// held in memory whole.
-    Gguf {
-        src: Arc<bundle::GgufSource>,
-        tensor: String,
-        rows: Range<usize>,
-        cols: usize,
-        transpose: bool,
-    },
+    /// A PEFT adapter was given where no base (nor `--arch`) says the architecture.
+    #[error("{}: a PEFT adapter needs the base model's architecture: pass --base BASE.gguf (checks every tensor) or --arch ARCH", path.display())]
+    PeftNeedsBase { path: PathBuf },
 }
 
-impl Factor {
-    pub fn owned(m: Matrix) -> Factor {
-        Factor::Owned(Arc::new(m))
+impl AdapterError {
+    /// Whether the error is a NaN or infinite value found in a factor.
+    pub fn is_non_finite(&self) -> bool {
+        matches!(self, AdapterError::Factor(e) if matches!(**e, FactorError::NonFinite { .. }))
     }
+}
 
-    pub fn shape(&self) -> (usize, usize) {
-        match self {
-            Factor::Owned(m) => (m.rows, m.cols),
-            Factor::Safetensors { rows, cols, .. } => (*rows, *cols),
-            Factor::Gguf {
-                rows,
-                cols,
-                transpose,
-                ..
-            } => {
-                if *transpose {
-                    (*cols, rows.len())
-                } else {
-                    (rows.len(), *cols)
-                }
+macro_rules! boxed_from {
+    ($($variant:ident($ty:ty)),* $(,)?) => {$(
+        impl From<$ty> for AdapterError {
+            fn from(e: $ty) -> AdapterError {
+                AdapterError::$variant(Box::new(e))
             }
         }
-    }
-
-    /// The values as f32, checked to be finite (the error names the tensor and the first bad index).
-    pub fn load(&self) -> Result<Matrix, AdapterError> {
-        let m = match self {
-            Factor::Owned(m) => (**m).clone(),
-            Factor::Safetensors {
-                file,
-                entry,
-                rows,
-                cols,
-            } => {
-                let data = file.to_f32(entry)?;
-                Matrix::new(*rows, *cols, data).ok_or_else(|| {
-                    AdapterError::Invalid(format!(
-                        "{}: tensor '{}' does not hold {rows}×{cols} values",
-                        file.path().display(),
-                        entry.name
-                    ))
-                })?
-            }
-            Factor::Gguf {
-                src,
-                tensor,
-                rows,
-                transpose,
-                ..
-            } => {
-                let m = src.dequantize_rows(tensor, rows.clone())?;
-                if *transpose {
-                    m.transposed()
-                } else {
-                    m
-                }
-            }
-        };
-        if let Some(i) = m.first_non_finite() {
-            return Err(AdapterError::Invalid(format!(
-                "{}: value {} at row {}, column {} is not finite",
-                self.describe(),
-                m.data[i],
-                i / m.cols.max(1),
-                i % m.cols.max(1)
-            )));
-        }
-        Ok(m)
-    }
-
-    /// "file: tensor 'name'" for messages.
-    pub fn describe(&self) -> String {
-        match self {
-            Factor::Owned(_) => "in-memory tensor".to_string(),
-            Factor::Safetensors { file, entry, .. } => {
-                format!("{}: tensor '{}'", file.path().display(), entry.name)
-            }
-            Factor::Gguf { src, tensor, .. } => {
-                format!("{}: tensor '{tensor}'", src.label.display())
-            }
-        }
-    }
+    )*};
 }
-
-/// One LoRA pair as trained on one module.
-#[derive(Clone, Debug)]
-pub struct LoraPair {
-    /// Where it came from: the PEFT module path (`model.layers.0.self_attn.q_proj`) or GGUF name.
-    pub source: String,
-    /// `rank × n_in`.
-    pub a: Factor,
-    /// `n_out × rank`.
-    pub b: Factor,
-    /// llama.cpp-convention alpha relative to this pair's own rank (scale = alpha / rank).
-    pub alpha: f64,
-    /// When the target is one slice of a fused source module (split targets), the rows of `B` that
-    /// belong to it.
-    pub b_rows: Option<Range<usize>>,
-}
-
-impl LoraPair {
-    pub fn rank(&self) -> usize {
-        self.a.shape().0
-    }
-
-    pub fn n_in(&self) -> usize {
-        self.a.shape().1
-    }
-
-    pub fn n_out(&self) -> usize {
-        match &self.b_rows {
-            Some(r) => r.len(),
-            None => self.b.shape().0,
-        }
-    }
-
-    /// PEFT's `scaling` for this pair.
-    pub fn scale(&self) -> f64 {
-        scale_of(self.alpha, self.rank())
-    }
-}
-
-fn scale_of(alpha: f64, rank: usize) -> f64 {
-    if rank == 0 {
-        0.0
-    } else {
-        alpha / rank as f64
-    }
-}
-
-/// What kind of base tensor a LoRA targets; decides orientation and shape checks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TargetKind {
-    /// A 2-D projection (`attn_q`, `ffn_down`, `output`, ...).
-    Linear,
-    /// `token_embd.weight` (see the module docs for its orientation).
-    Embedding,
-    /// A stacked 3-D expert tensor (`ffn_gate_exps`, ...).
-    Experts,
-}
-
-/// How the pairs of one target combine into the single A/B the target gets.
-#[derive(Clone, Debug)]
-pub enum Layout {
-    /// One pair.
-    Single(Box<LoraPair>),
-    /// One pair per expert, stacked in expert order (all the same rank).
-    Experts(Vec<LoraPair>),
-    /// Separate LoRAs of parts of a fused base tensor (q, k, v into `attn_qkv`), in output-row
-    /// order; `None` marks a part the adapter does not touch, with its row count. Combined exactly
-    /// by rank concatenation: `A = [A₁; A₂; …]`, `B = blockdiag(B₁, B₂, …)`.
-    Fused(Vec<FusedPart>),
-    /// Several whole LoRAs of the same target applied together (PEFT's `cat` combination, our
-    /// concat bundle): `A = [A₁; A₂; …]` row-stacked, `B = [c₁B₁ c₂B₂ …]` column-stacked, where
-    /// `cᵢ` folds part `i`'s user scale times its own effective scale into its `B` block. Exact:
-    /// `B·A = Σ cᵢ·Bᵢ·Aᵢ`. Stacked experts concatenate per expert.
-    Concat(Vec<ConcatPart>),
-}
-
-/// One input of a [`Layout::Concat`]: a whole target as its own adapter has it, and the user scale
-/// it is applied at.
-#[derive(Clone, Debug)]
-pub struct ConcatPart {
-    pub tensor: LoraTensor,
-    pub scale: f64,
-}
-
-#[derive(Clone, Debug)]
-pub struct FusedPart {
-    pub rows: usize,
-    pub pair: Option<LoraPair>,
-}
-
-/// One adapted GGUF base tensor.
-#[derive(Clone, Debug)]
-pub struct LoraTensor {
-    /// GGUF base tensor name, e.g. `blk.0.attn_q.weight`.
-    pub target: String,
-    /// Block index, when the tensor belongs to a block.
-    pub layer: Option<u32>,
-    pub kind: TargetKind,
-    pub layout: Layout,
-    /// llama-family RoPE permutation of `B` rows that `load` applies: the head count to use
-    /// (`n_head` for `attn_q`, `n_head_kv` for `attn_k`), as `convert_hf_to_gguf`'s `permute`.
-    pub permute_heads: Option<usize>,
-    /// DoRA magnitude vector (`n_out`), when the source module used DoRA.
-    pub dora_magnitude: Option<Factor>,
-    /// `lora_B.bias` (`n_out`), when the source used `lora_bias`; the bias update is `scale · bias`.
-    pub lora_bias: Option<Factor>,
-}
-
-/// A target's A/B with every transformation applied, ready to write or apply.
-#[derive(Clone, Debug)]
-pub struct LoadedLora {
-    /// `(n_expert·rank) × n_in` (see the module docs for `token_embd`).
-    pub a: Matrix,
-    /// `(n_expert·n_out) × rank`.
-    pub b: Matrix,
-    pub n_expert: usize,
-    pub rank: usize,
-    /// llama.cpp-convention alpha for `rank`.
-    pub alpha: f64,
-}
-
-impl LoadedLora {
-    /// What multiplies `B·A` at user scale 1.
-    pub fn scale(&self) -> f64 {
-        scale_of(self.alpha, self.rank)
-    }
-
-    pub fn n_in(&self) -> usize {
-        self.a.cols
-    }
-
-    pub fn n_out(&self) -> usize {
-        self.b.rows / self.n_expert.max(1)
-    }
-}
-
-impl LoraTensor {
-    /// The pairs this tensor is built from.
-    pub fn pairs(&self) -> Vec<&LoraPair> {
-        match &self.layout {
-            Layout::Single(p) => vec![p],
-            Layout::Experts(ps) => ps.iter().collect(),
-            Layout::Fused(parts) => parts.iter().filter_map(|p| p.pair.as_ref()).collect(),
-            Layout::Concat(parts) => parts.iter().flat_map(|p| p.tensor.pairs()).collect(),
-        }
-    }
-
-    /// Rank of the combined tensor (what llama.cpp reads from `lora_b.ne[0]`).
-    pub fn rank(&self) -> usize {
-        match &self.layout {
-            Layout::Single(p) => p.rank(),
-            Layout::Experts(ps) => ps.first().map_or(0, |p| p.rank()),
-            Layout::Fused(parts) => parts
-                .iter()
-                .filter_map(|p| p.pair.as_ref())
-                .map(|p| p.rank())
-                .sum(),
-            Layout::Concat(parts) => parts.iter().map(|p| p.tensor.rank()).sum(),
-        }
-    }
-
-    pub fn n_expert(&self) -> usize {
-        match &self.layout {
-            Layout::Experts(ps) => ps.len(),
-            Layout::Concat(parts) => parts.first().map_or(1, |p| p.tensor.n_expert()),
-            _ => 1,
-        }
-    }
-
-    pub fn n_in(&self) -> usize {
-        self.pairs().first().map_or(0, |p| p.n_in())
-    }
-
-    pub fn n_out(&self) -> usize {
-        match &self.layout {
-            Layout::Fused(parts) => parts.iter().map(|p| p.rows).sum(),
-            Layout::Concat(parts) => parts.first().map_or(0, |p| p.tensor.n_out()),
-            _ => self.pairs().first().map_or(0, |p| p.n_out()),
-        }
-    }
-
-    /// The llama.cpp-convention alpha `load` gives this tensor, without reading data: the first
-    /// pair's, rescaled to the combined rank for fused tensors (other pairs' ratios are folded in B);
-    /// the combined rank for concatenations (scale 1: every part's scale is folded in its B block).
-    pub fn alpha(&self) -> f64 {
-        match &self.layout {
-            Layout::Single(p) => p.alpha,
-            Layout::Experts(ps) => ps.first().map_or(0.0, |p| p.alpha),
-            Layout::Fused(_) => {
-                let pairs = self.pairs();
-                match pairs.iter().find(|p| p.alpha != 0.0) {
-                    Some(p) => p.scale() * self.rank() as f64,
-                    None => 0.0,
-                }
-            }
-            Layout::Concat(_) => self.rank() as f64,
-        }
-    }
-
-    /// PEFT's effective scale of the combined tensor at user scale 1.
-    pub fn scale(&self) -> f64 {
-        scale_of(self.alpha(), self.rank())
-    }
-
-    /// Source names for messages: joined with `+` for fused parts; for stacked experts one name with
-    /// the expert index as `*`.
-    pub fn source(&self) -> String {
-        if let Layout::Experts(ps) = &self.layout {
-            if let Some(p) = ps.iter().find(|p| !p.source.starts_with('(')) {
-                let generic = match p.source.split_once(".experts.") {
-                    Some((head, tail)) => match tail.split_once('.') {
-                        Some((_, rest)) => format!("{head}.experts.*.{rest}"),
-                        None => p.source.clone(),
-                    },
-                    None => p.source.clone(),
-                };
-                return format!("{generic} ({} experts)", ps.len());
-            }
-        }
-        self.pairs()
-            .iter()
-            .map(|p| p.source.as_str())
-            .collect::<Vec<_>>()
-            .join("+")
-    }
-
-    /// The DoRA magnitude vector (`n_out` values), rows in GGUF order (RoPE-permuted like `B`).
-    pub fn load_magnitude(&self) -> Result<Option<Vec<f32>>, AdapterError> {
-        self.load_row_vector(self.dora_magnitude.as_ref())
-    }
-
-    /// The `lora_B.bias` vector (`n_out` values, to be multiplied by [`LoraTensor::scale`]), rows in
-    /// GGUF order.
-    pub fn load_lora_bias(&self) -> Result<Option<Vec<f32>>, AdapterError> {
-        self.load_row_vector(self.lora_bias.as_ref())
-    }
-
-    fn load_row_vector(&self, f: Option<&Factor>) -> Result<Option<Vec<f32>>, AdapterError> {
-        let Some(f) = f else { return Ok(None) };
-        let v = f.load()?;
-        let rows: Option<Range<usize>> = match &self.layout {
-            Layout::Single(p) => p.b_rows.clone(),
-            _ => None,
-        };
-        let data = match rows {
-            Some(r) if r.end <= v.data.len() => v.data[r].to_vec(),
-            Some(_) => return Err(shape_err(&self.target)),
-            None => v.data,
-        };
-        let col = Matrix::new(data.len(), 1, data).ok_or_else(|| shape_err(&self.target))?;
-        let col = match self.permute_heads {
-            Some(n) => permute_rows(&col, n).ok_or_else(|| shape_err(&self.target))?,
-            None => col,
-        };
-        Ok(Some(col.data))
-    }
-
-    /// Reads and combines the data: stacks experts, builds fused block-diagonal factors (folding
-    /// each part's scale relative to the combined alpha into its `B` block), takes split rows, and
-    /// applies the RoPE permutation to `B` rows.
-    pub fn load(&self) -> Result<LoadedLora, AdapterError> {
-        let alpha = self.alpha();
-        let (a, mut b, n_expert, rank) = match &self.layout {
-            Layout::Single(p) => {
-                let (a, b) = load_pair(p)?;
-                (a, b, 1, p.rank())
-            }
-            Layout::Experts(ps) => {
-                let rank = self.rank();
-                let mut a_data = Vec::new();
-                let mut b_data = Vec::new();
-                let (mut n_in, mut n_out) = (0, 0);
-                for p in ps {
-                    let (a, mut b) = load_pair(p)?;
-                    if a.rows != rank {
-                        return Err(AdapterError::Invalid(format!(
-                            "{}: expert LoRA {} has rank {}, others rank {rank}; stacked experts need one rank",
-                            self.target, p.source, a.rows
-                        )));
-                    }
-                    fold_ratio(&mut b, p.alpha, alpha);
-                    n_in = a.cols;
-                    n_out = b.rows;
-                    a_data.extend_from_slice(&a.data);
-                    b_data.extend_from_slice(&b.data);
-                }
-                let n = ps.len();
-                (
-                    Matrix::new(n * rank, n_in, a_data).ok_or_else(|| shape_err(&self.target))?,
-                    Matrix::new(n * n_out, rank, b_data).ok_or_else(|| shape_err(&self.target))?,
-                    n,
-                    rank,
-                )
-            }
-            Layout::Fused(parts) => {
-                let rank = self.rank();
-                let n_in = self.n_in();
-                let n_out = self.n_out();
-                let target_scale = scale_of(alpha, rank);
-                let mut a = Matrix::zeros(rank, n_in);
-                let mut b = Matrix::zeros(n_out, rank);
-                let (mut r0, mut row0) = (0, 0);
-                for part in parts {
-                    if let Some(p) = &part.pair {
-                        let (pa, pb) = load_pair(p)?;
-                        let factor = if target_scale == 0.0 {
-                            0.0
-                        } else {
-                            (p.scale() / target_scale) as f32
-                        };
-                        let r = pa.rows;
-                        a.data[r0 * n_in..(r0 + r) * n_in].copy_from_slice(&pa.data);
-                        for i in 0..pb.rows {
-                            for j in 0..r {
-                                let v = pb.data[i * r + j];
-                                b.data[(row0 + i) * rank + r0 + j] =
-                                    if factor == 1.0 { v } else { v * factor };
-                            }
-                        }
-                        r0 += r;
-                    }
-                    row0 += part.rows;
-                }
-                (a, b, 1, rank)
-            }
-            Layout::Concat(parts) => self.load_concat(parts, alpha)?,
-        };
-        if let Some(n_head) = self.permute_heads {
-            let rows_per_expert = b.rows / n_expert;
-            let mut out = Vec::with_capacity(b.data.len());
-            for e in 0..n_expert {
-                let block = b.rows_range(e * rows_per_expert..(e + 1) * rows_per_expert);
-                let permuted = permute_rows(&block, n_head).ok_or_else(|| {
-                    AdapterError::Invalid(format!(
-                        "{}: {} output rows cannot be split into {n_head} heads of two rotary halves",
-                        self.target, block.rows
-                    ))
-                })?;
-                out.extend_from_slice(&permuted.data);
-            }
-            b.data = out;
-        }
-        Ok(LoadedLora {
-            a,
-            b,
-            n_expert,
-            rank,
-            alpha,
-        })
-    }
-}
-
-impl LoraTensor {
-    /// [`Layout::Concat`]: loads each part (with its own permutation, fusion and expert stacking)
-    /// and stacks it in, folding `part scale × part's effective scale / combined scale` into its
-    /// `B` block (left untouched when that factor is exactly 1).
-    fn load_concat(
-        &self,
-        parts: &[ConcatPart],
-        alpha: f64,
-    ) -> Result<(Matrix, Matrix, usize, usize), AdapterError> {
-        let (rank, n_expert, n_in, n_out) =
-            (self.rank(), self.n_expert(), self.n_in(), self.n_out());
-        let target_scale = scale_of(alpha, rank);
-        let mut a = Matrix::zeros(n_expert * rank, n_in);
-        let mut b = Matrix::zeros(n_expert * n_out, rank);
-        let mut r0 = 0;
-        for part in parts {
-            let l = part.tensor.load()?;
-            if (l.n_expert, l.n_in(), l.n_out()) != (n_expert, n_in, n_out) {
-                return Err(AdapterError::Invalid(format!(
-                    "{}: {} is {} experts of {}×{}, the first part {} experts of {}×{}; concatenated LoRAs need one shape",
-                    self.target,
-                    part.tensor.source(),
-                    l.n_expert,
-                    l.n_out(),
-                    l.n_in(),
-                    n_expert,
-                    n_out,
-                    n_in
-                )));
-            }
-            let r = l.rank;
-            let factor = if target_scale == 0.0 {
-                0.0
-            } else {
-                (part.scale * l.scale() / target_scale) as f32
-            };
-            for e in 0..n_expert {
-                let dst = (e * rank + r0) * n_in;
-                a.data[dst..dst + r * n_in]
-                    .copy_from_slice(&l.a.data[e * r * n_in..(e + 1) * r * n_in]);
-                for i in 0..n_out {
-                    let src = &l.b.data[(e * n_out + i) * r..(e * n_out + i + 1) * r];
-                    let dst = &mut b.data[(e * n_out + i) * rank + r0..][..r];
-                    for (d, &v) in dst.iter_mut().zip(src) {
-                        *d = if factor == 1.0 { v } else { v * factor };
-                    }
-                }
-            }
-            r0 += r;
-        }
-        Ok((a, b, n_expert, rank))
-    }
-}
-
-fn shape_err(target: &str) -> AdapterError {
-    AdapterError::Invalid(format!("{target}: inconsistent LoRA factor shapes"))
-}
-
-/// Multiplies `b` by `alpha_pair / alpha_target` (the scale ratio when both share a rank), so a pair
-/// whose alpha differs from its tensor's keeps its exact effective scale.
-fn fold_ratio(b: &mut Matrix, alpha_pair: f64, alpha_target: f64) {
-    if alpha_pair != alpha_target {
-        let f = if alpha_target == 0.0 {
-            0.0
-        } else {
-            (alpha_pair / alpha_target) as f32
-        };
-        b.scale_in_place(f);
-    }
-}
-
-fn load_pair(p: &LoraPair) -> Result<(Matrix, Matrix), AdapterError> {
-    let a = p.a.load()?;
-    let b = p.b.load()?;
-    if a.rows != b.cols {
-        return Err(AdapterError::Invalid(format!(
-            "{}: lora_A has rank {} but lora_B has rank {} ({} / {})",
-            p.source,
-            a.rows,
-            b.cols,
-            p.a.describe(),
-            p.b.describe()
-        )));
-    }
-    let b = match &p.b_rows {
-        Some(r) if r.end <= b.rows => b.rows_range(r.clone()),
-        Some(r) => {
-            return Err(AdapterError::Invalid(format!(
-                "{}: rows {r:?} asked of a lora_B with {} rows",
-                p.source, b.rows
-            )))
-        }
-        None => b,
-    };
-    Ok((a, b))
-}
-
-/// `convert_hf_to_gguf`'s `LlamaModel.permute` on the rows of `m`:
-/// `reshape(n_head, 2, rows/n_head/2, cols).swapaxes(1, 2).reshape(rows, cols)`.
-/// Row `h·d + i·(d/2) + j` of the input becomes row `h·d + 2j + i` (`d = rows / n_head`).
-/// `None` when the rows do not split into `n_head` heads of even size.
-pub fn permute_rows(m: &Matrix, n_head: usize) -> Option<Matrix> {
-    if n_head == 0 || !m.rows.is_multiple_of(n_head) || !(m.rows / n_head).is_multiple_of(2) {
-        return None;
-    }
-    let d = m.rows / n_head;
-    let half = d / 2;
-    let mut data = Vec::with_capacity(m.data.len());
-    for h in 0..n_head {
-        for j in 0..half {
-            for i in 0..2 {
-                data.extend_from_slice(m.row(h * d + i * half + j));
-            }
-        }
-    }
-    Some(Matrix {
-        rows: m.rows,
-        cols: m.cols,
-        data,
-    })
-}
+boxed_from!(
+    Safetensors(SafetensorsError),
+    Gguf(GgufError),
+    Peft(PeftError),
+    LoraFile(LoraFileError),
+    Bundle(BundleError),
+    Source(SourceError),
+    Factor(FactorError),
+);
 
 /// A full tensor an adapter replaces rather than adapts (`modules_to_save`, resized embeddings,
 /// mergekit norm tensors). `convert` cannot express it; `merge` can apply it.
@@ -725,6 +128,16 @@ pub struct FullTensor {
 pub enum SourceFormat {
     Peft,
     Gguf,
+}
+
+impl SourceFormat {
+    /// The word reports and provenance keys use.
+    pub fn name(self) -> &'static str {
+        match self {
+            SourceFormat::Peft => "peft",
+            SourceFormat::Gguf => "gguf",
+        }
+    }
 }
 
 /// Where an adapter came from and what its source config said, for inspect output and for the
@@ -760,6 +173,53 @@ pub struct Adapter {
     pub provenance: Provenance,
 }
 
+/// An adapter refused for writing as a GGUF LoRA: every offender listed, and what to do instead.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: cannot convert: {summary}:\n{}\n{hint}", input.display(), lines.iter().map(|l| format!("  - {l}")).collect::<Vec<_>>().join("\n"))]
+pub struct Refusal {
+    pub input: PathBuf,
+    pub summary: String,
+    pub lines: Vec<String>,
+    pub hint: String,
+}
+
+impl Refusal {
+    /// Modules that do not fit the base.
+    pub fn misfits(input: &std::path::Path, issues: &[Issue]) -> Option<Refusal> {
+        if issues.is_empty() {
+            return None;
+        }
+        let lines: Vec<String> = issues
+            .iter()
+            .map(|i| match &i.target {
+                Some(t) => format!("{} → {t}: {}", i.source, i.message),
+                None => format!("{}: {}", i.source, i.message),
+            })
+            .collect();
+        Some(Refusal {
+            input: input.to_path_buf(),
+            summary: format!("{} module(s) do not fit", lines.len()),
+            lines,
+            hint: "nothing was written; check that the adapter was trained on this base model"
+                .into(),
+        })
+    }
+
+    /// What a GGUF LoRA cannot hold (DoRA, LoRA biases, full tensors).
+    pub fn unrepresentable(input: &std::path::Path, adapter: &Adapter) -> Option<Refusal> {
+        let lines = adapter.unrepresentable();
+        if lines.is_empty() {
+            return None;
+        }
+        Some(Refusal {
+            input: input.to_path_buf(),
+            summary: format!("{} tensor(s) cannot be expressed in a GGUF LoRA", lines.len()),
+            lines,
+            hint: "nothing was written; use `gguf-lora merge BASE.gguf --lora ADAPTER`, which applies DoRA, modules_to_save and LoRA biases exactly".into(),
+        })
+    }
+}
+
 impl Adapter {
     /// What a plain GGUF LoRA cannot express, one line per offending source tensor: DoRA magnitudes,
     /// LoRA biases, full replacement tensors. Empty when the adapter is a pure LoRA.
@@ -787,79 +247,10 @@ impl Adapter {
     }
 }
 
-/// Why an adapted module cannot become a correct GGUF LoRA tensor against this base.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct Issue {
-    /// Source module path or tensor name.
-    pub source: String,
-    /// GGUF target, when the module maps.
-    pub target: Option<String>,
-    pub status: IssueKind,
-    pub message: String,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum IssueKind {
-    /// No GGUF tensor for this module in this architecture.
-    UnknownModule,
-    /// The base has no such tensor.
-    MissingInBase,
-    /// Shapes disagree with the base tensor.
-    ShapeMismatch,
-    /// Rank in the tensors disagrees with the config (`r` / `rank_pattern`).
-    RankMismatch,
-    /// Needs facts only a base GGUF gives (head counts for the llama q/k permutation, ...).
-    NeedsBase,
-    /// An aLoRA whose invocation is given as text only.
-    NeedsTokens,
-}
-
-/// Checks every target against the base GGUF: present, and shaped as llama.cpp's loader will check.
-pub fn check_against_base(tensors: &[LoraTensor], base: &BaseInfo) -> Vec<Issue> {
-    let mut issues = Vec::new();
-    if !base.has_tensors() {
-        return issues;
-    }
-    for t in tensors {
-        let issue = |status, message: String| Issue {
-            source: t.source(),
-            target: Some(t.target.clone()),
-            status,
-            message,
-        };
-        let Some(bt) = base.tensor(&t.target) else {
-            let message = if t.target == "output.weight"
-                && base.tensor("token_embd.weight").is_some()
-            {
-                "the base ties its output to token_embd (no output.weight): a lm_head LoRA has nothing to apply to in llama.cpp; use `gguf-lora merge` on an untied base or train without lm_head".to_string()
-            } else {
-                format!("the base has no tensor {}", t.target)
-            };
-            issues.push(issue(IssueKind::MissingInBase, message));
-            continue;
-        };
-        let want: Vec<u64> = match t.kind {
-            TargetKind::Linear => vec![t.n_in() as u64, t.n_out() as u64],
-            TargetKind::Embedding => vec![t.n_out() as u64, t.n_in() as u64],
-            TargetKind::Experts => vec![t.n_in() as u64, t.n_out() as u64, t.n_expert() as u64],
-        };
-        if bt.dims != want {
-            issues.push(issue(
-                IssueKind::ShapeMismatch,
-                format!(
-                    "the adapter needs a base tensor with ne = {want:?}, the base's {} has ne = {:?}",
-                    t.target, bt.dims
-                ),
-            ));
-        }
-    }
-    issues
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::arch::TargetKind;
 
     fn m(rows: usize, cols: usize, f: impl Fn(usize, usize) -> f32) -> Matrix {
         let mut data = Vec::new();
@@ -1039,6 +430,27 @@ mod tests {
             1.0,
         ))));
         assert!(t.load().unwrap_err().to_string().contains("not finite"));
+    }
+
+    /// Regression (issue 11): fused parts reading inputs of different widths made `load` panic on a
+    /// slice copy; they are an error naming the part.
+    #[test]
+    fn fused_parts_of_other_input_widths_are_an_error() {
+        let t = tensor(Layout::Fused(vec![
+            FusedPart {
+                rows: 2,
+                pair: Some(pair(m(1, 3, |_, c| c as f32), m(2, 1, |_, _| 1.), 1.0)),
+            },
+            FusedPart {
+                rows: 2,
+                pair: Some(pair(m(1, 4, |_, c| c as f32), m(2, 1, |_, _| 1.), 1.0)),
+            },
+        ]));
+        let err = t.load().unwrap_err();
+        assert!(
+            matches!(&err, AdapterError::Factor(e) if matches!(**e, FactorError::FusedInputs { n_in: 4, expected: 3, .. })),
+            "{err}"
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@
 //! zero-copy slices of multi-GB models, errors that name the exact field that is wrong, streaming
 //! writes whose peak memory is one tensor, atomic outputs, and rewrites that reproduce the input byte
 //! for byte, all with llama.cpp's exact layout rules. We use its value-type numbering as a cross-check
-//! (see the tests of [`value`]).
+//! (see the tests of [`value`]), which is why it is a dev-dependency and nothing more.
 
 pub mod error;
 pub mod reader;
@@ -29,7 +29,7 @@ pub use error::{GgufError, GgufErrorKind, Result};
 pub use reader::{GgufFile, TensorInfo};
 pub use split::GgufModel;
 pub use value::{Array, Metadata, Value, ValueType};
-pub use writer::{GgufWriter, TensorDesc};
+pub use writer::{GgufWriter, Placement, TensorDesc};
 
 use crate::quant::GgmlType;
 
@@ -49,6 +49,14 @@ pub const MAX_DIMS: usize = 4;
 pub const MAX_KEY_LEN: usize = 65_535;
 /// The metadata key holding the data alignment.
 pub const KEY_ALIGNMENT: &str = "general.alignment";
+/// `general.architecture`: the model family (`llama`, `gemma3`, ...).
+pub const KEY_ARCH: &str = "general.architecture";
+/// `general.type`: `model`, `adapter`, or our `lora_bundle`.
+pub const KEY_TYPE: &str = "general.type";
+/// `general.file_type`: the `llama_ftype` describing the tensors' types.
+pub const KEY_FILE_TYPE: &str = "general.file_type";
+/// `general.quantization_version`, required once quantized tensors appear.
+pub const KEY_QUANT_VERSION: &str = "general.quantization_version";
 
 /// `n` rounded up to a multiple of `alignment` (ggml's `GGML_PAD`); `alignment` is a power of two.
 /// Callers guarantee the result does not overflow (sizes are bounded by the file or checked first).

@@ -53,18 +53,34 @@ pub struct GgufWriter {
     slow_write: Option<Duration>,
 }
 
-impl GgufWriter {
-    /// Checks the request, creates the temporary file beside `target` and writes everything up to
-    /// the data section. `alignment` must match `general.alignment` in `metadata` (32 when absent).
-    /// Refuses a `target` that is one of `inputs`.
-    pub fn create(
+/// Where every byte of a GGUF file goes, decided once from what will be written: the start of the
+/// data section, each tensor's offset in it and size, and the file size. [`GgufWriter::create`]
+/// writes by it; [`Placement::plan`] also serves whoever must know a file's layout without writing it
+/// (`inspect` of a bundle member).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// Bytes before the data section (header, metadata, tensor infos, padding).
+    pub data_offset: u64,
+    /// Each tensor's offset within the data section, in order.
+    pub offsets: Vec<u64>,
+    /// Each tensor's data bytes (without padding).
+    pub sizes: Vec<u64>,
+    /// Total bytes of the file.
+    pub file_size: u64,
+}
+
+impl Placement {
+    /// Checks a write request and lays it out: a running sum of each tensor's size padded to the
+    /// alignment, exactly what llama.cpp's loader checks ("tensor '%s' has offset ..."). `target`
+    /// names the file in errors. `alignment` must match `general.alignment` in `metadata` (32 when
+    /// absent).
+    pub fn plan(
         target: &Path,
-        inputs: &[&Path],
         version: u32,
         alignment: u64,
         metadata: &Metadata,
         tensors: &[TensorDesc],
-    ) -> Result<GgufWriter> {
+    ) -> Result<Placement> {
         let err = |kind| GgufError::new(target, kind);
         let invalid = |problem: String| err(GgufErrorKind::Write { problem });
         if !(2..=3).contains(&version) {
@@ -87,14 +103,22 @@ impl GgufWriter {
                 )))
             }
         }
+        // Header: magic, version, tensor count, key count.
+        let mut head = 4 + 4 + 8 + 8u64;
         // Values need no check: the types rule out nested arrays, the only invalid value.
-        for (key, _) in metadata.iter() {
+        let mut buf = Vec::new();
+        for (key, value) in metadata.iter() {
             if key.is_empty() || key.len() > MAX_KEY_LEN {
                 return Err(invalid(format!("metadata key of {} bytes", key.len())));
             }
+            buf.clear();
+            encode_kv(&mut buf, key, value);
+            head += buf.len() as u64;
         }
         let mut names = HashSet::with_capacity(tensors.len());
-        let mut layout = Vec::with_capacity(tensors.len());
+        let mut offsets = Vec::with_capacity(tensors.len());
+        let mut sizes = Vec::with_capacity(tensors.len());
+        let mut offset = 0u64;
         for t in tensors {
             if t.name.is_empty() || t.name.len() >= MAX_NAME_LEN {
                 return Err(invalid(format!(
@@ -112,9 +136,37 @@ impl GgufWriter {
             check_shape(&t.name, &t.dims, t.ty).map_err(err)?;
             let size = tensor_n_bytes(&t.dims, t.ty)
                 .ok_or_else(|| invalid(format!("tensor '{}' size overflows", t.name)))?;
-            layout.push((t.name.clone(), size));
+            // Name (length-prefixed), dimension count, dims, type id, offset.
+            head += 8 + t.name.len() as u64 + 4 + 8 * t.dims.len() as u64 + 4 + 8;
+            offsets.push(offset);
+            sizes.push(size);
+            offset = offset
+                .checked_add(size)
+                .map(|end| pad(end, alignment))
+                .ok_or_else(|| invalid("total tensor data size overflows".into()))?;
         }
+        let data_offset = pad(head, alignment);
+        Ok(Placement {
+            data_offset,
+            offsets,
+            sizes,
+            file_size: data_offset + offset,
+        })
+    }
+}
 
+impl GgufWriter {
+    /// Checks the request ([`Placement::plan`]), creates the temporary file beside `target` and writes
+    /// everything up to the data section. Refuses a `target` that is one of `inputs`.
+    pub fn create(
+        target: &Path,
+        inputs: &[&Path],
+        version: u32,
+        alignment: u64,
+        metadata: &Metadata,
+        tensors: &[TensorDesc],
+    ) -> Result<GgufWriter> {
+        let layout = Placement::plan(target, version, alignment, metadata, tensors)?;
         let out = AtomicOutput::create(target, inputs).map_err(|e| output_error(target, e))?;
         let slow_write = std::env::var(SLOW_WRITE_ENV)
             .ok()
@@ -124,12 +176,16 @@ impl GgufWriter {
             out,
             path: target.to_path_buf(),
             alignment,
-            tensors: layout,
+            tensors: tensors
+                .iter()
+                .zip(&layout.sizes)
+                .map(|(t, &size)| (t.name.clone(), size))
+                .collect(),
             next: 0,
             position: 0,
             slow_write,
         };
-        w.write_head(version, metadata, tensors)?;
+        w.write_head(version, metadata, tensors, &layout)?;
         Ok(w)
     }
 
@@ -164,6 +220,7 @@ impl GgufWriter {
         version: u32,
         metadata: &Metadata,
         tensors: &[TensorDesc],
+        layout: &Placement,
     ) -> Result<()> {
         self.put(MAGIC)?;
         self.put(&version.to_le_bytes())?;
@@ -175,10 +232,7 @@ impl GgufWriter {
             encode_kv(&mut buf, key, value);
             self.put(&buf)?;
         }
-        // The one place offsets are decided: a running sum of each tensor's size padded to the
-        // alignment, exactly what llama.cpp's loader checks ("tensor '%s' has offset ...").
-        let mut offset = 0u64;
-        for (t, &(_, size)) in tensors.iter().zip(self.tensors.clone().iter()) {
+        for (t, offset) in tensors.iter().zip(&layout.offsets) {
             self.put_str(&t.name)?;
             self.put(&(t.dims.len() as u32).to_le_bytes())?;
             for d in &t.dims {
@@ -186,19 +240,10 @@ impl GgufWriter {
             }
             self.put(&t.ty.id().to_le_bytes())?;
             self.put(&offset.to_le_bytes())?;
-            offset = offset
-                .checked_add(size)
-                .map(|end| pad(end, self.alignment))
-                .ok_or_else(|| {
-                    GgufError::new(
-                        &self.path,
-                        GgufErrorKind::Write {
-                            problem: "total tensor data size overflows".into(),
-                        },
-                    )
-                })?;
         }
-        self.pad_to_alignment()
+        self.pad_to_alignment()?;
+        debug_assert_eq!(self.position, layout.data_offset);
+        Ok(())
     }
 
     /// Writes the next tensor's bytes (in the order given to [`GgufWriter::create`]) and its padding.

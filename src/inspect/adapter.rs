@@ -7,9 +7,9 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::adapter::{gguf as gguf_adapter, peft, Adapter, IssueKind, LoraTensor, TargetKind};
-use crate::arch::BaseInfo;
-use crate::convert::{kind_name, read_adapter, ConvertError};
+use crate::adapter::{self, Adapter, IssueKind, LoraTensor, Opened, SourceFormat};
+use crate::arch::BaseError;
+use crate::arch::{BaseInfo, TargetKind};
 use crate::gguf::GgufModel;
 
 /// A row's verdict.
@@ -113,30 +113,30 @@ pub(crate) fn ne_b(t: &LoraTensor) -> Vec<u64> {
     }
 }
 
+/// Why an adapter could not be matched against a base.
+#[derive(Debug, thiserror::Error)]
+pub enum MatchError {
+    #[error(transparent)]
+    Base(#[from] BaseError),
+    #[error(transparent)]
+    Adapter(#[from] crate::adapter::AdapterError),
+}
+
 /// Builds the matching report of `adapter` (PEFT or GGUF) against `base`.
 pub fn match_report(
     adapter_path: &Path,
     base_path: &Path,
-) -> Result<AdapterMatchReport, ConvertError> {
-    let model = GgufModel::open(base_path).map_err(|e| ConvertError::Base {
-        path: base_path.to_path_buf(),
-        message: e.kind.to_string(),
-    })?;
-    let base = BaseInfo::from_model(&model).map_err(|message| ConvertError::Base {
-        path: base_path.to_path_buf(),
-        message,
-    })?;
-    let (adapter, issues, arch_mismatch) = if peft::is_peft(adapter_path) {
-        let (a, i) = read_adapter(adapter_path, Some(&base))?;
-        (a, i, None)
-    } else {
-        // A GGUF adapter of another architecture still gets a full table.
-        let a = gguf_adapter::read(adapter_path)?;
-        let mismatch = (a.arch.as_deref() != Some(base.arch.as_str()))
-            .then(|| format!("adapter architecture {:?}, base '{}'", a.arch, base.arch));
-        let i = crate::adapter::check_against_base(&a.tensors, &base);
-        (a, i, mismatch)
-    };
+) -> Result<AdapterMatchReport, MatchError> {
+    let (model, base) = BaseInfo::open(base_path)?;
+    // A GGUF adapter of another architecture still gets a full table; the mismatch is a reason.
+    let Opened {
+        adapter,
+        issues,
+        arch_mismatch,
+        ..
+    } = adapter::open(adapter_path, Some(&base))?;
+    let arch_mismatch =
+        arch_mismatch.map(|m| format!("adapter architecture {:?}, base '{}'", m.adapter, m.base));
 
     let mut rows = Vec::new();
     for t in &adapter.tensors {
@@ -156,22 +156,15 @@ pub fn match_report(
             ),
             None => match t.load() {
                 Ok(_) => (Status::Ok, String::new()),
-                Err(e) => {
-                    let m = e.to_string();
-                    let s = if m.contains("not finite") {
-                        Status::NonFinite
-                    } else {
-                        Status::RankMismatch
-                    };
-                    (s, m)
-                }
+                Err(e) if e.is_non_finite() => (Status::NonFinite, e.to_string()),
+                Err(e) => (Status::RankMismatch, e.to_string()),
             },
         };
         rows.push(MatchRow {
             source: t.source(),
             target: Some(t.target.clone()),
             layer: t.layer,
-            kind: kind_name(t.kind).to_string(),
+            kind: t.kind.name().to_string(),
             rank: Some(t.rank()),
             alpha: Some(t.alpha()),
             scale: Some(t.scale()),
@@ -268,7 +261,7 @@ pub fn match_report(
     Ok(AdapterMatchReport {
         adapter: adapter_path.display().to_string(),
         format: match adapter.provenance.format {
-            Some(crate::adapter::SourceFormat::Gguf) => "gguf".into(),
+            Some(SourceFormat::Gguf) => "gguf".into(),
             _ => "peft".into(),
         },
         base: base_path.display().to_string(),
@@ -354,7 +347,7 @@ fn hints(adapter: &Adapter, base: &BaseInfo, model: &GgufModel) -> Vec<Hint> {
     // A PEFT adapter records no architecture of its own (it is mapped with the base's), so only a
     // GGUF adapter's can agree or differ.
     let own_arch = match adapter.provenance.format {
-        Some(crate::adapter::SourceFormat::Gguf) => adapter.arch.clone(),
+        Some(SourceFormat::Gguf) => adapter.arch.clone(),
         _ => None,
     };
     out.push(both(

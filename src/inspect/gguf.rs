@@ -7,7 +7,8 @@ use std::path::Path;
 use serde::Serialize;
 use serde_json::Value as Json;
 
-use crate::gguf::{layer_of, Array, GgufError, GgufModel, Value};
+use crate::adapter::source::GgufSource;
+use crate::gguf::{layer_of, Array, GgufError, GgufModel, Metadata, Placement, TensorInfo, Value};
 
 /// Array values longer than this are shown as their length and first items.
 pub const ARRAY_PREVIEW: usize = 8;
@@ -63,7 +64,7 @@ pub struct GgufReport {
     pub bundle: Option<crate::bundle::BundleListing>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct ShardSummary {
     pub path: String,
     pub file_size: u64,
@@ -132,16 +133,81 @@ pub struct Total {
     pub bytes: u64,
 }
 
-/// Opens `path` (single file or any shard of a split set) and builds its report.
-pub fn inspect_gguf(path: &Path) -> Result<GgufReport, GgufError> {
-    let model = GgufModel::open(path)?;
-    Ok(report(path, &model))
+/// What the report reads of a GGUF file: its shards, its metadata (a split set's as one) and its
+/// tensors with the shard holding each.
+pub struct GgufView<'a> {
+    pub shards: Vec<ShardSummary>,
+    pub metadata: &'a Metadata,
+    pub tensors: Vec<(usize, TensorInfo)>,
 }
 
-/// Builds the report of an opened model.
-pub fn report(path: &Path, model: &GgufModel) -> GgufReport {
-    let first = &model.shards()[0];
-    let meta = model.metadata();
+impl<'a> GgufView<'a> {
+    /// An opened file or split set.
+    pub fn of_model(model: &'a GgufModel) -> GgufView<'a> {
+        GgufView {
+            shards: model
+                .shards()
+                .iter()
+                .map(|s| ShardSummary {
+                    path: s.path().display().to_string(),
+                    file_size: s.file_size(),
+                    version: s.version(),
+                    alignment: s.alignment(),
+                    data_offset: s.data_offset(),
+                    metadata_count: s.metadata().len(),
+                    tensor_count: s.tensors().len(),
+                })
+                .collect(),
+            metadata: model.metadata(),
+            tensors: model.tensors().map(|(s, t)| (s, t.clone())).collect(),
+        }
+    }
+
+    /// A GGUF adapter as its own file has it, laid out as the writer would write it: for a bundle
+    /// member (`BUNDLE.gguf#NAME`), the file `bundle --extract` gives back, without writing it.
+    pub fn of_source(src: &'a GgufSource) -> Result<GgufView<'a>, GgufError> {
+        let descs: Vec<_> = src.tensors.iter().map(|t| (&t.info).into()).collect();
+        let place = Placement::plan(
+            &src.label,
+            src.version,
+            src.alignment(),
+            &src.metadata,
+            &descs,
+        )?;
+        let tensors = src
+            .tensors
+            .iter()
+            .zip(&place.offsets)
+            .map(|(t, &offset)| {
+                (
+                    0,
+                    TensorInfo {
+                        offset,
+                        ..t.info.clone()
+                    },
+                )
+            })
+            .collect();
+        Ok(GgufView {
+            shards: vec![ShardSummary {
+                path: src.label.display().to_string(),
+                file_size: place.file_size,
+                version: src.version,
+                alignment: src.alignment(),
+                data_offset: place.data_offset,
+                metadata_count: src.metadata.len(),
+                tensor_count: src.tensors.len(),
+            }],
+            metadata: &src.metadata,
+            tensors,
+        })
+    }
+}
+
+/// Builds the report of a file's view.
+pub fn report(path: &Path, view: &GgufView<'_>) -> GgufReport {
+    let first = &view.shards[0];
+    let meta = view.metadata;
     let architecture = meta.get_str("general.architecture").map(str::to_string);
 
     let mut hyperparameters = serde_json::Map::new();
@@ -177,9 +243,10 @@ pub fn report(path: &Path, model: &GgufModel) -> GgufReport {
         })
         .collect();
 
-    let tensors: Vec<TensorRow> = model
-        .tensors()
-        .map(|(shard, t)| TensorRow {
+    let tensors: Vec<TensorRow> = view
+        .tensors
+        .iter()
+        .map(|&(shard, ref t)| TensorRow {
             name: t.name.clone(),
             ty: t.ty.name().to_string(),
             shape: t.dims.clone(),
@@ -193,7 +260,7 @@ pub fn report(path: &Path, model: &GgufModel) -> GgufReport {
 
     let mut by_type: BTreeMap<(u32, String), TypeTotal> = BTreeMap::new();
     let mut by_layer: BTreeMap<Option<u32>, LayerTotal> = BTreeMap::new();
-    for (_, t) in model.tensors() {
+    for (_, t) in &view.tensors {
         let e = by_type
             .entry((t.ty.id(), t.ty.name().to_string()))
             .or_insert_with(|| TypeTotal {
@@ -224,22 +291,10 @@ pub fn report(path: &Path, model: &GgufModel) -> GgufReport {
 
     GgufReport {
         path: path.display().to_string(),
-        version: first.version(),
-        alignment: first.alignment(),
-        file_size: model.shards().iter().map(|s| s.file_size()).sum(),
-        shards: model
-            .shards()
-            .iter()
-            .map(|s| ShardSummary {
-                path: s.path().display().to_string(),
-                file_size: s.file_size(),
-                version: s.version(),
-                alignment: s.alignment(),
-                data_offset: s.data_offset(),
-                metadata_count: s.metadata().len(),
-                tensor_count: s.tensors().len(),
-            })
-            .collect(),
+        version: first.version,
+        alignment: first.alignment,
+        file_size: view.shards.iter().map(|s| s.file_size).sum(),
+        shards: view.shards.clone(),
         general_type: meta.get_str("general.type").map(str::to_string),
         architecture,
         name: meta.get_str("general.name").map(str::to_string),

@@ -8,10 +8,8 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::adapter::{coverage_of, ne_a, ne_b, LayerCoverage};
-use super::gguf::{report as gguf_report, GgufReport};
-use crate::adapter::{gguf as gguf_adapter, AdapterError};
-use crate::convert::kind_name;
-use crate::gguf::GgufModel;
+use super::gguf::{report as gguf_report, GgufReport, GgufView};
+use crate::adapter::{gguf as gguf_adapter, Adapter};
 
 /// A GGUF LoRA adapter: the GGUF view (flattened, as for any GGUF file) plus `adapter`.
 #[derive(Debug, Serialize)]
@@ -56,14 +54,14 @@ pub struct LoraRow {
     pub lora_b_type: String,
 }
 
-/// Builds both views of the GGUF adapter at `path`, already opened as `model`.
-pub fn report(path: &Path, model: &GgufModel) -> Result<GgufAdapterReport, AdapterError> {
-    let gguf = gguf_report(path, model);
-    let adapter = gguf_adapter::read(path)?;
+/// Builds both views of the GGUF adapter at `path`: its file (`view`) and the adapter read from it.
+pub fn report(path: &Path, view: &GgufView<'_>, adapter: &Adapter) -> GgufAdapterReport {
+    let gguf = gguf_report(path, view);
     let type_of = |name: String| {
-        model
-            .tensor(&name)
-            .map_or_else(|| "-".to_string(), |t| t.ty.name().to_string())
+        view.tensors
+            .iter()
+            .find(|(_, t)| t.name == name)
+            .map_or_else(|| "-".to_string(), |(_, t)| t.ty.name().to_string())
     };
     let tensors: Vec<LoraRow> = adapter
         .tensors
@@ -71,7 +69,7 @@ pub fn report(path: &Path, model: &GgufModel) -> Result<GgufAdapterReport, Adapt
         .map(|t| LoraRow {
             target: t.target.clone(),
             layer: t.layer,
-            kind: kind_name(t.kind).to_string(),
+            kind: t.kind.name().to_string(),
             rank: t.rank(),
             alpha: t.alpha(),
             scale: t.scale(),
@@ -84,13 +82,13 @@ pub fn report(path: &Path, model: &GgufModel) -> Result<GgufAdapterReport, Adapt
     let mut ranks: Vec<usize> = tensors.iter().map(|t| t.rank).collect();
     ranks.sort_unstable();
     ranks.dedup();
-    let n_layer = model
-        .metadata()
+    let n_layer = view
+        .metadata
         .get_str(gguf_adapter::KEY_ARCH)
-        .and_then(|a| model.metadata().get(&format!("{a}.block_count")))
+        .and_then(|a| view.metadata.get(&format!("{a}.block_count")))
         .and_then(|v| v.as_uint())
         .and_then(|n| u32::try_from(n).ok());
-    Ok(GgufAdapterReport {
+    GgufAdapterReport {
         adapter: LoraView {
             alpha: adapter.provenance.lora_alpha,
             architecture: adapter.arch.clone(),
@@ -112,5 +110,5 @@ pub fn report(path: &Path, model: &GgufModel) -> Result<GgufAdapterReport, Adapt
             tensors,
         },
         gguf,
-    })
+    }
 }

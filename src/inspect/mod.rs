@@ -14,10 +14,12 @@ pub mod safetensors;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Serialize;
 use thiserror::Error;
 
+use crate::adapter::source::{split_spec, GgufSource};
 use crate::adapter::AdapterError;
 use crate::gguf::{GgufError, GgufModel};
 use crate::safetensors_file::{SafetensorsError, SafetensorsFile};
@@ -91,26 +93,27 @@ pub fn detect(path: &Path) -> Result<FileKind, InspectError> {
 }
 
 /// Inspects the file at `path`, whatever its kind; `BUNDLE.gguf#NAME` shows that adapter of a named
-/// bundle as its own file would be (it is extracted to a scratch file and read back).
+/// bundle as its own file would be (the file `bundle --extract` writes, laid out without writing it).
 pub fn inspect(path: &Path) -> Result<Report, InspectError> {
-    if let (_, Some(_)) = crate::adapter::bundle::split_spec(path) {
-        let src = crate::adapter::bundle::GgufSource::open(path)?;
-        let scratch = tempfile::tempdir().map_err(|error| InspectError::Io {
-            path: std::env::temp_dir(),
-            error,
-        })?;
-        let file = scratch.path().join("member.gguf");
-        src.write(&file, &[])?;
-        let model = crate::gguf::GgufModel::open(&file)?;
-        return Ok(Report::GgufAdapter(gguf_adapter::report(path, &model)?));
+    if let (_, Some(_)) = split_spec(path) {
+        let src = Arc::new(GgufSource::open(path)?);
+        let adapter = crate::adapter::gguf::read_source(&src)?;
+        let view = gguf::GgufView::of_source(&src)?;
+        return Ok(Report::GgufAdapter(gguf_adapter::report(
+            path, &view, &adapter,
+        )));
     }
     match detect(path)? {
         FileKind::Gguf => {
             let model = GgufModel::open(path)?;
-            if model.metadata().get_str("general.type") == Some("adapter") {
-                Ok(Report::GgufAdapter(gguf_adapter::report(path, &model)?))
+            let view = gguf::GgufView::of_model(&model);
+            if model.metadata().get_str(crate::gguf::KEY_TYPE) == Some("adapter") {
+                let adapter = crate::adapter::gguf::read(path)?;
+                Ok(Report::GgufAdapter(gguf_adapter::report(
+                    path, &view, &adapter,
+                )))
             } else {
-                Ok(Report::Gguf(gguf::report(path, &model)))
+                Ok(Report::Gguf(gguf::report(path, &view)))
             }
         }
         FileKind::Safetensors => {

@@ -12,9 +12,8 @@ use serde::Serialize;
 
 use super::adapter::{coverage_of, LayerCoverage};
 use super::safetensors::{report as safetensors_report, SafetensorsReport};
-use crate::adapter::{peft, AdapterError, Factor, TargetKind};
-use crate::arch;
-use crate::convert::kind_name;
+use crate::adapter::{peft, AdapterError, Factor};
+use crate::arch::{self, Arch, TargetKind};
 
 #[derive(Debug, Serialize)]
 pub struct PeftReport {
@@ -100,7 +99,7 @@ pub struct FullRow {
 /// `None` when none maps it or they disagree (then only a base or `--arch` can tell).
 pub fn target_without_base(module: &str) -> Option<arch::ModuleMap> {
     let mut found: Option<arch::ModuleMap> = None;
-    for a in arch::SUPPORTED {
+    for a in Arch::ALL {
         if let Some(mut m) = arch::map_module(a, module) {
             // Whether q/k rows get RoPE-permuted depends on the architecture, not the name.
             m.rope = None;
@@ -178,9 +177,9 @@ pub fn inspect_peft(path: &Path) -> Result<PeftReport, AdapterError> {
             not_representable.push(format!("{}: {}", md.path, notes.join("; ")));
         }
         let kind = match &map {
-            Some(m) => kind_name(m.kind),
-            None if md.embedding => kind_name(TargetKind::Embedding),
-            None => kind_name(TargetKind::Linear),
+            Some(m) => m.kind.name(),
+            None if md.embedding => TargetKind::Embedding.name(),
+            None => TargetKind::Linear.name(),
         };
         modules.push(ModuleRow {
             source: md.path.clone(),

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::safetensors_file::{SafetensorsError, SafetensorsFile};
+use crate::safetensors_file::SafetensorsFile;
 
 #[derive(Debug, Serialize)]
 pub struct SafetensorsReport {
@@ -40,12 +40,6 @@ pub struct DtypeTotal {
     pub tensors: usize,
     pub elements: u64,
     pub bytes: u64,
-}
-
-/// Opens `path` and builds its report.
-pub fn inspect_safetensors(path: &Path) -> Result<SafetensorsReport, SafetensorsError> {
-    let file = SafetensorsFile::open(path)?;
-    Ok(report(path, &file))
 }
 
 /// The report of an opened file; tensors in offset order.

@@ -1,7 +1,11 @@
-//! Adapters turned into what the merge applies ([`AdapterInput`]): per base tensor, `A`/`B` in the
-//! base tensor's own row layout and the adapter's effective scale, from the crate's one normalized
-//! adapter model ([`crate::adapter::Adapter`], read from GGUF LoRA files or PEFT directories mapped
-//! onto the base).
+//! Adapters turned into what the engine applies ([`AdapterInput`]): per base tensor, an update in
+//! the base tensor's own row layout ([`crate::adapter::LowRank`]) with the adapter's effective
+//! scale, from the crate's one normalized adapter model ([`crate::adapter::open`]: GGUF LoRA files,
+//! bundle members, PEFT directories mapped onto the base).
+//!
+//! Updates are lazy: their shapes are known up front (the plan checks them all before anything is
+//! written) and their values are read from the adapter's file when their tensor is processed, so a
+//! large adapter is never held in memory whole.
 //!
 //! What a GGUF LoRA cannot hold, merge applies exactly: DoRA magnitudes (per output row, RoPE-permuted
 //! like `B` for llama-family q/k), `lora_B` biases (added, scaled, to the base's `.bias` tensor) and
@@ -9,58 +13,90 @@
 
 use std::path::Path;
 
-use crate::adapter::{permute_rows, Adapter, Matrix, TargetKind};
-use crate::arch::BaseInfo;
+use crate::adapter::{self, Adapter, AdapterError, Factor, FactorError, IssueKind, LoraTensor};
+use crate::arch::{BaseInfo, TargetKind};
+use crate::engine::{LowRankShape, Update, Values};
 use crate::gguf::GgufModel;
 
-use super::{AdapterInput, LowRank, MergeError, Update};
+use super::{AdapterInput, MergeError};
 
-fn adapter_err(e: impl std::fmt::Display) -> MergeError {
-    MergeError::Adapter(e.to_string())
-}
-
-/// Reads the adapter at `path` (GGUF LoRA, PEFT directory or `.safetensors`) against `base`.
+/// Reads the adapter `spec` (GGUF LoRA, `BUNDLE.gguf#NAME`, PEFT directory or `.safetensors`)
+/// against `base`.
 pub fn read_adapter(
-    path: &Path,
+    spec: &Path,
     base: &GgufModel,
     name: String,
     user_scale: f32,
 ) -> Result<AdapterInput, MergeError> {
-    let info = BaseInfo::from_model(base)
-        .map_err(|m| MergeError::Adapter(format!("{}: {m}", base.shards()[0].path().display())))?;
+    let info = BaseInfo::from_model(base).map_err(|error| MergeError::Base {
+        path: base.shards()[0].path().to_path_buf(),
+        error,
+    })?;
     // GGUF adapters are read as they are: the plan checks architecture, names and shapes for every
     // adapter at once. PEFT adapters are mapped onto this base's names on the way in.
-    let (adapter, issues) = if crate::adapter::peft::is_peft(path) {
-        crate::adapter::peft::read(path, &info).map_err(adapter_err)?
-    } else {
-        (
-            crate::adapter::gguf::read(path).map_err(adapter_err)?,
-            Vec::new(),
-        )
-    };
+    let opened = adapter::open(spec, Some(&info))?;
     // Shape and presence problems are found (all at once, with the other adapters') by the plan;
     // only problems the plan cannot see stop here.
-    let blocking: Vec<String> = issues
+    let blocking: Vec<String> = opened
+        .issues
         .iter()
         .filter(|i| {
             !matches!(
                 i.status,
-                crate::adapter::IssueKind::MissingInBase | crate::adapter::IssueKind::ShapeMismatch
+                IssueKind::MissingInBase | IssueKind::ShapeMismatch
             )
         })
         .map(|i| format!("{}: {}", i.source, i.message))
         .collect();
     if !blocking.is_empty() {
-        return Err(MergeError::Adapter(format!(
-            "{}: cannot merge:\n  {}",
-            path.display(),
-            blocking.join("\n  ")
-        )));
+        return Err(MergeError::Unmergeable {
+            path: spec.to_path_buf(),
+            lines: blocking,
+        });
     }
-    from_adapter(&adapter, name, user_scale)
+    from_adapter(&opened.adapter, name, user_scale)
 }
 
-/// Converts a normalized adapter into merge updates.
+/// Values of the factor `f`, read when needed.
+fn lazy_vector(f: &Factor) -> Values<Vec<f32>> {
+    let f = f.clone();
+    Values::Lazy(Box::new(move || Ok(f.load()?.data)))
+}
+
+/// Elements of a vector factor as [`LoraTensor::load_lora_bias`] and `load_magnitude` give them
+/// (the rows of `B` a split target takes).
+fn vector_len(t: &LoraTensor, f: &Factor) -> usize {
+    match &t.layout {
+        adapter::Layout::Single(p) if p.b_rows.is_some() => {
+            p.b_rows.as_ref().map_or(0, |r| r.len())
+        }
+        _ => {
+            let (r, c) = f.shape();
+            r * c
+        }
+    }
+}
+
+/// The shape [`LoraTensor::low_rank`] will give, without reading the factors.
+fn shape_of(t: &LoraTensor) -> LowRankShape {
+    let (rank, n_expert, n_in, n_out) = (t.rank(), t.n_expert().max(1), t.n_in(), t.n_out());
+    let (a_len, b_len) = match t.kind {
+        TargetKind::Linear | TargetKind::Experts => {
+            (n_expert * rank * n_in, n_expert * n_out * rank)
+        }
+        // Turned around into the base's layout: A = Bᵀ (rank × n_embd), B = Aᵀ (n_vocab × rank).
+        TargetKind::Embedding => (rank * n_out, n_in * rank),
+    };
+    LowRankShape {
+        rank,
+        n_expert,
+        a_len,
+        b_len,
+        magnitude_len: t.dora_magnitude.as_ref().map(|m| vector_len(t, m)),
+    }
+}
+
+/// Converts a normalized adapter into merge updates, each read when its tensor is processed.
 pub fn from_adapter(
     adapter: &Adapter,
     name: String,
@@ -68,95 +104,60 @@ pub fn from_adapter(
 ) -> Result<AdapterInput, MergeError> {
     let mut updates = Vec::new();
     for t in &adapter.tensors {
-        let l = t.load().map_err(adapter_err)?;
-        let scale = l.scale() as f32;
-        let magnitude = match &t.dora_magnitude {
-            None => None,
-            Some(f) => {
-                let m = f.load().map_err(adapter_err)?;
-                let m = match t.permute_heads {
-                    Some(n_head) => {
-                        let col = Matrix::new(m.data.len(), 1, m.data).ok_or_else(|| {
-                            MergeError::Adapter(format!("{}: DoRA magnitude shape", t.target))
-                        })?;
-                        permute_rows(&col, n_head).ok_or_else(|| {
-                            MergeError::Adapter(format!(
-                                "{}: DoRA magnitude cannot be RoPE-permuted",
-                                t.target
-                            ))
-                        })?
-                    }
-                    None => m,
-                };
-                Some(m.data)
-            }
-        };
-        let update = match t.kind {
-            TargetKind::Linear | TargetKind::Experts => LowRank {
-                a: l.a.data,
-                b: l.b.data,
-                rank: l.rank,
-                n_expert: l.n_expert.max(1),
+        if t.kind == TargetKind::Embedding && t.dora_magnitude.is_some() {
+            return Err(AdapterError::from(FactorError::DoraOnEmbedding {
+                target: t.target.clone(),
+            })
+            .into());
+        }
+        let scale = t.scale() as f32;
+        let lazy = t.clone();
+        updates.push((
+            t.target.clone(),
+            Update::LowRank {
+                shape: shape_of(t),
                 scale,
-                magnitude,
+                values: Values::Lazy(Box::new(move || lazy.low_rank())),
             },
-            TargetKind::Embedding => {
-                // The adapter's B·A is n_embd × n_vocab; the base rows are tokens, so the update in
-                // base layout is Aᵀ·Bᵀ: B' = Aᵀ (n_vocab × r), A' = Bᵀ (r × n_embd).
-                if magnitude.is_some() {
-                    return Err(MergeError::Adapter(format!(
-                        "{}: DoRA on embeddings is not supported",
-                        t.target
-                    )));
-                }
-                LowRank {
-                    a: l.b.transposed().data,
-                    b: l.a.transposed().data,
-                    rank: l.rank,
-                    n_expert: 1,
-                    scale,
-                    magnitude: None,
-                }
-            }
-        };
-        updates.push((t.target.clone(), Update::LowRank(update)));
+        ));
         if let Some(bias) = &t.lora_bias {
             let target = t
                 .target
                 .strip_suffix(".weight")
                 .map(|s| format!("{s}.bias"))
-                .ok_or_else(|| {
-                    MergeError::Adapter(format!(
-                        "{}: a LoRA bias needs a '.weight' target",
-                        t.target
-                    ))
+                .ok_or_else(|| MergeError::BiasTarget {
+                    target: t.target.clone(),
                 })?;
-            let values = bias
-                .load()
-                .map_err(adapter_err)?
-                .data
-                .iter()
-                .map(|v| v * scale)
-                .collect();
-            updates.push((target, Update::Add(values)));
+            let lazy = t.clone();
+            updates.push((
+                target,
+                Update::Add {
+                    len: vector_len(t, bias),
+                    // The bias is scaled by the LoRA's own scale here, by the user's in the engine.
+                    values: Values::Lazy(Box::new(move || {
+                        let v = lazy.load_lora_bias()?.unwrap_or_default();
+                        Ok(v.iter().map(|x| x * scale).collect())
+                    })),
+                },
+            ));
         }
     }
     for f in &adapter.full_tensors {
-        let target = f.target.clone().ok_or_else(|| {
-            MergeError::Adapter(format!(
-                "{}: full tensor '{}' maps to no base tensor",
-                name, f.source
-            ))
+        let target = f.target.clone().ok_or_else(|| MergeError::UnmappedFull {
+            adapter: name.clone(),
+            tensor: f.source.clone(),
         })?;
+        let (r, c) = f.data.shape();
         updates.push((
             target,
-            Update::Replace(f.data.load().map_err(adapter_err)?.data),
+            Update::Replace {
+                len: r * c,
+                values: lazy_vector(&f.data),
+            },
         ));
     }
     if updates.is_empty() {
-        return Err(MergeError::Adapter(format!(
-            "{name}: the adapter changes no tensor"
-        )));
+        return Err(MergeError::NoChange { adapter: name });
     }
     Ok(AdapterInput {
         name,

@@ -3,259 +3,153 @@
 //! For every base tensor an adapter touches: dequantize, add `Σ scaleᵢ·Bᵢ·Aᵢ` in f32 (DoRA magnitudes,
 //! whole-tensor replacements from `modules_to_save` and LoRA biases applied exactly, in adapter order),
 //! requantize once, and measure how much of the adapter the requantization kept. Every other tensor is
-//! copied byte for byte. The work is split in two so the caller can lay out the output before any
-//! byte is computed: [`prepare`] checks and plans everything (and chooses promotions), then
-//! [`Prepared::run`] streams the tensors, in file order, to a sink.
-//!
-//! ```text
-//! plan (checks, output types) → sample candidate types → promote → stream: dequantize → + s·B·A → requantize → sink
-//! ```
+//! copied byte for byte. The streaming work is the [`crate::engine`]'s; this module turns adapters into
+//! the engine's updates ([`inputs`]), parses the merge's options ([`MergeType`], [`Promote`]) and writes
+//! the merged model's metadata ([`merge_model`]).
 
-mod codec;
-mod engine;
-pub mod file;
 pub mod inputs;
-mod kernel;
-mod plan;
-mod promote;
-mod report;
-pub mod types;
+mod options;
 
+use std::path::PathBuf;
+
+use crate::adapter::AdapterError;
+use crate::arch::ArchError;
+use crate::engine::file::{base_tensors, write_streamed, Output, Written};
+use crate::engine::types::{majority_type, output_ftype};
+use crate::engine::{prepare, EngineError, InputTensor};
+use crate::gguf::{
+    Array, GgufModel, Metadata, Value, KEY_ARCH, KEY_FILE_TYPE, KEY_QUANT_VERSION, KEY_TYPE,
+};
 use crate::quant::GgmlType;
 
-pub use engine::{ErrorSums, Phases};
-pub use plan::{matrix_shape, Importance};
-pub use report::{CandidateReport, MergeReport, Summary, TensorReport, TypeOption, TypeSummary};
+pub use crate::engine::{
+    AdapterInput, CandidateReport, MergeOptions, MergeReport, MergeType, Promote, Summary,
+    TensorReport, TypeOption, TypeSummary,
+};
+pub use options::OptionError;
 
-/// One base tensor as the merge reads it: zero-copy bytes straight from the mapped file.
-pub struct BaseTensor<'a> {
-    pub name: String,
-    /// ggml order: `dims[0]` is the row length.
-    pub dims: Vec<u64>,
-    pub ty: GgmlType,
-    pub data: &'a [u8],
-}
+/// Provenance keys the merge adds.
+pub const KEY_TOOL_VERSION: &str = "gguf_lora.version";
+pub const KEY_ADAPTERS: &str = "gguf_lora.merge.adapters";
+pub const KEY_SCALES: &str = "gguf_lora.merge.scales";
+pub const KEY_OUTTYPE: &str = "gguf_lora.merge.outtype";
+pub const KEY_PROMOTE: &str = "gguf_lora.merge.promote";
 
-/// `delta = B·A` for one base tensor, in the base tensor's own row-major terms (rows = output
-/// features, `n_cols = dims[0]`). Token-embedding adapters, stored transposed in GGUF, are turned
-/// into this form by the reader, so one kernel serves all.
-pub struct LowRank {
-    /// `rank × n_cols`, row-major.
-    pub a: Vec<f32>,
-    /// `n_rows × rank`, row-major.
-    pub b: Vec<f32>,
-    pub rank: usize,
-    /// Stacked experts (`ffn_*_exps`): `a` holds one `rank × n_cols` block per expert and the rows of
-    /// `b` follow the base's rows (expert-major). 1 for a plain matrix.
-    pub n_expert: usize,
-    /// The adapter's own effective scale (alpha/rank, or 1 when alpha is absent), without the user's.
-    pub scale: f32,
-    /// DoRA magnitude per output row; `None` for plain LoRA.
-    pub magnitude: Option<Vec<f32>>,
-}
-
-/// What one adapter does to one base tensor.
-pub enum Update {
-    LowRank(LowRank),
-    /// `modules_to_save`: the tensor is replaced by these values (`n_rows × n_cols`).
-    Replace(Vec<f32>),
-    /// LoRA bias: these values (× the user scale) are added.
-    Add(Vec<f32>),
-}
-
-/// One adapter, normalized against the base, with the user's scale.
-pub struct AdapterInput {
-    /// How the user named it (a path or `BUNDLE.gguf#NAME`); used in reports and provenance.
-    pub name: String,
-    /// `general.architecture` of the adapter, when it says.
-    pub architecture: Option<String>,
-    /// The user's scale (`--lora` = 1).
-    pub scale: f32,
-    /// (base tensor name, update), in the adapter's order.
-    pub updates: Vec<(String, Update)>,
-}
-
-/// `--outtype`.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum OutType {
-    /// Each merged tensor in its own base type.
-    Keep,
-    Type(GgmlType),
-}
-
-/// `--promote`.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Promote {
-    None,
-    /// Every touched tensor to this type (with fallbacks), unless its planned type is already larger.
-    Type(GgmlType),
-    /// Touched tensors of the first type to the second (with fallbacks), e.g. only Q4_K → Q6_K.
-    Map(&'static [(GgmlType, GgmlType)]),
-    /// Per tensor, the promotions that buy the most fidelity per extra byte, until the output has
-    /// grown by `budget` (a fraction: 0.05 = 5%) over the base.
-    Auto {
-        budget: f64,
-    },
-}
-
-#[derive(Clone, Copy, Debug)]
-pub struct MergeOptions {
-    pub outtype: OutType,
-    pub promote: Promote,
-    /// Rows per tensor on which candidate types are tried (for promotion and the report).
-    pub sample_rows: usize,
-}
-
-impl Default for MergeOptions {
-    fn default() -> Self {
-        MergeOptions {
-            outtype: OutType::Keep,
-            promote: Promote::None,
-            sample_rows: 64,
-        }
-    }
-}
-
+/// Why a merge did not happen; nothing was written.
 #[derive(Debug, thiserror::Error)]
 pub enum MergeError {
-    /// The inputs do not fit together; one line per offending tensor or adapter.
-    #[error("cannot merge:\n  {}", .0.join("\n  "))]
-    Plan(Vec<String>),
-    #[error("{0}")]
-    Codec(String),
-    /// An adapter cannot be read or applied.
-    #[error("{0}")]
-    Adapter(String),
-    /// The sink (writer) failed.
-    #[error("{0}")]
-    Write(String),
     #[error(transparent)]
-    Gguf(#[from] crate::gguf::GgufError),
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
+    /// The base GGUF is not a base model we can describe.
+    #[error("{}: {error}", path.display())]
+    Base { path: PathBuf, error: ArchError },
+    /// The file to merge into is not a model.
+    #[error("{}: general.type is \"{found}\", expected a model to merge into", path.display())]
+    NotAModel { path: PathBuf, found: String },
+    /// Problems with an adapter that the engine's plan cannot see, one line each.
+    #[error("{}: cannot merge:\n  {}", path.display(), lines.join("\n  "))]
+    Unmergeable { path: PathBuf, lines: Vec<String> },
+    /// A LoRA bias on a tensor whose name does not end in `.weight`.
+    #[error("{target}: a LoRA bias needs a '.weight' target")]
+    BiasTarget { target: String },
+    /// A full replacement tensor whose name maps to no base tensor.
+    #[error("{adapter}: full tensor '{tensor}' maps to no base tensor")]
+    UnmappedFull { adapter: String, tensor: String },
+    #[error("{adapter}: the adapter changes no tensor")]
+    NoChange { adapter: String },
 }
 
-/// A checked plan with its output types chosen: what the writer needs to lay out the file.
-pub struct Prepared<'a, 'u> {
-    base: &'a [BaseTensor<'a>],
-    adapters: &'u [AdapterInput],
-    plans: Vec<plan::TensorPlan<'u>>,
-    candidates: Vec<Vec<CandidateReport>>,
-    promoted: Vec<bool>,
-    phases: Phases,
-}
-
-/// Checks the inputs, plans the merge and chooses promotions. Nothing is written.
-pub fn prepare<'a, 'u>(
-    base_arch: Option<&str>,
-    base: &'a [BaseTensor<'a>],
-    adapters: &'u [AdapterInput],
+/// Merges `adapters` into `model` and writes the result. Returns the report and the files written.
+pub fn merge_model(
+    model: &GgufModel,
+    adapters: &[AdapterInput],
     opts: &MergeOptions,
-) -> Result<Prepared<'a, 'u>, MergeError> {
-    let mut plans = plan::plan(base_arch, base, adapters, opts.outtype)?;
-    let phases = Phases::default();
-    let start = std::time::Instant::now();
-    let candidates = promote::measure_candidates(base, &plans, opts)?;
-    phases.sample.store(
-        start.elapsed().as_nanos() as u64,
-        std::sync::atomic::Ordering::Relaxed,
+    output: &Output<'_>,
+    on_done: &(dyn Fn(usize, u64) + Sync),
+) -> Result<(MergeReport, Written), MergeError> {
+    let meta0 = model.metadata();
+    if let Some(t) = meta0.get_str(KEY_TYPE).filter(|t| *t != "model") {
+        return Err(MergeError::NotAModel {
+            path: model.shards()[0].path().to_path_buf(),
+            found: t.to_string(),
+        });
+    }
+    let base = base_tensors(model);
+    let prepared = prepare(meta0.get_str(KEY_ARCH), &base, adapters, opts)?;
+    let out_types = prepared.output_types();
+    let metadata = merged_metadata(meta0, &base, &out_types, adapters, opts);
+    Ok(write_streamed(
+        model,
+        &out_types,
+        metadata,
+        output,
+        |sink| prepared.run(sink, on_done),
+    )?)
+}
+
+/// The base's metadata with what a merged model must say: no adapter keys, `general.type` a model,
+/// the right `general.file_type`, quantization version when quantized tensors appear, provenance.
+fn merged_metadata(
+    base_meta: &Metadata,
+    base: &[InputTensor<'_>],
+    out_types: &[GgmlType],
+    adapters: &[AdapterInput],
+    opts: &MergeOptions,
+) -> Metadata {
+    let mut m = base_meta.clone();
+    let adapter_keys: Vec<String> = m
+        .iter()
+        .map(|(k, _)| k.to_string())
+        .filter(|k| k.starts_with("adapter."))
+        .collect();
+    for k in adapter_keys {
+        m.remove(&k);
+    }
+    if m.get_str(KEY_TYPE).is_some_and(|t| t != "model") {
+        m.set(KEY_TYPE, Value::String("model".into()));
+    }
+    // The file type describes the model's body: llama-quantize gives the token embeddings and the
+    // output head their own types (gemma3-270m Q4_K_M: a Q8_0 token_embd larger than all Q4_K
+    // tensors together), so they do not vote.
+    let body =
+        |t: &InputTensor<'_>| !(t.name.starts_with("token_embd.") || t.name.starts_with("output."));
+    let elems = |t: &InputTensor<'_>| t.dims.iter().product::<u64>();
+    let base_major = majority_type(
+        base.iter()
+            .filter(|t| body(t))
+            .map(|t| (elems(t), t.dims.len(), t.ty)),
     );
-    let promoted = promote::apply(base, &mut plans, &candidates, opts.promote);
-    Ok(Prepared {
-        base,
-        adapters,
-        plans,
-        candidates,
-        promoted,
-        phases,
-    })
+    let out_major = majority_type(
+        base.iter()
+            .zip(out_types)
+            .filter(|(t, _)| body(t))
+            .map(|(t, &ty)| (elems(t), t.dims.len(), ty)),
+    );
+    if let Some(ft) = output_ftype(m.get_u32(KEY_FILE_TYPE), base_major, out_major) {
+        m.set(KEY_FILE_TYPE, Value::U32(ft));
+    }
+    if out_types.iter().any(|t| t.traits().is_quantized) && !m.contains_key(KEY_QUANT_VERSION) {
+        m.set(KEY_QUANT_VERSION, Value::U32(2));
+    }
+    m.set(
+        KEY_TOOL_VERSION,
+        Value::String(env!("CARGO_PKG_VERSION").into()),
+    );
+    m.set(
+        KEY_ADAPTERS,
+        Value::Array(Array::String(
+            adapters.iter().map(|a| a.name.clone()).collect(),
+        )),
+    );
+    m.set(
+        KEY_SCALES,
+        Value::Array(Array::F32(adapters.iter().map(|a| a.scale).collect())),
+    );
+    m.set(KEY_OUTTYPE, Value::String(opts.outtype.to_string()));
+    if let Some(p) = options::promote_key(&opts.promote) {
+        m.set(KEY_PROMOTE, Value::String(p));
+    }
+    m
 }
-
-/// What [`prepare_recode`] does to one tensor.
-pub struct Recode<'u> {
-    /// Output type; the input's own type copies the bytes unchanged.
-    pub ty_out: GgmlType,
-    /// `ty_out` replaced a requested type that did not fit the rows (for the report).
-    pub fallback: bool,
-    pub importance: Option<Importance<'u>>,
-}
-
-/// A plan without adapters: each tensor of `base` written as `recode[i]` says (the engine behind
-/// `quantize`). Tensors whose type changes are dequantized and quantized again, row block by row
-/// block; the others are copied byte for byte. Fails, listing them, if some tensor must change type
-/// but cannot be read or written.
-pub fn prepare_recode<'a, 'u>(
-    base: &'a [BaseTensor<'a>],
-    recode: Vec<Recode<'u>>,
-) -> Result<Prepared<'a, 'u>, MergeError> {
-    let mut plans = plan::plan(None, base, &[], OutType::Keep)?;
-    let mut problems = Vec::new();
-    for ((p, r), t) in plans.iter_mut().zip(recode).zip(base) {
-        p.ty_out = r.ty_out;
-        p.fallback = r.fallback;
-        p.importance = r.importance;
-        if !p.is_recoded() {
-            continue;
-        }
-        if !codec::can_dequantize(p.ty_in) {
-            problems.push(format!(
-                "tensor '{}': type {} cannot be read",
-                t.name, p.ty_in
-            ));
-        } else if !types::is_writable(p.ty_out) || codec::row_bytes(p.ty_out, p.n_cols).is_err() {
-            problems.push(format!(
-                "tensor '{}': cannot be written as {} (rows of {})",
-                t.name, p.ty_out, p.n_cols
-            ));
-        }
-    }
-    if !problems.is_empty() {
-        return Err(MergeError::Plan(problems));
-    }
-    let n = plans.len();
-    Ok(Prepared {
-        base,
-        adapters: &[],
-        plans,
-        candidates: (0..n).map(|_| Vec::new()).collect(),
-        promoted: vec![false; n],
-        phases: Phases::default(),
-    })
-}
-
-impl Prepared<'_, '_> {
-    /// The type each base tensor is written as, in file order.
-    pub fn output_types(&self) -> Vec<GgmlType> {
-        self.plans.iter().map(|p| p.ty_out).collect()
-    }
-
-    /// Whether base tensor `index` is merged (otherwise copied).
-    pub fn is_touched(&self, index: usize) -> bool {
-        self.plans[index].is_touched()
-    }
-
-    /// Streams every tensor, in file order, to `sink(index, bytes)` (called on a writer thread while
-    /// the next tensor is computed); `on_done(index, bytes)` reports progress. Returns the report.
-    pub fn run<S>(
-        self,
-        sink: S,
-        on_done: &(dyn Fn(usize, u64) + Sync),
-    ) -> Result<MergeReport, MergeError>
-    where
-        S: FnMut(usize, &[u8]) -> Result<(), MergeError> + Send,
-    {
-        let start = std::time::Instant::now();
-        let sums = engine::stream(self.base, &self.plans, sink, on_done, &self.phases)?;
-        let mut report = report::build(
-            self.base,
-            self.adapters,
-            &self.plans,
-            &sums,
-            self.candidates,
-            &self.promoted,
-        );
-        report.summary.seconds = report::Seconds::from_phases(&self.phases, start.elapsed());
-        Ok(report)
-    }
-}
-
-#[cfg(test)]
-mod tests;

@@ -19,6 +19,7 @@ pub mod kquants;
 pub mod legacy;
 pub mod search;
 pub(crate) mod simd;
+pub mod vec_dot;
 
 use std::fmt;
 
@@ -206,7 +207,9 @@ impl GgmlType {
     }
 
     /// The one table of type facts; numbers from ggml's `type_traits` and `ggml-common.h` block structs.
-    pub fn traits(self) -> TypeTraits {
+    /// A `const fn`, so that the block sizes the codec files work in are checked against it when
+    /// the crate compiles (see the asserts below).
+    pub const fn traits(self) -> TypeTraits {
         use GgmlType::*;
         let (name, block_size, type_size, is_quantized, codec) = match self {
             F32 => ("f32", 1, 4, false, float::F32),
@@ -330,6 +333,18 @@ impl GgmlType {
         (n_per_row / t.block_size as u64).checked_mul(t.type_size as u64)
     }
 }
+
+// ggml-common.h's `static_assert`s on the block structs, as the type table states them: a codec
+// constant that disagrees with the table does not compile.
+const _: () = {
+    assert!(kquants::Q2_K_BYTES == GgmlType::Q2_K.traits().type_size);
+    assert!(kquants::Q3_K_BYTES == GgmlType::Q3_K.traits().type_size);
+    assert!(kquants::Q4_K_BYTES == GgmlType::Q4_K.traits().type_size);
+    assert!(kquants::Q5_K_BYTES == GgmlType::Q5_K.traits().type_size);
+    assert!(kquants::Q6_K_BYTES == GgmlType::Q6_K.traits().type_size);
+    assert!(kquants::Q8_K_BYTES == GgmlType::Q8_K.traits().type_size);
+    assert!(vec_dot::Q8_1_BYTES == GgmlType::Q8_1.traits().type_size);
+};
 
 /// Whether [`dequantize_row`] handles `ty`.
 pub fn can_dequantize(ty: GgmlType) -> bool {

@@ -14,9 +14,9 @@
 //! against the bytes actually there before anything is allocated.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use crate::gguf::GgufFile;
+use crate::gguf::{GgufError, GgufFile};
 use crate::quant::GgmlType;
 
 const GGUF_MAGIC: &[u8; 4] = b"GGUF";
@@ -36,27 +36,78 @@ pub struct Imatrix {
     pub legacy: bool,
 }
 
+/// An imatrix file that cannot be used: the file, and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {problem}", path.display())]
+pub struct ImatrixError {
+    pub path: PathBuf,
+    pub problem: ImatrixProblem,
+}
+
+/// What is wrong with an imatrix file.
+#[derive(Debug, thiserror::Error)]
+pub enum ImatrixProblem {
+    #[error("{0}")]
+    Io(std::io::Error),
+    /// The GGUF reader refused it (its message names the file again).
+    #[error("{0}")]
+    Gguf(GgufError),
+    #[error("not an imatrix: missing imatrix.datasets / imatrix.chunk_count / imatrix.chunk_size")]
+    NotAnImatrix,
+    #[error("no imatrix entries (NAME.in_sum2 / NAME.counts tensors)")]
+    NoEntries,
+    #[error("entry '{name}': has only one of .in_sum2 and .counts")]
+    HalfEntry { name: String },
+    #[error("entry '{name}': in_sum2 and counts must be F32, got {sums} and {counts}")]
+    EntryType {
+        name: String,
+        sums: GgmlType,
+        counts: GgmlType,
+    },
+    #[error("entry '{name}': {sums} sums do not split into {counts} experts")]
+    Experts {
+        name: String,
+        sums: usize,
+        counts: usize,
+    },
+    #[error("truncated legacy imatrix: {what} needs {needed} bytes at offset {offset}, the file has {len}")]
+    Truncated {
+        what: String,
+        needed: usize,
+        offset: usize,
+        len: usize,
+    },
+    #[error("legacy imatrix: {what} is {value}, expected at least {min}")]
+    TooSmall { what: String, value: i32, min: i32 },
+    #[error("entry '{name}' contains the non-finite value {value}")]
+    NonFinite { name: String, value: f32 },
+}
+
 /// Reads an imatrix file of either form; the error names the file and what is wrong.
-pub fn read(path: &Path) -> Result<Imatrix, String> {
-    let bad = |what: String| format!("{}: {what}", path.display());
+pub fn read(path: &Path) -> Result<Imatrix, ImatrixError> {
+    let bad = |problem| ImatrixError {
+        path: path.to_path_buf(),
+        problem,
+    };
     let mut magic = [0u8; 4];
     {
         use std::io::Read;
-        let mut f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+        let mut f = std::fs::File::open(path).map_err(|e| bad(ImatrixProblem::Io(e)))?;
         // A file shorter than the magic is no GGUF; the legacy reader reports what is missing.
-        let _ = f.read(&mut magic).map_err(|e| bad(e.to_string()))?;
+        let _ = f.read(&mut magic).map_err(|e| bad(ImatrixProblem::Io(e)))?;
     }
     let m = if &magic == GGUF_MAGIC {
         read_gguf(path).map_err(bad)?
     } else {
-        let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        let bytes = std::fs::read(path).map_err(|e| bad(ImatrixProblem::Io(e)))?;
         read_legacy(&bytes).map_err(bad)?
     };
     for (name, w) in &m.entries {
         if let Some(v) = w.iter().find(|v| !v.is_finite()) {
-            return Err(bad(format!(
-                "entry '{name}' contains the non-finite value {v}"
-            )));
+            return Err(bad(ImatrixProblem::NonFinite {
+                name: name.clone(),
+                value: *v,
+            }));
         }
     }
     Ok(m)
@@ -69,8 +120,8 @@ fn f32s(bytes: &[u8]) -> Vec<f32> {
         .collect()
 }
 
-fn read_gguf(path: &Path) -> Result<Imatrix, String> {
-    let file = GgufFile::open(path).map_err(|e| e.to_string())?;
+fn read_gguf(path: &Path) -> Result<Imatrix, ImatrixProblem> {
+    let file = GgufFile::open(path).map_err(ImatrixProblem::Gguf)?;
     let meta = file.metadata();
     let datasets = match meta.get_array("imatrix.datasets") {
         Some(crate::gguf::Array::String(v)) => Some(v.clone()),
@@ -80,10 +131,7 @@ fn read_gguf(path: &Path) -> Result<Imatrix, String> {
     let chunk_size = meta.get_u32("imatrix.chunk_size");
     // llama-quantize refuses a GGUF imatrix without these keys (it may not be an imatrix at all).
     let (Some(datasets), Some(chunk_count), Some(_)) = (datasets, chunk_count, chunk_size) else {
-        return Err(
-            "not an imatrix: missing imatrix.datasets / imatrix.chunk_count / imatrix.chunk_size"
-                .into(),
-        );
+        return Err(ImatrixProblem::NotAnImatrix);
     };
     let mut pairs: HashMap<&str, (Option<usize>, Option<usize>)> = HashMap::new();
     for (i, t) in file.tensors().iter().enumerate() {
@@ -94,30 +142,31 @@ fn read_gguf(path: &Path) -> Result<Imatrix, String> {
         }
     }
     if pairs.is_empty() {
-        return Err("no imatrix entries (NAME.in_sum2 / NAME.counts tensors)".into());
+        return Err(ImatrixProblem::NoEntries);
     }
     let mut entries = HashMap::with_capacity(pairs.len());
     for (name, (sums, counts)) in pairs {
         let (Some(si), Some(ci)) = (sums, counts) else {
-            return Err(format!(
-                "entry '{name}': has only one of .in_sum2 and .counts"
-            ));
+            return Err(ImatrixProblem::HalfEntry {
+                name: name.to_string(),
+            });
         };
         let (st, ct) = (&file.tensors()[si], &file.tensors()[ci]);
         if st.ty != GgmlType::F32 || ct.ty != GgmlType::F32 {
-            return Err(format!(
-                "entry '{name}': in_sum2 and counts must be F32, got {} and {}",
-                st.ty, ct.ty
-            ));
+            return Err(ImatrixProblem::EntryType {
+                name: name.to_string(),
+                sums: st.ty,
+                counts: ct.ty,
+            });
         }
         let sums = f32s(file.tensor_data(st));
         let counts = f32s(file.tensor_data(ct));
         if counts.is_empty() || sums.is_empty() || !sums.len().is_multiple_of(counts.len()) {
-            return Err(format!(
-                "entry '{name}': {} sums do not split into {} experts",
-                sums.len(),
-                counts.len()
-            ));
+            return Err(ImatrixProblem::Experts {
+                name: name.to_string(),
+                sums: sums.len(),
+                counts: counts.len(),
+            });
         }
         let ne0 = sums.len() / counts.len();
         let mut w = vec![0f32; sums.len()];
@@ -149,34 +198,35 @@ struct Cursor<'b> {
 }
 
 impl<'b> Cursor<'b> {
-    fn take(&mut self, n: usize, what: &str) -> Result<&'b [u8], String> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'b [u8], ImatrixProblem> {
         let end = self
             .pos
             .checked_add(n)
             .filter(|&e| e <= self.bytes.len())
-            .ok_or_else(|| {
-                format!(
-                    "truncated legacy imatrix: {what} needs {n} bytes at offset {}, the file has {}",
-                    self.pos,
-                    self.bytes.len()
-                )
+            .ok_or_else(|| ImatrixProblem::Truncated {
+                what: what.to_string(),
+                needed: n,
+                offset: self.pos,
+                len: self.bytes.len(),
             })?;
         let s = &self.bytes[self.pos..end];
         self.pos = end;
         Ok(s)
     }
 
-    fn i32(&mut self, what: &str) -> Result<i32, String> {
+    fn i32(&mut self, what: &str) -> Result<i32, ImatrixProblem> {
         let b = self.take(4, what)?;
         Ok(i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
 
-    fn len(&mut self, what: &str, min: i32) -> Result<usize, String> {
+    fn len(&mut self, what: &str, min: i32) -> Result<usize, ImatrixProblem> {
         let v = self.i32(what)?;
         if v < min {
-            return Err(format!(
-                "legacy imatrix: {what} is {v}, expected at least {min}"
-            ));
+            return Err(ImatrixProblem::TooSmall {
+                what: what.to_string(),
+                value: v,
+                min,
+            });
         }
         Ok(v as usize)
     }
@@ -186,7 +236,7 @@ impl<'b> Cursor<'b> {
     }
 }
 
-fn read_legacy(bytes: &[u8]) -> Result<Imatrix, String> {
+fn read_legacy(bytes: &[u8]) -> Result<Imatrix, ImatrixProblem> {
     let mut c = Cursor { bytes, pos: 0 };
     let n_entries = c.len("entry count", 1)?;
     let mut entries = HashMap::new();

@@ -1,15 +1,15 @@
 //! `quantize`: a whole model to one type, as `llama-quantize --pure` does, bit for bit.
 //!
 //! A quantize is a merge without adapters: this module only decides each tensor's output type (and
-//! importance weights) and hands the plan to the merge engine ([`crate::merge::prepare_recode`]),
+//! importance weights) and hands the plan to the merge engine ([`crate::engine::prepare_recode`]),
 //! which streams the tensors, recodes those that change type row block by row block in parallel, and
-//! writes through the same atomic, split-aware writer ([`crate::merge::file::write_streamed`]).
+//! writes through the same atomic, split-aware writer ([`crate::engine::file::write_streamed`]).
 //!
 //! Which tensors change, following llama.cpp `src/llama-quant.cpp`:
 //! - a tensor llama-quantize never quantizes keeps its type and bytes ([`allows_quantization`]:
 //!   fewer than 2 dims, names not ending in `weight`, norms, MoE gates, position embeddings, ...);
 //! - every other tensor goes to the target type, through llama-quantize's fallback when its rows do
-//!   not fit the target's block ([`crate::merge::types::fit_type`]); a tensor already of the type it
+//!   not fit the target's block ([`crate::engine::types::fit_type`]); a tensor already of the type it
 //!   would get is copied byte for byte (llama-quantize does not requantize it either);
 //! - we take one target type and apply no per-tensor mix: what `llama-quantize --pure` does (the
 //!   `_S`/`_M`/`_L` mixes pick other types for some layers; they are not offered here);
@@ -26,12 +26,10 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::gguf::{GgufModel, Value};
-use crate::merge::file::{
-    base_tensors, write_streamed, Output, Written, KEY_FILE_TYPE, KEY_QUANT_VERSION,
-};
-use crate::merge::types::{fit_type, ftype_for};
-use crate::merge::{prepare_recode, BaseTensor, Importance, MergeError, Recode};
+use crate::engine::file::{base_tensors, write_streamed, Output, Written};
+use crate::engine::types::{fit_type, ftype_for};
+use crate::engine::{prepare_recode, EngineError, Importance, InputTensor, Recode, Requant};
+use crate::gguf::{GgufModel, Value, KEY_FILE_TYPE, KEY_QUANT_VERSION, KEY_TYPE};
 use crate::quant::GgmlType;
 
 pub use imatrix::Imatrix;
@@ -47,7 +45,7 @@ pub enum QuantizeError {
     #[error("cannot quantize {file}:\n  {}", .problems.join("\n  "))]
     Input { file: String, problems: Vec<String> },
     #[error(transparent)]
-    Engine(#[from] MergeError),
+    Engine(#[from] EngineError),
 }
 
 /// `ggml_n_dims`: dimensions up to the last one larger than 1 (at least 1).
@@ -131,7 +129,7 @@ pub enum Action {
 
 /// The output type of one tensor for `target`, whether it is a fallback, and why it is kept if so.
 pub fn choose_type(
-    t: &BaseTensor<'_>,
+    t: &InputTensor<'_>,
     target: GgmlType,
 ) -> (GgmlType, Action, Option<&'static str>) {
     if target == GgmlType::F32 {
@@ -229,7 +227,7 @@ pub fn quantize_model(
 ) -> Result<QuantizeReport, QuantizeError> {
     let file = model.shards()[0].path().display().to_string();
     let meta0 = model.metadata();
-    if let Some(t) = meta0.get_str("general.type").filter(|t| *t != "model") {
+    if let Some(t) = meta0.get_str(KEY_TYPE).filter(|t| *t != "model") {
         return Err(QuantizeError::Input {
             file,
             problems: vec![format!("general.type is \"{t}\", expected a model")],
@@ -274,16 +272,16 @@ pub fn quantize_model(
         recode.push(Recode {
             ty_out,
             fallback: action == Action::Fallback,
-            importance,
+            requant: Requant::Nearest { importance },
         });
     }
     if !problems.is_empty() {
         return Err(QuantizeError::Input { file, problems });
     }
     let prepared = prepare_recode(&base, recode).map_err(|e| match e {
-        MergeError::Plan(problems) => QuantizeError::Input {
+        EngineError::Plan(problems) => QuantizeError::Input {
             file: file.clone(),
-            problems,
+            problems: problems.iter().map(ToString::to_string).collect(),
         },
         e => e.into(),
     })?;
@@ -378,7 +376,7 @@ mod tests {
                 }
             })
             .collect();
-        let base = vec![BaseTensor {
+        let base = vec![InputTensor {
             name: "blk.0.ffn_down_exps.weight".into(),
             dims: vec![n as u64, rows_per_expert as u64, experts as u64],
             ty: GgmlType::F32,
@@ -388,10 +386,12 @@ mod tests {
         let recode = vec![Recode {
             ty_out: ty,
             fallback: false,
-            importance: Some(Importance {
-                weights: &weights,
-                rows_per_expert,
-            }),
+            requant: Requant::Nearest {
+                importance: Some(Importance {
+                    weights: &weights,
+                    rows_per_expert,
+                }),
+            },
         }];
         let mut got = Vec::new();
         prepare_recode(&base, recode)

@@ -1,64 +1,10 @@
 //! Architecture and hyperparameters of a model, read from GGUF metadata the way llama.cpp reads them
 //! (`src/llama-model.cpp` `load_hparams` and each `src/models/<arch>.cpp` `load_arch_hparams`).
 
-use anyhow::{bail, Context, Result};
+use super::error::{ModelProblem, Result, VerifyError};
 
 use super::source::WeightSource;
-
-/// The architectures the forward pass implements; each one follows `src/models/<arch>.cpp`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Arch {
-    /// llama, and everything converted to it (mistral, SmolLM, ...).
-    Llama,
-    Qwen2,
-    Qwen3,
-    Gemma,
-    Gemma2,
-    Gemma3,
-    Phi3,
-}
-
-impl Arch {
-    /// Names as in `general.architecture`.
-    pub const SUPPORTED: [&'static str; 7] = [
-        "llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3",
-    ];
-
-    pub fn from_name(name: &str) -> Option<Arch> {
-        Some(match name {
-            "llama" => Arch::Llama,
-            "qwen2" => Arch::Qwen2,
-            "qwen3" => Arch::Qwen3,
-            "gemma" => Arch::Gemma,
-            "gemma2" => Arch::Gemma2,
-            "gemma3" => Arch::Gemma3,
-            "phi3" => Arch::Phi3,
-            _ => return None,
-        })
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Arch::Llama => "llama",
-            Arch::Qwen2 => "qwen2",
-            Arch::Qwen3 => "qwen3",
-            Arch::Gemma => "gemma",
-            Arch::Gemma2 => "gemma2",
-            Arch::Gemma3 => "gemma3",
-            Arch::Phi3 => "phi3",
-        }
-    }
-
-    /// llama.cpp's `llama_model_rope_type`: NORM (adjacent pairs; llama's q/k rows were permuted at
-    /// conversion) for llama, NEOX (first half with second half) for the others.
-    pub fn rope_neox(self) -> bool {
-        !matches!(self, Arch::Llama)
-    }
-
-    fn is_gemma(self) -> bool {
-        matches!(self, Arch::Gemma | Arch::Gemma2 | Arch::Gemma3)
-    }
-}
+use crate::arch::Arch;
 
 /// How RoPE frequencies are computed (ggml `rope_yarn` inputs), per layer kind.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -111,21 +57,24 @@ pub struct HParams {
 impl HParams {
     /// Reads the hyperparameters of the model in `src`; an architecture we do not implement is an error.
     pub fn read(src: &dyn WeightSource) -> Result<HParams> {
+        let bad = |problem| VerifyError::Model {
+            model: src.describe(),
+            problem,
+        };
         let arch_name = src
-            .meta_str("general.architecture")
-            .with_context(|| format!("{}: no general.architecture", src.describe()))?;
-        let Some(arch) = Arch::from_name(&arch_name) else {
-            bail!(
-                "{}: architecture {arch_name} is not supported by verify (supported: {})",
-                src.describe(),
-                Arch::SUPPORTED.join(", ")
-            );
+            .meta_str(crate::gguf::KEY_ARCH)
+            .ok_or_else(|| bad(ModelProblem::NoArchitecture))?;
+        let Some(arch) = Arch::from_gguf(&arch_name).filter(|a| a.runs_in_verify()) else {
+            return Err(bad(ModelProblem::Unsupported {
+                arch: arch_name,
+                supported: Arch::list(true),
+            }));
         };
         let key = |k: &str| format!("{arch_name}.{k}");
         let need_uint = |k: &str| -> Result<usize> {
-            let v = src.meta_uint(&key(k)).with_context(|| {
-                format!("{}: missing or non-integer {}", src.describe(), key(k))
-            })?;
+            let v = src
+                .meta_uint(&key(k))
+                .ok_or_else(|| bad(ModelProblem::MissingUint { key: key(k) }))?;
             Ok(v as usize)
         };
         let n_layer = need_uint("block_count")?;
@@ -137,16 +86,10 @@ impl HParams {
             .unwrap_or(n_head);
         // Sanity bounds before anything is sized from them.
         if n_layer == 0 || n_layer > 1024 || n_embd == 0 || n_embd > 1 << 20 {
-            bail!(
-                "{}: implausible block_count {n_layer} / embedding_length {n_embd}",
-                src.describe()
-            );
+            return Err(bad(ModelProblem::Implausible { n_layer, n_embd }));
         }
         if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 || n_head > 4096 {
-            bail!(
-                "{}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}",
-                src.describe()
-            );
+            return Err(bad(ModelProblem::Heads { n_head, n_head_kv }));
         }
         let head_dim_k = src
             .meta_uint(&key("attention.key_length"))
@@ -161,19 +104,17 @@ impl HParams {
             .map(|v| v as usize)
             .unwrap_or(head_dim_k);
         if head_dim_k == 0 || head_dim_k > 4096 || n_rot > head_dim_k || n_rot % 2 != 0 {
-            bail!(
-                "{}: head size {head_dim_k} / rope dimension count {n_rot} are inconsistent",
-                src.describe()
-            );
+            return Err(bad(ModelProblem::HeadSize {
+                head_dim: head_dim_k,
+                n_rot,
+            }));
         }
         let rms_eps = src
             .meta_f32(&key("attention.layer_norm_rms_epsilon"))
-            .with_context(|| {
-                format!(
-                    "{}: missing {}",
-                    src.describe(),
-                    key("attention.layer_norm_rms_epsilon")
-                )
+            .ok_or_else(|| {
+                bad(ModelProblem::MissingKey {
+                    key: key("attention.layer_norm_rms_epsilon"),
+                })
             })?;
 
         // RoPE, as llama_context's constructor resolves it from the training hyperparameters.
@@ -211,10 +152,11 @@ impl HParams {
                 };
                 attn_factor *= 1.0 / (1.0 + 0.1 * factor.ln());
             }
-            other => bail!(
-                "{}: rope scaling type {other} is not supported by verify",
-                src.describe()
-            ),
+            other => {
+                return Err(bad(ModelProblem::RopeScaling {
+                    kind: other.to_string(),
+                }))
+            }
         }
         attn_factor *= src
             .meta_f32(&key("rope.scaling.attn_factor"))
@@ -280,7 +222,9 @@ impl HParams {
         // Attention scaling, per llama.cpp's graph for each architecture.
         let inv_sqrt_hd = 1.0 / (head_dim_k as f32).sqrt();
         let (q_scale, kq_scale) = match arch {
-            Arch::Llama | Arch::Qwen2 | Arch::Qwen3 => (1.0, inv_sqrt_hd),
+            Arch::Llama | Arch::Qwen2 | Arch::Qwen2Moe | Arch::Qwen3 | Arch::Qwen3Moe => {
+                (1.0, inv_sqrt_hd)
+            }
             Arch::Phi3 | Arch::Gemma => (inv_sqrt_hd, 1.0),
             Arch::Gemma2 | Arch::Gemma3 => {
                 // gemma_pytorch config: the 27B models scale by hidden/heads instead of head_dim;

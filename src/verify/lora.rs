@@ -3,44 +3,41 @@
 //!
 //! Every adapted matrix computes `y = W·x + Σ scaleᵢ·Bᵢ·(Aᵢ·x)` over all loaded adapters, with
 //! `scale = user × alpha / rank` (`user` when alpha is 0; `llama_adapter_lora_weight::get_scale`).
-//! Token embeddings are the exception: their `lora_a` is stored transposed (one row of `rank` per
-//! token), and the delta of token `t` is `scale·B·A[t]`.
+//! Each term is the adapter's update in the base tensor's own layout ([`LowRank`], the form merge
+//! adds too). Token embeddings are the exception to the product: their rows are tokens, so the
+//! delta of token `t` is `scale·B[t]·A` (llama.cpp's `get_rows` of the stored, transposed `lora_a`).
 
 use std::collections::HashMap;
 
-use anyhow::{bail, Context, Result};
-
-use super::matmul::{matmul, Matrix};
-use crate::adapter::{Adapter, TargetKind};
+use super::error::{LoraProblem, Result, VerifyError};
+use super::matmul::{matmul, Operand};
+use crate::adapter::{Adapter, LowRank};
+use crate::arch::TargetKind;
 
 /// The tensor whose LoRA is applied at lookup rather than as a product.
 pub const TOKEN_EMBD: &str = "token_embd.weight";
 
-/// One adapter's low-rank update of one base tensor.
+/// One adapter's low-rank update of one base tensor, at its user scale.
 #[derive(Clone, Debug)]
 pub struct LoraTerm {
-    /// `rank × n_in` row-major; for [`TOKEN_EMBD`] `n_vocab × rank` (one row per token).
-    pub a: Vec<f32>,
-    /// `n_out × rank` row-major.
-    pub b: Vec<f32>,
-    pub rank: usize,
-    /// Effective scale (user scale × alpha / rank).
-    pub scale: f32,
+    /// The update in the base tensor's layout (`A`: `rank × n_in`, `B`: `n_out × rank`; for
+    /// [`TOKEN_EMBD`] `B` has one row of `rank` per token).
+    pub lr: LowRank,
+    /// The user's scale; the adapter's own is `lr.scale`.
+    pub user_scale: f32,
+}
+
+impl LoraTerm {
+    /// The effective scale: user scale × alpha / rank.
+    pub fn scale(&self) -> f32 {
+        self.user_scale * self.lr.scale
+    }
 }
 
 /// All adapters to apply, grouped by the base tensor they adapt (GGUF names, `blk.0.attn_q.weight`).
 #[derive(Clone, Debug, Default)]
 pub struct RuntimeLora {
     terms: HashMap<String, Vec<LoraTerm>>,
-}
-
-/// llama.cpp's effective scale: `user × alpha / rank`, or `user` when the adapter has no alpha.
-pub fn effective_scale(user: f32, alpha: f32, rank: usize) -> f32 {
-    if alpha != 0.0 {
-        user * alpha / rank as f32
-    } else {
-        user
-    }
 }
 
 impl RuntimeLora {
@@ -60,7 +57,7 @@ impl RuntimeLora {
     /// Adds a term for base tensor `tensor` (shapes are checked against the base at use).
     /// A zero scale adds nothing, as `llama_set_adapters_lora` skips such adapters.
     pub fn add(&mut self, tensor: &str, term: LoraTerm) {
-        if term.scale == 0.0 {
+        if term.scale() == 0.0 {
             return;
         }
         self.terms.entry(tensor.to_string()).or_default().push(term);
@@ -70,33 +67,21 @@ impl RuntimeLora {
         self.terms.get(tensor).map(Vec::as_slice).unwrap_or(&[])
     }
 
-    /// Adds every LoRA tensor of a normalized adapter (read from a GGUF LoRA file by
-    /// [`crate::adapter::gguf::read`] or from PEFT by [`crate::adapter::peft::read`]) at `user_scale`.
-    /// Full replacement tensors are not LoRA and are left out, as llama.cpp's loader skips a GGUF
-    /// adapter's `*_norm.weight`; callers that must refuse them check [`Adapter::unrepresentable`].
+    /// Adds every LoRA tensor of a normalized adapter (from [`crate::adapter::open`]) at
+    /// `user_scale`. Full replacement tensors are not LoRA and are left out, as llama.cpp's loader
+    /// skips a GGUF adapter's `*_norm.weight`; callers that must refuse them check
+    /// [`Adapter::unrepresentable`].
     pub fn add_adapter(&mut self, adapter: &Adapter, user_scale: f32) -> Result<()> {
         for t in &adapter.tensors {
-            let loaded = t.load()?;
-            let scale = user_scale * loaded.scale() as f32;
-            let term = match t.kind {
-                TargetKind::Linear => LoraTerm {
-                    a: loaded.a.data,
-                    b: loaded.b.data,
-                    rank: loaded.rank,
-                    scale,
-                },
-                // Normalized A is rank × n_vocab; the runtime looks rows up per token.
-                TargetKind::Embedding => LoraTerm {
-                    a: loaded.a.transposed().data,
-                    b: loaded.b.data,
-                    rank: loaded.rank,
-                    scale,
-                },
-                TargetKind::Experts => bail!(
-                    "{}: {} is a stacked expert tensor; verify does not run MoE models",
-                    adapter.provenance.path.display(),
-                    t.target
-                ),
+            if t.kind == TargetKind::Experts {
+                return Err(VerifyError::Experts {
+                    path: adapter.provenance.path.clone(),
+                    tensor: t.target.clone(),
+                });
+            }
+            let term = LoraTerm {
+                lr: t.low_rank()?,
+                user_scale,
             };
             self.add(&t.target, term);
         }
@@ -121,58 +106,116 @@ impl RuntimeLora {
         let n_tok = rows.len();
         let xs = &x[rows.start * n_in..rows.end * n_in];
         for term in terms {
-            if term.a.len() != term.rank * n_in || term.b.len() != n_out * term.rank {
-                bail!(
-                    "LoRA for {tensor}: A has {} values and B {}, expected {} x {n_in} and {n_out} x {}",
-                    term.a.len(),
-                    term.b.len(),
-                    term.rank,
-                    term.rank
-                );
+            let lr = &term.lr;
+            if lr.a.len() != lr.rank * n_in || lr.b.len() != n_out * lr.rank {
+                return Err(VerifyError::Lora {
+                    tensor: tensor.to_string(),
+                    problem: LoraProblem::Shapes {
+                        a: lr.a.len(),
+                        b: lr.b.len(),
+                        rank: lr.rank,
+                        n_in,
+                        n_out,
+                    },
+                });
             }
-            let ax = matmul(
-                &Matrix::F32 {
-                    rows: &term.a,
-                    n_in,
-                },
-                xs,
-                n_tok,
-            )?;
+            let ax = matmul(&Operand::F32 { rows: &lr.a, n_in }, xs, n_tok)?;
             let bax = matmul(
-                &Matrix::F32 {
-                    rows: &term.b,
-                    n_in: term.rank,
+                &Operand::F32 {
+                    rows: &lr.b,
+                    n_in: lr.rank,
                 },
                 &ax,
                 n_tok,
             )?;
+            let scale = term.scale();
             for (dst, d) in y[rows.start * n_out..rows.end * n_out].iter_mut().zip(&bax) {
-                *dst += term.scale * d;
+                *dst += scale * d;
             }
         }
         Ok(())
     }
 
-    /// Adds the token-embedding deltas `scale·B·A[token]` to `embd` (rows of `n_embd`).
+    /// Adds the token-embedding deltas `scale·B[token]·A` to `embd` (rows of `n_embd`).
     pub fn apply_embedding(&self, tokens: &[u32], embd: &mut [f32], n_embd: usize) -> Result<()> {
         for term in self.get(TOKEN_EMBD) {
-            if term.b.len() != n_embd * term.rank {
-                bail!(
-                    "LoRA for {TOKEN_EMBD}: B has {} values, expected {n_embd} x {}",
-                    term.b.len(),
-                    term.rank
-                );
+            let (lr, r) = (&term.lr, term.lr.rank);
+            if lr.a.len() != n_embd * r {
+                return Err(VerifyError::Lora {
+                    tensor: TOKEN_EMBD.to_string(),
+                    problem: LoraProblem::EmbeddingB {
+                        b: lr.a.len(),
+                        n_embd,
+                        rank: r,
+                    },
+                });
             }
+            let scale = term.scale();
             for (t, &tok) in tokens.iter().enumerate() {
-                let a_row = term
-                    .a
-                    .get(tok as usize * term.rank..(tok as usize + 1) * term.rank)
-                    .with_context(|| format!("LoRA for {TOKEN_EMBD}: no row for token {tok}"))?;
+                let b_row = lr.b.get(tok as usize * r..(tok as usize + 1) * r).ok_or(
+                    VerifyError::Lora {
+                        tensor: TOKEN_EMBD.to_string(),
+                        problem: LoraProblem::NoRow { token: tok },
+                    },
+                )?;
                 for (o, dst) in embd[t * n_embd..(t + 1) * n_embd].iter_mut().enumerate() {
-                    let b_row = &term.b[o * term.rank..(o + 1) * term.rank];
-                    let d: f32 = b_row.iter().zip(a_row).map(|(b, a)| b * a).sum();
-                    *dst += term.scale * d;
+                    // Σ_k A[k][o]·B[tok][k], in rank order.
+                    let d: f32 = (0..r).map(|k| lr.a[k * n_embd + o] * b_row[k]).sum();
+                    *dst += scale * d;
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Tied output with an embedding LoRA: logits += scale·B·(A·h), the product with the adapted
+    /// embedding matrix `E + scale·B·A`, over the token rows `rows` of `h` (rows of `n_embd`) and `y`
+    /// (rows of `n_vocab`).
+    pub fn apply_tied_output(
+        &self,
+        h: &[f32],
+        y: &mut [f32],
+        n_embd: usize,
+        n_vocab: usize,
+        rows: std::ops::Range<usize>,
+    ) -> Result<()> {
+        for term in self.get(TOKEN_EMBD) {
+            let (lr, r) = (&term.lr, term.lr.rank);
+            if lr.b.len() != n_vocab * r || lr.a.len() != n_embd * r {
+                return Err(VerifyError::Lora {
+                    tensor: TOKEN_EMBD.to_string(),
+                    problem: LoraProblem::Tied {
+                        a: lr.b.len(),
+                        b: lr.a.len(),
+                        n_vocab,
+                        n_embd,
+                        rank: r,
+                    },
+                });
+            }
+            let mut a_h = vec![0f32; rows.len() * r];
+            for (i, t) in rows.clone().enumerate() {
+                let ht = &h[t * n_embd..(t + 1) * n_embd];
+                for (o, hv) in ht.iter().enumerate() {
+                    for j in 0..r {
+                        a_h[i * r + j] += lr.a[j * n_embd + o] * hv;
+                    }
+                }
+            }
+            let d = matmul(
+                &Operand::F32 {
+                    rows: &lr.b,
+                    n_in: r,
+                },
+                &a_h,
+                rows.len(),
+            )?;
+            let scale = term.scale();
+            for (dst, v) in y[rows.start * n_vocab..rows.end * n_vocab]
+                .iter_mut()
+                .zip(&d)
+            {
+                *dst += scale * v;
             }
         }
         Ok(())

@@ -4,30 +4,31 @@
 //! rayon task decodes a block of W's rows into a reused buffer and dots it with every token, so memory
 //! stays at (threads × block) floats however large W is, and each weight is decoded once per product.
 
-use anyhow::Result;
 use rayon::prelude::*;
 
+use super::error::{Result, VerifyError};
 use super::source::TensorRef;
 
-/// The left operand of a product: GGUF tensor rows (any type we decode) or plain f32 rows.
+/// The left operand of a product: GGUF tensor rows (any type we decode) or plain f32 rows. (Not
+/// [`crate::adapter::Matrix`], an owned dense matrix: this one only borrows rows.)
 #[derive(Clone, Copy)]
-pub enum Matrix<'a> {
+pub enum Operand<'a> {
     Tensor(TensorRef<'a>),
     F32 { rows: &'a [f32], n_in: usize },
 }
 
-impl Matrix<'_> {
+impl Operand<'_> {
     pub fn n_in(&self) -> usize {
         match self {
-            Matrix::Tensor(t) => t.row_len(),
-            Matrix::F32 { n_in, .. } => *n_in,
+            Operand::Tensor(t) => t.row_len(),
+            Operand::F32 { n_in, .. } => *n_in,
         }
     }
 
     pub fn n_out(&self) -> usize {
         match self {
-            Matrix::Tensor(t) => t.n_rows(),
-            Matrix::F32 { rows, n_in } => rows.len() / n_in.max(&1),
+            Operand::Tensor(t) => t.n_rows(),
+            Operand::F32 { rows, n_in } => rows.len() / n_in.max(&1),
         }
     }
 }
@@ -41,14 +42,16 @@ fn block_rows(n_out: usize, n_in: usize) -> usize {
 }
 
 /// `x` is `n_tok` rows of `w.n_in()` floats; returns `n_tok` rows of `w.n_out()` floats.
-pub fn matmul(w: &Matrix, x: &[f32], n_tok: usize) -> Result<Vec<f32>> {
+pub fn matmul(w: &Operand, x: &[f32], n_tok: usize) -> Result<Vec<f32>> {
     let (n_in, n_out) = (w.n_in(), w.n_out());
-    anyhow::ensure!(
-        x.len() == n_tok * n_in,
-        "matmul: activation has {} floats, expected {n_tok} x {n_in}",
-        x.len()
-    );
-    if let Matrix::Tensor(t) = w {
+    if x.len() != n_tok * n_in {
+        return Err(VerifyError::Activation {
+            len: x.len(),
+            n_tok,
+            n_in,
+        });
+    }
+    if let Operand::Tensor(t) = w {
         t.check_size()?;
     }
     let rows_per_block = block_rows(n_out, n_in);
@@ -60,12 +63,12 @@ pub fn matmul(w: &Matrix, x: &[f32], n_tok: usize) -> Result<Vec<f32>> {
             let first = bi * rows_per_block;
             let n_rows = out.len() / n_tok.max(1);
             let rows: &[f32] = match w {
-                Matrix::Tensor(t) => {
+                Operand::Tensor(t) => {
                     buf.resize(n_rows * n_in, 0.0);
                     t.decode_rows(first, n_rows, buf)?;
                     buf
                 }
-                Matrix::F32 { rows, .. } => &rows[first * n_in..(first + n_rows) * n_in],
+                Operand::F32 { rows, .. } => &rows[first * n_in..(first + n_rows) * n_in],
             };
             dot_block(rows, n_rows, x, n_tok, n_in, out);
             Ok(())
@@ -118,6 +121,10 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 mod avx2 {
     use std::arch::x86_64::*;
 
+    /// The sum of the eight lanes of `v`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn hsum(v: __m256) -> f32 {
@@ -130,6 +137,10 @@ mod avx2 {
     }
 
     /// One weight row against four tokens: each weight load feeds four FMAs.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA, and `w` and every `x[k]` must hold at least `n` floats:
+    /// the loads of the first `n / 8 * 8` values go through raw pointers without bounds checks.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn dot_1x4(w: &[f32], x: [&[f32]; 4], n: usize) -> [f32; 4] {
         let n8 = n / 8 * 8;
@@ -159,6 +170,11 @@ mod avx2 {
         r
     }
 
+    /// One weight row against one token.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA, and `w` and `x` must hold at least `n` floats (the
+    /// vector loads are not bounds-checked).
     #[target_feature(enable = "avx2,fma")]
     unsafe fn dot_1x1(w: &[f32], x: &[f32], n: usize) -> f32 {
         let n8 = n / 8 * 8;
@@ -223,7 +239,7 @@ mod tests {
         let x: Vec<f32> = (0..n_in * n_tok)
             .map(|i| ((i * 31) % 13) as f32 / 7.0 - 0.9)
             .collect();
-        let y = matmul(&Matrix::F32 { rows: &w, n_in }, &x, n_tok).unwrap();
+        let y = matmul(&Operand::F32 { rows: &w, n_in }, &x, n_tok).unwrap();
         for t in 0..n_tok {
             for o in 0..n_out {
                 let want: f64 = (0..n_in)

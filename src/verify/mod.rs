@@ -9,7 +9,7 @@
 //! is the activations of K tokens, the K×vocab logits and one row block of weights per thread.
 //!
 //! ```no_run
-//! # fn main() -> anyhow::Result<()> {
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use gguf_lora::gguf::GgufModel;
 //! use gguf_lora::verify::{self, VerifyOptions};
 //! let base = GgufModel::open("base.gguf")?;
@@ -21,24 +21,26 @@
 //! ```
 
 pub mod compare;
+pub mod error;
 pub mod forward;
 pub mod hparams;
 pub mod lora;
 pub mod matmul;
 pub mod npy;
+pub mod ops;
 pub mod source;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::adapter;
 use crate::arch::BaseInfo;
 use crate::gguf::GgufModel;
 use compare::{Comparison, Fidelity, Thresholds};
+pub use error::{Result, VerifyError};
 use forward::{Logits, Model};
 use lora::RuntimeLora;
 use source::WeightSource;
@@ -129,7 +131,10 @@ pub struct VerifyRun {
 impl VerifyRun {
     /// Writes `base.npy`, `runtime.npy` and `merged.npy` (float32, [K, vocab]) into `dir`.
     pub fn write_logits(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|error| VerifyError::CreateDir {
+            path: dir.to_path_buf(),
+            error,
+        })?;
         for (name, l) in [
             ("base", &self.base),
             ("runtime", &self.runtime),
@@ -149,12 +154,12 @@ fn merged_types(lora: &RuntimeLora, merged: &dyn WeightSource) -> Result<MergedT
     let mut types = BTreeMap::new();
     let mut fidelity = Fidelity::Float;
     for name in lora.tensors() {
-        let t = merged.tensor(name).with_context(|| {
-            format!(
-                "{}: the adapters adapt {name}, which the merged model does not have",
-                merged.describe()
-            )
-        })?;
+        let t = merged
+            .tensor(name)
+            .ok_or_else(|| VerifyError::MergedMissing {
+                merged: merged.describe(),
+                tensor: name.to_string(),
+            })?;
         *types.entry(t.ty.name().to_string()).or_insert(0) += 1;
         fidelity = fidelity.max(Fidelity::of(t.ty));
     }
@@ -171,22 +176,22 @@ pub fn run(
     let base_model = Model::new(base)?;
     let merged_model = Model::new(merged)?;
     if base_model.hp.arch != merged_model.hp.arch {
-        bail!(
-            "{} is a {} model but the base {} is {}",
-            merged.describe(),
-            merged_model.hp.arch.name(),
-            base.describe(),
-            base_model.hp.arch.name()
-        );
+        return Err(VerifyError::ArchDiffers {
+            merged: merged.describe(),
+            merged_arch: merged_model.hp.arch.name(),
+            base: base.describe(),
+            base_arch: base_model.hp.arch.name(),
+        });
     }
     let n_vocab = base_model.n_vocab()?;
-    if merged_model.n_vocab()? != n_vocab {
-        bail!(
-            "{} has {} tokens but the base {} has {n_vocab}",
-            merged.describe(),
-            merged_model.n_vocab()?,
-            base.describe()
-        );
+    let merged_vocab = merged_model.n_vocab()?;
+    if merged_vocab != n_vocab {
+        return Err(VerifyError::VocabDiffers {
+            merged: merged.describe(),
+            merged_vocab,
+            base: base.describe(),
+            n_vocab,
+        });
     }
     let types = merged_types(lora, merged)?;
     let mut thresholds = Thresholds::default_for(types.fidelity);
@@ -204,12 +209,26 @@ pub fn run(
     }
 
     let t0 = Instant::now();
-    let mut out = base_model.logits(&opts.tokens, &[None, Some(lora)])?;
-    let runtime = out.pop().context("runtime logits")?;
-    let base_logits = out.pop().context("base logits")?;
+    // One `Logits` per configuration asked for: [base, runtime], then [merged].
+    let [base_logits, runtime]: [Logits; 2] = base_model
+        .logits(&opts.tokens, &[None, Some(lora)])?
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("two configurations give two sets of logits"));
     let t1 = Instant::now();
-    let merged_logits = merged_model.logits(&opts.tokens, &[None])?.remove(0);
+    let [merged_logits]: [Logits; 1] = merged_model
+        .logits(&opts.tokens, &[None])?
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("one configuration gives one set of logits"));
     let t2 = Instant::now();
+    // The tied or untied output heads may differ in rows even when the embeddings agree.
+    if merged_logits.n_vocab != base_logits.n_vocab {
+        return Err(VerifyError::LogitsDiffer {
+            merged: merged.describe(),
+            merged_vocab: merged_logits.n_vocab,
+            base: base.describe(),
+            n_vocab: base_logits.n_vocab,
+        });
+    }
 
     let comparison = compare::compare(&base_logits, &runtime, &merged_logits, thresholds);
     Ok(VerifyRun {
@@ -231,42 +250,44 @@ pub fn run(
     })
 }
 
-/// Reads a PEFT adapter (directory or `.safetensors` with its config), mapped onto `base`, refusing
-/// what llama.cpp could not apply at runtime (there would be no reference to verify against).
-fn read_peft_adapter(base: &GgufModel, path: &Path) -> Result<adapter::Adapter> {
-    let info = BaseInfo::from_model(base).map_err(|m| anyhow::anyhow!("base model: {m}"))?;
-    let (adapter, issues) = adapter::peft::read(path, &info)?;
-    if let Some(issue) = issues.first() {
-        bail!(
-            "{}: {} ({} problem(s) mapping it onto the base)",
-            path.display(),
-            issue.message,
-            issues.len()
-        );
-    }
-    if let Some(first) = adapter.unrepresentable().first() {
-        bail!(
-            "{}: {first} cannot be applied at runtime by llama.cpp, so there is no runtime reference to verify against",
-            path.display()
-        );
-    }
-    Ok(adapter)
-}
-
-/// Loads adapters given as `(path, user scale)`: GGUF LoRA files or PEFT adapters.
+/// Loads adapters given as `(path, user scale)`: GGUF LoRA files, bundle members or PEFT adapters.
+/// PEFT adapters are mapped onto `base`; what llama.cpp could not apply at runtime is refused (there
+/// would be no reference to verify against).
 pub fn load_adapters(base: &GgufModel, specs: &[(String, f32)]) -> Result<RuntimeLora> {
     let mut set = RuntimeLora::new();
+    // Only a PEFT adapter needs the base described (mapping); a GGUF adapter is taken as it is.
+    let needs_base = specs
+        .iter()
+        .any(|(s, _)| adapter::detect(Path::new(s)) == adapter::SourceFormat::Peft);
+    let info = if needs_base {
+        Some(BaseInfo::from_model(base).map_err(VerifyError::Base)?)
+    } else {
+        None
+    };
     for (spec, scale) in specs {
         let path = Path::new(spec);
-        let adapter = if adapter::peft::is_peft(path) && !spec.ends_with(".gguf") {
-            read_peft_adapter(base, path)?
-        } else {
-            adapter::gguf::read(path)?
-        };
-        set.add_adapter(&adapter, *scale)?;
+        let opened = adapter::open(path, info.as_ref())?;
+        if opened.format == adapter::SourceFormat::Peft {
+            if let Some(issue) = opened.issues.first() {
+                return Err(VerifyError::PeftMapping {
+                    path: path.to_path_buf(),
+                    message: issue.message.clone(),
+                    count: opened.issues.len(),
+                });
+            }
+            if let Some(first) = opened.adapter.unrepresentable().into_iter().next() {
+                return Err(VerifyError::NotRuntime {
+                    path: path.to_path_buf(),
+                    what: first,
+                });
+            }
+        }
+        set.add_adapter(&opened.adapter, *scale)?;
     }
     if let Some(name) = set.tensors().find(|n| base.tensor(n).is_none()) {
-        bail!("the adapters adapt {name}, which the base model does not have (hint: wrong base model?)");
+        return Err(VerifyError::BaseMissing {
+            tensor: name.to_string(),
+        });
     }
     Ok(set)
 }
@@ -278,13 +299,14 @@ pub fn merge_to_temp(
     base: &GgufModel,
     specs: &[(String, f32)],
 ) -> Result<(tempfile::TempDir, GgufModel)> {
-    use crate::merge::file::{merge_model, Output};
+    use crate::engine::file::Output;
     use crate::merge::inputs::read_adapter;
+    use crate::merge::merge_model;
     let mut adapters = Vec::new();
     for (spec, scale) in specs {
         adapters.push(read_adapter(Path::new(spec), base, spec.clone(), *scale)?);
     }
-    let dir = tempfile::tempdir().context("cannot create a temporary directory for the merge")?;
+    let dir = tempfile::tempdir().map_err(VerifyError::TempDir)?;
     let out = dir.path().join("merged.gguf");
     let output = Output {
         path: &out,
@@ -304,7 +326,46 @@ pub fn merge_to_temp(
 
 #[cfg(test)]
 mod tests {
+    use super::forward::tests::{term, tiny, Rng, N_EMBD};
     use super::*;
+
+    /// Regression (issue 11): a merged model whose `output.weight` has other rows than the base's
+    /// gave logits of another width, and comparing them panicked; it is an error naming both.
+    #[test]
+    fn merged_output_of_other_rows_is_an_error() {
+        let base = tiny("llama", false);
+        let mut merged = tiny("llama", false);
+        let rows = 40;
+        merged.add(
+            "output.weight",
+            &[N_EMBD as u64, rows as u64],
+            &vec![0.01; N_EMBD * rows],
+        );
+        let mut lora = RuntimeLora::new();
+        lora.add(
+            "blk.0.attn_q.weight",
+            term(&mut Rng(3), 2, N_EMBD, N_EMBD, 1.0),
+        );
+        let err = run(
+            &base,
+            &lora,
+            &merged,
+            &VerifyOptions::with_tokens(vec![1, 2, 3]),
+        )
+        .err()
+        .expect("refused");
+        assert!(
+            matches!(
+                err,
+                VerifyError::LogitsDiffer {
+                    merged_vocab: 40,
+                    n_vocab: 50,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
 
     #[test]
     fn seeded_tokens_are_deterministic_in_range_and_seed_dependent() {

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use super::error::{Result, VerifyError};
 
 /// The bytes of an `.npy` file holding `data` with shape `shape`.
 pub fn npy_bytes(shape: &[usize], data: &[f32]) -> Vec<u8> {
@@ -37,13 +37,19 @@ pub fn write_npy(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+    let mut tmp =
+        tempfile::NamedTempFile::new_in(dir).map_err(|error| VerifyError::CreateFile {
+            dir: dir.to_path_buf(),
+            error,
+        })?;
+    let write = |error| VerifyError::Write {
+        path: path.to_path_buf(),
+        error,
+    };
     tmp.write_all(&npy_bytes(shape, data))
         .and_then(|_| tmp.as_file().sync_all())
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    tmp.persist(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+        .map_err(write)?;
+    tmp.persist(path).map_err(|e| write(e.error))?;
     Ok(())
 }
 

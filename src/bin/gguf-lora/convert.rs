@@ -3,9 +3,10 @@
 
 use std::path::PathBuf;
 
-use gguf_lora::adapter::gguf::OutType;
+use gguf_lora::adapter::gguf::FactorType;
 use gguf_lora::convert::{convert, ConvertOptions, ConvertReport};
 
+use crate::args::JsonArg;
 use crate::table::{human_bytes, Table};
 use crate::{print_stdout, Outcome};
 
@@ -25,11 +26,10 @@ pub struct Args {
     #[arg(long)]
     arch: Option<String>,
     /// Tensor type of lora_a/lora_b (q8_0 falls back to f16 where rows are not multiples of 32).
-    #[arg(long, value_enum, default_value = "f32")]
-    outtype: OutType,
-    /// Print exactly one JSON object on stdout.
-    #[arg(long)]
-    json: bool,
+    #[arg(long, default_value = "f32", value_parser = crate::factor_type_parser())]
+    outtype: FactorType,
+    #[command(flatten)]
+    json: JsonArg,
 }
 
 pub fn run(args: Args) -> anyhow::Result<Outcome> {
@@ -39,7 +39,7 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
         outtype: args.outtype,
     };
     let report = convert(&args.adapter, &args.output, &opts)?;
-    let text = if args.json {
+    let text = if args.json.json {
         let mut s = serde_json::to_string_pretty(&report)?;
         s.push('\n');
         s

@@ -13,11 +13,14 @@ use gguf_lora::inspect::safetensors::SafetensorsReport;
 use gguf_lora::inspect::{inspect, Report};
 use serde_json::Value as Json;
 
-use crate::table::{human_bytes, Table};
+use crate::args::JsonArg;
+use crate::table::{human_bytes, short as num, Table};
 use crate::{print_stdout, Outcome};
 
 /// Longest string value shown in the human output before it is cut.
 const MAX_TEXT: usize = 72;
+/// The coverage of an adapter of no `blk.N` tensor.
+const NO_LAYERS: &str = "(no blk.N tensor adapted)";
 
 /// Show what is in a GGUF model or adapter (single file or split set), a safetensors file or a PEFT
 /// LoRA adapter.
@@ -28,9 +31,8 @@ pub struct Args {
     /// Base model GGUF: match the adapter FILE (PEFT or GGUF) against it; exit 3 if incompatible.
     #[arg(long)]
     base: Option<PathBuf>,
-    /// Print exactly one JSON object on stdout instead of tables.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    json: JsonArg,
 }
 
 pub fn run(args: Args) -> anyhow::Result<Outcome> {
@@ -42,7 +44,7 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
         Report::AdapterMatch(r) if !r.compatible => Outcome::CheckFailed,
         _ => Outcome::Success,
     };
-    let text = if args.json {
+    let text = if args.json.json {
         let mut s = serde_json::to_string_pretty(&report)?;
         s.push('\n');
         s
@@ -179,12 +181,7 @@ fn render_gguf(r: &GgufReport) -> String {
         Table::new(&["name", "type", "shape", ">bytes", ">layer"])
     };
     for x in &r.tensors {
-        let shape = x
-            .shape
-            .iter()
-            .map(u64::to_string)
-            .collect::<Vec<_>>()
-            .join(" x ");
+        let shape = dims(&x.shape);
         let mut row = vec![
             x.name.clone(),
             x.ty.clone(),
@@ -238,10 +235,7 @@ fn cut(s: &str, max: usize) -> String {
 }
 
 fn shape(s: &Option<Vec<u64>>) -> String {
-    s.as_ref().map_or_else(
-        || "-".into(),
-        |v| v.iter().map(u64::to_string).collect::<Vec<_>>().join(" x "),
-    )
+    s.as_deref().map_or_else(|| "-".into(), dims)
 }
 
 fn render_match(r: &AdapterMatchReport) -> String {
@@ -283,19 +277,7 @@ fn render_match(r: &AdapterMatchReport) -> String {
         "\nLayer coverage ({} base layers)",
         r.base_layers.map_or_else(|| "?".into(), |n| n.to_string())
     );
-    let mut t = Table::new(&[">layer", ">n", "targets"]);
-    for l in &r.layers {
-        t.row(vec![
-            l.layer.to_string(),
-            l.targets.len().to_string(),
-            if l.targets.is_empty() {
-                "(none)".into()
-            } else {
-                l.targets.join(" ")
-            },
-        ]);
-    }
-    out.push_str(&t.render(2));
+    out.push_str(&coverage_table(&r.layers, None));
     let _ = writeln!(out, "\nIdentity");
     let mut t = Table::new(&["", "adapter", "base", ""]);
     for h in &r.hints {
@@ -326,16 +308,14 @@ fn dims(v: &[u64]) -> String {
     v.iter().map(u64::to_string).collect::<Vec<_>>().join(" x ")
 }
 
-/// A scale or alpha: as few digits as say it exactly, at most 6 decimals.
-fn num(x: f64) -> String {
-    let s = format!("{x:.6}");
-    let s = s.trim_end_matches('0').trim_end_matches('.');
-    s.to_string()
-}
-
-fn coverage_table(layers: &[gguf_lora::inspect::adapter::LayerCoverage]) -> String {
-    if layers.is_empty() {
-        return "  (no blk.N tensor adapted)\n".into();
+/// Per-layer coverage: a row per layer with its adapted targets; without layers, `if_empty` (or
+/// the bare header).
+fn coverage_table(
+    layers: &[gguf_lora::inspect::adapter::LayerCoverage],
+    if_empty: Option<&str>,
+) -> String {
+    if let (true, Some(text)) = (layers.is_empty(), if_empty) {
+        return format!("  {text}\n");
     }
     let mut t = Table::new(&[">layer", ">n", "targets"]);
     for l in layers {
@@ -404,7 +384,7 @@ fn render_gguf_adapter(r: &GgufAdapterReport) -> String {
     }
     out.push_str(&t.render(2));
     let _ = writeln!(out, "\nLayer coverage");
-    out.push_str(&coverage_table(&a.layers));
+    out.push_str(&coverage_table(&a.layers, Some(NO_LAYERS)));
     out
 }
 
@@ -595,7 +575,7 @@ fn render_peft(r: &PeftReport) -> String {
         out.push_str(&t.render(2));
     }
     let _ = writeln!(out, "\nLayer coverage");
-    out.push_str(&coverage_table(&r.layers));
+    out.push_str(&coverage_table(&r.layers, Some(NO_LAYERS)));
     if r.not_representable.is_empty() {
         let _ = writeln!(out, "\nGGUF LoRA: representable (convert can write it)");
     } else {

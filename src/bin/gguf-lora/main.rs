@@ -1,28 +1,26 @@
 //! The `gguf-lora` command line: clap definitions, output formatting and exit codes only.
 //!
 //! Each subcommand lives in its own module beside this file (`inspect.rs`, `merge.rs`, ...): an `Args`
-//! struct (clap) and a `run(args) -> anyhow::Result<Outcome>` that calls the library and prints. This
-//! file only dispatches and maps outcomes and errors to exit codes.
+//! struct (clap) and a `run(args) -> anyhow::Result<Outcome>` that calls the library and prints.
+//! Flags several subcommands take are defined once in `args.rs` and `lora_args.rs`. This file only
+//! installs the interrupt handler, dispatches, and maps outcomes and errors to exit codes.
 
-pub(crate) mod merge;
-mod progress;
-mod quantize;
-
-use std::process::ExitCode;
-
-use clap::{Parser, Subcommand};
-
+mod args;
 mod bundle;
 mod convert;
 mod inspect;
 mod lora_args;
+mod merge;
+mod progress;
+mod quantize;
 mod rewrite;
 mod table;
 mod tokenize;
 mod verify;
 
+use clap::{Parser, Subcommand};
+
 /// How a subcommand that ran to the end went; errors are `Err` and exit with 1.
-#[allow(dead_code)]
 pub enum Outcome {
     /// Exit 0.
     Success,
@@ -30,9 +28,28 @@ pub enum Outcome {
     CheckFailed,
 }
 
-/// Exit codes are part of the CLI contract (DESIGN.md): 0 ok, 1 error, 2 usage (clap), 3 check failed.
-const EXIT_ERROR: u8 = 1;
-const EXIT_CHECK_FAILED: u8 = 3;
+/// The exit codes, part of the CLI contract (DESIGN.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Exit {
+    Success = 0,
+    /// Bad input, I/O: the message on stderr names the file, the tensor and what was expected.
+    Error = 1,
+    /// A usage error (clap exits with it by itself).
+    #[allow(dead_code)]
+    Usage = 2,
+    /// A check that ran and failed.
+    CheckFailed = 3,
+    /// Interrupted by SIGINT, SIGTERM or SIGHUP (128 + SIGINT, the shell convention); temporary
+    /// files are removed first.
+    Interrupted = 130,
+}
+
+impl From<Exit> for std::process::ExitCode {
+    fn from(e: Exit) -> Self {
+        std::process::ExitCode::from(e as u8)
+    }
+}
 
 #[derive(Parser)]
 #[command(name = "gguf-lora", version, about = "LoRA adapters for GGUF models")]
@@ -55,8 +72,19 @@ enum Command {
     Tokenize(tokenize::Args),
 }
 
-fn main() -> ExitCode {
+/// On SIGINT, SIGTERM or SIGHUP: remove every temporary output file and exit, holding the library's
+/// registry so that no file is created or renamed in between. If the handler cannot be installed
+/// the run goes on; an interrupt then leaves a hidden `.NAME.PID-N.tmp` behind.
+fn install_interrupt_handler() {
+    let _ = ctrlc::set_handler(|| {
+        let _held = gguf_lora::output::remove_live_temp_files();
+        std::process::exit(Exit::Interrupted as i32);
+    });
+}
+
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    install_interrupt_handler();
     let result: anyhow::Result<Outcome> = match cli.command {
         Command::Bundle(args) => bundle::run(args),
         Command::Convert(args) => convert::run(args),
@@ -67,16 +95,17 @@ fn main() -> ExitCode {
         Command::Quantize(args) => quantize::run(args),
         Command::Tokenize(args) => tokenize::run(args),
     };
-    match result {
-        Ok(Outcome::Success) => ExitCode::SUCCESS,
-        Ok(Outcome::CheckFailed) => ExitCode::from(EXIT_CHECK_FAILED),
+    let exit = match result {
+        Ok(Outcome::Success) => Exit::Success,
+        Ok(Outcome::CheckFailed) => Exit::CheckFailed,
         // `gguf-lora inspect ... | head` closing the pipe early is not an error.
-        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
+        Err(err) if is_broken_pipe(&err) => Exit::Success,
         Err(err) => {
             eprintln!("gguf-lora: error: {err:#}");
-            ExitCode::from(EXIT_ERROR)
+            Exit::Error
         }
-    }
+    };
+    exit.into()
 }
 
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
@@ -85,6 +114,8 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
 }
+
+pub use args::factor_type_parser;
 
 /// Writes `text` to stdout in one go; a closed pipe surfaces as an error that `main` ignores.
 pub fn print_stdout(text: &str) -> anyhow::Result<()> {

@@ -2,19 +2,20 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use std::fmt::Write;
+
 use clap::Args as ClapArgs;
+use gguf_lora::engine::file::Output;
 use gguf_lora::gguf::GgufModel;
-use gguf_lora::merge::file::{merge_model, Output};
 use gguf_lora::merge::inputs::read_adapter;
-use gguf_lora::merge::types::is_writable;
-use gguf_lora::merge::{AdapterInput, MergeOptions, MergeReport, OutType, Promote};
-use gguf_lora::quant::GgmlType;
+use gguf_lora::merge::{merge_model, AdapterInput, MergeOptions, MergeReport, MergeType, Promote};
 use serde::Serialize;
 
+use crate::args::{JsonArg, ThreadsArg};
 use crate::lora_args::LoraArgs;
 use crate::progress::TensorProgress;
-use crate::Outcome;
+use crate::table::{fixed3, mib};
+use crate::{print_stdout, Outcome};
 
 /// Bake LoRA adapters into a base GGUF, keeping each tensor's quantization.
 #[derive(ClapArgs, Debug)]
@@ -32,61 +33,13 @@ pub struct Args {
     /// Requantize touched tensors to a larger TYPE, only those of type FROM (FROM=TO[,...]), or choose per tensor with auto[:BUDGET] (size growth, default 5%).
     #[arg(long, value_name = "TYPE|FROM=TO|auto[:BUDGET]")]
     pub promote: Option<String>,
-    /// Worker threads (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub threads: ThreadsArg,
     /// Write one file even when the base is a split set.
     #[arg(long)]
     pub no_split: bool,
-    /// One JSON object on stdout instead of tables.
-    #[arg(long)]
-    pub json: bool,
-}
-
-pub(crate) fn parse_type(s: &str) -> anyhow::Result<GgmlType> {
-    match GgmlType::from_name(s) {
-        Some(t) if is_writable(t) => Ok(t),
-        _ => bail!("unknown or unsupported output type '{s}' (expected f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k or q6_k)"),
-    }
-}
-
-fn parse_promote(s: &str) -> anyhow::Result<Promote> {
-    if let Some(rest) = s.strip_prefix("auto") {
-        let budget = match rest.strip_prefix(':') {
-            None if rest.is_empty() => 0.05,
-            Some(b) => {
-                let (num, pct) = match b.strip_suffix('%') {
-                    Some(n) => (n, true),
-                    None => (b, false),
-                };
-                let v: f64 = num
-                    .parse()
-                    .with_context(|| format!("--promote {s}: budget '{b}' is not a number"))?;
-                // "5%" and "5" both mean five percent; "0.05" means five percent too.
-                let frac = if pct || v >= 1.0 { v / 100.0 } else { v };
-                if !(frac.is_finite() && frac >= 0.0) {
-                    bail!("--promote {s}: budget must be a size growth >= 0");
-                }
-                frac
-            }
-            None => bail!("--promote '{s}': expected auto or auto:BUDGET"),
-        };
-        return Ok(Promote::Auto { budget });
-    }
-    if s.contains('=') {
-        let mut pairs = Vec::new();
-        for pair in s.split(',') {
-            let (from, to) = pair
-                .split_once('=')
-                .with_context(|| format!("--promote '{s}': expected FROM=TO[,FROM=TO...]"))?;
-            let from = GgmlType::from_name(from)
-                .with_context(|| format!("--promote '{s}': unknown type '{from}'"))?;
-            pairs.push((from, parse_type(to)?));
-        }
-        // The options live for the whole run; leaking this small list keeps `Promote` `Copy`.
-        return Ok(Promote::Map(Vec::leak(pairs)));
-    }
-    Ok(Promote::Type(parse_type(s)?))
+    #[command(flatten)]
+    pub json: JsonArg,
 }
 
 fn load_adapter(spec: &str, scale: f32, base: &GgufModel) -> anyhow::Result<AdapterInput> {
@@ -105,13 +58,10 @@ struct JsonOut<'a> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<Outcome> {
-    let outtype = match args.outtype.to_ascii_lowercase().as_str() {
-        "keep" => OutType::Keep,
-        t => OutType::Type(parse_type(t)?),
-    };
+    let outtype: MergeType = args.outtype.parse()?;
     let promote = match &args.promote {
         None => Promote::None,
-        Some(p) => parse_promote(&p.to_ascii_lowercase())?,
+        Some(p) => p.parse()?,
     };
     let opts = MergeOptions {
         outtype,
@@ -119,11 +69,7 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
         ..Default::default()
     };
     let specs = args.lora.adapters()?;
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(args.threads.unwrap_or(0))
-        .build()
-        .context("cannot start worker threads")?;
-    pool.install(|| {
+    args.threads.run(|| {
         let model = GgufModel::open(&args.base)?;
         let adapters = specs
             .iter()
@@ -140,33 +86,31 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
         let (report, written) = merge_model(&model, &adapters, &opts, &output, &on_done)?;
         progress.finish();
         let outputs: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
-        if args.json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&JsonOut {
-                    outputs,
-                    report: &report
-                })?
-            );
+        let text = if args.json.json {
+            let mut s = serde_json::to_string_pretty(&JsonOut {
+                outputs,
+                report: &report,
+            })?;
+            s.push('\n');
+            s
         } else {
-            print_human(&report, &outputs);
-        }
+            render(&report, &outputs)
+        };
+        print_stdout(&text)?;
         Ok(Outcome::Success)
     })
 }
 
-fn mib(b: u64) -> String {
-    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
-}
-
 fn err_str(e: Option<f64>) -> String {
-    e.map_or_else(|| "-".to_string(), |e| format!("{e:.3}"))
+    e.map_or_else(|| "-".to_string(), fixed3)
 }
 
-fn print_human(r: &MergeReport, outputs: &[String]) {
+fn render(r: &MergeReport, outputs: &[String]) -> String {
+    let mut out = String::new();
     let s = &r.summary;
-    println!("wrote {}", outputs.join(", "));
-    println!(
+    let _ = writeln!(out, "wrote {}", outputs.join(", "));
+    let _ = writeln!(
+        out,
         "merged {} tensors, copied {} byte for byte; {} → {} (×{:.3}){}{}",
         s.tensors_merged,
         s.tensors_copied,
@@ -187,9 +131,10 @@ fn print_human(r: &MergeReport, outputs: &[String]) {
             String::new()
         },
     );
-    println!();
-    println!("requantization error relative to the adapter's delta (RMS(requantized − exact merge) / RMS(delta)):");
-    println!(
+    let _ = writeln!(out);
+    let _ = writeln!(out, "requantization error relative to the adapter's delta (RMS(requantized − exact merge) / RMS(delta)):");
+    let _ = writeln!(
+        out,
         "{:<8} {:>7} {:>10}  {:<40}",
         "type", "tensors", "error", "other choices for these tensors (error, whole-file size)"
     );
@@ -207,7 +152,8 @@ fn print_human(r: &MergeReport, outputs: &[String]) {
                 )
             })
             .collect();
-        println!(
+        let _ = writeln!(
+            out,
             "{:<8} {:>7} {:>10}  {}",
             t.type_in,
             t.tensors,
@@ -228,7 +174,9 @@ fn print_human(r: &MergeReport, outputs: &[String]) {
             }
             None => "; try --promote q8_0 or --promote auto".to_string(),
         };
-        println!(
+        let _ = writeln!(
+
+            out,
             "warning: the {} {} tensors lose much of the adapter to requantization (rounding error {}× the adapter's change){fix}",
             t.tensors,
             t.type_in,
@@ -250,10 +198,11 @@ fn print_human(r: &MergeReport, outputs: &[String]) {
         .and_then(|t| t.relative_error)
         .is_some_and(|e| e > 0.0)
     {
-        println!();
-        println!("tensors that lose most (of {}):", r.tensors.len());
+        let _ = writeln!(out);
+        let _ = writeln!(out, "tensors that lose most (of {}):", r.tensors.len());
         for t in worst.iter().take(5) {
-            println!(
+            let _ = writeln!(
+                out,
                 "  {:<36} {} → {}{}  error {}",
                 t.name,
                 t.type_in,
@@ -263,4 +212,5 @@ fn print_human(r: &MergeReport, outputs: &[String]) {
             );
         }
     }
+    out
 }

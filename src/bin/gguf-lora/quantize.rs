@@ -2,14 +2,18 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use std::fmt::Write;
+
 use clap::Args as ClapArgs;
+use gguf_lora::engine::file::Output;
+use gguf_lora::engine::types::parse_writable;
 use gguf_lora::gguf::GgufModel;
-use gguf_lora::merge::file::Output;
 use gguf_lora::quantize::{imatrix, quantize_model, Action, QuantizeOptions, QuantizeReport};
 
+use crate::args::{JsonArg, ThreadsArg};
 use crate::progress::TensorProgress;
-use crate::Outcome;
+use crate::table::mib;
+use crate::{print_stdout, Outcome};
 
 /// Quantize a whole model to one type (ggml-exact, like `llama-quantize --pure`).
 #[derive(ClapArgs, Debug)]
@@ -25,15 +29,13 @@ pub struct Args {
     /// Importance matrix from llama-imatrix (GGUF, or the legacy .dat form).
     #[arg(long, value_name = "FILE")]
     pub imatrix: Option<PathBuf>,
-    /// Worker threads (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub threads: ThreadsArg,
     /// Write one file even when the input is a split set.
     #[arg(long)]
     pub no_split: bool,
-    /// One JSON object on stdout instead of a table.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub json: JsonArg,
 }
 
 pub fn run(args: Args) -> anyhow::Result<Outcome> {
@@ -45,14 +47,10 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
             lower.rsplit_once('_').map_or(lower.as_str(), |(t, _)| t)
         );
     }
-    let target = crate::merge::parse_type(&lower)?;
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(args.threads.unwrap_or(0))
-        .build()
-        .context("cannot start worker threads")?;
-    pool.install(|| {
+    let target = parse_writable(&lower)?;
+    args.threads.run(|| {
         let im = match &args.imatrix {
-            Some(p) => Some(imatrix::read(p).map_err(anyhow::Error::msg)?),
+            Some(p) => Some(imatrix::read(p)?),
             None => None,
         };
         let model = GgufModel::open(&args.input)?;
@@ -69,23 +67,22 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
         let progress = TensorProgress::new(&model);
         let report = quantize_model(&model, &opts, &output, &|i, b| progress.on_done(i, b))?;
         progress.finish();
-        if args.json {
-            crate::print_stdout(&(serde_json::to_string_pretty(&report)? + "\n"))?;
+        let text = if args.json.json {
+            serde_json::to_string_pretty(&report)? + "\n"
         } else {
-            print_human(&report);
-        }
+            render(&report)
+        };
+        print_stdout(&text)?;
         Ok(Outcome::Success)
     })
 }
 
-fn mib(b: u64) -> String {
-    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
-}
-
-fn print_human(r: &QuantizeReport) {
+fn render(r: &QuantizeReport) -> String {
+    let mut out = String::new();
     let s = &r.summary;
-    println!("wrote {}", r.outputs.join(", "));
-    println!(
+    let _ = writeln!(out, "wrote {}", r.outputs.join(", "));
+    let _ = writeln!(
+        out,
         "{} tensors: {} quantized to {}, {} fell back (row length not a multiple of the block), {} already {} (copied), {} left as they are; {} → {} (×{:.3})",
         s.tensors,
         s.quantized,
@@ -99,7 +96,8 @@ fn print_human(r: &QuantizeReport) {
         s.size_ratio
     );
     if s.imatrix_applied > 0 || !s.imatrix_missing.is_empty() {
-        println!(
+        let _ = writeln!(
+            out,
             "importance matrix applied to {} tensors; no entry for {}{}",
             s.imatrix_applied,
             s.imatrix_missing.len(),
@@ -111,11 +109,13 @@ fn print_human(r: &QuantizeReport) {
         );
     }
     for t in r.tensors.iter().filter(|t| t.action == Action::Fallback) {
-        println!(
+        let _ = writeln!(
+            out,
             "  fallback: {:<36} row {:>6} → {}",
             t.name,
             t.dims.first().copied().unwrap_or(0),
             t.type_out
         );
     }
+    out
 }

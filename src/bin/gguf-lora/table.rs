@@ -59,6 +59,23 @@ impl Table {
     }
 }
 
+/// Bytes in MiB with one decimal (`253.4 MiB`), whatever the size: the merge and quantize summaries.
+pub fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
+}
+
+/// A ratio or relative error with three decimals (`0.931`).
+pub fn fixed3(x: f64) -> String {
+    format!("{x:.3}")
+}
+
+/// A scale or alpha: as few digits as say it exactly, at most 6 decimals.
+pub fn short(x: f64) -> String {
+    let s = format!("{x:.6}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    s.to_string()
+}
+
 /// Bytes in binary units (`253.4 MiB`), exact below 1 KiB.
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];

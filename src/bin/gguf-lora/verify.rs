@@ -9,7 +9,9 @@ use anyhow::{bail, Context, Result};
 use gguf_lora::gguf::GgufModel;
 use gguf_lora::verify::forward::Model;
 use gguf_lora::verify::{self, VerifyOptions, VerifyReport, DEFAULT_N_TOKENS};
+use serde::Serialize;
 
+use crate::args::{JsonArg, ThreadsArg};
 use crate::lora_args::LoraArgs;
 use crate::table::Table;
 use crate::{print_stdout, Outcome};
@@ -49,21 +51,34 @@ pub struct Args {
     /// Write base.npy, runtime.npy and merged.npy (float32 [tokens, vocab]) into this directory.
     #[arg(long)]
     logits_out: Option<PathBuf>,
-    /// Worker threads (default: all cores).
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Print exactly one JSON object on stdout.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    threads: ThreadsArg,
+    #[command(flatten)]
+    json: JsonArg,
+}
+
+/// `--json`: what was checked and the report.
+#[derive(Serialize)]
+struct JsonOut<'a> {
+    base: String,
+    merged: Option<String>,
+    adapters: Vec<JsonAdapter<'a>>,
+    passed: bool,
+    report: &'a VerifyReport,
+}
+
+#[derive(Serialize)]
+struct JsonAdapter<'a> {
+    path: &'a str,
+    /// f64 as the JSON has always had it (the f32 scale widened).
+    scale: f64,
 }
 
 pub fn run(args: Args) -> Result<Outcome> {
-    if let Some(n) = args.threads {
-        // Only fails if a pool exists already, which a fresh process does not have.
-        let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global();
-    }
+    args.threads.run(|| check(&args))
+}
+
+fn check(args: &Args) -> Result<Outcome> {
     let adapters = args.lora.adapters()?;
     let base = GgufModel::open(&args.base)?;
     // Architecture and shape checks first: they explain more than an adapter mismatch would.
@@ -100,21 +115,27 @@ pub fn run(args: Args) -> Result<Outcome> {
             .with_context(|| format!("--logits-out {}", dir.display()))?;
     }
     let report = &run.report;
-    if args.json {
-        let mut s = serde_json::to_string_pretty(&serde_json::json!({
-            "base": args.base.display().to_string(),
-            "merged": args.merged.as_ref().map(|p| p.display().to_string()),
-            "adapters": adapters.iter().map(|(p, s)| serde_json::json!({"path": p, "scale": s})).collect::<Vec<_>>(),
-            "passed": report.passed(),
-            "report": report,
-        }))?;
+    if args.json.json {
+        let mut s = serde_json::to_string_pretty(&JsonOut {
+            base: args.base.display().to_string(),
+            merged: args.merged.as_ref().map(|p| p.display().to_string()),
+            adapters: adapters
+                .iter()
+                .map(|(p, s)| JsonAdapter {
+                    path: p,
+                    scale: f64::from(*s),
+                })
+                .collect(),
+            passed: report.passed(),
+            report,
+        })?;
         s.push('\n');
         print_stdout(&s)?;
         for f in &report.comparison.failures {
             eprintln!("verify: FAIL: {f}");
         }
     } else {
-        print_stdout(&render(&args, &adapters, report))?;
+        print_stdout(&render(args, &adapters, report))?;
     }
     Ok(if report.passed() {
         Outcome::Success

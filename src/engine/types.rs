@@ -26,6 +26,23 @@ pub fn is_writable(ty: GgmlType) -> bool {
     WRITABLE.contains(&ty) && crate::quant::can_quantize(ty)
 }
 
+/// A type name that is not one we write.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("unknown or unsupported output type '{name}' (expected f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k or q6_k)")]
+pub struct TypeError {
+    pub name: String,
+}
+
+/// The type we write whose ggml name (any case) is `name`.
+pub fn parse_writable(name: &str) -> Result<GgmlType, TypeError> {
+    match GgmlType::from_name(name) {
+        Some(t) if is_writable(t) => Ok(t),
+        _ => Err(TypeError {
+            name: name.to_string(),
+        }),
+    }
+}
+
 /// The type a tensor whose rows hold `n_per_row` elements gets when `target` is asked for, and whether
 /// that is a fallback. Mirrors `tensor_type_fallback` in llama.cpp `src/llama-quant.cpp`: a 256-block
 /// K-quant that does not fit falls back to a 32-block type (Q2_K/Q3_K → Q4_0, Q4_K → Q5_0,

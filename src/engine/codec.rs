@@ -1,4 +1,4 @@
-//! The two codec calls the merge needs, in one place: dequantize rows of a base tensor to f32 and
+//! The two codec calls the engine needs, in one place: dequantize rows of a base tensor to f32 and
 //! quantize merged f32 rows to the output type, through the crate's ggml-exact codecs (the reference
 //! quantizers, or with an importance matrix the weighted ones: what `ggml_quantize_chunk` gives).
 //!
@@ -6,18 +6,14 @@
 
 use crate::quant::{self, GgmlType};
 
-use super::plan::Importance;
-use super::MergeError;
-
-fn codec_error(e: quant::QuantError) -> MergeError {
-    MergeError::Codec(e.to_string())
-}
+use super::requant::Importance;
+use super::EngineError;
 
 /// Dequantizes whole rows of `n` elements: `src` holds `dst.len() / n` rows of `ty`.
-pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32], n: usize) -> Result<(), MergeError> {
+pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32], n: usize) -> Result<(), EngineError> {
     let row_bytes = row_bytes(ty, n)?;
     for (s, d) in src.chunks_exact(row_bytes).zip(dst.chunks_exact_mut(n)) {
-        quant::dequantize_row(ty, s, d).map_err(codec_error)?;
+        quant::dequantize_row(ty, s, d)?;
     }
     Ok(())
 }
@@ -36,7 +32,7 @@ pub fn quantize(
     n: usize,
     r0: usize,
     importance: Option<&Importance<'_>>,
-) -> Result<(), MergeError> {
+) -> Result<(), EngineError> {
     let row_bytes = row_bytes(ty, n)?;
     for (i, (s, d)) in src
         .chunks_exact(n)
@@ -44,15 +40,15 @@ pub fn quantize(
         .enumerate()
     {
         let w = importance.map(|imp| imp.for_row(r0 + i, n));
-        quant::quantize_row(ty, s, d, w).map_err(codec_error)?;
+        quant::quantize_row(ty, s, d, w)?;
     }
     Ok(())
 }
 
 /// Bytes of one row of `n` elements of `ty`, or the error saying it does not fit.
-pub fn row_bytes(ty: GgmlType, n: usize) -> Result<usize, MergeError> {
+pub fn row_bytes(ty: GgmlType, n: usize) -> Result<usize, EngineError> {
     ty.row_bytes(n as u64)
         .and_then(|b| usize::try_from(b).ok())
         .filter(|&b| b > 0)
-        .ok_or_else(|| MergeError::Codec(format!("a row of {n} elements does not fit type {ty}")))
+        .ok_or(EngineError::RowDoesNotFit { n, ty })
 }

@@ -2,12 +2,13 @@
 //!
 //! A recoded tensor (touched by an adapter, or changing type as in `quantize`) is processed in blocks
 //! of whole rows, in parallel (rayon): dequantize the block, add each update in f32 (if any),
-//! quantize once to the output type (with the tensor's importance weights, if any), and measure on
-//! the spot how far the quantized rows are from the exact f32 values. Only the block being worked on exists in f32, never
-//! the whole tensor. Tensors go to the writer strictly in file order through a bounded channel, so
+//! requantize once to the output type (by the plan's [`Requant`] strategy), and measure on the
+//! spot how far the quantized rows are from the exact f32 values. Only the block being worked on
+//! exists in f32, never the whole tensor; an adapter's factors are read once per tensor. Tensors go to the writer strictly in file order through a bounded channel, so
 //! while the writer thread copies or writes one tensor the next is being computed, and peak memory is
 //! a few output tensors, never the model.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::Instant;
@@ -18,8 +19,10 @@ use crate::quant::GgmlType;
 
 use super::codec::{self, row_bytes};
 use super::kernel::add_low_rank;
-use super::plan::{Importance, TensorPlan};
-use super::{BaseTensor, MergeError, Update};
+use super::plan::TensorPlan;
+use super::requant::{Requant, RowBlock};
+use super::{EngineError, InputTensor, LowRankShape, Update};
+use crate::adapter::LowRank;
 
 /// f32 values per row block: a block of dequantized rows plus its copy stay in L2.
 const BLOCK_ELEMS: usize = 32 * 1024;
@@ -86,16 +89,69 @@ struct Buffers {
     out: Vec<u8>,
 }
 
+/// One planned op with its values read: what the row loop applies.
+enum LoadedOp<'p> {
+    LowRank { scale: f32, lr: Cow<'p, LowRank> },
+    Replace(Cow<'p, [f32]>),
+    Add { scale: f32, values: Cow<'p, [f32]> },
+}
+
+/// Reads the values of every op of `p` once (an adapter's factors are read from its file now, not
+/// before), checked against the shapes the plan checked so that the row loop can slice them.
+fn load_ops<'p>(p: &'p TensorPlan<'_>, name: &str) -> Result<Vec<LoadedOp<'p>>, EngineError> {
+    let mismatch = |got: String, want: String| EngineError::UpdateShape {
+        tensor: name.to_string(),
+        got,
+        want,
+    };
+    p.ops
+        .iter()
+        .map(|op| {
+            Ok(match op.update {
+                Update::LowRank { shape, values, .. } => {
+                    let lr = values.get()?;
+                    let got = LowRankShape::of(&lr);
+                    if got != *shape {
+                        return Err(mismatch(format!("{got:?}"), format!("{shape:?}")));
+                    }
+                    LoadedOp::LowRank {
+                        scale: op.scale,
+                        lr,
+                    }
+                }
+                Update::Replace { len, values } => {
+                    let v = values.get()?;
+                    if v.len() != *len {
+                        return Err(mismatch(v.len().to_string(), len.to_string()));
+                    }
+                    LoadedOp::Replace(v)
+                }
+                Update::Add { len, values } => {
+                    let v = values.get()?;
+                    if v.len() != *len {
+                        return Err(mismatch(v.len().to_string(), len.to_string()));
+                    }
+                    LoadedOp::Add {
+                        scale: op.scale,
+                        values: v,
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
 /// Rows `r0..r0 + rows` of the base (dequantized) and of the exact f32 merge; `merged` is left
 /// empty when no adapter touches the tensor (the base rows are then the exact values: see [`exact`]).
 fn merged_rows(
     p: &TensorPlan<'_>,
+    ops: &[LoadedOp<'_>],
     data: &[u8],
     r0: usize,
     rows: usize,
     bufs: &mut Buffers,
     phases: &Phases,
-) -> Result<(), MergeError> {
+) -> Result<(), EngineError> {
     let Buffers {
         base,
         merged,
@@ -113,9 +169,9 @@ fn merged_rows(
         return Ok(());
     }
     merged.extend_from_slice(base);
-    for op in &p.ops {
-        match op.update {
-            Update::LowRank(lr) => {
+    for op in ops {
+        match op {
+            LoadedOp::LowRank { scale, lr } => {
                 let r = lr.rank;
                 // The update goes into its own buffer first so that, as in W + s·(B·A), the delta is
                 // summed over the rank before it meets the (much larger) weight.
@@ -133,7 +189,7 @@ fn merged_rows(
                         &lr.a[e * r * n..(e + 1) * r * n],
                         n,
                         r,
-                        op.scale,
+                        *scale,
                     );
                     i = end;
                 }
@@ -155,12 +211,12 @@ fn merged_rows(
                     }
                 }
             }
-            Update::Replace(values) => {
+            LoadedOp::Replace(values) => {
                 merged.copy_from_slice(&values[r0 * n..(r0 + rows) * n]);
             }
-            Update::Add(values) => {
+            LoadedOp::Add { scale, values } => {
                 for (m, v) in merged.iter_mut().zip(&values[r0 * n..(r0 + rows) * n]) {
-                    *m += op.scale * v;
+                    *m += scale * v;
                 }
             }
         }
@@ -178,30 +234,26 @@ fn exact<'b>(p: &TensorPlan<'_>, base: &'b [f32], merged: &'b [f32]) -> &'b [f32
     }
 }
 
-/// Quantizes `merged` (whole rows, starting at row `r0` of the tensor) into `out` as `ty`, and
-/// returns the error sums against the exact merge and the base.
-#[allow(clippy::too_many_arguments)]
+/// Requantizes `rows` into `out` as `ty` with `requant`, and returns the error sums against the
+/// exact values and the base.
 fn requantize_and_measure(
     ty: GgmlType,
-    n: usize,
-    r0: usize,
-    importance: Option<&Importance<'_>>,
-    base: &[f32],
-    merged: &[f32],
+    requant: &Requant<'_>,
+    rows: &RowBlock<'_>,
     out: &mut [u8],
     back: &mut Vec<f32>,
     phases: &Phases,
-) -> Result<ErrorSums, MergeError> {
+) -> Result<ErrorSums, EngineError> {
     let t = Instant::now();
-    codec::quantize(ty, merged, out, n, r0, importance)?;
+    requant.encode(ty, rows, out)?;
     let t = lap(&phases.requantize, t);
-    back.resize(merged.len(), 0.0);
-    codec::dequantize(ty, out, back, n)?;
+    back.resize(rows.exact.len(), 0.0);
+    codec::dequantize(ty, out, back, rows.n_cols)?;
     let mut s = ErrorSums {
-        n: merged.len() as u64,
+        n: rows.exact.len() as u64,
         ..Default::default()
     };
-    for ((q, m), b) in back.iter().zip(merged).zip(base) {
+    for ((q, m), b) in back.iter().zip(rows.exact).zip(rows.base) {
         let e = (*q - *m) as f64;
         let d = (*m - *b) as f64;
         s.sq_requant += e * e;
@@ -214,9 +266,11 @@ fn requantize_and_measure(
 /// Recodes one tensor (merge and/or type change): its bytes in `p.ty_out` and its error sums.
 pub fn merge_tensor(
     p: &TensorPlan<'_>,
+    name: &str,
     data: &[u8],
     phases: &Phases,
-) -> Result<(Vec<u8>, ErrorSums), MergeError> {
+) -> Result<(Vec<u8>, ErrorSums), EngineError> {
+    let ops = load_ops(p, name)?;
     let n = p.n_cols;
     let out_row = row_bytes(p.ty_out, n)?;
     let rows_per_block = (BLOCK_ELEMS / n.max(1)).max(1);
@@ -227,13 +281,17 @@ pub fn merge_tensor(
         .map_init(Buffers::default, |b, (bi, chunk)| {
             let r0 = bi * rows_per_block;
             let rows = chunk.len() / out_row;
-            merged_rows(p, data, r0, rows, b, phases)?;
+            merged_rows(p, &ops, data, r0, rows, b, phases)?;
             let Buffers {
                 base, merged, back, ..
             } = b;
-            let exact = exact(p, base, merged);
-            let imp = p.importance.as_ref();
-            requantize_and_measure(p.ty_out, n, r0, imp, base, exact, chunk, back, phases)
+            let block = RowBlock {
+                exact: exact(p, base, merged),
+                base,
+                r0,
+                n_cols: n,
+            };
+            requantize_and_measure(p.ty_out, &p.requant, &block, chunk, back, phases)
         })
         .try_reduce(ErrorSums::default, |a, b| Ok(a.add(b)))?;
     Ok((out, sums))
@@ -250,16 +308,18 @@ pub fn sample_rows(n_rows: usize, count: usize) -> Vec<usize> {
 /// Error sums of writing this tensor as each of `types`, measured on the sampled rows only.
 pub fn sample_errors(
     p: &TensorPlan<'_>,
+    name: &str,
     data: &[u8],
     rows: &[usize],
     types: &[GgmlType],
-) -> Result<Vec<ErrorSums>, MergeError> {
+) -> Result<Vec<ErrorSums>, EngineError> {
+    let ops = load_ops(p, name)?;
     let n = p.n_cols;
     let discard = Phases::default();
     let per_row: Vec<Vec<ErrorSums>> = rows
         .par_iter()
         .map_init(Buffers::default, |b, &r| {
-            merged_rows(p, data, r, 1, b, &discard)?;
+            merged_rows(p, &ops, data, r, 1, b, &discard)?;
             let Buffers {
                 base,
                 merged,
@@ -267,13 +327,17 @@ pub fn sample_errors(
                 out,
                 ..
             } = b;
-            let exact = exact(p, base, merged);
-            let imp = p.importance.as_ref();
+            let block = RowBlock {
+                exact: exact(p, base, merged),
+                base,
+                r0: r,
+                n_cols: n,
+            };
             types
                 .iter()
                 .map(|&ty| {
                     out.resize(row_bytes(ty, n)?, 0);
-                    requantize_and_measure(ty, n, r, imp, base, exact, out, back, &discard)
+                    requantize_and_measure(ty, &p.requant, &block, out, back, &discard)
                 })
                 .collect::<Result<Vec<_>, _>>()
         })
@@ -306,18 +370,18 @@ impl Chunk<'_> {
 /// the same order; `on_done(index, bytes)` is called as each tensor is handed over (progress).
 /// Returns the error sums of each recoded tensor, by index.
 pub fn stream<'a, S>(
-    base: &[BaseTensor<'a>],
+    base: &[InputTensor<'a>],
     plans: &[TensorPlan<'_>],
     mut sink: S,
     on_done: &(dyn Fn(usize, u64) + Sync),
     phases: &Phases,
-) -> Result<Vec<Option<ErrorSums>>, MergeError>
+) -> Result<Vec<Option<ErrorSums>>, EngineError>
 where
-    S: FnMut(usize, &[u8]) -> Result<(), MergeError> + Send,
+    S: FnMut(usize, &[u8]) -> Result<(), EngineError> + Send,
 {
     let (tx, rx) = mpsc::sync_channel::<(usize, Chunk<'a>)>(WINDOW);
     std::thread::scope(|scope| {
-        let writer = scope.spawn(move || -> Result<(), MergeError> {
+        let writer = scope.spawn(move || -> Result<(), EngineError> {
             for (index, chunk) in rx {
                 let t = Instant::now();
                 sink(index, chunk.bytes())?;
@@ -330,7 +394,7 @@ where
         for p in plans {
             let t = &base[p.index];
             let chunk = if p.is_recoded() {
-                match merge_tensor(p, t.data, phases) {
+                match merge_tensor(p, &t.name, t.data, phases) {
                     Ok((bytes, s)) => {
                         sums[p.index] = Some(s);
                         Chunk::Owned(bytes)
@@ -350,9 +414,7 @@ where
             on_done(p.index, len);
         }
         drop(tx);
-        let written = writer
-            .join()
-            .unwrap_or_else(|_| Err(MergeError::Codec("the writer thread panicked".into())));
+        let written = writer.join().unwrap_or(Err(EngineError::WriterPanicked));
         result.and(written).map(|()| sums)
     })
 }

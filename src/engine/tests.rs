@@ -1,6 +1,7 @@
-//! Unit tests of the merge engine on synthetic F32/F16 bases.
+//! Unit tests of the engine on synthetic F32/F16 bases.
 
 use super::*;
+use crate::adapter::LowRank;
 
 fn lcg(seed: &mut u64) -> f32 {
     *seed = seed
@@ -74,9 +75,9 @@ impl Fixture {
         f
     }
 
-    fn base(&self) -> Vec<BaseTensor<'_>> {
+    fn base(&self) -> Vec<InputTensor<'_>> {
         (0..self.data.len())
-            .map(|i| BaseTensor {
+            .map(|i| InputTensor {
                 name: self.names[i].clone(),
                 dims: self.dims[i].clone(),
                 ty: GgmlType::F32,
@@ -87,7 +88,7 @@ impl Fixture {
 }
 
 fn run(
-    base: &[BaseTensor<'_>],
+    base: &[InputTensor<'_>],
     adapters: &[AdapterInput],
     opts: MergeOptions,
 ) -> (Vec<(usize, Vec<u8>)>, MergeReport) {
@@ -119,8 +120,8 @@ fn f32_merge_equals_reference_and_untouched_tensors_are_copied() {
         architecture: Some("llama".into()),
         scale: 1.5,
         updates: vec![
-            ("blk.0.attn_q.weight".into(), Update::LowRank(lr1)),
-            ("blk.0.ffn_up.weight".into(), Update::LowRank(lr2)),
+            ("blk.0.attn_q.weight".into(), Update::low_rank(lr1)),
+            ("blk.0.ffn_up.weight".into(), Update::low_rank(lr2)),
         ],
     }];
     let (written, report) = run(&base, &adapters, MergeOptions::default());
@@ -166,15 +167,15 @@ fn two_adapters_with_different_tensor_sets_sum() {
             name: "one".into(),
             architecture: None,
             scale: 0.7,
-            updates: vec![("blk.0.attn_q.weight".into(), Update::LowRank(a1))],
+            updates: vec![("blk.0.attn_q.weight".into(), Update::low_rank(a1))],
         },
         AdapterInput {
             name: "two".into(),
             architecture: Some("llama".into()),
             scale: -0.3,
             updates: vec![
-                ("blk.0.attn_q.weight".into(), Update::LowRank(a2)),
-                ("blk.0.ffn_up.weight".into(), Update::LowRank(a3)),
+                ("blk.0.attn_q.weight".into(), Update::low_rank(a2)),
+                ("blk.0.ffn_up.weight".into(), Update::low_rank(a3)),
             ],
         },
     ];
@@ -204,7 +205,7 @@ fn dora_rescales_each_row_to_its_magnitude() {
         name: "d".into(),
         architecture: None,
         scale: 1.0,
-        updates: vec![("blk.0.attn_q.weight".into(), Update::LowRank(lr))],
+        updates: vec![("blk.0.attn_q.weight".into(), Update::low_rank(lr))],
     }];
     let (written, report) = run(&base, &adapters, MergeOptions::default());
     let got = floats(&written[1].1);
@@ -231,8 +232,8 @@ fn replace_and_add_updates() {
         architecture: None,
         scale: 2.0,
         updates: vec![
-            ("tok".into(), Update::Replace(replacement.clone())),
-            ("blk.0.norm".into(), Update::Add(bias.clone())),
+            ("tok".into(), Update::replace(replacement.clone())),
+            ("blk.0.norm".into(), Update::add(bias.clone())),
         ],
     }];
     let (written, _) = run(&base, &adapters, MergeOptions::default());
@@ -257,11 +258,11 @@ fn every_problem_is_listed_and_nothing_is_written() {
             updates: vec![
                 (
                     "blk.9.attn_q.weight".into(),
-                    Update::LowRank(low_rank(&mut seed, 40, 96, 2, 1.0)),
+                    Update::low_rank(low_rank(&mut seed, 40, 96, 2, 1.0)),
                 ),
                 (
                     "blk.0.attn_q.weight".into(),
-                    Update::LowRank(low_rank(&mut seed, 41, 96, 2, 1.0)),
+                    Update::low_rank(low_rank(&mut seed, 41, 96, 2, 1.0)),
                 ),
             ],
         },
@@ -271,14 +272,14 @@ fn every_problem_is_listed_and_nothing_is_written() {
             scale: 1.0,
             updates: vec![(
                 "blk.0.ffn_up.weight".into(),
-                Update::LowRank(low_rank(&mut seed, 700, 95, 2, 1.0)),
+                Update::low_rank(low_rank(&mut seed, 700, 95, 2, 1.0)),
             )],
         },
     ];
     let err = prepare(Some("llama"), &base, &adapters, &MergeOptions::default())
         .err()
         .expect("refused");
-    let MergeError::Plan(lines) = &err else {
+    let EngineError::Plan(lines) = &err else {
         panic!("{err}")
     };
     assert_eq!(lines.len(), 4, "{lines:?}");
@@ -304,11 +305,11 @@ fn outtype_f16_and_fallback_reporting() {
         scale: 1.0,
         updates: vec![(
             "blk.0.attn_q.weight".into(),
-            Update::LowRank(low_rank(&mut seed, 40, 96, 4, 1.0)),
+            Update::low_rank(low_rank(&mut seed, 40, 96, 4, 1.0)),
         )],
     }];
     let opts = MergeOptions {
-        outtype: OutType::Type(GgmlType::F16),
+        outtype: MergeType::Type(GgmlType::F16),
         ..Default::default()
     };
     let prepared = prepare(None, &base, &adapters, &opts).unwrap();
@@ -347,7 +348,7 @@ fn a_failing_sink_stops_the_merge_with_its_error() {
         scale: 1.0,
         updates: vec![(
             "blk.0.ffn_up.weight".into(),
-            Update::LowRank(low_rank(&mut seed, 700, 96, 4, 1.0)),
+            Update::low_rank(low_rank(&mut seed, 700, 96, 4, 1.0)),
         )],
     }];
     let prepared = prepare(None, &base, &adapters, &MergeOptions::default()).unwrap();
@@ -355,7 +356,7 @@ fn a_failing_sink_stops_the_merge_with_its_error() {
         .run(
             |i, _| {
                 if i == 1 {
-                    Err(MergeError::Write("disk full".into()))
+                    Err(EngineError::from("disk full"))
                 } else {
                     Ok(())
                 }

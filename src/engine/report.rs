@@ -8,9 +8,9 @@ use serde::Serialize;
 
 use crate::quant::GgmlType;
 
-use super::engine::ErrorSums;
 use super::plan::TensorPlan;
-use super::{AdapterInput, BaseTensor, Update};
+use super::stream::ErrorSums;
+use super::{AdapterInput, InputTensor, Update};
 
 /// Above this relative error (RMS(requantized − exact) / RMS(delta)) a type is said to lose much of
 /// the adapter: the rounding is at least half as large as the adapter's own change.
@@ -140,7 +140,7 @@ fn pooled(sq_err: f64, sq_delta: f64) -> Option<f64> {
 }
 
 pub fn build(
-    base: &[BaseTensor<'_>],
+    base: &[InputTensor<'_>],
     adapters: &[AdapterInput],
     plans: &[TensorPlan<'_>],
     sums: &[Option<ErrorSums>],
@@ -179,14 +179,14 @@ pub fn build(
                 .ops
                 .iter()
                 .map(|o| match o.update {
-                    Update::LowRank(lr) => lr.rank,
+                    Update::LowRank { shape, .. } => shape.rank,
                     _ => 0,
                 })
                 .collect(),
             dora: p
                 .ops
                 .iter()
-                .any(|o| matches!(o.update, Update::LowRank(lr) if lr.magnitude.is_some())),
+                .any(|o| matches!(o.update, Update::LowRank { shape, .. } if shape.magnitude_len.is_some())),
             elements: (p.n_rows * p.n_cols) as u64,
             bytes_in: t.data.len() as u64,
             bytes_out: out,

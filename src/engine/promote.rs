@@ -23,19 +23,19 @@
 
 use crate::quant::GgmlType;
 
-use super::engine::{sample_errors, sample_rows};
 use super::plan::{retarget, TensorPlan};
+use super::stream::{sample_errors, sample_rows};
 use super::types::{bits_per_weight, fit_type};
-use super::{BaseTensor, CandidateReport, MergeError, MergeOptions, Promote};
+use super::{CandidateReport, EngineError, InputTensor, MergeOptions, Promote};
 
 /// Types always tried as promotions, besides `--promote TYPE`.
 const LADDER: [GgmlType; 3] = [GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::Q8_0];
 
 pub fn measure_candidates(
-    base: &[BaseTensor<'_>],
+    base: &[InputTensor<'_>],
     plans: &[TensorPlan<'_>],
     opts: &MergeOptions,
-) -> Result<Vec<Vec<CandidateReport>>, MergeError> {
+) -> Result<Vec<Vec<CandidateReport>>, EngineError> {
     let mut out = Vec::with_capacity(plans.len());
     for p in plans {
         if !p.is_touched() {
@@ -43,8 +43,8 @@ pub fn measure_candidates(
             continue;
         }
         let mut types = vec![p.ty_out];
-        let extra: Vec<GgmlType> = match opts.promote {
-            Promote::Type(t) => vec![t],
+        let extra: Vec<GgmlType> = match &opts.promote {
+            Promote::Type(t) => vec![*t],
             Promote::Map(pairs) => pairs.iter().map(|&(_, to)| to).collect(),
             _ => Vec::new(),
         };
@@ -56,7 +56,8 @@ pub fn measure_candidates(
         }
         types.sort_by(|a, b| bits_per_weight(*a).total_cmp(&bits_per_weight(*b)));
         let rows = sample_rows(p.n_rows, opts.sample_rows);
-        let sums = sample_errors(p, base[p.index].data, &rows, &types)?;
+        let t = &base[p.index];
+        let sums = sample_errors(p, &t.name, t.data, &rows, &types)?;
         out.push(
             types
                 .iter()
@@ -79,15 +80,15 @@ fn tensor_bytes(ty: GgmlType, p: &TensorPlan<'_>) -> u64 {
 
 /// Applies `--promote`; returns, per tensor, whether it was promoted.
 pub fn apply(
-    base: &[BaseTensor<'_>],
+    base: &[InputTensor<'_>],
     plans: &mut [TensorPlan<'_>],
     candidates: &[Vec<CandidateReport>],
-    promote: Promote,
+    promote: &Promote,
 ) -> Vec<bool> {
     let mut promoted = vec![false; plans.len()];
     match promote {
         Promote::None => {}
-        Promote::Type(t) => {
+        &Promote::Type(t) => {
             for p in plans.iter_mut().filter(|p| p.is_touched()) {
                 let (fit, _) = fit_type(t, p.n_cols as u64);
                 if bits_per_weight(fit) > bits_per_weight(p.ty_out) {
@@ -108,7 +109,7 @@ pub fn apply(
                 }
             }
         }
-        Promote::Auto { budget } => {
+        &Promote::Auto { budget } => {
             let base_bytes: u64 = base.iter().map(|t| t.data.len() as u64).sum();
             let mut left = (budget.max(0.0) * base_bytes as f64) as i128;
             // Chosen candidate per tensor: index into its list (0 = the planned type).
