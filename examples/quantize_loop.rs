@@ -2,7 +2,8 @@
 //! `cargo run --release --example quantize_loop -- TYPE ROWS [REPS] [--imatrix] [--level LEVEL]`.
 //!
 //! Quantizes ROWS rows of 4096 values (the data of `benches/codecs.rs`: sums of uniforms with
-//! outliers) REPS times, then prints the rate and a hash of the bytes (equal hashes at every level
+//! outliers) REPS times, then prints the rate per CPU second of the thread (the machine may be
+//! shared) and a hash of the bytes (equal hashes at every level
 //! and before/after a change are a quick bit-identity check). The loop is the non-inlined function
 //! `quantize_loop`, so `valgrind --tool=callgrind --toggle-collect='quantize_loop::quantize_loop'`
 //! counts exactly its instructions. Valgrind does not emulate AVX-512: under it the widest level
@@ -29,6 +30,30 @@ fn data(n: usize) -> (Vec<f32>, Vec<f32>) {
     }
     let imatrix = (0..N_PER_ROW).map(|_| next() * next() * 4.0).collect();
     (x, imatrix)
+}
+
+/// `struct timespec` of 64-bit Linux.
+#[repr(C)]
+struct Timespec {
+    tv_sec: i64,
+    tv_nsec: i64,
+}
+
+extern "C" {
+    fn clock_gettime(clock_id: i32, tp: *mut Timespec) -> i32;
+}
+
+/// CPU time of the calling thread in seconds (`CLOCK_THREAD_CPUTIME_ID`).
+fn thread_cpu_seconds() -> f64 {
+    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
+    let mut ts = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: libc's clock_gettime writes one `struct timespec` through the valid pointer.
+    let rc = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime");
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 #[inline(never)]
@@ -64,13 +89,13 @@ fn main() {
     };
     let (x, w) = data(rows * N_PER_ROW);
     let mut q = vec![0u8; ty.row_bytes(N_PER_ROW as u64).expect("whole blocks") as usize * rows];
-    let t = std::time::Instant::now();
+    let t = thread_cpu_seconds();
     with_level(level, || {
         for _ in 0..reps {
             quantize_loop(ty, &x, &mut q, imat.then_some(&w[..]));
         }
     });
-    let s = t.elapsed().as_secs_f64();
+    let s = thread_cpu_seconds() - t;
     let h = q.iter().fold(0u64, |h, &b| {
         h.wrapping_mul(0x100000001b3).wrapping_add(b as u64)
     });

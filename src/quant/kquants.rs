@@ -29,11 +29,9 @@
 
 use super::float::{read_f16, write_f16};
 use super::lanes::{
-    in_passes, lanes_of, quantize_run, qkx_fit, qx_fit, to_lanes, Pass, QkxParams,
+    in_passes, lanes_of, q3_fit, quantize_run, qkx_fit, qx_fit, to_lanes, Pass, QkxParams,
 };
-use super::search::{
-    first_absmax, make_q3_quants_lanes, make_qp_quants, make_qx_quants, nearest_int, GROUP_MAX_EPS,
-};
+use super::search::{first_absmax, make_qp_quants, make_qx_quants, nearest_int, GROUP_MAX_EPS};
 use super::simd::{simd_dispatch, F32s, Level};
 use super::{Codec, QK_K};
 
@@ -230,19 +228,6 @@ fn imatrix_weights<V: F32s, const G: usize>(
         sw = sw + *w;
     }
     (wt, sw)
-}
-
-/// One super-block as 16 groups of 16 values in 16 lanes (`out[i][k] = x[16 k + i]`), the layout of
-/// the array-based Q3_K reference search.
-#[inline(always)]
-fn transpose16(x: &[f32; QK_K]) -> [[f32; 16]; 16] {
-    let mut out = [[0f32; 16]; 16];
-    for k in 0..16 {
-        for i in 0..16 {
-            out[i][k] = x[16 * k + i];
-        }
-    }
-    out
 }
 
 /// Packs 2-bit levels `l` (values 0..=3) into 64 bytes the way Q2_K and Q3_K store them: byte `l` of
@@ -494,28 +479,27 @@ fn q3_k_finish<W: F32s>(
     }
 
     // The high bit of the 1st 32 quants goes to bit 0 of hmask[0..32], the next 32 to bit 1, etc.
+    // Levels are 0..=7: ggml's `if (l > 3) { hmask |= ..; l -= 4; }` is bit 2 moved into hmask.
     let mut low = [0u8; QK_K];
-    let hmask = &mut y[Q3_HMASK..Q3_HMASK + 32];
-    hmask.fill(0);
+    let mut hmask = [0u8; 32];
     for j in 0..QK_K {
-        let mut l = levels[j] as u8;
-        if l > 3 {
-            hmask[j % 32] |= 1 << (j / 32);
-            l -= 4;
-        }
-        low[j] = l;
+        let l = levels[j];
+        hmask[j % 32] |= (l >> 2) << (j / 32);
+        low[j] = l & 3;
     }
+    y[Q3_HMASK..Q3_HMASK + 32].copy_from_slice(&hmask);
     pack_2bit(&low, &mut y[Q3_QS..Q3_QS + 64]);
 }
 
-/// `quantize_row_q3_K_ref` on one super-block: `make_q3_quants` on its 16 sub-blocks in 16 lanes.
+/// `quantize_row_q3_K_ref` on one super-block from its sub-blocks' `make_q3_quants` scales; the
+/// search's levels come from `search_levels`.
 #[inline(always)]
-fn quantize_block_q3_k_ref<W: F32s>(x: &[f32; QK_K], y: &mut [u8; Q3_K_BYTES]) {
-    let xt = transpose16(x);
-    let mut lt = [[0i8; 16]; 16];
-    let mut laux = [[0f32; 16]; 16];
-    let scales = make_q3_quants_lanes(4, &xt, &mut lt, &mut laux);
-
+fn q3_k_ref_block<W: F32s>(
+    x: &[f32; QK_K],
+    y: &mut [u8; Q3_K_BYTES],
+    scales: &[f32],
+    search_levels: impl FnMut(usize, &mut [i8]),
+) {
     let mut max_scale = 0.0f32;
     let mut amax = 0.0f32;
     for j in 0..QK_K / 16 {
@@ -538,19 +522,20 @@ fn quantize_block_q3_k_ref<W: F32s>(x: &[f32; QK_K], y: &mut [u8; Q3_K_BYTES]) {
     } else {
         write_f16(&mut y[Q3_D..], 0.0);
     }
-    q3_k_finish::<W>(x, y, |j, out| {
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = lt[i][j];
-        }
-    });
+    q3_k_finish::<W>(x, y, search_levels);
 }
 
 /// `quantize_row_q3_K_ref` (`qw` None) or `quantize_row_q3_K_impl` on the super-blocks of one pass.
 #[inline(always)]
 fn q3_k_pass<V: F32s, W: F32s>(x: &[f32], y: &mut [u8], qw: Option<&[f32]>) {
     let Some(qw) = qw else {
-        for (xb, yb) in blocks_mut::<Q3_K_BYTES>(x, y, "q3_K") {
-            quantize_block_q3_k_ref::<W>(xb, yb);
+        let xt = to_lanes::<V, 16>(x);
+        let fit = q3_fit::<V, 16>(4, &xt);
+        let scales = lanes_of(fit.scale);
+        for (b, (xb, yb)) in blocks_mut::<Q3_K_BYTES>(x, y, "q3_K").enumerate() {
+            q3_k_ref_block::<W>(xb, yb, &scales[16 * b..][..16], |j, out| {
+                fit.lane_levels(16 * b + j, out)
+            });
         }
         return;
     };
@@ -856,27 +841,19 @@ const Q5_QS: usize = 48;
 
 #[inline(always)]
 fn q5_k_pack(levels: &[u8; QK_K], y: &mut [u8]) {
+    // Levels are 0..=31: ggml's `if (l > 15) { l -= 16; qh[j] |= m; }` is bit 4 moved into qh,
+    // written here without a data-dependent branch.
     let (qh, ql) = y[Q5_QH..].split_at_mut(32);
-    qh.fill(0);
-    let mut m1 = 1u8;
-    let mut m2 = 2u8;
+    let mut high = [0u8; 32];
     for (nb, n) in (0..QK_K).step_by(64).enumerate() {
         for j in 0..32 {
-            let mut l1 = levels[n + j];
-            if l1 > 15 {
-                l1 -= 16;
-                qh[j] |= m1;
-            }
-            let mut l2 = levels[n + j + 32];
-            if l2 > 15 {
-                l2 -= 16;
-                qh[j] |= m2;
-            }
-            ql[32 * nb + j] = l1 | (l2 << 4);
+            let l1 = levels[n + j];
+            let l2 = levels[n + j + 32];
+            high[j] |= ((l1 >> 4) << (2 * nb)) | ((l2 >> 4) << (2 * nb + 1));
+            ql[32 * nb + j] = (l1 & 0xF) | ((l2 & 0xF) << 4);
         }
-        m1 <<= 2;
-        m2 <<= 2;
     }
+    qh[..32].copy_from_slice(&high);
 }
 
 /// `quantize_row_q5_K_ref` (`make_qkx2_quants(32, 31, …, -0.5, 0.1, 15, false)`) or

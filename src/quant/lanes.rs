@@ -542,6 +542,95 @@ pub(crate) fn qx_fit<V: F32s>(nmax: i32, xt: &[V], wt: &[V]) -> QxFit<V> {
     }
 }
 
+// ===================================== q3 =====================================
+
+/// What a `make_q3_quants` search found for each lane: the scale and the levels it leaves in `L`.
+pub(crate) struct Q3Fit<V: F32s, const N: usize> {
+    pub scale: V,
+    nmax: i32,
+    /// The signed levels, as floats.
+    levels: [V; N],
+    zero: V::Mask,
+}
+
+impl<V: F32s, const N: usize> Q3Fit<V, N> {
+    /// The (offset) levels ggml's search leaves in `L` for lane `k`.
+    pub fn lane_levels(&self, k: usize, out: &mut [i8]) {
+        if lane_set::<V>(self.zero, k) {
+            out[..N].fill(0);
+            return;
+        }
+        for (o, l) in out.iter_mut().zip(&self.levels) {
+            *o = (lane(*l, k) as i32 + self.nmax) as i8;
+        }
+    }
+}
+
+/// [`super::search::make_q3_quants`] with `do_rmse` on `V::LANES` groups of `N` values (layout as
+/// [`to_lanes`]), including its coordinate descent, which a lane leaves (as the scalar loop breaks)
+/// after the first sweep that changes nothing.
+#[inline(always)]
+pub(crate) fn q3_fit<V: F32s, const N: usize>(nmax: i32, xt: &[V; N]) -> Q3Fit<V, N> {
+    let zero = V::splat(0.0);
+    let mut max = zero;
+    let mut amax = zero;
+    // ggml's `w*x[i]*l` with `w = x[i]*x[i]`: `(w*x)` is the same product every time.
+    let mut wt = [zero; N];
+    let mut wxt = [zero; N];
+    for i in 0..N {
+        let x = xt[i];
+        let ax = x.abs();
+        let bigger = ax.gt(amax);
+        amax = V::select(bigger, ax, amax);
+        max = V::select(bigger, x, max);
+        wt[i] = x * x;
+        wxt[i] = wt[i] * x;
+    }
+    let iscale = V::splat(-nmax as f32) / max;
+    let mut lf = [zero; N];
+    let mut sumlx = zero;
+    let mut suml2 = zero;
+    for i in 0..N {
+        let l = (iscale * xt[i]).nearest_clamp(-nmax, nmax - 1);
+        lf[i] = l;
+        sumlx = sumlx + wxt[i] * l;
+        suml2 = suml2 + wt[i] * l * l;
+    }
+    let mut active = !zero.ne(zero);
+    for _itry in 0..5 {
+        let mut changed = zero.ne(zero);
+        for i in 0..N {
+            let (x, w, wx, l) = (xt[i], wt[i], wxt[i], lf[i]);
+            let slx = sumlx - wx * l;
+            let sl2 = suml2 - w * l * l;
+            let new_l = (x * sl2 / slx).nearest_clamp(-nmax, nmax - 1);
+            let slx2 = slx + wx * new_l;
+            let sl22 = sl2 + w * new_l * new_l;
+            let take = active
+                & slx.gt(zero)
+                & new_l.ne(l)
+                & sl22.gt(zero)
+                & (slx2 * slx2 * suml2).gt(sumlx * sumlx * sl22);
+            lf[i] = V::select(take, new_l, l);
+            sumlx = V::select(take, slx2, sumlx);
+            suml2 = V::select(take, sl22, suml2);
+            changed = changed | take;
+        }
+        active = active & changed;
+        if !active.any() {
+            break;
+        }
+    }
+    let zero_lane = amax.lt(V::splat(GROUP_MAX_EPS));
+    let scale = V::select(suml2.gt(zero), sumlx / suml2, zero);
+    Q3Fit {
+        scale: V::select(zero_lane, zero, scale),
+        nmax,
+        levels: lf,
+        zero: zero_lane,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::search::{make_qkx2_quants, make_qkx3_quants, make_qx_quants};
@@ -654,6 +743,47 @@ mod tests {
         out
     }
 
+    fn q3_lanes_at<V: F32s>(groups: &Groups) -> Found {
+        let mut out = Vec::new();
+        for chunk in groups.chunks(V::LANES) {
+            let mut x = vec![0f32; V::LANES * 16];
+            for (k, (gx, _)) in chunk.iter().enumerate() {
+                x[k * 16..][..16].copy_from_slice(gx);
+            }
+            let xt = to_lanes::<V, 16>(&x);
+            let fit = q3_fit::<V, 16>(4, &xt);
+            for k in 0..chunk.len() {
+                let mut l = [0i8; 16];
+                fit.lane_levels(k, &mut l);
+                let l: Vec<u8> = l.iter().map(|&v| v as u8).collect();
+                out.push((lane(fit.scale, k).to_bits(), 0, l));
+            }
+        }
+        out
+    }
+
+    simd_dispatch! {
+        fn q3_lanes<L>(groups: &Groups) -> (Found, Found) {
+            (q3_lanes_at::<L::X1>(groups), q3_lanes_at::<L::X2>(groups))
+        }
+    }
+
+    fn check_q3(groups: &Groups) {
+        let want: Found = groups
+            .iter()
+            .map(|(x, _)| {
+                let mut l = vec![0i8; x.len()];
+                let s = super::super::search::make_q3_quants(4, x, &mut l, true);
+                (s.to_bits(), 0, l.iter().map(|&v| v as u8).collect())
+            })
+            .collect();
+        for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+            let (x1, x2) = with_level(level, || q3_lanes(groups));
+            assert_eq!(x1, want, "{level} one register");
+            assert_eq!(x2, want, "{level} two registers");
+        }
+    }
+
     simd_dispatch! {
         fn qkx_lanes<L>(groups: &Groups, nmax: i32, p: QkxParams) -> (Found, Found) {
             (qkx_lanes_at::<L::X1>(groups, nmax, p), qkx_lanes_at::<L::X2>(groups, nmax, p))
@@ -755,6 +885,11 @@ mod tests {
         fn qx_lanes_equal_scalar_weighted(groups in prop::collection::vec(group(16), 1..40)) {
             check_qx(&groups, 4, true);
         }
+
+        #[test]
+        fn q3_lanes_equal_scalar(groups in prop::collection::vec(group(16), 1..40)) {
+            check_q3(&groups);
+        }
     }
 
     /// Groups that force the exact rounding path in some lanes (a NaN, values whose scaled range
@@ -784,5 +919,6 @@ mod tests {
             .collect();
         check_qx(&g16, 32, false);
         check_qx(&g16, 4, true);
+        check_q3(&g16);
     }
 }

@@ -14,7 +14,7 @@ use super::lanes::{
     in_passes, lanes_of, levels_from_lanes, qkx_fit, qx_fit, to_lanes, Pass, QkxParams,
     MAX_PASS_VALUES,
 };
-use super::simd::{simd_dispatch, F32s, Level};
+use super::simd::{simd_dispatch, F32s, Level, Mask};
 use super::Codec;
 
 /// Elements per block of every legacy type (`QK4_0`, `QK4_1`, `QK5_0`, `QK5_1`, `QK8_0`, `QK8_1`).
@@ -98,6 +98,35 @@ fn signed_absmax(x: &[f32]) -> f32 {
         return 0.0;
     }
     x.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0)
+}
+
+/// ggml's `amax = MAX(amax, fabsf(v))` over a block, from `amax = 0`. `MAX(a, b)` is
+/// `a > b ? a : b`, so a NaN replaces the running maximum and the next value replaces the NaN: only
+/// the sequential loop gives ggml's answer then. Without a NaN the magnitudes are ordered
+/// non-negative floats, whose maximum does not depend on the order: `L::X1` lanes.
+#[inline(always)]
+fn c_absmax<L: Level>(x: &[f32]) -> f32 {
+    let mut amax = 0.0f32;
+    type W<L> = <L as Level>::X1;
+    let zero = W::<L>::splat(0.0);
+    let mut m = zero;
+    let mut nan = zero.ne(zero);
+    for c in x.chunks_exact(W::<L>::LANES) {
+        let a = W::<L>::load(c).abs();
+        nan = nan | a.ne(a);
+        m = m.max_c(a);
+    }
+    if nan.any() {
+        for &v in x {
+            let a = v.abs();
+            amax = if amax > a { amax } else { a };
+        }
+    } else {
+        for a in &lanes_of(m)[..W::<L>::LANES] {
+            amax = if amax > *a { amax } else { *a };
+        }
+    }
+    amax
 }
 
 /// Minimum and maximum of a block (a multiple of 8 elements) exactly as ggml's sequential loop finds them (start at
@@ -558,11 +587,8 @@ const Q8_0_BYTES: usize = 34;
 /// The scale and levels of one Q8_0/Q8_1 block as their reference quantizers compute them:
 /// `d = amax / 127`, `q = roundf(x / d)` (ties away from zero).
 #[inline(always)]
-fn q8_block(xb: &[f32]) -> (f32, [i32; QK]) {
-    let mut amax = 0.0f32;
-    for &v in xb {
-        amax = amax.max(v.abs());
-    }
+fn q8_block<L: Level>(xb: &[f32]) -> (f32, [i32; QK]) {
+    let amax = c_absmax::<L>(xb);
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let mut v = [0f32; QK];
@@ -576,7 +602,7 @@ simd_dispatch! {
     /// Mirrors `quantize_row_q8_0_ref`: `d = amax / 127`, `q = roundf(x / d)` (ties away from zero).
     pub fn quantize_row_q8_0_ref<L>(x: &[f32], y: &mut [u8]) {
         for (xb, yb) in x.chunks_exact(QK).zip(y.chunks_exact_mut(Q8_0_BYTES)) {
-            let (d, q) = q8_block(xb);
+            let (d, q) = q8_block::<L>(xb);
             write_f16(&mut yb[0..2], d);
             for (out, &qj) in yb[2..].iter_mut().zip(&q) {
                 *out = qj as u8;
@@ -607,7 +633,7 @@ simd_dispatch! {
     /// Mirrors `quantize_row_q8_1_ref`: as Q8_0, plus `s = Σq * d`.
     pub fn quantize_row_q8_1_ref<L>(x: &[f32], y: &mut [u8]) {
         for (xb, yb) in x.chunks_exact(QK).zip(y.chunks_exact_mut(Q8_1_BYTES)) {
-            let (d, q) = q8_block(xb);
+            let (d, q) = q8_block::<L>(xb);
             write_f16(&mut yb[0..2], d);
             let mut sum = 0i32;
             for (out, &qj) in yb[4..].iter_mut().zip(&q) {

@@ -144,22 +144,6 @@ pub(crate) fn first_absmax(x: &[f32]) -> (f32, f32) {
     (max, amax)
 }
 
-/// [`first_absmax`] per lane, branch-free.
-#[inline(always)]
-fn first_absmax_lanes<const LANES: usize>(xt: &[[f32; LANES]]) -> ([f32; LANES], [f32; LANES]) {
-    let mut max = [0f32; LANES];
-    let mut amax = [0f32; LANES];
-    for x in xt {
-        for k in 0..LANES {
-            let ax = x[k].abs();
-            let bigger = ax > amax[k];
-            amax[k] = if bigger { ax } else { amax[k] };
-            max[k] = if bigger { x[k] } else { max[k] };
-        }
-    }
-    (max, amax)
-}
-
 /// Symmetric quantization to `-nmax..nmax-1` (stored offset by `nmax`) refined by coordinate descent
 /// on the `x²`-weighted error when `do_rmse`; returns the scale. Mirrors ggml's `make_q3_quants`.
 pub fn make_q3_quants(nmax: i32, x: &[f32], l: &mut [i8], do_rmse: bool) -> f32 {
@@ -218,96 +202,6 @@ pub fn make_q3_quants(nmax: i32, x: &[f32], l: &mut [i8], do_rmse: bool) -> f32 
         *li = (q + nmax) as i8;
     }
     1.0 / iscale
-}
-
-/// [`make_q3_quants`] with `do_rmse` run on `LANES` independent groups in lockstep, one per lane
-/// (`xt[i][k]` is value `i` of group `k`; `lt` receives the offset levels; `laux` is scratch holding
-/// the levels as floats, exact small integers that keep the loops vectorizable). Each lane performs the
-/// scalar function's operations in its order, including its coordinate descent, which a lane leaves
-/// (as the scalar loop breaks) after the first pass that changes nothing. Returns the scales.
-#[inline(always)]
-pub fn make_q3_quants_lanes<const LANES: usize>(
-    nmax: i32,
-    xt: &[[f32; LANES]],
-    lt: &mut [[i8; LANES]],
-    laux: &mut [[f32; LANES]],
-) -> [f32; LANES] {
-    let n = xt.len();
-    assert!(lt.len() == n && laux.len() == n);
-    let (max, amax) = first_absmax_lanes(xt);
-    let mut iscale = [0f32; LANES];
-    for k in 0..LANES {
-        iscale[k] = (-nmax) as f32 / max[k];
-    }
-    let lf = laux;
-    let mut sumlx = [0f32; LANES];
-    let mut suml2 = [0f32; LANES];
-    for i in 0..n {
-        let x = &xt[i];
-        let mut q = [0f32; LANES];
-        for k in 0..LANES {
-            q[k] = nearest_int(iscale[k] * x[k]).clamp(-nmax, nmax - 1) as f32;
-        }
-        lf[i] = q;
-        for k in 0..LANES {
-            let w = x[k] * x[k];
-            sumlx[k] += w * x[k] * q[k];
-            suml2[k] += w * q[k] * q[k];
-        }
-    }
-    let mut active = [true; LANES];
-    for _itry in 0..5 {
-        let mut changed = [false; LANES];
-        for i in 0..n {
-            let x = &xt[i];
-            let l = &mut lf[i];
-            for k in 0..LANES {
-                let w = x[k] * x[k];
-                let slx = sumlx[k] - w * x[k] * l[k];
-                let sl2 = suml2[k] - w * l[k] * l[k];
-                let new_l = nearest_int(x[k] * sl2 / slx).clamp(-nmax, nmax - 1) as f32;
-                let slx2 = slx + w * x[k] * new_l;
-                let sl22 = sl2 + w * new_l * new_l;
-                let take = active[k]
-                    && slx > 0.0
-                    && new_l != l[k]
-                    && sl22 > 0.0
-                    && slx2 * slx2 * suml2[k] > sumlx[k] * sumlx[k] * sl22;
-                l[k] = if take { new_l } else { l[k] };
-                sumlx[k] = if take { slx2 } else { sumlx[k] };
-                suml2[k] = if take { sl22 } else { suml2[k] };
-                changed[k] |= take;
-            }
-        }
-        for k in 0..LANES {
-            active[k] &= changed[k];
-        }
-        if !active.iter().any(|&a| a) {
-            break;
-        }
-    }
-    let mut scale = [0f32; LANES];
-    for k in 0..LANES {
-        scale[k] = if suml2[k] > 0.0 {
-            sumlx[k] / suml2[k]
-        } else {
-            0.0
-        };
-    }
-    for i in 0..n {
-        for k in 0..LANES {
-            lt[i][k] = (lf[i][k] as i32 + nmax) as i8;
-        }
-    }
-    for k in 0..LANES {
-        if amax[k] < GROUP_MAX_EPS {
-            scale[k] = 0.0;
-            for l in lt.iter_mut() {
-                l[k] = 0;
-            }
-        }
-    }
-    scale
 }
 
 /// Where a `qkx` search takes its per-element weights from.
@@ -611,28 +505,5 @@ pub(crate) mod tests {
                     .collect();
                 (x, w)
             })
-    }
-
-    proptest! {
-        #[test]
-        fn lanes_equal_scalar_q3(groups in prop::collection::vec(group(16), 16)) {
-            const LANES: usize = 16;
-            let mut xt = vec![[0f32; LANES]; 16];
-            for (k, (x, _)) in groups.iter().enumerate() {
-                for i in 0..16 {
-                    xt[i][k] = x[i];
-                }
-            }
-            let mut lt = vec![[0i8; LANES]; 16];
-            let mut laux = vec![[0f32; LANES]; 16];
-            let scales = make_q3_quants_lanes(4, &xt, &mut lt, &mut laux);
-            for (k, (x, _)) in groups.iter().enumerate() {
-                let mut l = vec![0i8; 16];
-                let scale = make_q3_quants(4, x, &mut l, true);
-                prop_assert_eq!(scales[k].to_bits(), scale.to_bits(), "lane {} scale", k);
-                let lane: Vec<i8> = lt.iter().map(|row| row[k]).collect();
-                prop_assert_eq!(lane, l, "lane {} levels", k);
-            }
-        }
     }
 }

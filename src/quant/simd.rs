@@ -187,39 +187,34 @@ impl Level for Portable {
 #[derive(Clone, Copy)]
 pub(crate) struct P8([f32; 8]);
 
-/// The mask of a [`P8`].
+/// The mask of a [`P8`]: all-ones lanes where true (integer lanes and bit operations, which the
+/// compiler vectorizes, where `bool` lanes come out as scalar branches).
 #[derive(Clone, Copy)]
-pub(crate) struct P8Mask([bool; 8]);
+pub(crate) struct P8Mask([u32; 8]);
 
-impl BitAnd for P8Mask {
-    type Output = P8Mask;
-    #[inline(always)]
-    fn bitand(self, o: P8Mask) -> P8Mask {
-        let mut r = [false; 8];
-        for k in 0..8 {
-            r[k] = self.0[k] & o.0[k];
+macro_rules! p8_mask_binop {
+    ($tr:ident, $f:ident, $op:tt) => {
+        impl $tr for P8Mask {
+            type Output = P8Mask;
+            #[inline(always)]
+            fn $f(self, o: P8Mask) -> P8Mask {
+                let mut r = [0u32; 8];
+                for k in 0..8 {
+                    r[k] = self.0[k] $op o.0[k];
+                }
+                P8Mask(r)
+            }
         }
-        P8Mask(r)
-    }
+    };
 }
-
-impl BitOr for P8Mask {
-    type Output = P8Mask;
-    #[inline(always)]
-    fn bitor(self, o: P8Mask) -> P8Mask {
-        let mut r = [false; 8];
-        for k in 0..8 {
-            r[k] = self.0[k] | o.0[k];
-        }
-        P8Mask(r)
-    }
-}
+p8_mask_binop!(BitAnd, bitand, &);
+p8_mask_binop!(BitOr, bitor, |);
 
 impl Not for P8Mask {
     type Output = P8Mask;
     #[inline(always)]
     fn not(self) -> P8Mask {
-        let mut r = [false; 8];
+        let mut r = [0u32; 8];
         for k in 0..8 {
             r[k] = !self.0[k];
         }
@@ -230,8 +225,18 @@ impl Not for P8Mask {
 impl Mask for P8Mask {
     #[inline(always)]
     fn any(self) -> bool {
-        self.0.iter().any(|&b| b)
+        let mut r = 0u32;
+        for k in 0..8 {
+            r |= self.0[k];
+        }
+        r != 0
     }
+}
+
+/// All ones where `t`.
+#[inline(always)]
+fn lane_mask(t: bool) -> u32 {
+    (t as u32).wrapping_neg()
 }
 
 macro_rules! p8_binop {
@@ -330,41 +335,41 @@ impl F32s for P8 {
     }
     #[inline(always)]
     fn lt(self, o: P8) -> P8Mask {
-        let mut r = [false; 8];
+        let mut r = [0u32; 8];
         for k in 0..8 {
-            r[k] = self.0[k] < o.0[k];
+            r[k] = lane_mask(self.0[k] < o.0[k]);
         }
         P8Mask(r)
     }
     #[inline(always)]
     fn le(self, o: P8) -> P8Mask {
-        let mut r = [false; 8];
+        let mut r = [0u32; 8];
         for k in 0..8 {
-            r[k] = self.0[k] <= o.0[k];
+            r[k] = lane_mask(self.0[k] <= o.0[k]);
         }
         P8Mask(r)
     }
     #[inline(always)]
     fn gt(self, o: P8) -> P8Mask {
-        let mut r = [false; 8];
+        let mut r = [0u32; 8];
         for k in 0..8 {
-            r[k] = self.0[k] > o.0[k];
+            r[k] = lane_mask(self.0[k] > o.0[k]);
         }
         P8Mask(r)
     }
     #[inline(always)]
     fn eq(self, o: P8) -> P8Mask {
-        let mut r = [false; 8];
+        let mut r = [0u32; 8];
         for k in 0..8 {
-            r[k] = self.0[k] == o.0[k];
+            r[k] = lane_mask(self.0[k] == o.0[k]);
         }
         P8Mask(r)
     }
     #[inline(always)]
     fn ne(self, o: P8) -> P8Mask {
-        let mut r = [false; 8];
+        let mut r = [0u32; 8];
         for k in 0..8 {
-            r[k] = self.0[k] != o.0[k];
+            r[k] = lane_mask(self.0[k] != o.0[k]);
         }
         P8Mask(r)
     }
@@ -372,7 +377,7 @@ impl F32s for P8 {
     fn select(m: P8Mask, a: P8, b: P8) -> P8 {
         let mut r = [0f32; 8];
         for k in 0..8 {
-            r[k] = if m.0[k] { a.0[k] } else { b.0[k] };
+            r[k] = f32::from_bits((a.0[k].to_bits() & m.0[k]) | (b.0[k].to_bits() & !m.0[k]));
         }
         P8(r)
     }
