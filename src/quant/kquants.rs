@@ -29,7 +29,7 @@
 
 use super::float::{read_f16, write_f16};
 use super::lanes::{
-    in_passes, lanes_of, q3_fit, quantize_run, qkx_fit, qx_fit, to_lanes, Pass, QkxParams,
+    in_passes, lanes_of, q3_fit, qkx_fit, quantize_run, qx_fit, to_lanes, Pass, QkxParams,
 };
 use super::search::{first_absmax, make_qp_quants, make_qx_quants, nearest_int, GROUP_MAX_EPS};
 use super::simd::{simd_dispatch, F32s, Level};
@@ -111,7 +111,10 @@ fn quantize_in_passes<L: Level, const B: usize, P: Pass>(
     check_blocks::<B>(x, y, what);
     let lanes = L::X2::LANES;
     let nb = lanes / groups;
-    assert!(nb >= 1 && nb * groups == lanes, "whole super-blocks per pass");
+    assert!(
+        nb >= 1 && nb * groups == lanes,
+        "whole super-blocks per pass"
+    );
     match imatrix {
         None => in_passes::<L, P>(x, y, None, nb * QK_K, nb * B, p),
         Some(w) => {
@@ -204,7 +207,10 @@ fn imatrix_weights<V: F32s, const G: usize>(
 ) -> ([V; G], V) {
     let groups_per_block = QK_K / G;
     let nb = V::LANES / groups_per_block;
-    assert!(nb <= 4 && x.len() == nb * QK_K, "a pass of whole super-blocks");
+    assert!(
+        nb <= 4 && x.len() == nb * QK_K,
+        "a pass of whole super-blocks"
+    );
     // One sequential sum per super-block, the blocks' chains interleaved.
     let mut sumx2 = [0f32; 4];
     for j in 0..QK_K {
@@ -419,7 +425,6 @@ fn dequantize_block_q2_k(xb: &[u8; Q2_K_BYTES], yb: &mut [f32; QK_K]) {
     }
 }
 
-
 // ===================================== Q3_K =====================================
 // block_q3_K: hmask[32], qs[64], scales[12] (16 six-bit scales), d: f16.
 const Q3_HMASK: usize = 0;
@@ -603,7 +608,6 @@ fn dequantize_block_q3_k(xb: &[u8; Q3_K_BYTES], yb: &mut [f32; QK_K]) {
         }
     }
 }
-
 
 // ============================= Q4_K and Q5_K shared =============================
 // Both start d: f16, dmin: f16, scales[12] (eight 6-bit scales and eight 6-bit mins).
@@ -833,7 +837,6 @@ fn dequantize_block_q4_k(xb: &[u8; Q4_K_BYTES], yb: &mut [f32; QK_K]) {
     }
 }
 
-
 // ===================================== Q5_K =====================================
 // block_q5_K: d, dmin, scales[12], qh[32] (fifth bits), qs[128] (low nibbles, laid out as Q4_K's).
 const Q5_QH: usize = 16;
@@ -904,7 +907,6 @@ fn dequantize_block_q5_k(xb: &[u8; Q5_K_BYTES], yb: &mut [f32; QK_K]) {
         u2 <<= 2;
     }
 }
-
 
 // ===================================== Q6_K =====================================
 // block_q6_K: ql[128] (low nibbles), qh[64] (high 2 bits), scales[16] (i8), d: f16.
@@ -1036,7 +1038,6 @@ fn dequantize_block_q6_k(xb: &[u8; Q6_K_BYTES], yb: &mut [f32; QK_K]) {
         }
     }
 }
-
 
 // ===================================== Q8_K =====================================
 // block_q8_K: d: f32, qs[256] (i8), bsums[16] (i16, sums of 16 quants). ggml uses it only for dot

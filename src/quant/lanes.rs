@@ -46,7 +46,10 @@ pub(crate) fn to_lanes<V: F32s, const G: usize>(x: &[f32]) -> [V; G] {
 #[inline(always)]
 pub(crate) fn levels_from_lanes<V: F32s, const G: usize>(lt: &[V; G], out: &mut [u8]) {
     let lanes = V::LANES;
-    assert!(out.len() == lanes * G && lanes * G <= MAX_PASS_VALUES, "lane layout");
+    assert!(
+        out.len() == lanes * G && lanes * G <= MAX_PASS_VALUES,
+        "lane layout"
+    );
     let mut flat = [0f32; MAX_PASS_VALUES];
     for (i, v) in lt.iter().enumerate() {
         v.store(&mut flat[i * lanes..]);
@@ -111,10 +114,7 @@ pub(crate) fn in_passes<L: Level, P: Pass>(
         .zip(y_full.chunks_exact_mut(pass_bytes))
         .enumerate()
     {
-        let ws = match weights {
-            Some(w) => Some(&w[i * pass_values..][..pass_values]),
-            None => None,
-        };
+        let ws = weights.map(|w| &w[i * pass_values..][..pass_values]);
         p.pass::<L>(xs, ys, ws);
     }
     if !x_rest.is_empty() {
@@ -125,10 +125,7 @@ pub(crate) fn in_passes<L: Level, P: Pass>(
             wp[..x_rest.len()].copy_from_slice(&w[full * pass_values..]);
         }
         let mut yp = [0u8; MAX_PASS_BYTES];
-        let ws = match weights {
-            Some(_) => Some(&wp[..pass_values]),
-            None => None,
-        };
+        let ws = weights.map(|_| &wp[..pass_values]);
         p.pass::<L>(&xp[..pass_values], &mut yp[..pass_bytes], ws);
         let n = y_rest.len();
         y_rest.copy_from_slice(&yp[..n]);
@@ -148,7 +145,10 @@ pub(crate) fn quantize_run<W: F32s>(
     offset: i32,
     out: &mut [u8],
 ) {
-    assert!(x.len().is_multiple_of(W::LANES) && out.len() == x.len(), "whole runs");
+    assert!(
+        x.len().is_multiple_of(W::LANES) && out.len() == x.len(),
+        "whole runs"
+    );
     let dv = W::splat(d);
     let off = W::splat(offset as f32);
     for (xs, o) in x.chunks_exact(W::LANES).zip(out.chunks_exact_mut(W::LANES)) {
@@ -634,7 +634,7 @@ pub(crate) fn q3_fit<V: F32s, const N: usize>(nmax: i32, xt: &[V; N]) -> Q3Fit<V
 #[cfg(test)]
 mod tests {
     use super::super::search::{make_qkx2_quants, make_qkx3_quants, make_qx_quants};
-    use super::super::simd::{simd_dispatch, with_level, Level, SimdLevel};
+    use super::super::simd::{simd_dispatch, with_level, SimdLevel};
     use super::*;
     use crate::quant::search::tests::group;
     use proptest::prelude::*;
@@ -684,7 +684,10 @@ mod tests {
                 x[k * n..][..n].copy_from_slice(gx);
                 w[k * n..][..n].copy_from_slice(gw);
             }
-            let (xt, wt) = (to_lanes::<V, 32>(&pad32(&x, n)), to_lanes::<V, 32>(&pad32(&w, n)));
+            let (xt, wt) = (
+                to_lanes::<V, 32>(&pad32(&x, n)),
+                to_lanes::<V, 32>(&pad32(&w, n)),
+            );
             let (xt, wt) = (&xt[..n], &wt[..n]);
             let mut laux = [V::splat(0.0); 32];
             let fit = qkx_fit(nmax, xt, wt, &mut laux[..n], p);
@@ -726,7 +729,10 @@ mod tests {
                 x[k * n..][..n].copy_from_slice(gx);
                 w[k * n..][..n].copy_from_slice(gw);
             }
-            let (xt, wt) = (to_lanes::<V, 32>(&pad32(&x, n)), to_lanes::<V, 32>(&pad32(&w, n)));
+            let (xt, wt) = (
+                to_lanes::<V, 32>(&pad32(&x, n)),
+                to_lanes::<V, 32>(&pad32(&w, n)),
+            );
             let fit = qx_fit(nmax, &xt[..n], &wt[..n]);
             let mut lt = [V::splat(0.0); 32];
             fit.levels(&xt[..n], &mut lt[..n]);
@@ -736,7 +742,11 @@ mod tests {
                 let mut lane_l = vec![0i8; n];
                 fit.lane_levels(k, &x[k * n..][..n], &mut lane_l);
                 let lane_l: Vec<u8> = lane_l.iter().map(|&v| v as u8).collect();
-                assert_eq!(lane_l, levels[k * 32..][..n].to_vec(), "lane_levels and levels");
+                assert_eq!(
+                    lane_l,
+                    levels[k * 32..][..n].to_vec(),
+                    "lane_levels and levels"
+                );
                 out.push((lane(fit.scale, k).to_bits(), 0, lane_l));
             }
         }
@@ -901,7 +911,10 @@ mod tests {
             let x: Vec<f32> = (0..32)
                 .map(|i| match (k % 5, i) {
                     (0, 3) => f32::NAN,
-                    (1, _) => f32::from_bits(0x7f00_0000 + (i as u32) * 977) * if i % 2 == 0 { 1.0 } else { -1.0 },
+                    (1, _) => {
+                        f32::from_bits(0x7f00_0000 + (i as u32) * 977)
+                            * if i % 2 == 0 { 1.0 } else { -1.0 }
+                    }
                     (2, _) => (i as f32) * 1e-44,
                     (3, _) if i == 7 => f32::INFINITY,
                     _ => ((i * 37 + k) % 17) as f32 * 0.25 - 2.0,

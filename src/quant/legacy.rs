@@ -252,7 +252,14 @@ fn symmetric_impl<L: Level>(
         write,
     };
     let lanes = L::X2::LANES;
-    in_passes::<L, _>(x, y, Some(quant_weights), lanes * QK, lanes * block_bytes, &p);
+    in_passes::<L, _>(
+        x,
+        y,
+        Some(quant_weights),
+        lanes * QK,
+        lanes * block_bytes,
+        &p,
+    );
 }
 
 /// The shared body of `quantize_row_q4_1_impl` and `quantize_row_q5_1_impl`: per block,
@@ -317,7 +324,14 @@ fn asymmetric_impl<L: Level>(
         write,
     };
     let lanes = L::X2::LANES;
-    in_passes::<L, _>(x, y, Some(quant_weights), lanes * QK, lanes * block_bytes, &p);
+    in_passes::<L, _>(
+        x,
+        y,
+        Some(quant_weights),
+        lanes * QK,
+        lanes * block_bytes,
+        &p,
+    );
 }
 
 /// Packs 32 5-bit levels into `qs` (low nibbles, element j and j+16 share a byte) and the `qh` bit
@@ -825,12 +839,20 @@ mod tests {
             let b: Vec<u8> = (0..bytes * 64)
                 .map(|i| ((i * 2654435761usize) >> 7) as u8)
                 .enumerate()
-                .map(|(i, b)| if i % bytes == 1 || i % bytes == 3 { b & 0x7B } else { b })
+                .map(|(i, b)| {
+                    if i % bytes == 1 || i % bytes == 3 {
+                        b & 0x7B
+                    } else {
+                        b
+                    }
+                })
                 .collect();
             let run = || {
                 let mut y = vec![0f32; 64 * QK];
                 deq(&b, &mut y);
-                y.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect::<Vec<_>>()
+                y.iter()
+                    .flat_map(|v| v.to_bits().to_le_bytes())
+                    .collect::<Vec<_>>()
             };
             same_at_every_level(&run, "dequantize");
         }

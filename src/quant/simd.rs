@@ -19,6 +19,9 @@
 //! and reviewable. [`Pair`] puts two vectors side by side so that two independent dependency chains
 //! are in flight (a sum over a group is a chain of adds that must stay in order).
 
+// Lane loops index several arrays in step.
+#![allow(clippy::needless_range_loop)]
+
 use std::cell::Cell;
 use std::ops::{Add, BitAnd, BitOr, Div, Mul, Neg, Not, Sub};
 
@@ -107,7 +110,9 @@ pub fn with_level<R>(level: SimdLevel, f: impl FnOnce() -> R) -> R {
 }
 
 /// A set of lanes selected by a comparison.
-pub(crate) trait Mask: Copy + BitAnd<Output = Self> + BitOr<Output = Self> + Not<Output = Self> {
+pub(crate) trait Mask:
+    Copy + BitAnd<Output = Self> + BitOr<Output = Self> + Not<Output = Self>
+{
     /// Whether any lane is set.
     fn any(self) -> bool;
 }
@@ -321,7 +326,11 @@ impl F32s for P8 {
     fn min_c(self, o: P8) -> P8 {
         let mut r = [0f32; 8];
         for k in 0..8 {
-            r[k] = if self.0[k] < o.0[k] { self.0[k] } else { o.0[k] };
+            r[k] = if self.0[k] < o.0[k] {
+                self.0[k]
+            } else {
+                o.0[k]
+            };
         }
         P8(r)
     }
@@ -329,7 +338,11 @@ impl F32s for P8 {
     fn max_c(self, o: P8) -> P8 {
         let mut r = [0f32; 8];
         for k in 0..8 {
-            r[k] = if self.0[k] > o.0[k] { self.0[k] } else { o.0[k] };
+            r[k] = if self.0[k] > o.0[k] {
+                self.0[k]
+            } else {
+                o.0[k]
+            };
         }
         P8(r)
     }
@@ -449,7 +462,10 @@ impl<V: F32s> F32s for Pair<V> {
     }
     #[inline(always)]
     fn gather(s: &[f32], stride: usize) -> Self {
-        Pair(V::gather(s, stride), V::gather(&s[V::LANES * stride..], stride))
+        Pair(
+            V::gather(s, stride),
+            V::gather(&s[V::LANES * stride..], stride),
+        )
     }
     #[inline(always)]
     fn store_levels(self, out: &mut [u8]) {
@@ -687,7 +703,10 @@ mod x86 {
         }
         #[inline(always)]
         fn gather(s: &[f32], stride: usize) -> Ymm {
-            assert!(stride <= 1 << 20 && s.len() > 7 * stride, "eight strided lanes");
+            assert!(
+                stride <= 1 << 20 && s.len() > 7 * stride,
+                "eight strided lanes"
+            );
             // SAFETY: lane k reads s[k * stride], inside s (checked); the CPU has AVX2.
             Ymm(unsafe {
                 let idx = _mm256_mullo_epi32(
@@ -810,7 +829,10 @@ mod x86 {
         }
         #[inline(always)]
         fn gather(s: &[f32], stride: usize) -> Zmm {
-            assert!(stride <= 1 << 20 && s.len() > 15 * stride, "sixteen strided lanes");
+            assert!(
+                stride <= 1 << 20 && s.len() > 15 * stride,
+                "sixteen strided lanes"
+            );
             // SAFETY: lane k reads s[k * stride], inside s (checked); the CPU has AVX-512F.
             Zmm(unsafe {
                 let idx = _mm512_mullo_epi32(
@@ -1013,7 +1035,11 @@ mod tests {
             });
         }
         for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
-            assert_eq!(with_level(level, || rounding_mismatches(&values)), 0, "{level}");
+            assert_eq!(
+                with_level(level, || rounding_mismatches(&values)),
+                0,
+                "{level}"
+            );
         }
     }
 
