@@ -1,17 +1,23 @@
 //! Codec throughput, ours beside libggml's on the same data in the same run (a benchmark, not a test).
 //!
-//! `cargo bench --bench codecs [-- TYPE...]` prints, per type, millions of weights per second for
-//! dequantize and quantize (and quantize with an imatrix where ggml has such a variant), on one thread
-//! and on all threads. libggml is timed by `testdata/codecs/ggml_bench.py` through ctypes with the same
-//! rows, the same imatrix and the same thread count. Each figure is the best of a few runs. The machine
-//! is shared, so one-thread figures use the thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`, for ggml
-//! through Python's `time.thread_time`); all-thread figures are wall time and only mean something
-//! on an idle machine.
+//! `cargo bench --bench codecs [-- TYPE...]` prints two tables of millions of weights per second:
+//! - one thread, per SIMD level this CPU runs (portable, AVX2, AVX-512; see `quant::simd`) and for
+//!   libggml: quantize, quantize with an imatrix (where ggml has such a variant) and dequantize, with
+//!   the ratio of our dispatched (widest) level to libggml;
+//! - all threads, our dispatched level against libggml.
+//!
+//! libggml is timed by `testdata/codecs/ggml_bench.py` through ctypes (`ggml_quantize_chunk`, the
+//! type's `to_float`) with the same rows, the same imatrix and the same thread count, in the same run.
+//! Each figure is the best of a few runs. The machine is shared, so one-thread figures use the
+//! thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`, for ggml through Python's `time.thread_time`);
+//! all-thread figures are wall time and only mean something on an idle machine. The load average
+//! (`/proc/loadavg`) before and after is printed with the tables.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use gguf_lora::quant::simd::{with_level, SimdLevel};
 use gguf_lora::quant::{self, GgmlType};
 
 const N_PER_ROW: usize = 4096;
@@ -107,35 +113,65 @@ fn data() -> (Vec<f32>, Vec<f32>) {
     (x, imatrix)
 }
 
-struct Ours {
-    deq1: f64,
-    deq_n: f64,
+/// Our one-thread CPU seconds at one SIMD level.
+struct LevelTimes {
     q1: f64,
-    q_n: f64,
+    /// With an imatrix, where ggml has such a variant.
     qi1: Option<f64>,
+    deq1: f64,
 }
 
-fn time_ours(ty: GgmlType, x: &[f32], imatrix: &[f32], single: &rayon::ThreadPool) -> Ours {
+/// Our seconds for one type: one thread per level, and all threads at the dispatched level.
+struct Ours {
+    levels: Vec<LevelTimes>,
+    q_n: f64,
+    deq_n: f64,
+}
+
+fn time_ours(
+    ty: GgmlType,
+    x: &[f32],
+    imatrix: &[f32],
+    levels: &[SimdLevel],
+    single: &rayon::ThreadPool,
+) -> Ours {
     let row_bytes = ty.row_bytes(N_PER_ROW as u64).unwrap() as usize;
     let mut q = vec![0u8; row_bytes * N_ROWS];
     let mut y = vec![0f32; x.len()];
-    let mut quantize = |im: Option<&[f32]>| {
-        quant::quantize_rows(ty, x, N_PER_ROW, &mut q, im).unwrap();
-    };
-    let q1 = best_cpu(single, || quantize(None));
-    let q_n = best(|| quantize(None));
-    let qi1 = quant::has_imatrix_variant(ty).then(|| best_cpu(single, || quantize(Some(imatrix))));
-    quant::quantize_rows(ty, x, N_PER_ROW, &mut q, None).unwrap();
-    let mut dequantize = || quant::dequantize_rows(ty, &q, N_PER_ROW, &mut y).unwrap();
-    let deq1 = best_cpu(single, &mut dequantize);
-    let deq_n = best(&mut dequantize);
-    Ours {
-        deq1,
-        deq_n,
-        q1,
-        q_n,
-        qi1,
+    let mut per_level = Vec::new();
+    for &level in levels {
+        // On the one-thread pool, `quantize_rows` runs on the pool's thread, where the level applies.
+        let mut quantize = |im: Option<&[f32]>| {
+            with_level(level, || {
+                quant::quantize_rows(ty, x, N_PER_ROW, &mut q, im).unwrap();
+            })
+        };
+        let q1 = best_cpu(single, || quantize(None));
+        let qi1 =
+            quant::has_imatrix_variant(ty).then(|| best_cpu(single, || quantize(Some(imatrix))));
+        quant::quantize_rows(ty, x, N_PER_ROW, &mut q, None).unwrap();
+        let deq1 = best_cpu(single, || {
+            with_level(level, || {
+                quant::dequantize_rows(ty, &q, N_PER_ROW, &mut y).unwrap();
+            })
+        });
+        per_level.push(LevelTimes { q1, qi1, deq1 });
     }
+    let q_n = best(|| quant::quantize_rows(ty, x, N_PER_ROW, &mut q, None).unwrap());
+    quant::quantize_rows(ty, x, N_PER_ROW, &mut q, None).unwrap();
+    let deq_n = best(|| quant::dequantize_rows(ty, &q, N_PER_ROW, &mut y).unwrap());
+    Ours {
+        levels: per_level,
+        q_n,
+        deq_n,
+    }
+}
+
+/// `/proc/loadavg`'s three load averages.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".to_string())
 }
 
 fn write_f32(path: &Path, v: &[f32]) {
@@ -165,6 +201,10 @@ fn main() {
         .num_threads(1)
         .build()
         .unwrap();
+    let levels: Vec<SimdLevel> = SimdLevel::ALL
+        .into_iter()
+        .filter(|l| l.is_supported())
+        .collect();
     let (x, imatrix) = data();
 
     let dir = tempfile::tempdir().unwrap();
@@ -182,6 +222,7 @@ fn main() {
         .find(|(k, _)| k == "GGUF_LORA_PYTHON")
         .map(|(_, v)| v.clone())
         .expect("GGUF_LORA_PYTHON");
+    let load_before = load_average();
     let out = Command::new(python)
         .arg(repo_root().join("testdata/codecs/ggml_bench.py"))
         .arg(dir.path())
@@ -195,42 +236,81 @@ fn main() {
         String::from_utf8_lossy(&out.stderr)
     );
     let ggml: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ours: Vec<(GgmlType, Ours)> = types
+        .iter()
+        .map(|&ty| (ty, time_ours(ty, &x, &imatrix, &levels, &single)))
+        .collect();
+    let load_after = load_average();
 
     let mw = |secs: f64| x.len() as f64 / secs / 1e6;
     let g = |t: GgmlType, k: &str| ggml[t.name()][k].as_f64().map(mw);
     let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => format!("x{:.2}", a / b),
+        _ => "-".to_string(),
+    };
     println!(
-        "M weights/s, {N_ROWS} rows x {N_PER_ROW}, best of {REPS}; 1T = one thread (CPU time), {threads}T = all threads (wall time)"
+        "M weights per second, {N_ROWS} rows x {N_PER_ROW}, best of {REPS}; load average before {load_before}, after {load_after}"
     );
+    let names: Vec<&str> = levels.iter().map(|l| l.name()).collect();
+    let widest = levels.len() - 1;
     println!(
-        "{:<6} | {:>9} {:>9} | {:>9} {:>9} | {:>9} {:>9} | {:>9} {:>9} | {:>10} {:>10}",
-        "type",
-        "deq 1T",
-        "ggml",
-        format!("deq {threads}T"),
-        "ggml",
-        "q 1T",
-        "ggml",
-        format!("q {threads}T"),
-        "ggml",
-        "q+imx 1T",
-        "ggml"
+        "\nOne thread (its CPU time): ours at each SIMD level ({}), libggml, and our {} / libggml",
+        names.join(", "),
+        names[widest]
     );
-    for ty in types {
-        let o = time_ours(ty, &x, &imatrix, &single);
+    // Each group: one column per level, libggml, and the ratio.
+    let width = 9 * (levels.len() + 1) + 8;
+    let header: String = names
+        .iter()
+        .map(|n| format!(" {n:>8}"))
+        .chain([format!(" {:>8}", "ggml"), format!(" {:>7}", "ratio")])
+        .collect();
+    println!(
+        "{:<6} |{:^width$}|{:^width$}|{:^width$}|",
+        "", "quantize", "quantize + imatrix", "dequantize"
+    );
+    println!("{:<6} |{header} |{header} |{header} |", "type");
+    for (ty, o) in &ours {
+        let group = |pick: &dyn Fn(&LevelTimes) -> Option<f64>, key: &str| {
+            let mut r = String::new();
+            for l in &o.levels {
+                r += &format!(" {:>8}", cell(pick(l).map(mw)));
+            }
+            let best = pick(&o.levels[widest]).map(mw);
+            r + &format!(
+                " {:>8} {:>7} |",
+                cell(g(*ty, key)),
+                ratio(best, g(*ty, key))
+            )
+        };
         println!(
-            "{:<6} | {:>9} {:>9} | {:>9} {:>9} | {:>9} {:>9} | {:>9} {:>9} | {:>10} {:>10}",
+            "{:<6} |{}{}{}",
             ty.name(),
-            cell(Some(mw(o.deq1))),
-            cell(g(ty, "deq1")),
-            cell(Some(mw(o.deq_n))),
-            cell(g(ty, "deqN")),
-            cell(Some(mw(o.q1))),
-            cell(g(ty, "q1")),
-            cell(Some(mw(o.q_n))),
-            cell(g(ty, "qN")),
-            cell(o.qi1.map(mw)),
-            cell(g(ty, "qi1")),
+            group(&|l| Some(l.q1), "q1"),
+            group(&|l| l.qi1, "qi1"),
+            group(&|l| Some(l.deq1), "deq1"),
+        );
+    }
+    println!(
+        "\nAll {threads} threads (wall time), our {} against libggml",
+        names[widest]
+    );
+    println!(
+        "{:<6} | {:>9} {:>9} {:>7} | {:>9} {:>9} {:>7}",
+        "type", "quantize", "ggml", "ratio", "deq", "ggml", "ratio"
+    );
+    for (ty, o) in &ours {
+        let (q, d) = (Some(mw(o.q_n)), Some(mw(o.deq_n)));
+        println!(
+            "{:<6} | {:>9} {:>9} {:>7} | {:>9} {:>9} {:>7}",
+            ty.name(),
+            cell(q),
+            cell(g(*ty, "qN")),
+            ratio(q, g(*ty, "qN")),
+            cell(d),
+            cell(g(*ty, "deqN")),
+            ratio(d, g(*ty, "deqN")),
         );
     }
 }

@@ -18,4 +18,5 @@ pub mod output;
 pub mod quant;
 pub mod quantize;
 pub mod safetensors_file;
+pub mod tokenizer;
 pub mod verify;

@@ -147,6 +147,7 @@ fn printers(dir: &Path, bundle: &str) -> Vec<Vec<String>> {
             "--tokens",
             "1,5,9",
         ]),
+        args(&["tokenize", &base(), "hello world"]),
     ];
     for (i, cmd) in writers(bundle).into_iter().enumerate() {
         v.push(with_out(&cmd, &dir.join(format!("p{i}.gguf"))));
@@ -226,6 +227,8 @@ fn messages_speak_the_user_s_terms() {
         args(&["merge", &base(), "--lora", &base(), "-o", &o]),
         args(&["inspect", &s(&junk)]),
         args(&["bundle", "--extract", "x", &gguf_adapter(), "-o", &o]),
+        args(&["tokenize", &base(), "Hello"]),
+        args(&["tokenize", &s(&junk), "x"]),
         // 4-bit outputs: no absolute KL limit, no top-1 limit.
         args(&[
             "verify",
@@ -298,6 +301,7 @@ fn a_directory_where_a_file_is_expected() {
         args(&["convert", &peft_adapter(), "--base", &e, "-o", &o]),
         args(&["bundle", &gguf_adapter(), "--base", &e, "-o", &o]),
         args(&["inspect", &gguf_adapter(), "--base", &e]),
+        args(&["tokenize", &e, "hello"]),
     ];
     for cmd in as_base {
         let r = run(&cmd);
@@ -361,6 +365,8 @@ fn usage_errors_exit_2() {
         args(&["bundle", "--extract", "x", &a, &a, "-o", &o]),
         args(&["bundle", "a#b=x.gguf", "-o", &o]),
         args(&["inspect"]),
+        args(&["tokenize", &b]),
+        args(&["tokenize", &b, "x", "--ids-only", "--json"]),
     ];
     for cmd in cases {
         let r = run(&cmd);
@@ -566,7 +572,7 @@ fn help_is_consistent() {
     };
     let top = help(&[]);
     let order: Vec<usize> = [
-        "convert", "merge", "inspect", "bundle", "quantize", "verify",
+        "convert", "merge", "inspect", "bundle", "quantize", "verify", "tokenize",
     ]
     .iter()
     .map(|c| {
@@ -578,11 +584,11 @@ fn help_is_consistent() {
     // Flags shared by several subcommands read the same in each.
     let mut with_threads = Vec::new();
     for cmd in [
-        "convert", "merge", "inspect", "bundle", "quantize", "verify",
+        "convert", "merge", "inspect", "bundle", "quantize", "verify", "tokenize",
     ] {
         let h = help(&[cmd]);
         assert!(
-            h.contains("Print exactly one JSON object on stdout instead of tables"),
+            h.contains("Print exactly one JSON object on stdout instead of"),
             "{cmd}: {h}"
         );
         if h.contains("-t, --threads <N>") {

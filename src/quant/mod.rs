@@ -16,9 +16,10 @@
 pub mod float;
 pub mod iquants;
 pub mod kquants;
+mod lanes;
 pub mod legacy;
 pub mod search;
-pub(crate) mod simd;
+pub mod simd;
 pub mod vec_dot;
 
 use std::fmt;

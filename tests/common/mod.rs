@@ -176,6 +176,22 @@ pub fn listing(dir: &Path) -> Vec<String> {
     v
 }
 
+/// Every SIMD level of the codecs this CPU runs, narrowest first. The codec interop tests check each
+/// against libggml through `quant::simd::with_level`, which caps the calling thread only: they
+/// quantize row by row on it, not through `quantize_rows` (rayon's workers keep their own level).
+pub fn simd_levels() -> Vec<gguf_lora::quant::simd::SimdLevel> {
+    let levels: Vec<_> = gguf_lora::quant::simd::SimdLevel::ALL
+        .into_iter()
+        .filter(|l| l.is_supported())
+        .collect();
+    assert_eq!(
+        levels.last().copied(),
+        Some(gguf_lora::quant::simd::detected()),
+        "the widest supported level is the detected one"
+    );
+    levels
+}
+
 /// The `gguf-lora` binary under test.
 pub fn gguf_lora() -> assert_cmd::Command {
     assert_cmd::Command::cargo_bin("gguf-lora").expect("binary built")

@@ -15,6 +15,7 @@ mod progress;
 mod quantize;
 mod rewrite;
 mod table;
+mod tokenize;
 mod verify;
 
 use clap::{Parser, Subcommand};
@@ -84,6 +85,7 @@ enum Command {
     Bundle(bundle::Args),
     Quantize(quantize::Args),
     Verify(verify::Args),
+    Tokenize(tokenize::Args),
     Rewrite(rewrite::Args),
 }
 
@@ -122,6 +124,7 @@ fn main() -> std::process::ExitCode {
         Command::Rewrite(args) => rewrite::run(args),
         Command::Verify(args) => verify::run(args),
         Command::Quantize(args) => quantize::run(args),
+        Command::Tokenize(args) => tokenize::run(args),
     };
     let exit = match result {
         Ok(Outcome::Success) => Exit::Success,
