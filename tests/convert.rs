@@ -322,12 +322,13 @@ fn refusals_exit_1_list_the_tensors_and_write_nothing() {
         &["--arch", "llama"],
         &["attn_q", "--base"],
     );
-    assert_refused(
-        "llama",
-        "standard",
-        &["--arch", "gpt2"],
-        &["unknown architecture"],
-    );
+    // An architecture we do not know is a usage error (exit 2), said before anything is read.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.gguf");
+    let assert = convert("llama", "standard", &out, &["--arch", "gpt2"]).code(2);
+    let stderr = String::from_utf8_lossy(&assert.get_output().stderr).into_owned();
+    assert!(stderr.contains("unknown architecture 'gpt2'"), "{stderr}");
+    assert!(!out.exists(), "output written despite the usage error");
 }
 
 #[test]
