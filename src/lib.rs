@@ -8,6 +8,7 @@
 pub mod adapter;
 pub mod arch;
 pub mod bundle;
+pub mod calibrate;
 pub mod convert;
 pub mod engine;
 pub mod gguf;

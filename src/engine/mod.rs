@@ -35,6 +35,7 @@ mod codec;
 pub mod file;
 mod kernel;
 pub mod plan;
+pub mod preserve;
 mod promote;
 pub mod report;
 pub mod requant;
@@ -42,12 +43,15 @@ mod stream;
 pub mod types;
 
 use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::adapter::{AdapterError, LowRank};
 use crate::gguf::GgufError;
 use crate::quant::{GgmlType, QuantError};
 
 pub use plan::{matrix_shape, PlanProblem, ShapeProblem};
+use preserve::InputStats;
 pub use report::{
     CandidateReport, InputSummary, MergeReport, Summary, TensorReport, TypeOption, TypeSummary,
 };
@@ -213,12 +217,31 @@ pub enum Promote {
     },
 }
 
+/// Calibration statistics per base tensor name (tensors sharing an input share one).
+pub type InputStatsMap = HashMap<String, Arc<InputStats>>;
+
+/// How merged tensors are requantized (`merge --requant`).
+#[derive(Clone, Debug, Default)]
+pub enum RequantMethod {
+    /// ggml's round-to-nearest, bit for bit as `ggml_quantize_chunk`.
+    #[default]
+    Nearest,
+    /// Keep the adapter's effect on each tensor's output ([`preserve`]), with these statistics;
+    /// tensors without statistics (or of types without a known grid) are rounded to nearest.
+    /// `calibration` says what the statistics come from (provenance and report).
+    Preserve {
+        stats: Arc<InputStatsMap>,
+        calibration: String,
+    },
+}
+
 #[derive(Clone, Debug)]
 pub struct MergeOptions {
     pub outtype: MergeType,
     pub promote: Promote,
     /// Rows per tensor on which candidate types are tried (for promotion and the report).
     pub sample_rows: usize,
+    pub requant: RequantMethod,
 }
 
 impl Default for MergeOptions {
@@ -227,6 +250,7 @@ impl Default for MergeOptions {
             outtype: MergeType::Keep,
             promote: Promote::None,
             sample_rows: 64,
+            requant: RequantMethod::Nearest,
         }
     }
 }
@@ -283,9 +307,16 @@ pub fn prepare<'a, 'u>(
     base_arch: Option<&str>,
     base: &'a [InputTensor<'a>],
     adapters: &'u [AdapterInput],
-    opts: &MergeOptions,
+    opts: &'u MergeOptions,
 ) -> Result<Prepared<'a, 'u>, EngineError> {
     let mut plans = plan::plan(base_arch, base, adapters, opts.outtype)?;
+    if let RequantMethod::Preserve { stats, .. } = &opts.requant {
+        for p in plans.iter_mut().filter(|p| p.is_touched()) {
+            if let Some(s) = stats.get(&base[p.index].name) {
+                p.requant = Requant::Preserve { stats: s };
+            }
+        }
+    }
     let phases = Phases::default();
     let start = std::time::Instant::now();
     let candidates = promote::measure_candidates(base, &plans, opts)?;

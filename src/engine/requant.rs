@@ -4,6 +4,7 @@
 //! the same way whatever the strategy. A new requantization method is one more variant here, with
 //! whatever per-tensor state it needs (calibration statistics, ...) carried in the variant.
 
+use super::preserve::{self, InputStats};
 use super::{codec, EngineError};
 use crate::quant::GgmlType;
 
@@ -33,6 +34,9 @@ pub struct RowBlock<'b> {
     pub r0: usize,
     /// Elements per row.
     pub n_cols: usize,
+    /// The base's own bytes for these rows when the output type is the base's: their grids are
+    /// what [`Requant::Preserve`] can keep.
+    pub base_bytes: Option<&'b [u8]>,
 }
 
 /// How one tensor's rows are requantized.
@@ -41,6 +45,9 @@ pub enum Requant<'u> {
     /// Round to nearest as ggml does: the reference quantizer, or with an importance matrix the
     /// importance-weighted one (`ggml_quantize_chunk`), bit for bit.
     Nearest { importance: Option<Importance<'u>> },
+    /// Keep the adapter's effect on the tensor's output over calibration inputs (see
+    /// [`preserve`]); types without a known grid (IQ, floats) are rounded to nearest.
+    Preserve { stats: &'u InputStats },
 }
 
 impl Default for Requant<'_> {
@@ -54,6 +61,7 @@ impl Requant<'_> {
     pub fn importance(&self) -> Option<&Importance<'_>> {
         match self {
             Requant::Nearest { importance } => importance.as_ref(),
+            Requant::Preserve { .. } => None,
         }
     }
 
@@ -73,6 +81,14 @@ impl Requant<'_> {
                 rows.r0,
                 importance.as_ref(),
             ),
+            Requant::Preserve { stats }
+                if preserve::supports(ty) && stats.n_cols == rows.n_cols =>
+            {
+                preserve::encode_rows(ty, stats, rows.exact, rows.base_bytes, out)
+            }
+            Requant::Preserve { .. } => {
+                codec::quantize(ty, rows.exact, out, rows.n_cols, rows.r0, None)
+            }
         }
     }
 }

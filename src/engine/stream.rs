@@ -285,11 +285,13 @@ pub fn merge_tensor(
             let Buffers {
                 base, merged, back, ..
             } = b;
+            let in_row = row_bytes(p.ty_in, n)?;
             let block = RowBlock {
                 exact: exact(p, base, merged),
                 base,
                 r0,
                 n_cols: n,
+                base_bytes: (p.ty_in == p.ty_out).then(|| &data[r0 * in_row..(r0 + rows) * in_row]),
             };
             requantize_and_measure(p.ty_out, &p.requant, &block, chunk, back, phases)
         })
@@ -327,15 +329,17 @@ pub fn sample_errors(
                 out,
                 ..
             } = b;
-            let block = RowBlock {
-                exact: exact(p, base, merged),
-                base,
-                r0: r,
-                n_cols: n,
-            };
+            let in_row = row_bytes(p.ty_in, n)?;
             types
                 .iter()
                 .map(|&ty| {
+                    let block = RowBlock {
+                        exact: exact(p, base, merged),
+                        base,
+                        r0: r,
+                        n_cols: n,
+                        base_bytes: (ty == p.ty_in).then(|| &data[r * in_row..(r + 1) * in_row]),
+                    };
                     out.resize(row_bytes(ty, n)?, 0);
                     requantize_and_measure(ty, &p.requant, &block, out, back, &discard)
                 })

@@ -28,6 +28,17 @@ pub fn read_adapter(
     name: String,
     user_scale: f32,
 ) -> Result<AdapterInput, MergeError> {
+    Ok(open_adapter(spec, base, name, user_scale)?.0)
+}
+
+/// [`read_adapter`], also returning the normalized adapter itself (what a calibration pass applies
+/// at runtime).
+pub fn open_adapter(
+    spec: &Path,
+    base: &GgufModel,
+    name: String,
+    user_scale: f32,
+) -> Result<(AdapterInput, Adapter), MergeError> {
     let info = BaseInfo::from_model(base).map_err(|error| MergeError::Base {
         path: base.shards()[0].path().to_path_buf(),
         error,
@@ -54,7 +65,8 @@ pub fn read_adapter(
             lines: blocking,
         });
     }
-    from_adapter(&opened.adapter, name, user_scale)
+    let input = from_adapter(&opened.adapter, name, user_scale)?;
+    Ok((input, opened.adapter))
 }
 
 /// Values of the factor `f`, read when needed.

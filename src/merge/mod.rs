@@ -23,8 +23,8 @@ use crate::gguf::{
 use crate::quant::GgmlType;
 
 pub use crate::engine::{
-    AdapterInput, CandidateReport, MergeOptions, MergeReport, MergeType, Promote, Summary,
-    TensorReport, TypeOption, TypeSummary,
+    AdapterInput, CandidateReport, InputStatsMap, MergeOptions, MergeReport, MergeType, Promote,
+    RequantMethod, Summary, TensorReport, TypeOption, TypeSummary,
 };
 pub use options::{promote_key, OptionError};
 
@@ -34,6 +34,8 @@ pub const KEY_ADAPTERS: &str = "gguf_lora.merge.adapters";
 pub const KEY_SCALES: &str = "gguf_lora.merge.scales";
 pub const KEY_OUTTYPE: &str = "gguf_lora.merge.outtype";
 pub const KEY_PROMOTE: &str = "gguf_lora.merge.promote";
+/// How merged tensors were requantized: `nearest`, or `preserve` with its calibration.
+pub const KEY_REQUANT: &str = "gguf_lora.merge.requant";
 
 /// Why a merge did not happen; nothing was written.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +90,14 @@ pub fn merge_model(
         output,
         |sink| prepared.run(sink, on_done),
     )?)
+}
+
+/// What [`KEY_REQUANT`] says.
+pub fn requant_key(r: &RequantMethod) -> String {
+    match r {
+        RequantMethod::Nearest => "nearest".to_string(),
+        RequantMethod::Preserve { calibration, .. } => format!("preserve ({calibration})"),
+    }
 }
 
 /// The base's metadata with what a merged model must say: no adapter keys, `general.type` a model,
@@ -152,5 +162,6 @@ fn merged_metadata(
     if let Some(p) = options::promote_key(&opts.promote) {
         m.set(KEY_PROMOTE, Value::String(p));
     }
+    m.set(KEY_REQUANT, Value::String(requant_key(&opts.requant)));
     m
 }

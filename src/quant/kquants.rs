@@ -447,7 +447,7 @@ fn q3_k_put_scale(scales: &mut [u8], j: usize, l: i32) {
 
 /// The signed scale of sub-block `j` from Q3_K's 12-byte scale field.
 #[inline(always)]
-fn q3_k_scale(scales: &[u8], j: usize) -> i8 {
+pub(crate) fn q3_k_scale(scales: &[u8], j: usize) -> i8 {
     let low = if j < 8 {
         scales[j] & 0xF
     } else {
@@ -617,7 +617,7 @@ const QK4_SCALES: usize = 4;
 
 /// Scale and min of sub-block `j` from the 12-byte field; mirrors ggml's `get_scale_min_k4`.
 #[inline(always)]
-fn get_scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub(crate) fn get_scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {

@@ -14,6 +14,7 @@
 //! importance-weighted `quantize_row_X_impl` with one (types without such a variant ignore it).
 
 pub mod float;
+pub mod grid;
 pub mod iquants;
 pub mod kquants;
 mod lanes;

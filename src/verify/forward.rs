@@ -26,6 +26,13 @@ use crate::quant::vec_dot::{round_activations, vec_dot_type};
 /// of `n_in` values of stream `stream` (its index in the `loras` given to [`Model::logits_with`]).
 pub trait LinearInputs: Sync {
     fn observe(&self, tensor: &str, stream: usize, x: &[f32], n_in: usize);
+
+    /// Whether the pass should go on to the output head once the layers are done (a calibration
+    /// pass that only needs the layers' inputs says no, and [`Model::logits_with`] returns no
+    /// logits).
+    fn wants_logits(&self) -> bool {
+        true
+    }
 }
 
 /// A model ready to run: its weights and hyperparameters.
@@ -250,6 +257,9 @@ impl<'a> Model<'a> {
 
         for il in 0..hp.n_layer {
             x = self.layer(il, x, &batch)?;
+        }
+        if observer.is_some_and(|o| !o.wants_logits()) {
+            return Ok(Vec::new());
         }
 
         let norm = self.vector("output_norm.weight", n_embd)?;

@@ -1,14 +1,21 @@
 //! `gguf-lora merge`: flags, adapter loading, progress bar and the report as a table or JSON.
 
 use std::collections::BTreeMap;
+use std::collections::HashSet;
 use std::fmt::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use clap::Args as ClapArgs;
+use anyhow::Context;
+use clap::{Args as ClapArgs, ValueEnum};
+use gguf_lora::calibrate::{self, CalibrationSpec};
 use gguf_lora::engine::file::Output;
+use gguf_lora::engine::preserve::{DEFAULT_DAMP, DEFAULT_DAMP_DIAG};
 use gguf_lora::gguf::GgufModel;
-use gguf_lora::merge::inputs::read_adapter;
-use gguf_lora::merge::{merge_model, AdapterInput, MergeOptions, MergeReport, MergeType, Promote};
+use gguf_lora::merge::inputs::open_adapter;
+use gguf_lora::merge::{
+    merge_model, AdapterInput, MergeOptions, MergeReport, MergeType, Promote, RequantMethod,
+};
 use serde::Serialize;
 
 use crate::args::{merge_type_parser, parse_promote, JsonArg, ModelArg, OutArg, ThreadsArg};
@@ -45,6 +52,22 @@ pub struct Args {
     pub promote: Option<Promote>,
     #[command(flatten)]
     pub threads: ThreadsArg,
+    /// How touched tensors are requantized: preserve keeps the adapter's effect on each tensor's
+    /// output, weighted by the inputs it sees on calibration text (a trained adapter moves
+    /// weights by a fraction of one quantization step, which rounding to nearest erases); nearest
+    /// is ggml's round-to-nearest, bit for bit.
+    #[arg(long, value_enum, default_value = "preserve")]
+    pub requant: RequantArg,
+    /// Text to calibrate on, tokenized by the base's tokenizer (your training data is best);
+    /// default: a built-in mixed corpus of prose, dialogue, code and numbers.
+    #[arg(long, value_name = "FILE.txt")]
+    pub calibrate: Option<PathBuf>,
+    /// Calibration tokens (the text is repeated if shorter).
+    #[arg(long, value_name = "N", default_value_t = calibrate::DEFAULT_TOKENS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    pub calibrate_tokens: usize,
+    /// Tokens per forward chunk of the calibration pass.
+    #[arg(long, value_name = "N", default_value_t = calibrate::DEFAULT_CTX, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=131_072))]
+    pub ctx: usize,
     /// Write one file even when the base is a split set.
     #[arg(long)]
     pub no_split: bool,
@@ -52,12 +75,62 @@ pub struct Args {
     pub json: JsonArg,
 }
 
-fn load_adapter(spec: &str, scale: f32, base: &GgufModel) -> anyhow::Result<AdapterInput> {
+/// `merge --requant`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RequantArg {
+    Preserve,
+    Nearest,
+}
+
+fn load_adapter(
+    spec: &str,
+    scale: f32,
+    base: &GgufModel,
+) -> anyhow::Result<(AdapterInput, gguf_lora::adapter::Adapter)> {
     let path = Path::new(spec);
     let name = path
         .file_name()
         .map_or_else(|| spec.to_string(), |n| n.to_string_lossy().into_owned());
-    Ok(read_adapter(path, base, name, scale)?)
+    Ok(open_adapter(path, base, name, scale)?)
+}
+
+/// The calibration statistics of `--requant preserve`.
+fn calibration(
+    args: &Args,
+    model: &GgufModel,
+    opened: &[(AdapterInput, gguf_lora::adapter::Adapter)],
+) -> anyhow::Result<RequantMethod> {
+    let (text, source) = match &args.calibrate {
+        Some(p) => (
+            std::fs::read(p)
+                .with_context(|| format!("{}: cannot read the calibration text", p.display()))?,
+            p.display().to_string(),
+        ),
+        None => (
+            calibrate::DEFAULT_CORPUS.as_bytes().to_vec(),
+            "the built-in corpus".to_string(),
+        ),
+    };
+    let spec = CalibrationSpec {
+        text: &text,
+        source,
+        max_tokens: args.calibrate_tokens,
+        ctx: args.ctx,
+        damp: DEFAULT_DAMP,
+        damp_diag: DEFAULT_DAMP_DIAG,
+    };
+    let tokens = calibrate::calibration_tokens(model, &spec)?;
+    let targets: HashSet<String> = opened
+        .iter()
+        .flat_map(|(a, _)| a.updates.iter().map(|(name, _)| name.clone()))
+        .collect();
+    let adapters: Vec<(&gguf_lora::adapter::Adapter, f32)> =
+        opened.iter().map(|(i, a)| (a, i.scale)).collect();
+    let cal = calibrate::calibrate(model, &adapters, &tokens, &targets, &spec)?;
+    Ok(RequantMethod::Preserve {
+        calibration: format!("calibrated on {} tokens of {}", cal.tokens, cal.source),
+        stats: Arc::new(cal.stats.into_iter().collect()),
+    })
 }
 
 #[derive(Serialize)]
@@ -68,18 +141,24 @@ struct JsonOut<'a> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<Outcome> {
-    let opts = MergeOptions {
-        outtype: args.outtype,
-        promote: args.promote.clone().unwrap_or(Promote::None),
-        ..Default::default()
-    };
     let specs = args.lora.adapters()?;
     args.threads.run(|| {
         let model = GgufModel::open(args.base.path())?;
-        let adapters = specs
+        let opened = specs
             .iter()
             .map(|(s, scale)| load_adapter(s, *scale, &model))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let requant = match args.requant {
+            RequantArg::Nearest => RequantMethod::Nearest,
+            RequantArg::Preserve => calibration(&args, &model, &opened)?,
+        };
+        let adapters: Vec<AdapterInput> = opened.into_iter().map(|(i, _)| i).collect();
+        let opts = MergeOptions {
+            outtype: args.outtype,
+            promote: args.promote.clone().unwrap_or(Promote::None),
+            requant,
+            ..Default::default()
+        };
         let adapter_paths: Vec<&Path> = specs.iter().map(|(s, _)| Path::new(s.as_str())).collect();
         let progress = TensorProgress::new(&model);
         let on_done = |i: usize, b: u64| progress.on_done(i, b);
