@@ -10,6 +10,7 @@ pub mod arch;
 pub mod bundle;
 pub mod convert;
 pub mod engine;
+pub mod extract;
 pub mod gguf;
 pub mod inspect;
 pub mod merge;
