@@ -439,3 +439,39 @@ fn refusals_exit_1_say_why_and_write_nothing() {
         "attn_q of 6 layers: {report}"
     );
 }
+
+#[test]
+fn two_quantized_inputs_are_said_to_carry_two_quantization_noises() {
+    require_interop!();
+    let dir = tempfile::tempdir().unwrap();
+    let base = fixture("llama/base-f32.gguf");
+    let (_, merged) = export_lora_merge(dir.path(), &base, &LLAMA_LORA);
+    let quantize = |from: &Path, name: &str| {
+        let to = dir.path().join(name);
+        let o = Command::new(interop().tools.join("llama-quantize"))
+            .args(["--allow-requantize", s(from), s(&to), "Q8_0"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        to
+    };
+    let (qb, qm) = (
+        quantize(&base, "base-q8.gguf"),
+        quantize(&merged, "ft-q8.gguf"),
+    );
+    let out = dir.path().join("q.gguf");
+    let report = extract(&qb, &qm, &out, &["--rank", "4"]);
+    assert_eq!(report["both_quantized"], true);
+    let note = report["notes"][0].as_str().unwrap();
+    assert!(
+        note.contains("both inputs are quantized (q8_0 and q8_0)"),
+        "{note}"
+    );
+    // The two noises are full rank: rank 4 no longer keeps everything.
+    let energy = report["totals"]["energy"].as_f64().unwrap();
+    assert!(energy < 0.99999 && energy > 0.99, "{energy}");
+    // One quantized side: no such note.
+    let report = extract(&qb, &merged, &out, &["--rank", "4"]);
+    assert_eq!(report["both_quantized"], false);
+    assert!(report["notes"].as_array().unwrap().is_empty());
+}
