@@ -141,9 +141,14 @@ fn render(r: &ExtractReport) -> String {
     if !r.written.folded.is_empty() {
         let _ = writeln!(
             out,
-            "adapter.lora.alpha = {}; {} whose rank differs carry rank/alpha folded into B",
+            "adapter.lora.alpha = {}; {} whose rank differs {} rank/alpha folded into B",
             r.written.alpha,
-            plural(r.written.folded.len(), "tensor")
+            plural(r.written.folded.len(), "tensor"),
+            if r.written.folded.len() == 1 {
+                "carries"
+            } else {
+                "carry"
+            }
         );
     }
     if !r.left_out.is_empty() {
