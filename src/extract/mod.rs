@@ -8,6 +8,9 @@
 //! `A = √S·Vᵀ`, `B = U·√S`, so that `B·A` is the best rank-r approximation of `Δ`. Ranks are fixed or
 //! chosen per tensor (`auto:ENERGY`: the smallest rank keeping that share of `‖Δ‖²`, capped).
 //!
+//! The factors wait for the writer in an anonymous scratch file beside the output
+//! ([`crate::adapter::Spool`]), so memory stays bounded by one tensor however large the adapter.
+//!
 //! Each tensor's alpha is its own rank (scale 1); the GGUF writer ([`crate::adapter::gguf`]) writes
 //! the alpha most tensors share and folds `rank_i / alpha` into the `B` of the others, so the scale
 //! llama.cpp applies (`alpha / rank` of each tensor's own `B`) gives exactly `B·A` everywhere.
@@ -30,7 +33,7 @@ use rayon::prelude::*;
 pub use checkpoint::{Checkpoint, CheckpointError, Format, Tensor};
 
 use crate::adapter::gguf::{FactorType, WriteSummary};
-use crate::adapter::{self, Adapter, AdapterError, Factor, Layout, LoraPair, LoraTensor, Matrix};
+use crate::adapter::{self, Adapter, AdapterError, Layout, LoraPair, LoraTensor, Matrix, Spool};
 use crate::arch::{lora_target_kind, TargetKind};
 use crate::output::OutputError;
 
@@ -335,6 +338,25 @@ pub fn extract(
         }
     }
 
+    // Factors wait for the writer in a scratch file beside the output, so memory stays one tensor's.
+    let out_dir = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let spool = Spool::new(out_dir).map_err(|error| OutputError::Io {
+        op: "create a scratch file",
+        path: out_dir.to_path_buf(),
+        error,
+    })?;
+    let spooled = |m: &Matrix| {
+        spool.push(m).map_err(|error| {
+            ExtractError::Output(OutputError::Io {
+                op: "write a scratch file",
+                path: out_dir.to_path_buf(),
+                error,
+            })
+        })
+    };
     let mut extracted: Vec<ExtractedTensor> = Vec::new();
     let mut lora: Vec<LoraTensor> = Vec::new();
     let mut left_out: Vec<LeftOut> = Vec::new();
@@ -415,8 +437,8 @@ pub fn extract(
             kind,
             layout: Layout::Single(Box::new(LoraPair {
                 source: p.ft.source.clone(),
-                a: Factor::owned(lora_a),
-                b: Factor::owned(lora_b),
+                a: spooled(&lora_a)?,
+                b: spooled(&lora_b)?,
                 // Scale alpha / rank = 1: B·A is the delta itself.
                 alpha: r as f64,
                 b_rows: None,
