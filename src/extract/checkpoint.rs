@@ -79,7 +79,7 @@ pub struct Tensor {
     pub ty: String,
     /// Whether the stored type is a block quantization (not F32/F16/BF16).
     pub quantized: bool,
-    /// For an HF name our tables map: the kind of LoRA target it is.
+    /// For an HF name our tables map: the kind of LoRA target it is (`Experts` for one expert).
     pub mapped: Option<TargetKind>,
     /// HF llama-family `q_proj`/`k_proj`: rows are in HF order; the head count of GGUF's permutation.
     pub hf_rope_heads: Option<usize>,
@@ -98,6 +98,13 @@ impl Tensor {
 
     pub fn row_len(&self) -> usize {
         self.dims.first().copied().unwrap_or(1) as usize
+    }
+
+    /// What kind of LoRA target it is, if any: from our tables for HF names, from the GGUF name
+    /// otherwise ([`crate::arch::lora_target_kind`]).
+    pub fn target_kind(&self) -> Option<TargetKind> {
+        self.mapped
+            .or_else(|| crate::arch::lora_target_kind(&self.name))
     }
 }
 
@@ -513,9 +520,10 @@ fn hf_tensor(
         .name
         .strip_suffix(".weight")
         .filter(|_| e.shape.len() == 2)
-        .and_then(|m| map_module(arch, m))
-        .filter(|m| m.expert.is_none());
+        .and_then(|m| map_module(arch, m));
     let (name, mapped, rope) = match map {
+        // One expert of a stacked GGUF tensor keeps its HF name (no GGUF tensor of its own).
+        Some(m) if m.expert.is_some() => (e.name.clone(), Some(TargetKind::Experts), None),
         Some(m) => (m.target, Some(m.kind), m.rope),
         None => (e.name.clone(), None, None),
     };
@@ -563,5 +571,53 @@ mod tests {
         );
         let e = arch(serde_json::json!({"model_type": "gpt2"})).unwrap_err();
         assert!(e.contains("\"gpt2\"") && e.contains("supported"), "{e}");
+    }
+
+    #[test]
+    fn hf_names_map_to_gguf_targets_and_experts_stay_hf() {
+        let entry = |name: &str, shape: Vec<usize>| {
+            let n: usize = shape.iter().product();
+            let bytes = serde_json::to_vec(&serde_json::json!({
+                name: {"dtype": "F32", "shape": shape, "data_offsets": [0, 4 * n]}
+            }))
+            .unwrap();
+            let mut file = (bytes.len() as u64).to_le_bytes().to_vec();
+            file.extend_from_slice(&bytes);
+            file.extend(std::iter::repeat_n(0u8, 4 * n));
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("m.safetensors");
+            std::fs::write(&p, file).unwrap();
+            SafetensorsFile::open(&p).unwrap().tensors()[0].clone()
+        };
+        let q = hf_tensor(
+            Arch::Llama,
+            &entry("model.layers.1.self_attn.k_proj.weight", vec![32, 64]),
+            0,
+            Some(4),
+            Some(2),
+        );
+        assert_eq!(q.name, "blk.1.attn_k.weight");
+        assert_eq!((q.dims.clone(), q.hf_rope_heads), (vec![64, 32], Some(2)));
+        assert_eq!(q.target_kind(), Some(TargetKind::Linear));
+        let e = hf_tensor(
+            Arch::Qwen2Moe,
+            &entry("model.layers.0.mlp.experts.3.up_proj.weight", vec![16, 8]),
+            0,
+            None,
+            None,
+        );
+        assert_eq!(e.name, "model.layers.0.mlp.experts.3.up_proj.weight");
+        assert_eq!(e.target_kind(), Some(TargetKind::Experts));
+        let n = hf_tensor(
+            Arch::Llama,
+            &entry("model.norm.weight", vec![64]),
+            0,
+            None,
+            None,
+        );
+        assert_eq!(
+            (n.name.as_str(), n.target_kind()),
+            ("model.norm.weight", None)
+        );
     }
 }

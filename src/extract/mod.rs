@@ -34,7 +34,7 @@ pub use checkpoint::{Checkpoint, CheckpointError, Format, Tensor};
 
 use crate::adapter::gguf::{FactorType, WriteSummary};
 use crate::adapter::{self, Adapter, AdapterError, Layout, LoraPair, LoraTensor, Matrix, Spool};
-use crate::arch::{lora_target_kind, TargetKind};
+use crate::arch::TargetKind;
 use crate::output::OutputError;
 
 /// `--max-rank` when not given.
@@ -148,7 +148,7 @@ pub enum ExtractError {
     },
     #[error("{}: token_embd.weight differs, but the model ties its output head to the embeddings and llama.cpp cannot load a token-embedding LoRA there (it would apply it to the output head too); pass --no-embeddings to extract everything else", finetuned.display())]
     TiedEmbeddings { finetuned: PathBuf },
-    #[error("{}: stacked MoE expert tensors differ ({}); extract does not handle expert tensors yet; nothing written", finetuned.display(), names.join(", "))]
+    #[error("{}: MoE expert tensors differ or cannot be paired ({}); extract does not handle expert tensors yet; nothing written", finetuned.display(), names.join(", "))]
     Experts {
         finetuned: PathBuf,
         names: Vec<String>,
@@ -303,6 +303,23 @@ pub fn extract(
             ft_arch: ft.arch.clone(),
         });
     }
+    if base.format != ft.format {
+        // Stacked GGUF experts and HF per-expert tensors cannot be paired by name; both are refused
+        // below anyway, so say that rather than list them as mismatches.
+        let experts: Vec<String> = [&base, &ft]
+            .iter()
+            .flat_map(|c| c.tensors.iter())
+            .filter(|t| t.target_kind() == Some(TargetKind::Experts))
+            .map(|t| t.name.clone())
+            .take(MAX_LISTED)
+            .collect();
+        if !experts.is_empty() {
+            return Err(ExtractError::Experts {
+                finetuned: ft_path.to_path_buf(),
+                names: experts,
+            });
+        }
+    }
     let (pairs, not_compared) = pair_up(&base, &ft)?;
     let tied = base.tensor("output.weight").is_none();
     let mut notes = Vec::new();
@@ -319,7 +336,7 @@ pub fn extract(
     };
     let experts: Vec<String> = pairs
         .iter()
-        .filter(|p| lora_target_kind(&p.ft.name) == Some(TargetKind::Experts) && differs(p))
+        .filter(|p| p.ft.target_kind() == Some(TargetKind::Experts) && differs(p))
         .map(|p| p.ft.name.clone())
         .collect();
     if !experts.is_empty() {
@@ -370,7 +387,7 @@ pub fn extract(
             done();
             continue;
         }
-        let kind = lora_target_kind(&p.ft.name).filter(|_| p.ft.dims.len() == 2);
+        let kind = p.ft.target_kind().filter(|_| p.ft.dims.len() == 2);
         let is_embedding = matches!(p.ft.name.as_str(), "token_embd.weight" | "output.weight");
         let (delta, norm2, base_norm2, hf_rows) = delta_of(&base, &ft, p)?;
         if norm2 == 0.0 {
@@ -561,7 +578,7 @@ fn pair_up<'a>(
         !mixed
             || match c.format {
                 Format::Safetensors => t.mapped.is_some(),
-                Format::Gguf => lora_target_kind(&t.name).is_some(),
+                Format::Gguf => t.target_kind().is_some(),
             }
     };
     let mut problems = Vec::new();
