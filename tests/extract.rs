@@ -475,3 +475,50 @@ fn two_quantized_inputs_are_said_to_carry_two_quantization_noises() {
     assert_eq!(report["both_quantized"], false);
     assert!(report["notes"].as_array().unwrap().is_empty());
 }
+
+#[test]
+fn per_tensor_ranks_and_folded_alpha_give_llama_cpp_the_merged_model_s_logits() {
+    require_interop!();
+    // The PEFT fine-tune whose lm_head was retrained in full: rank 8 everywhere but the head, which
+    // auto gives its full rank 64; the file alpha is 8 and the head's B carries 64/8.
+    let dir = tempfile::tempdir().unwrap();
+    let base = fixture("llama/base-f32.gguf");
+    let merged = fixture("llama/adapters/modules_to_save/merged-f32.gguf");
+    let out = dir.path().join("auto.gguf");
+    let report = extract(
+        &base,
+        &merged,
+        &out,
+        &[
+            "--rank",
+            "auto:0.999",
+            "--max-rank",
+            "64",
+            "--outtype",
+            "f16",
+        ],
+    );
+    let head = report["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "output.weight")
+        .unwrap();
+    assert_eq!(head["rank"], 64, "{head}");
+    assert_eq!(report["written"]["alpha"], 8.0);
+    assert_eq!(
+        report["written"]["folded"],
+        serde_json::json!([["output.weight", 8.0]])
+    );
+    let l = py_json(
+        "merge",
+        "check_merge.py",
+        &["logits", s(&base), &format!("{}:1", s(&out)), s(&merged)],
+    );
+    eprintln!("llama.cpp, merged vs base + auto-rank f16 adapter: {l}");
+    assert!(l["base"]["kl"].as_f64().unwrap() > 1e-2, "{l}");
+    let m = &l[s(&merged)];
+    // f16 factors: about 1e-3 of each update, far below the fine-tune's effect.
+    assert!(m["kl"].as_f64().unwrap() < 1e-5, "{l}");
+    assert_eq!(m["top1"].as_f64().unwrap(), 1.0, "{l}");
+}
