@@ -625,10 +625,7 @@ fn pair_up<'a>(
 type Delta = (Vec<f32>, f64, f64, Option<usize>);
 
 fn delta_of(base: &Checkpoint, ft: &Checkpoint, p: &Pair<'_>) -> Result<Delta, ExtractError> {
-    let non_finite = |c: &Checkpoint, t: &Tensor, v: &[f32]| match v
-        .par_iter()
-        .position_first(|x| !x.is_finite())
-    {
+    let non_finite = |c: &Checkpoint, t: &Tensor, v: &[f32]| match first_non_finite(v) {
         Some(index) => Err(ExtractError::NonFinite {
             path: c.path.clone(),
             tensor: t.source.clone(),
@@ -676,7 +673,7 @@ fn delta_of(base: &Checkpoint, ft: &Checkpoint, p: &Pair<'_>) -> Result<Delta, E
         (heads, _) => (base.subtract_from(p.base, &mut delta)?, heads),
     };
     // A finite fine-tune minus a non-finite base is the only way a non-finite delta arises here.
-    if let Some(index) = delta.par_iter().position_first(|x| !x.is_finite()) {
+    if let Some(index) = first_non_finite(&delta) {
         return Err(ExtractError::NonFinite {
             path: base.path.clone(),
             tensor: p.base.source.clone(),
@@ -686,6 +683,16 @@ fn delta_of(base: &Checkpoint, ft: &Checkpoint, p: &Pair<'_>) -> Result<Delta, E
     }
     let norm2 = delta.par_iter().map(|&d| f64::from(d) * f64::from(d)).sum();
     Ok((delta, norm2, base_norm2, hf_rows))
+}
+
+/// Index of the first NaN or ±Inf. In blocks: rayon's per-element `position_first` checks a shared
+/// atomic at every element and took half of a 7B extraction's time.
+fn first_non_finite(v: &[f32]) -> Option<usize> {
+    const BLOCK: usize = 1 << 16;
+    v.par_chunks(BLOCK)
+        .enumerate()
+        .find_first(|(_, c)| c.iter().any(|x| !x.is_finite()))
+        .and_then(|(i, c)| c.iter().position(|x| !x.is_finite()).map(|j| i * BLOCK + j))
 }
 
 /// The rank for a tensor with singular values `s` (non-increasing) and `‖Δ‖² = norm2`.
@@ -776,6 +783,15 @@ mod tests {
             assert!(bad.parse::<RankChoice>().is_err(), "{bad}");
         }
         assert_eq!(RankChoice::Auto { energy: 0.9 }.to_string(), "auto:0.9");
+    }
+
+    #[test]
+    fn the_first_non_finite_value_is_found_across_blocks() {
+        let mut v = vec![0.5f32; 300_000];
+        assert_eq!(first_non_finite(&v), None);
+        v[200_001] = f32::INFINITY;
+        v[150_000] = f32::NAN;
+        assert_eq!(first_non_finite(&v), Some(150_000));
     }
 
     #[test]
