@@ -326,6 +326,20 @@ impl Checkpoint {
         }
     }
 
+    /// Hands the tensor's mapped pages back to the kernel (after a comparison or a read), so that a
+    /// pass over two multi-GB models keeps the resident set at about one tensor.
+    pub fn release(&self, t: &Tensor) {
+        match (&self.files_, &t.loc) {
+            (Files::Gguf(m), Loc::Gguf { .. }) => {
+                if let (Some(shard), Some(info)) = (m.shard_of(&t.source), m.tensor(&t.source)) {
+                    m.shards()[shard].release_pages(info);
+                }
+            }
+            (Files::St(files), Loc::St { file, entry }) => files[*file].release(entry),
+            _ => {}
+        }
+    }
+
     /// Calls `f(first_element, values)` over the tensor's values as f32, in file order, a few
     /// MiB at a time.
     fn stream(&self, t: &Tensor, mut f: impl FnMut(usize, &[f32])) -> Result<(), CheckpointError> {
@@ -348,11 +362,6 @@ impl Checkpoint {
                     quant::dequantize_rows(*ty, chunk, row, &mut buf[..n])
                         .map_err(|e| read_err(e.to_string()))?;
                     f(k * rows_per * row, &buf[..n]);
-                }
-                if let Some(shard) = m.shard_of(&t.source) {
-                    if let Some(info) = m.tensor(&t.source) {
-                        m.shards()[shard].release_pages(info);
-                    }
                 }
             }
             (Files::St(files), Loc::St { file, entry }) => {
@@ -390,6 +399,7 @@ impl Checkpoint {
             }
             _ => return Err(read_err("internal: tensor of another checkpoint".into())),
         }
+        self.release(t);
         Ok(())
     }
 

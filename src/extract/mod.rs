@@ -381,7 +381,11 @@ pub fn extract(
     let mut sums = (0f64, 0f64); // Σ‖Δ‖², Σ residual²
     let mut both_quantized = false;
     for (i, p) in pairs.iter().enumerate() {
-        let done = || on_tensor(i + 1, pairs.len());
+        let done = || {
+            base.release(p.base);
+            ft.release(p.ft);
+            on_tensor(i + 1, pairs.len())
+        };
         if !differs(p) {
             unchanged += 1;
             done();
