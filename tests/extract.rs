@@ -522,3 +522,48 @@ fn per_tensor_ranks_and_folded_alpha_give_llama_cpp_the_merged_model_s_logits() 
     assert!(m["kl"].as_f64().unwrap() < 1e-5, "{l}");
     assert_eq!(m["top1"].as_f64().unwrap(), 1.0, "{l}");
 }
+
+#[test]
+fn stacked_moe_experts_come_back_per_expert_and_llama_cpp_runs_them() {
+    require_interop!();
+    // qwen2moe fixture, gguf-py adapter on every ffn_*_exps (4 experts) and attn_q, merged by
+    // llama-export-lora (which also writes ffn_gate_inp_shexp as [64] instead of [64, 1]).
+    let dir = tempfile::tempdir().unwrap();
+    let base = fixture("qwen2moe/base-f32.gguf");
+    let adapter = dir.path().join("moe.gguf");
+    interop().python(
+        &script("extract", "make_moe_lora.py"),
+        &[s(&base), s(&adapter), "4"],
+    );
+    let merged = dir.path().join("merged.gguf");
+    let o = Command::new(interop().tools.join("llama-export-lora"))
+        .args(["-m", s(&base), "--lora", s(&adapter), "-o", s(&merged)])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = dir.path().join("extracted.gguf");
+    let report = extract(&base, &merged, &out, &["--rank", "4"]);
+    let experts: Vec<&Value> = report["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["kind"] == "experts")
+        .collect();
+    assert_eq!(experts.len(), 6, "gate/up/down of 2 layers: {report}");
+    assert!(experts.iter().all(|t| t["experts"] == 4
+        && t["rank"] == 4
+        && t["expert_singular_values"].as_array().unwrap().len() == 4));
+    let r = lowrank(&out, &adapter);
+    eprintln!("MoE: extracted vs original adapter: {r}");
+    assert_eq!(r["targets_equal"], true, "{r}");
+    assert_eq!(r["n"], 8, "{r}");
+    assert!(r["worst_rel"].as_f64().unwrap() < 1e-5, "{r}");
+    let l = py_json(
+        "merge",
+        "check_merge.py",
+        &["logits", s(&base), &format!("{}:1", s(&out)), s(&merged)],
+    );
+    eprintln!("MoE: llama.cpp, merged vs base + extracted adapter: {l}");
+    assert!(l["base"]["kl"].as_f64().unwrap() > 1e-2, "{l}");
+    assert!(l[s(&merged)]["kl"].as_f64().unwrap() < 1e-8, "{l}");
+}

@@ -18,8 +18,10 @@
 //! and an HF one gets its `B` rows permuted as `convert_hf_to_gguf.py` permutes the weights.
 //! The token embedding becomes llama.cpp's token-embedding LoRA unless the model ties its output
 //! head to it (llama.cpp would apply it to the head too, with the wrong shape): then it is refused,
-//! or left out with `embeddings: false`. Other tensors that differ (norms, biases) cannot be held by
-//! a GGUF LoRA and are reported.
+//! or left out with `embeddings: false`. Stacked GGUF experts (`ffn_*_exps`) get one SVD per expert
+//! and one rank for all, the largest any expert needs; HF per-expert tensors are refused (they would
+//! need stacking first). Other tensors that differ (norms, biases) cannot be held by a GGUF LoRA and
+//! are reported.
 
 pub mod checkpoint;
 pub mod svd;
@@ -148,7 +150,7 @@ pub enum ExtractError {
     },
     #[error("{}: token_embd.weight differs, but the model ties its output head to the embeddings and llama.cpp cannot load a token-embedding LoRA there (it would apply it to the output head too); pass --no-embeddings to extract everything else", finetuned.display())]
     TiedEmbeddings { finetuned: PathBuf },
-    #[error("{}: MoE expert tensors differ or cannot be paired ({}); extract does not handle expert tensors yet; nothing written", finetuned.display(), names.join(", "))]
+    #[error("{}: MoE expert tensors differ or cannot be paired ({}); extract handles stacked GGUF experts (ffn_*_exps), not HF per-expert tensors yet; nothing written", finetuned.display(), names.join(", "))]
     Experts {
         finetuned: PathBuf,
         names: Vec<String>,
@@ -194,8 +196,11 @@ pub struct ExtractedTensor {
     /// Its name in the fine-tune's file.
     pub source: String,
     pub kind: &'static str,
-    /// `[n_out, n_in]` of the delta (`[n_vocab, n_embd]` for the embedding).
+    /// `[n_out, n_in]` of the delta (`[n_vocab, n_embd]` for the embedding; of one expert for
+    /// stacked experts).
     pub shape: [usize; 2],
+    /// Stacked experts (one rank for all); 1 for a matrix.
+    pub experts: usize,
     pub base_type: String,
     pub finetuned_type: String,
     pub rank: usize,
@@ -207,8 +212,11 @@ pub struct ExtractedTensor {
     pub delta_norm: f64,
     /// `‖Δ‖ / ‖W_base‖`.
     pub relative_delta: f64,
-    /// The leading singular values computed (at least `rank`).
+    /// The leading singular values computed (at least `rank`); empty for stacked experts.
     pub singular_values: Vec<f32>,
+    /// Stacked experts: each expert's leading singular values.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub expert_singular_values: Vec<Vec<f32>>,
     /// `B` rows RoPE-permuted into the GGUF's order (HF llama q/k).
     pub permuted: bool,
     /// The exact SVD was used (small matrix) rather than the randomized one.
@@ -334,9 +342,12 @@ pub fn extract(
         (Some((a, ta)), Some((b, tb))) if ta == tb => a != b,
         _ => true,
     };
+    // HF per-expert tensors would have to be stacked into the GGUF's one tensor per layer first.
     let experts: Vec<String> = pairs
         .iter()
-        .filter(|p| p.ft.target_kind() == Some(TargetKind::Experts) && differs(p))
+        .filter(|p| {
+            p.ft.target_kind() == Some(TargetKind::Experts) && p.ft.dims.len() == 2 && differs(p)
+        })
         .map(|p| p.ft.name.clone())
         .collect();
     if !experts.is_empty() {
@@ -391,7 +402,9 @@ pub fn extract(
             done();
             continue;
         }
-        let kind = p.ft.target_kind().filter(|_| p.ft.dims.len() == 2);
+        let kind =
+            p.ft.target_kind()
+                .filter(|k| p.ft.dims.len() == if *k == TargetKind::Experts { 3 } else { 2 });
         let is_embedding = matches!(p.ft.name.as_str(), "token_embd.weight" | "output.weight");
         let (delta, norm2, base_norm2, hf_rows) = delta_of(&base, &ft, p)?;
         if norm2 == 0.0 {
@@ -416,63 +429,107 @@ pub fn extract(
             continue;
         }
         let kind = kind.unwrap_or(TargetKind::Linear);
-        let (m, n) = (p.ft.rows(), p.ft.row_len());
+        // Stacked experts (ne = [n_in, n_out, n_expert]) get one SVD per expert and one rank for
+        // all (the GGUF tensor has one): the largest any expert needs.
+        let n_exp = match kind {
+            TargetKind::Experts => p.ft.dims.get(2).copied().unwrap_or(1).max(1) as usize,
+            _ => 1,
+        };
+        let (m, n) = (p.ft.rows() / n_exp, p.ft.row_len());
         let k_want = match opts.rank {
             RankChoice::Fixed(r) => r.min(opts.max_rank),
             RankChoice::Auto { .. } => opts.max_rank,
         }
         .max(1);
-        let t = svd::truncated_svd(&delta, m, n, k_want, svd::seed_of(&p.ft.name)).map_err(
-            |error| ExtractError::Svd {
-                tensor: p.ft.name.clone(),
-                error,
-            },
-        )?;
-        let r = choose_rank(&t.s, norm2, opts.rank);
-        let (mut b, a) = factors(&t, r);
-        let residual2 = residual2(&delta, &b, &a);
+        let slice = |e: usize| &delta[e * m * n..(e + 1) * m * n];
+        let mut svds = Vec::with_capacity(n_exp);
+        for e in 0..n_exp {
+            let seed = svd::seed_of(&p.ft.name).wrapping_add(e as u64);
+            let t = svd::truncated_svd(slice(e), m, n, k_want, seed).map_err(|error| {
+                ExtractError::Svd {
+                    tensor: p.ft.name.clone(),
+                    error,
+                }
+            })?;
+            let e_norm2: f64 = slice(e)
+                .par_iter()
+                .map(|&d| f64::from(d) * f64::from(d))
+                .sum();
+            svds.push((t, e_norm2));
+        }
+        let r = svds
+            .iter()
+            .map(|(t, e_norm2)| choose_rank(&t.s, *e_norm2, opts.rank))
+            .max()
+            .unwrap_or(1);
+        let (mut residual2_sum, mut kept) = (0f64, 0f64);
+        let mut parts = Vec::with_capacity(n_exp);
+        for (e, (t, _)) in svds.iter().enumerate() {
+            let (b, a) = factors(t, r);
+            residual2_sum += residual2(slice(e), &b, &a);
+            kept += t.s[..r]
+                .iter()
+                .map(|&s| f64::from(s) * f64::from(s))
+                .sum::<f64>();
+            parts.push((b, a));
+        }
+        let residual2 = residual2_sum;
         drop(delta);
         let mut permuted = false;
-        if let Some(heads) = hf_rows {
-            b = adapter::permute_rows(&b, heads).ok_or_else(|| ExtractError::Rope {
+        if let (Some(heads), [(b, _)]) = (hf_rows, parts.as_mut_slice()) {
+            *b = adapter::permute_rows(b, heads).ok_or_else(|| ExtractError::Rope {
                 tensor: p.ft.name.clone(),
                 rows: m,
                 heads,
             })?;
             permuted = true;
         }
-        let kept: f64 = t.s[..r].iter().map(|&s| f64::from(s) * f64::from(s)).sum();
         sums.0 += norm2;
         sums.1 += residual2;
         both_quantized |= p.base.quantized && p.ft.quantized;
-        // The embedding's LoRA is oriented the other way (see the adapter module docs): its A is
-        // rank × n_vocab and its B n_embd × rank, so B·A = Δᵀ.
-        let (lora_a, lora_b, kind) = if kind == TargetKind::Embedding {
-            (b.transposed(), a.transposed(), TargetKind::Embedding)
-        } else {
-            (a, b, kind)
-        };
-        lora.push(LoraTensor {
-            target: p.ft.name.clone(),
-            layer: crate::gguf::layer_of(&p.ft.name),
-            kind,
-            layout: Layout::Single(Box::new(LoraPair {
-                source: p.ft.source.clone(),
+        let mut pairs_out = Vec::with_capacity(n_exp);
+        for (e, (b, a)) in parts.into_iter().enumerate() {
+            // The embedding's LoRA is oriented the other way (see the adapter module docs): its A
+            // is rank × n_vocab and its B n_embd × rank, so B·A = Δᵀ.
+            let (lora_a, lora_b) = if kind == TargetKind::Embedding {
+                (b.transposed(), a.transposed())
+            } else {
+                (a, b)
+            };
+            pairs_out.push(LoraPair {
+                source: if n_exp > 1 {
+                    format!("{}[{e}]", p.ft.source)
+                } else {
+                    p.ft.source.clone()
+                },
                 a: spooled(&lora_a)?,
                 b: spooled(&lora_b)?,
                 // Scale alpha / rank = 1: B·A is the delta itself.
                 alpha: r as f64,
                 b_rows: None,
-            })),
+            });
+        }
+        let layout = if kind == TargetKind::Experts {
+            Layout::Experts(pairs_out)
+        } else {
+            Layout::Single(Box::new(pairs_out.remove(0)))
+        };
+        lora.push(LoraTensor {
+            target: p.ft.name.clone(),
+            layer: crate::gguf::layer_of(&p.ft.name),
+            kind,
+            layout,
             permute_heads: None,
             dora_magnitude: None,
             lora_bias: None,
         });
+        let single = svds.len() == 1;
         extracted.push(ExtractedTensor {
             name: p.ft.name.clone(),
             source: p.ft.source.clone(),
             kind: kind.name(),
             shape: [m, n],
+            experts: n_exp,
             base_type: p.base.ty.clone(),
             finetuned_type: p.ft.ty.clone(),
             rank: r,
@@ -480,9 +537,18 @@ pub fn extract(
             residual: (residual2 / norm2).sqrt(),
             delta_norm: norm2.sqrt(),
             relative_delta,
-            singular_values: t.s.clone(),
+            singular_values: if single {
+                svds[0].0.s.clone()
+            } else {
+                Vec::new()
+            },
+            expert_singular_values: if single {
+                Vec::new()
+            } else {
+                svds.iter().map(|(t, _)| t.s.clone()).collect()
+            },
             permuted,
-            exact_svd: t.exact,
+            exact_svd: svds.iter().all(|(t, _)| t.exact),
         });
         done();
     }
@@ -533,7 +599,7 @@ pub fn extract(
         max_rank: ranks.max().unwrap_or(0),
         adapter_params: extracted
             .iter()
-            .map(|t| (t.rank * (t.shape[0] + t.shape[1])) as u64)
+            .map(|t| (t.rank * (t.shape[0] + t.shape[1]) * t.experts) as u64)
             .sum(),
         adapter_bytes,
         finetuned_bytes: ft.bytes,
@@ -596,7 +662,7 @@ fn pair_up<'a>(
         }
         match base.tensor(&t.name).filter(|b| compared(base, b)) {
             None => problems.push(format!("'{}' is in {fnm} but not in the base {bn}", t.name)),
-            Some(b) if b.dims != t.dims => problems.push(format!(
+            Some(b) if !same_shape(&b.dims, &t.dims) => problems.push(format!(
                 "'{}': shape {:?} in the base, {:?} in the fine-tune (ggml order)",
                 t.name, b.dims, t.dims
             )),
@@ -621,6 +687,13 @@ fn pair_up<'a>(
         });
     }
     Ok((pairs, not_compared))
+}
+
+/// ggml's view of shapes: `[64, 1]` and `[64]` are one shape (llama-export-lora writes the latter
+/// for the former).
+fn same_shape(a: &[u64], b: &[u64]) -> bool {
+    let trim = |d: &[u64]| d.len() - d.iter().rev().take_while(|&&x| x == 1).count();
+    a[..trim(a)] == b[..trim(b)]
 }
 
 /// `Δ = ft − base` in the GGUF's row order where the two sides differ in it (a GGUF and an HF
@@ -787,6 +860,14 @@ mod tests {
             assert!(bad.parse::<RankChoice>().is_err(), "{bad}");
         }
         assert_eq!(RankChoice::Auto { energy: 0.9 }.to_string(), "auto:0.9");
+    }
+
+    #[test]
+    fn trailing_unit_dimensions_do_not_change_a_shape() {
+        assert!(same_shape(&[64, 1], &[64]));
+        assert!(same_shape(&[64, 32, 1, 1], &[64, 32]));
+        assert!(!same_shape(&[64, 2], &[64]));
+        assert!(!same_shape(&[1, 64], &[64]));
     }
 
     #[test]

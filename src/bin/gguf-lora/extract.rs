@@ -115,7 +115,11 @@ fn render(r: &ExtractReport) -> String {
         };
         table.row(vec![
             x.name.clone(),
-            format!("{}×{}", x.shape[0], x.shape[1]),
+            if x.experts > 1 {
+                format!("{}×{}×{}", x.experts, x.shape[0], x.shape[1])
+            } else {
+                format!("{}×{}", x.shape[0], x.shape[1])
+            },
             types,
             x.rank.to_string(),
             fixed3(x.energy),
