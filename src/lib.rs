@@ -11,6 +11,7 @@ pub mod bundle;
 pub mod calibrate;
 pub mod convert;
 pub mod engine;
+pub mod extract;
 pub mod gguf;
 pub mod inspect;
 pub mod merge;

@@ -182,7 +182,7 @@ impl SafetensorsFile {
 
     /// Hands the tensor's mapped pages back to the kernel once its values are copied out, so
     /// streaming through a large file keeps the resident set at about one tensor.
-    fn release(&self, entry: &TensorEntry) {
+    pub fn release(&self, entry: &TensorEntry) {
         #[cfg(unix)]
         if entry.end > entry.start && entry.end <= self.mmap.len() {
             // SAFETY: the mapping is read-only and backed by the file, so after MADV_DONTNEED any

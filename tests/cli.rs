@@ -77,6 +77,13 @@ fn writers(bundle: &str) -> Vec<Vec<String>> {
         args(&["quantize", &base(), "--type", "q8_0"]),
         args(&["bundle", &gguf_adapter()]),
         args(&["bundle", "--extract", "std", bundle]),
+        args(&[
+            "extract",
+            &base(),
+            &fx("adapters/modules_to_save/merged-f32.gguf"),
+            "--rank",
+            "4",
+        ]),
     ]
 }
 
@@ -332,6 +339,16 @@ fn a_directory_where_a_file_is_expected() {
             r.stderr
         );
     }
+    // extract takes HF checkpoint directories too: an empty one is neither kind.
+    let r = run(&args(&["extract", &e, &base(), "-o", &o]));
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!(
+            "{e}: neither a GGUF file nor an HF safetensors checkpoint"
+        )),
+        "{}",
+        r.stderr
+    );
     assert!(!d.join("o.gguf").exists());
 }
 
@@ -367,6 +384,9 @@ fn usage_errors_exit_2() {
         args(&["inspect"]),
         args(&["tokenize", &b]),
         args(&["tokenize", &b, "x", "--ids-only", "--json"]),
+        args(&["extract", &b, &b, "--rank", "0", "-o", &o]),
+        args(&["extract", &b, &b, "--rank", "auto:2", "-o", &o]),
+        args(&["extract", &b, "-o", &o]),
     ];
     for cmd in cases {
         let r = run(&cmd);
@@ -572,7 +592,7 @@ fn help_is_consistent() {
     };
     let top = help(&[]);
     let order: Vec<usize> = [
-        "convert", "merge", "inspect", "bundle", "quantize", "verify", "tokenize",
+        "convert", "merge", "inspect", "bundle", "quantize", "extract", "verify", "tokenize",
     ]
     .iter()
     .map(|c| {
@@ -584,7 +604,7 @@ fn help_is_consistent() {
     // Flags shared by several subcommands read the same in each.
     let mut with_threads = Vec::new();
     for cmd in [
-        "convert", "merge", "inspect", "bundle", "quantize", "verify", "tokenize",
+        "convert", "merge", "inspect", "bundle", "quantize", "extract", "verify", "tokenize",
     ] {
         let h = help(&[cmd]);
         assert!(
@@ -602,7 +622,7 @@ fn help_is_consistent() {
             assert!(h.contains("[alias: --output-file]"), "{cmd}: {h}");
         }
     }
-    assert_eq!(with_threads, ["merge", "quantize", "verify"]);
+    assert_eq!(with_threads, ["merge", "quantize", "extract", "verify"]);
     let merge = help(&["merge"]);
     assert!(merge.contains("keep, f32, f16, bf16, q8_0"), "{merge}");
 }

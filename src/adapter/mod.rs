@@ -47,6 +47,7 @@ pub use gguf::LoraFileError;
 pub use matrix::Matrix;
 pub use model::{
     ConcatPart, Factor, FactorError, FusedPart, Layout, LoadedLora, LoraPair, LoraTensor, LowRank,
+    Spool,
 };
 pub use peft::{ConfigError, PeftError};
 pub use source::SourceError;

@@ -83,6 +83,8 @@ pub enum FactorError {
     DoraOnEmbedding { target: String },
     #[error("{target}: inconsistent LoRA factor shapes")]
     Inconsistent { target: String },
+    #[error("{}: scratch file: {error}", dir.display())]
+    Spool { dir: PathBuf, error: std::io::Error },
 }
 
 /// Where one 2-D factor's values live. Cheap to clone; data is read on [`Factor::load`].
@@ -109,6 +111,67 @@ pub enum Factor {
         cols: usize,
         transpose: bool,
     },
+    /// `rows × cols` little-endian f32 at `offset` of a scratch file ([`Spool`]): factors computed
+    /// here (extract) that wait for the writer without being held in memory.
+    Spooled {
+        spool: Arc<Spool>,
+        offset: u64,
+        rows: usize,
+        cols: usize,
+    },
+}
+
+/// An anonymous scratch file (removed by the OS when the last handle closes, also on a crash or a
+/// signal) that factors are appended to as f32 and read back one at a time.
+#[derive(Debug)]
+pub struct Spool {
+    /// The file and its length so far.
+    file: std::sync::Mutex<(std::fs::File, u64)>,
+    /// Where it lives, for messages.
+    dir: PathBuf,
+}
+
+impl Spool {
+    /// A new scratch file in `dir` (the output's directory: it has room for the output anyway).
+    pub fn new(dir: &std::path::Path) -> std::io::Result<Arc<Spool>> {
+        Ok(Arc::new(Spool {
+            file: std::sync::Mutex::new((tempfile::tempfile_in(dir)?, 0)),
+            dir: dir.to_path_buf(),
+        }))
+    }
+
+    /// Appends `m` and returns it as a factor.
+    pub fn push(self: &Arc<Spool>, m: &Matrix) -> std::io::Result<Factor> {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let (file, len) = &mut *guard;
+        let offset = *len;
+        let bytes: &[u8] = bytemuck::cast_slice(&m.data);
+        if cfg!(target_endian = "big") {
+            return Err(std::io::Error::other(
+                "scratch files need a little-endian host",
+            ));
+        }
+        file.seek(SeekFrom::Start(offset))?;
+        file.write_all(bytes)?;
+        *len += bytes.len() as u64;
+        Ok(Factor::Spooled {
+            spool: Arc::clone(self),
+            offset,
+            rows: m.rows,
+            cols: m.cols,
+        })
+    }
+
+    fn read(&self, offset: u64, rows: usize, cols: usize) -> std::io::Result<Matrix> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut data = vec![0f32; rows * cols];
+        let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let file = &mut guard.0;
+        file.seek(SeekFrom::Start(offset))?;
+        file.read_exact(bytemuck::cast_slice_mut(&mut data))?;
+        Ok(Matrix { rows, cols, data })
+    }
 }
 
 impl Factor {
@@ -119,7 +182,9 @@ impl Factor {
     pub fn shape(&self) -> (usize, usize) {
         match self {
             Factor::Owned(m) => (m.rows, m.cols),
-            Factor::Safetensors { rows, cols, .. } => (*rows, *cols),
+            Factor::Safetensors { rows, cols, .. } | Factor::Spooled { rows, cols, .. } => {
+                (*rows, *cols)
+            }
             Factor::Gguf {
                 rows,
                 cols,
@@ -167,6 +232,17 @@ impl Factor {
                     m
                 }
             }
+            Factor::Spooled {
+                spool,
+                offset,
+                rows,
+                cols,
+            } => spool
+                .read(*offset, *rows, *cols)
+                .map_err(|error| FactorError::Spool {
+                    dir: spool.dir.clone(),
+                    error,
+                })?,
         };
         if let Some(i) = m.first_non_finite() {
             return Err(FactorError::NonFinite {
@@ -189,6 +265,9 @@ impl Factor {
             }
             Factor::Gguf { src, tensor, .. } => {
                 format!("{}: tensor '{tensor}'", src.label.display())
+            }
+            Factor::Spooled { spool, offset, .. } => {
+                format!("scratch file in {} at byte {offset}", spool.dir.display())
             }
         }
     }

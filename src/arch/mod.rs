@@ -25,7 +25,9 @@ mod base;
 pub mod names;
 
 pub use base::{ArchError, BaseError, BaseInfo, BaseTensor};
-pub use names::{map_module, normalize_module_path, qkv_fused, qkv_parts, ModuleMap, Rope};
+pub use names::{
+    lora_target_kind, map_module, normalize_module_path, qkv_fused, qkv_parts, ModuleMap, Rope,
+};
 
 /// The GGUF architectures whose module paths we map, in the order messages list them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -105,6 +105,46 @@ pub fn map_module(arch: Arch, module_path: &str) -> Option<ModuleMap> {
     })
 }
 
+/// The GGUF block tensors (`blk.N.SHORT.weight`) a module map can produce: the 2-D weights
+/// llama.cpp applies a runtime LoRA to (through `build_lora_mm`), besides `output.weight` and
+/// `token_embd.weight`.
+const LORA_BLOCK_TARGETS: [&str; 13] = [
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "attn_qkv",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+    "ffn_gate_inp",
+    "ffn_gate_shexp",
+    "ffn_up_shexp",
+    "ffn_down_shexp",
+    "ffn_gate_inp_shexp",
+];
+
+/// Whether the GGUF tensor `name` is one a GGUF LoRA can adapt, and as what: the block projections
+/// above and `output.weight` as linear, `token_embd.weight` as the embedding, `ffn_*_exps` as
+/// stacked experts. `None` for everything else (norms, biases, other tensors).
+pub fn lora_target_kind(name: &str) -> Option<TargetKind> {
+    match name {
+        "output.weight" => return Some(TargetKind::Linear),
+        "token_embd.weight" => return Some(TargetKind::Embedding),
+        _ => {}
+    }
+    let rest = name.strip_prefix("blk.")?.strip_suffix(".weight")?;
+    let (layer, short) = rest.split_once('.')?;
+    layer.parse::<u32>().ok()?;
+    if LORA_BLOCK_TARGETS.contains(&short) {
+        Some(TargetKind::Linear)
+    } else if matches!(short, "ffn_gate_exps" | "ffn_up_exps" | "ffn_down_exps") {
+        Some(TargetKind::Experts)
+    } else {
+        None
+    }
+}
+
 /// For a target that the base stores fused (`attn_qkv`) while the adapter has its parts, or the
 /// reverse: the part names in row order.
 pub fn qkv_parts(layer: u32) -> [String; 3] {
@@ -187,6 +227,25 @@ mod tests {
                 .target,
             "blk.4.ffn_down.weight"
         );
+    }
+
+    #[test]
+    fn every_mapped_target_is_a_lora_target() {
+        for (arch, path) in [
+            ("llama", "model.layers.3.self_attn.q_proj"),
+            ("llama", "model.layers.3.mlp.down_proj"),
+            ("llama", "lm_head"),
+            ("llama", "model.embed_tokens"),
+            ("phi3", "model.layers.2.self_attn.qkv_proj"),
+            ("qwen2moe", "model.layers.0.mlp.shared_expert.up_proj"),
+            ("qwen2moe", "model.layers.0.mlp.experts.3.up_proj"),
+        ] {
+            let m = map(arch, path).unwrap();
+            assert_eq!(lora_target_kind(&m.target), Some(m.kind), "{path}");
+        }
+        assert_eq!(lora_target_kind("blk.0.attn_norm.weight"), None);
+        assert_eq!(lora_target_kind("blk.0.attn_q.bias"), None);
+        assert_eq!(lora_target_kind("output_norm.weight"), None);
     }
 
     #[test]

@@ -116,7 +116,7 @@ pub fn target_without_base(module: &str) -> Option<arch::ModuleMap> {
 fn dtype_of(f: &Factor) -> String {
     match f {
         Factor::Safetensors { entry, .. } => format!("{:?}", entry.dtype),
-        Factor::Owned(_) => "f32".into(),
+        Factor::Owned(_) | Factor::Spooled { .. } => "f32".into(),
         Factor::Gguf { src, tensor, .. } => src
             .tensor(tensor)
             .map_or_else(|| "?".into(), |t| t.info.ty.to_string()),
@@ -210,7 +210,7 @@ pub fn inspect_peft(path: &Path) -> Result<PeftReport, AdapterError> {
                 Factor::Safetensors { entry, .. } => {
                     entry.shape.iter().map(|d| *d as u64).collect()
                 }
-                Factor::Owned(_) | Factor::Gguf { .. } => {
+                Factor::Owned(_) | Factor::Gguf { .. } | Factor::Spooled { .. } => {
                     let (rows, cols) = f.shape();
                     vec![rows as u64, cols as u64]
                 }

@@ -256,7 +256,7 @@ fn describe_shape(f: &Factor) -> String {
     let (r, c) = f.shape();
     match f {
         Factor::Safetensors { entry, .. } => format!("'{}' {r}×{c}", entry.name),
-        Factor::Owned(_) => format!("{r}×{c}"),
+        Factor::Owned(_) | Factor::Spooled { .. } => format!("{r}×{c}"),
         Factor::Gguf { tensor, .. } => format!("'{tensor}' {r}×{c}"),
     }
 }

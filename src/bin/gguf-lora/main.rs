@@ -8,6 +8,7 @@
 mod args;
 mod bundle;
 mod convert;
+mod extract;
 mod inspect;
 mod lora_args;
 mod merge;
@@ -76,7 +77,8 @@ struct Cli {
     command: Command,
 }
 
-/// In the order of the README: make an adapter, apply it, look at files, combine, requantize, check.
+/// In the order of the README: make an adapter, apply it, look at files, combine, requantize,
+/// extract one from a fine-tune, check.
 #[derive(Subcommand)]
 enum Command {
     Convert(convert::Args),
@@ -84,6 +86,7 @@ enum Command {
     Inspect(inspect::Args),
     Bundle(bundle::Args),
     Quantize(quantize::Args),
+    Extract(extract::Args),
     Verify(verify::Args),
     Tokenize(tokenize::Args),
     Rewrite(rewrite::Args),
@@ -119,6 +122,7 @@ fn main() -> std::process::ExitCode {
     let result: anyhow::Result<Outcome> = match cli.command {
         Command::Bundle(args) => bundle::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::Extract(args) => extract::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Merge(args) => merge::run(args),
         Command::Rewrite(args) => rewrite::run(args),

@@ -1,4 +1,4 @@
-//! The progress bar of the streaming commands (`merge`, `quantize`): on stderr, and only when stderr
+//! The progress bars of the streaming commands (`merge`, `quantize`, `extract`): on stderr, and only when stderr
 //! is a terminal, so logs and pipes stay clean. Advances by each tensor's input bytes.
 
 use std::io::IsTerminal;
@@ -54,6 +54,41 @@ impl TensorProgress {
         if let Some(bar) = &self.bar {
             bar.set_message(format!("tensors {k}/{}", self.sizes.len()));
             bar.inc(self.sizes.get(index).copied().unwrap_or(0));
+        }
+    }
+
+    pub fn finish(&self) {
+        if self.bar.is_some() {
+            clear();
+        }
+    }
+}
+
+/// A bar that counts items (`extract`'s tensors), on stderr when it is a terminal.
+pub struct CountProgress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl CountProgress {
+    pub fn new(what: &'static str) -> CountProgress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(&format!(
+                    "{{bar:40}} {{pos}}/{{len}} {what} ETA {{eta}}"
+                ))
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            *ON_SCREEN.lock().unwrap_or_else(|p| p.into_inner()) = Some(bar.clone());
+            bar
+        });
+        CountProgress { bar }
+    }
+
+    pub fn set(&self, done: usize, total: usize) {
+        if let Some(bar) = &self.bar {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
         }
     }
 
