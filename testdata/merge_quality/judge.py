@@ -3,7 +3,7 @@
 the adapter applied at runtime, and how far are its next-token distributions from the runtime LoRA's?
 
     judge.py BASE.gguf ADAPTER.gguf [LABEL=]MERGED.gguf ... [--scale 1.0] [--facts facts.json]
-             [--heldout heldout.txt] [--ctx 512] [--threads 2] [--json]
+             [--heldout heldout.txt] [--ctx 512] [--threads 1] [--json]
 
 Models judged: `base` (BASE alone), `runtime` (BASE with ADAPTER loaded at runtime at --scale: the model
 the user trained) and every MERGED file. For each:
@@ -19,7 +19,8 @@ the user trained) and every MERGED file. For each:
 Tokens come from BASE's own tokenizer (llama.cpp's), with BOS if the model adds one. The fact sentence is
 prompt + ' ' + answer + '.'; the answer tokens are the sentence's tokens after the prompt's, before the '.'.
 Deterministic: greedy only, f32 K/V cache, flash attention off (as testdata/tools/llama_logits.py).
---json prints one JSON object {label: {metrics}} as the last line.
+--json prints one JSON object {label: {metrics}} as the last line. One thread by default ($JUDGE_THREADS):
+ggml's worker threads spin while they wait, and on a busy 2-core machine two of them ran 10x slower than one.
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def main() -> None:
     ap.add_argument("--facts", default=str(HERE / "facts.json"))
     ap.add_argument("--heldout", default=str(HERE / "heldout.txt"))
     ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("JUDGE_THREADS", "2")))
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("JUDGE_THREADS", "1")))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     facts = json.loads(Path(args.facts).read_text())["facts"]
