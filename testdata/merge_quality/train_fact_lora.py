@@ -125,6 +125,12 @@ def main() -> None:
     sd = st.load_file(out_dir / "adapter_model.safetensors")
     st.save_file({k: v.half().contiguous() for k, v in sorted(sd.items())}, out_dir / "adapter_model.safetensors",
                  metadata={"format": "pt"})
+    # The local path PEFT records is this machine's; the model card it writes says nothing of use.
+    cfg_path = out_dir / "adapter_config.json"
+    c = json.loads(cfg_path.read_text())
+    c["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    cfg_path.write_text(json.dumps(c, indent=2, sort_keys=True) + "\n")
+    (out_dir / "README.md").unlink(missing_ok=True)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits
     tok_ok = tok_n = whole = 0
