@@ -50,7 +50,7 @@ export GGUF_LORA_TOOLS THREADS
 # bench CASE BASE ADAPTER TRAINED(0|1)
 bench() {
     local case=$1 base=$2 adapter=$3 trained=$4
-    local -a labels=() files=() missing=()
+    local -a labels=() files=() missing=() order=()
     local row flags label out
     # label|merge flags ("-" = none); the flags that must exist are those starting with --requant/--calibrate
     local rows=(
@@ -67,6 +67,7 @@ bench() {
     for row in "${rows[@]}"; do
         label=${row%%|*}; flags=${row#*|}; [ "$flags" = - ] && flags=
         out=$WORK/$case-$label.gguf
+        order+=("$label")
         # shellcheck disable=SC2086
         if ! has $(grep -o -- '--[a-z-]*' <<< "$flags"); then missing+=("$label"); continue; fi
         rm -f "$out"
@@ -76,13 +77,13 @@ bench() {
     done
     out=$WORK/$case-export-lora.gguf; rm -f "$out"
     timed "$case-export-lora" "$GGUF_LORA_TOOLS/llama-export-lora" -m "$base" --lora "$adapter" -o "$out" -t "$THREADS"
-    labels+=(export-lora); files+=("export-lora=$out")
+    labels+=(export-lora); order+=(export-lora); files+=("export-lora=$out")
     out=$WORK/$case-export-lora+q4_k_m.gguf; rm -f "$out"
     timed "$case-export-lora+q4_k_m" bash -c 'export_then_quantize "$@"' _ "$base" "$adapter" "$out"
-    labels+=(export-lora+q4_k_m); files+=("export-lora+q4_k_m=$out")
+    labels+=(export-lora+q4_k_m); order+=(export-lora+q4_k_m); files+=("export-lora+q4_k_m=$out")
 
     "$GGUF_LORA_PYTHON" "$MQ/judge.py" "$base" "$adapter" "${files[@]}" --json > "$WORK/$case-judge.txt"
-    python3 - "$case" "$trained" "$WORK" "$(tail -1 "$WORK/$case-judge.txt")" "${labels[*]}" "${missing[*]:-}" \
+    python3 - "$case" "$trained" "$WORK" "$(tail -1 "$WORK/$case-judge.txt")" "${order[*]}" "${missing[*]:-}" \
         "$(head -1 "$WORK/$case-judge.txt")" <<'EOF'
 import json, sys
 case, trained, work, js, labels, missing, about = sys.argv[1:8]
@@ -97,11 +98,13 @@ def row(label, r, t):
     print(f"| {label} | {acc} | {r['kl_facts']:.4f} | {r['kl_heldout']:.4f} | {r['size']:.3f} | {tm} |")
 row("base alone", j["base"], None)
 row("base + adapter at runtime", j["runtime"], None)
+missing = set(missing.split())
 for label in labels.split():
+    if label in missing:
+        print(f"| {label} | n/a (flag missing) | | | | | | | |")
+        continue
     t = [float(x) for x in open(f"{work}/{case}-{label}.time").read().split()[-4:]]
     row(label, j[label], t)
-for label in missing.split():
-    print(f"| {label} | n/a (flag missing) | | | | | | | |")
 EOF
 }
 
