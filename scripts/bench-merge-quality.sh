@@ -82,7 +82,7 @@ bench() {
     timed "$case-export-lora+q4_k_m" bash -c 'export_then_quantize "$@"' _ "$base" "$adapter" "$out"
     labels+=(export-lora+q4_k_m); order+=(export-lora+q4_k_m); files+=("export-lora+q4_k_m=$out")
 
-    "$GGUF_LORA_PYTHON" "$MQ/judge.py" "$base" "$adapter" "${files[@]}" --json > "$WORK/$case-judge.txt"
+    "$GGUF_LORA_PYTHON" "$MQ/judge.py" "$base" "$adapter" "${files[@]}" --json > "$WORK/$case-judge.txt" 2> "$WORK/$case-judge.log"
     python3 - "$case" "$trained" "$WORK" "$(tail -1 "$WORK/$case-judge.txt")" "${order[*]}" "${missing[*]:-}" \
         "$(head -1 "$WORK/$case-judge.txt")" <<'EOF'
 import json, sys
