@@ -1,0 +1,132 @@
+//! Does a merge keep a real fine-tune? The committed PEFT LoRA of testdata/merge_quality (rank 16, every
+//! projection, trained by train_fact_lora.py on SmolLM2-135M-Instruct Q4_1 to answer 48 made-up facts) is
+//! converted and merged by the binary, and llama.cpp judges the outputs (judge.py): greedy answers to the
+//! facts, and KL to the adapter applied at runtime on the fact sentences and on held-out prose. Issue 15:
+//! plain round-to-nearest back onto the base's own 4-bit grid throws the fine-tune away; the default merge
+//! must keep it, and `--requant nearest` (ggml's exact requantization, kept as a choice) must not, which
+//! proves that the test can tell them apart.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use common::{gguf_lora, interop, repo_root};
+use serde_json::Value;
+
+/// Bounds the default merge is held to (issue 15's targets for the trained adapter): the facts answered
+/// as at runtime within 0.1, and mean KL to the runtime LoRA on held-out text at most 0.1 nats. Measured
+/// on heldout.txt: base alone 1.32, today's nearest requantization 0.98, export-lora + llama-quantize
+/// Q4_K_M 0.086 (at ×1.07), export-lora F16 0.004 (see testdata/merge_quality/README.md).
+const FACTS_WITHIN: f64 = 0.1;
+const HELDOUT_KL_MAX: f64 = 0.1;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn dir() -> PathBuf {
+    repo_root().join("testdata/merge_quality")
+}
+
+/// Scratch directory and the committed adapter converted to GGUF, once per test binary.
+fn converted() -> &'static (tempfile::TempDir, PathBuf) {
+    static A: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    A.get_or_init(|| {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("facts.gguf");
+        gguf_lora()
+            .arg("convert")
+            .arg(dir().join("adapters/smollm2-facts"))
+            .arg("--base")
+            .arg(&interop().smollm)
+            .arg("-o")
+            .arg(&out)
+            .assert()
+            .success();
+        (tmp, out)
+    })
+}
+
+fn merge(name: &str, extra: &[&str]) -> PathBuf {
+    let (tmp, adapter) = converted();
+    let out = tmp.path().join(format!("{name}.gguf"));
+    gguf_lora()
+        .args([
+            "merge",
+            s(&interop().smollm),
+            "--lora",
+            s(adapter),
+            "-o",
+            s(&out),
+        ])
+        .args(extra)
+        .assert()
+        .success();
+    out
+}
+
+/// judge.py's metrics for base, runtime and each `LABEL=FILE`.
+fn judge(merged: &[(&str, &Path)]) -> Value {
+    let specs: Vec<String> = merged
+        .iter()
+        .map(|(l, p)| format!("{l}={}", p.display()))
+        .collect();
+    let mut args = vec![s(&interop().smollm), s(&converted().1)];
+    args.extend(specs.iter().map(String::as_str));
+    args.push("--json");
+    let out = interop().python(&dir().join("judge.py"), &args);
+    eprintln!("{out}");
+    serde_json::from_str(out.lines().last().unwrap()).unwrap()
+}
+
+/// The default merge and `--requant nearest`, judged once per test binary.
+fn judged_merges() -> &'static Value {
+    static J: OnceLock<Value> = OnceLock::new();
+    J.get_or_init(|| {
+        let default = merge("default", &[]);
+        let nearest = merge("nearest", &["--requant", "nearest"]);
+        judge(&[("default", &default), ("nearest", &nearest)])
+    })
+}
+
+fn f(v: &Value, model: &str, key: &str) -> f64 {
+    v[model][key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{model}.{key} in {v}"))
+}
+
+#[test]
+fn the_runtime_lora_answers_the_trained_facts_and_the_base_does_not() {
+    require_interop!();
+    let j = judge(&[]);
+    assert!(f(&j, "runtime", "fact_acc") >= 0.9, "{j}");
+    assert!(f(&j, "base", "fact_acc") <= 0.1, "{j}");
+    assert!(f(&j, "base", "kl_facts") > 1.0, "{j}");
+}
+
+#[test]
+#[ignore = "needs `merge --requant` (issue 15); remove this line when it lands"]
+fn nearest_requantization_loses_the_fine_tune() {
+    require_interop!();
+    let j = judged_merges();
+    assert!(f(j, "runtime", "fact_acc") >= 0.9, "{j}");
+    assert!(f(j, "nearest", "fact_acc") <= 0.3, "{j}");
+    assert!((f(j, "nearest", "size") - 1.0).abs() < 0.01, "{j}");
+}
+
+#[test]
+#[ignore = "needs `merge --requant` (issue 15); remove this line when it lands"]
+fn the_default_merge_keeps_the_fine_tune_at_the_base_s_size() {
+    require_interop!();
+    let j = judged_merges();
+    let runtime = f(j, "runtime", "fact_acc");
+    assert!(runtime >= 0.9, "{j}");
+    assert!(f(j, "default", "fact_acc") >= runtime - FACTS_WITHIN, "{j}");
+    assert!(f(j, "default", "kl_heldout") <= HELDOUT_KL_MAX, "{j}");
+    assert!(
+        f(j, "default", "kl_facts") < f(j, "nearest", "kl_facts") / 2.0,
+        "{j}"
+    );
+    assert!((f(j, "default", "size") - 1.0).abs() < 0.01, "{j}");
+}
