@@ -402,6 +402,7 @@ pub fn run(
     if let Some(f) = files {
         f.finish()?;
     }
+    debug_assert_eq!(acc.n_positions(), n_positions);
     let generation = match last {
         Some((mut br, mut m, Some(tail), n)) if opts.generate > 0 => {
             Some(generate(&mut br, &mut m, tail, n, opts)?)
@@ -414,7 +415,7 @@ pub fn run(
         tokens: opts.tokens.clone(),
         ctx,
         chunks: chunks.iter().map(Vec::len).collect(),
-        n_positions,
+        n_positions: acc.n_positions(),
         n_vocab,
         adapted_tensors: lora.tensors().count(),
         merged_types: types,
@@ -616,6 +617,27 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn chunks_keep_every_token_once_and_restart_with_the_start_token() {
+        let t: Vec<u32> = (10..21).collect();
+        assert_eq!(chunks(&t, 100, Some(1)), vec![t.clone()]);
+        assert_eq!(
+            chunks(&t, 4, Some(1)),
+            vec![
+                vec![10, 11, 12, 13],
+                vec![1, 14, 15, 16],
+                vec![1, 17, 18, 19],
+                vec![1, 20]
+            ]
+        );
+        assert_eq!(
+            chunks(&t, 4, None),
+            vec![vec![10, 11, 12, 13], vec![14, 15, 16, 17], vec![18, 19, 20]]
+        );
+        // No room for a start token in chunks of one.
+        assert_eq!(chunks(&t[..2], 1, Some(1)), vec![vec![10], vec![11]]);
     }
 
     #[test]
