@@ -656,3 +656,48 @@ fn cli_errors_are_one_line_and_exit_1() {
         Some(2)
     );
 }
+
+/// llama-tokenize's spellings (`-m MODEL -p PROMPT`, `--ids`, `--no-parse-special`) give what the
+/// positional form gives; leftovers and missing pieces are usage errors.
+#[test]
+fn cli_takes_llama_tokenize_spellings() {
+    let fixture = common::repo_root().join("testdata/fixtures/llama/base-f32.gguf");
+    let m = fixture.to_str().unwrap();
+    let text = "the cat sat";
+    let ok = |args: &[&str]| {
+        let out = run_cli(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let want = ok(&[m, text]);
+    assert!(want.starts_with("     1 -> '<s>'\n"), "{want}");
+    assert_eq!(ok(&["-m", m, "-p", text]), want);
+    assert_eq!(ok(&["--model", m, "--prompt", text]), want);
+    assert_eq!(ok(&["-m", m, text]), want);
+    assert_eq!(ok(&[m, "-p", text]), want);
+    let ids = ok(&["-m", m, "-p", text, "--ids"]);
+    assert_eq!(ids, ok(&[m, text, "--ids-only"]));
+    let listed: Vec<u32> = serde_json::from_str(&ids).unwrap();
+    assert_eq!(listed.len(), want.lines().count());
+    // (The fixture cannot spell "<s>"; the flag's effect is tested on SmolLM2 above.)
+    assert_eq!(
+        ok(&["-m", m, "-p", text, "--no-parse-special", "--no-bos"]),
+        ok(&[m, text, "--no-special", "--no-bos"])
+    );
+    assert!(!ok(&[m, text, "--no-bos"]).contains("'<s>'"));
+    for bad in [
+        &["-m", m][..],
+        &["-p", text][..],
+        &["-m", m, "-p", text, "extra"][..],
+        &[m, text, "extra"][..],
+        &["-m", m, "-p", text, "--file", m][..],
+    ] {
+        let out = run_cli(bad);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+        assert!(out.stdout.is_empty(), "{bad:?}");
+    }
+}

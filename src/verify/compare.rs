@@ -1,7 +1,9 @@
 //! Comparing logits: how close the merged model is to base + runtime LoRA, and how much of the
 //! adapter's effect it keeps.
 //!
-//! All statistics are over the K positions of the check, with log-softmax computed in f64:
+//! All statistics are over every position of the check (all chunks of a long text), with
+//! log-softmax computed in f64. They are accumulated block of positions by block ([`Accumulator`]),
+//! so that a long text never needs all of its positions × vocabulary logits at once:
 //! - `max_abs_diff`: max over positions and vocabulary of |logit_q − logit_p|.
 //! - `kl`: KL(p‖q) = Σᵥ p(v)·(log p(v) − log q(v)) per position, with p the reference (runtime
 //!   LoRA); reported as mean and max over positions.
@@ -39,7 +41,8 @@ pub fn log_softmax(row: &[f32]) -> Vec<f64> {
     row.iter().map(|v| *v as f64 - lse).collect()
 }
 
-fn argmax(row: &[f32]) -> usize {
+/// The first index of the largest value, as llama.cpp's greedy sampler picks it.
+pub fn argmax(row: &[f32]) -> usize {
     let mut best = 0;
     for (i, v) in row.iter().enumerate() {
         if *v > row[best] {
@@ -49,30 +52,53 @@ fn argmax(row: &[f32]) -> usize {
     best
 }
 
-/// Statistics of `q` against the reference `p` (same shape).
-pub fn pair_stats(p: &Logits, q: &Logits) -> PairStats {
-    assert_eq!((p.n_tokens, p.n_vocab), (q.n_tokens, q.n_vocab));
-    let mut s = PairStats {
-        max_abs_diff: 0.0,
-        mean_kl: 0.0,
-        max_kl: 0.0,
-        top1_agreement: 0.0,
-    };
-    for t in 0..p.n_tokens {
-        let (pr, qr) = (p.row(t), q.row(t));
-        for (a, b) in pr.iter().zip(qr) {
-            s.max_abs_diff = s.max_abs_diff.max((*a as f64 - *b as f64).abs());
+/// Running sums behind one [`PairStats`].
+#[derive(Clone, Copy, Debug, Default)]
+struct PairSums {
+    max_abs_diff: f64,
+    kl_sum: f64,
+    max_kl: f64,
+    top1: usize,
+    n: usize,
+}
+
+impl PairSums {
+    /// Adds the positions of `q` against the reference `p` (same shape).
+    fn add(&mut self, p: &Logits, q: &Logits) {
+        assert_eq!((p.n_tokens, p.n_vocab), (q.n_tokens, q.n_vocab));
+        for t in 0..p.n_tokens {
+            let (pr, qr) = (p.row(t), q.row(t));
+            for (a, b) in pr.iter().zip(qr) {
+                self.max_abs_diff = self.max_abs_diff.max((*a as f64 - *b as f64).abs());
+            }
+            let (lp, lq) = (log_softmax(pr), log_softmax(qr));
+            let kl: f64 = lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum();
+            let kl = kl.max(0.0);
+            self.kl_sum += kl;
+            self.max_kl = self.max_kl.max(kl);
+            if argmax(pr) == argmax(qr) {
+                self.top1 += 1;
+            }
         }
-        let (lp, lq) = (log_softmax(pr), log_softmax(qr));
-        let kl: f64 = lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum();
-        let kl = kl.max(0.0);
-        s.mean_kl += kl / p.n_tokens as f64;
-        s.max_kl = s.max_kl.max(kl);
-        if argmax(pr) == argmax(qr) {
-            s.top1_agreement += 1.0 / p.n_tokens as f64;
+        self.n += p.n_tokens;
+    }
+
+    fn stats(&self) -> PairStats {
+        let n = self.n.max(1) as f64;
+        PairStats {
+            max_abs_diff: self.max_abs_diff,
+            mean_kl: self.kl_sum / n,
+            max_kl: self.max_kl,
+            top1_agreement: self.top1 as f64 / n,
         }
     }
-    s
+}
+
+/// Statistics of `q` against the reference `p` (same shape).
+pub fn pair_stats(p: &Logits, q: &Logits) -> PairStats {
+    let mut s = PairSums::default();
+    s.add(p, q);
+    s.stats()
 }
 
 /// Sum over positions of ⟨c(x − b), c(y − b)⟩ for log-softmax rows (see the module doc).
@@ -95,15 +121,63 @@ fn centered_dot(base: &Logits, x: &Logits, y: &Logits) -> f64 {
     total
 }
 
+/// `Σ⟨c(m − b), c(r − b)⟩ / Σ⟨c(r − b), c(r − b)⟩` from its two sums over `n_values` logits;
+/// `None` when the adapter moves nothing measurable.
+fn share_from(mr: f64, rr: f64, n_values: usize) -> Option<f64> {
+    if rr / n_values.max(1) as f64 >= 1e-12 {
+        Some(mr / rr)
+    } else {
+        None
+    }
+}
+
 /// The share of the adapter's effect that `merged` keeps; `None` when the adapter changes nothing
 /// measurable on these tokens (the projection is then undefined).
 pub fn share_kept(base: &Logits, runtime: &Logits, merged: &Logits) -> Option<f64> {
     let rr = centered_dot(base, runtime, runtime);
-    let per_value = rr / (base.n_tokens * base.n_vocab) as f64;
-    if per_value < 1e-12 {
-        return None;
+    share_from(
+        centered_dot(base, merged, runtime),
+        rr,
+        base.n_tokens * base.n_vocab,
+    )
+}
+
+/// Every statistic of a [`Comparison`], summed block of positions by block: the result over all
+/// blocks is the one [`compare`] gives for them concatenated.
+#[derive(Clone, Debug, Default)]
+pub struct Accumulator {
+    base_vs_runtime: PairSums,
+    merged_vs_runtime: PairSums,
+    /// Σ⟨c(r − b), c(r − b)⟩ and Σ⟨c(m − b), c(r − b)⟩.
+    rr: f64,
+    mr: f64,
+    n_values: usize,
+}
+
+impl Accumulator {
+    /// Adds positions whose base, runtime and merged logits are given (same shapes).
+    pub fn add(&mut self, base: &Logits, runtime: &Logits, merged: &Logits) {
+        self.base_vs_runtime.add(runtime, base);
+        self.merged_vs_runtime.add(runtime, merged);
+        self.rr += centered_dot(base, runtime, runtime);
+        self.mr += centered_dot(base, merged, runtime);
+        self.n_values += base.n_tokens * base.n_vocab;
     }
-    Some(centered_dot(base, merged, runtime) / rr)
+
+    /// Positions added so far.
+    pub fn n_positions(&self) -> usize {
+        self.base_vs_runtime.n
+    }
+
+    /// The statistics and the checks of `thresholds` on them.
+    pub fn finish(&self, thresholds: Thresholds) -> Comparison {
+        judge(
+            self.base_vs_runtime.stats(),
+            self.merged_vs_runtime.stats(),
+            share_from(self.mr, self.rr, self.n_values),
+            thresholds,
+        )
+    }
 }
 
 /// How precisely the merged model can follow the runtime LoRA, by the type its adapted tensors were
@@ -238,9 +312,18 @@ pub fn compare(
     merged: &Logits,
     thresholds: Thresholds,
 ) -> Comparison {
-    let base_vs_runtime = pair_stats(runtime, base);
-    let merged_vs_runtime = pair_stats(runtime, merged);
-    let share = share_kept(base, runtime, merged);
+    let mut acc = Accumulator::default();
+    acc.add(base, runtime, merged);
+    acc.finish(thresholds)
+}
+
+/// Applies `thresholds` to the statistics.
+fn judge(
+    base_vs_runtime: PairStats,
+    merged_vs_runtime: PairStats,
+    share: Option<f64>,
+    thresholds: Thresholds,
+) -> Comparison {
     let mut failures = Vec::new();
     let mut notes = Vec::new();
     // NaN fails too.
@@ -330,6 +413,53 @@ mod tests {
         let s = share_kept(&b, &r, &half).unwrap();
         assert!((s - 0.5).abs() < 0.05, "{s}");
         assert_eq!(share_kept(&b, &b, &r), None);
+    }
+
+    /// Blocks of positions accumulated one by one give the statistics of all of them at once.
+    #[test]
+    fn accumulated_blocks_equal_one_comparison() {
+        let b = logits(&[
+            &[0.0, 1.0, 2.0, 0.5],
+            &[1.0, 0.0, 0.0, 0.2],
+            &[0.3, 0.1, 0.9, 0.0],
+        ]);
+        let r = logits(&[
+            &[0.4, 0.6, 2.0, 0.9],
+            &[0.2, 0.9, 0.1, 0.2],
+            &[0.3, 0.8, 0.9, 0.1],
+        ]);
+        let m = logits(&[
+            &[0.3, 0.7, 2.1, 0.8],
+            &[0.9, 0.1, 0.0, 0.2],
+            &[0.3, 0.5, 0.9, 0.0],
+        ]);
+        let part = |l: &Logits, rows: std::ops::Range<usize>| Logits {
+            n_tokens: rows.len(),
+            n_vocab: l.n_vocab,
+            data: l.data[rows.start * l.n_vocab..rows.end * l.n_vocab].to_vec(),
+        };
+        let th = Thresholds::default_for(Fidelity::Float);
+        let whole = compare(&b, &r, &m, th);
+        let mut acc = Accumulator::default();
+        for rows in [0..1, 1..3] {
+            acc.add(
+                &part(&b, rows.clone()),
+                &part(&r, rows.clone()),
+                &part(&m, rows),
+            );
+        }
+        assert_eq!(acc.n_positions(), 3);
+        let blocks = acc.finish(th);
+        for (x, y) in [
+            (whole.merged_vs_runtime, blocks.merged_vs_runtime),
+            (whole.base_vs_runtime, blocks.base_vs_runtime),
+        ] {
+            assert!((x.mean_kl - y.mean_kl).abs() < 1e-15 && x.mean_kl > 0.0);
+            assert_eq!((x.max_kl, x.max_abs_diff), (y.max_kl, y.max_abs_diff));
+            assert_eq!(x.top1_agreement, y.top1_agreement);
+        }
+        assert!((whole.share_kept.unwrap() - blocks.share_kept.unwrap()).abs() < 1e-12);
+        assert!(whole.merged_vs_runtime.top1_agreement < 1.0);
     }
 
     #[test]

@@ -54,6 +54,9 @@ pub enum VerifyError {
     ActivationBlocks { n_in: usize, ty: &'static str },
     #[error("verify needs at least one token and one configuration")]
     NoTokens,
+    /// More positions than the session was made for.
+    #[error("{need} positions do not fit the context of {n_ctx}")]
+    ContextFull { n_ctx: usize, need: usize },
     #[error("token id {token} is out of range: the model has {n_vocab} tokens")]
     TokenOutOfRange { token: u32, n_vocab: usize },
     #[error("{merged} is a {merged_arch} model but the base {base} is {base_arch}")]

@@ -7,6 +7,12 @@
 //! and multiplied with every stream's activations, and only the LoRA terms and attention are per
 //! stream.
 //!
+//! A [`Session`] keeps each stream's keys and values (its KV cache), so that tokens can be fed a
+//! few at a time: generation costs one token per step, not a recompute of the whole sequence. The
+//! final projection to the vocabulary is a separate step ([`Session::head`]) over any range of
+//! positions, so that a long sequence never needs all of its positions × vocabulary logits at once.
+//! [`Model::logits`] is a session fed everything at once.
+//!
 //! Where llama.cpp's CPU kernels differ from exact arithmetic on purpose we follow them: GELU goes
 //! through ggml's f16 lookup table (`GGML_GELU_FP16`), RoPE angles are computed as in
 //! `ggml_rope_cache_init`. Not emulated: the f16 KV cache (tests run llama.cpp with an f32 cache)
@@ -16,7 +22,7 @@ use super::error::{ModelProblem, Result, VerifyError};
 use super::hparams::HParams;
 use super::lora::{RuntimeLora, TOKEN_EMBD};
 use super::matmul::{matmul, Operand};
-use super::ops::{apply_rope, attention, gelu_ggml, rms_norm, silu};
+use super::ops::{apply_rope, attention, gelu_ggml, rms_norm, silu, KvRows};
 use super::source::{TensorRef, WeightSource};
 use crate::quant::vec_dot::{round_activations, vec_dot_type};
 
@@ -58,9 +64,12 @@ impl Logits {
     }
 }
 
-/// Activations of all streams: `n_streams * n_tok` rows.
+/// Activations of all streams: `n_streams * n_tok` rows, for positions `pos0..pos0 + n_tok`.
 struct Batch<'l> {
     n_tok: usize,
+    pos0: usize,
+    /// Context size the session was made for (phi3 picks its RoPE factors by it).
+    n_ctx: usize,
     loras: &'l [Option<&'l RuntimeLora>],
     observer: Option<&'l dyn LinearInputs>,
 }
@@ -68,6 +77,116 @@ struct Batch<'l> {
 impl Batch<'_> {
     fn rows(&self) -> usize {
         self.n_tok * self.loras.len()
+    }
+}
+
+/// Hidden states after the output norm, as [`Session::feed`] returns them: per stream, `n_tok` rows
+/// of `n_embd`, ready for [`Session::head`].
+#[derive(Clone, Debug)]
+pub struct Hidden {
+    pub n_tok: usize,
+    pub n_streams: usize,
+    n_embd: usize,
+    data: Vec<f32>,
+}
+
+impl Hidden {
+    /// Rows `rows` of every stream, stream after stream.
+    fn rows(&self, rows: std::ops::Range<usize>) -> Vec<f32> {
+        let e = self.n_embd;
+        let mut out = Vec::with_capacity(self.n_streams * rows.len() * e);
+        for s in 0..self.n_streams {
+            let first = s * self.n_tok;
+            out.extend_from_slice(&self.data[(first + rows.start) * e..(first + rows.end) * e]);
+        }
+        out
+    }
+}
+
+/// One causal sequence per stream, run incrementally with a KV cache.
+///
+/// Streams are the same model under different runtime-LoRA sets (see the module doc); each may
+/// read its own tokens (generation, where the streams' greedy choices differ), but all advance
+/// together by the same number of positions.
+pub struct Session<'m, 'a> {
+    model: &'m Model<'a>,
+    loras: Vec<Option<&'m RuntimeLora>>,
+    observer: Option<&'m dyn LinearInputs>,
+    n_ctx: usize,
+    pos: usize,
+    /// `kv[layer][stream]`.
+    kv: Vec<Vec<KvRows>>,
+}
+
+impl<'m, 'a> Session<'m, 'a> {
+    /// Positions fed so far.
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+
+    pub fn n_streams(&self) -> usize {
+        self.loras.len()
+    }
+
+    /// Runs the next `tokens[s].len()` tokens of each stream `s` (all the same length) at the next
+    /// positions, appending their keys and values to the cache.
+    pub fn feed(&mut self, tokens: &[&[u32]]) -> Result<Hidden> {
+        let n_tok = tokens.first().map_or(0, |t| t.len());
+        if n_tok == 0 || tokens.len() != self.loras.len() || tokens.iter().any(|t| t.len() != n_tok)
+        {
+            return Err(VerifyError::NoTokens);
+        }
+        if self.pos + n_tok > self.n_ctx {
+            return Err(VerifyError::ContextFull {
+                n_ctx: self.n_ctx,
+                need: self.pos + n_tok,
+            });
+        }
+        let batch = Batch {
+            n_tok,
+            pos0: self.pos,
+            n_ctx: self.n_ctx,
+            loras: &self.loras,
+            observer: self.observer,
+        };
+        let m = self.model;
+        let x = m.embed(tokens, &batch)?;
+        let mut x = x;
+        for (il, kv) in self.kv.iter_mut().enumerate() {
+            x = m.layer(il, x, &batch, kv)?;
+        }
+        let n_embd = m.hp.n_embd;
+        let norm = m.vector("output_norm.weight", n_embd)?;
+        let h = rms_norm(&x, n_embd, &norm, m.hp.rms_eps);
+        self.pos += n_tok;
+        Ok(Hidden {
+            n_tok,
+            n_streams: self.loras.len(),
+            n_embd,
+            data: h,
+        })
+    }
+
+    /// Logits of positions `rows` (indices into the rows of `hidden`), one [`Logits`] per stream.
+    pub fn head(&self, hidden: &Hidden, rows: std::ops::Range<usize>) -> Result<Vec<Logits>> {
+        if rows.is_empty() || rows.end > hidden.n_tok || hidden.n_streams != self.loras.len() {
+            return Err(VerifyError::NoTokens);
+        }
+        let batch = Batch {
+            n_tok: rows.len(),
+            pos0: 0,
+            n_ctx: self.n_ctx,
+            loras: &self.loras,
+            observer: self.observer,
+        };
+        self.model.head(&hidden.rows(rows), &batch)
+    }
+
+    /// Feeds one token per stream and returns each stream's logits for the next position.
+    pub fn step(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let per_stream: Vec<&[u32]> = tokens.iter().map(std::slice::from_ref).collect();
+        let h = self.feed(&per_stream)?;
+        Ok(self.head(&h, 0..1)?.into_iter().map(|l| l.data).collect())
     }
 }
 
@@ -200,6 +319,23 @@ impl<'a> Model<'a> {
         Ok((y, n_out))
     }
 
+    /// A session of one stream per entry of `loras` (`None` = the bare model) for up to `n_ctx`
+    /// positions.
+    pub fn session<'m>(
+        &'m self,
+        loras: &[Option<&'m RuntimeLora>],
+        n_ctx: usize,
+    ) -> Session<'m, 'a> {
+        Session {
+            model: self,
+            loras: loras.to_vec(),
+            observer: None,
+            n_ctx,
+            pos: 0,
+            kv: vec![vec![KvRows::default(); loras.len()]; self.hp.n_layer],
+        }
+    }
+
     /// Logits for `tokens` (positions 0..K-1, one causal sequence) under each LoRA set of `loras`
     /// (`None` = the bare model); one [`Logits`] per entry.
     pub fn logits(&self, tokens: &[u32], loras: &[Option<&RuntimeLora>]) -> Result<Vec<Logits>> {
@@ -213,19 +349,22 @@ impl<'a> Model<'a> {
         loras: &[Option<&RuntimeLora>],
         observer: Option<&dyn LinearInputs>,
     ) -> Result<Vec<Logits>> {
-        let hp = &self.hp;
-        let n_tok = tokens.len();
-        if n_tok == 0 || loras.is_empty() {
+        if tokens.is_empty() || loras.is_empty() {
             return Err(VerifyError::NoTokens);
         }
-        let batch = Batch {
-            n_tok,
-            loras,
-            observer,
-        };
-        let n_embd = hp.n_embd;
+        let mut session = self.session(loras, tokens.len());
+        session.observer = observer;
+        let per_stream = vec![tokens; loras.len()];
+        let h = session.feed(&per_stream)?;
+        if observer.is_some_and(|o| !o.wants_logits()) {
+            return Ok(Vec::new());
+        }
+        session.head(&h, 0..tokens.len())
+    }
 
-        // Embeddings (get_rows, then the embedding LoRA, then gemma's scale).
+    /// Token embeddings of every stream (get_rows, then the embedding LoRA, then gemma's scale).
+    fn embed(&self, tokens: &[&[u32]], batch: &Batch) -> Result<Vec<f32>> {
+        let (n_tok, n_embd) = (batch.n_tok, self.hp.n_embd);
         let embd = self.weight(TOKEN_EMBD)?;
         let n_vocab = embd.n_rows();
         if embd.row_len() != n_embd {
@@ -236,9 +375,9 @@ impl<'a> Model<'a> {
             }));
         }
         let mut x = vec![0f32; batch.rows() * n_embd];
-        for (s, lora) in loras.iter().enumerate() {
+        for (s, lora) in batch.loras.iter().enumerate() {
             let rows = &mut x[s * n_tok * n_embd..(s + 1) * n_tok * n_embd];
-            for (t, &tok) in tokens.iter().enumerate() {
+            for (t, &tok) in tokens[s].iter().enumerate() {
                 if tok as usize >= n_vocab {
                     return Err(VerifyError::TokenOutOfRange {
                         token: tok,
@@ -248,43 +387,34 @@ impl<'a> Model<'a> {
                 embd.decode_rows(tok as usize, 1, &mut rows[t * n_embd..(t + 1) * n_embd])?;
             }
             if let Some(lora) = lora {
-                lora.apply_embedding(tokens, rows, n_embd)?;
+                lora.apply_embedding(tokens[s], rows, n_embd)?;
             }
         }
-        if hp.embd_scale != 1.0 {
-            x.iter_mut().for_each(|v| *v *= hp.embd_scale);
+        if self.hp.embd_scale != 1.0 {
+            x.iter_mut().for_each(|v| *v *= self.hp.embd_scale);
         }
+        Ok(x)
+    }
 
-        for il in 0..hp.n_layer {
-            x = self.layer(il, x, &batch)?;
-        }
-        if observer.is_some_and(|o| !o.wants_logits()) {
-            return Ok(Vec::new());
-        }
-
-        let norm = self.vector("output_norm.weight", n_embd)?;
-        let h = rms_norm(&x, n_embd, &norm, hp.rms_eps);
+    /// The output projection (and gemma's final soft-cap) of normed hidden rows `h`, stream after
+    /// stream, `batch.n_tok` rows each.
+    fn head(&self, h: &[f32], batch: &Batch) -> Result<Vec<Logits>> {
+        let hp = &self.hp;
+        let (n_tok, n_embd) = (batch.n_tok, hp.n_embd);
         let (mut logits, n_out) = if self.src.tensor("output.weight").is_some() {
-            self.linear("output.weight", &h, n_embd, &batch)?
+            self.linear("output.weight", h, n_embd, batch)?
         } else {
             // Tied output: the token embedding is the projection. An embedding LoRA then changes the
             // output too, as it does in a merged model.
-            let (mut y, n_out) = {
-                let y = self.product(embd, &h, batch.rows())?;
-                (y, n_vocab)
-            };
-            for (s, lora) in loras.iter().enumerate() {
+            let embd = self.weight(TOKEN_EMBD)?;
+            let n_vocab = embd.n_rows();
+            let mut y = self.product(embd, h, batch.rows())?;
+            for (s, lora) in batch.loras.iter().enumerate() {
                 if let Some(lora) = lora {
-                    lora.apply_tied_output(
-                        &h,
-                        &mut y,
-                        n_embd,
-                        n_vocab,
-                        s * n_tok..(s + 1) * n_tok,
-                    )?;
+                    lora.apply_tied_output(h, &mut y, n_embd, n_vocab, s * n_tok..(s + 1) * n_tok)?;
                 }
             }
-            (y, n_out)
+            (y, n_vocab)
         };
         if hp.final_softcap != 0.0 {
             let cap = hp.final_softcap;
@@ -300,7 +430,9 @@ impl<'a> Model<'a> {
             .collect())
     }
 
-    fn layer(&self, il: usize, x: Vec<f32>, batch: &Batch) -> Result<Vec<f32>> {
+    /// One transformer block over the batch; appends the batch's keys and values to `kv` (one entry
+    /// per stream) and attends over everything in it.
+    fn layer(&self, il: usize, x: Vec<f32>, batch: &Batch, kv: &mut [KvRows]) -> Result<Vec<f32>> {
         let hp = &self.hp;
         let n_embd = hp.n_embd;
         let blk = |t: &str| format!("blk.{il}.{t}.weight");
@@ -366,18 +498,27 @@ impl<'a> Model<'a> {
         }
         let swa = hp.is_swa.get(il).copied().unwrap_or(false);
         let rope = if swa { hp.rope_swa } else { hp.rope };
-        let factors = self.rope_factors(batch.n_tok, rope.n_dims)?;
+        let factors = self.rope_factors(batch.n_ctx, rope.n_dims)?;
         // llama's q/k rows were permuted at conversion for NORM RoPE (adjacent pairs); the others
         // use NEOX (first half with second half): llama.cpp's `llama_model_rope_type`.
         let neox = !hp.arch.permutes_qk();
         let f = factors.as_deref();
-        apply_rope(&mut q, n_q, hd_k, batch.n_tok, &rope, f, neox);
-        apply_rope(&mut k, n_k, hd_k, batch.n_tok, &rope, f, neox);
+        apply_rope(&mut q, n_q, hd_k, batch.n_tok, batch.pos0, &rope, f, neox);
+        apply_rope(&mut k, n_k, hd_k, batch.n_tok, batch.pos0, &rope, f, neox);
         if hp.q_scale != 1.0 {
             q.iter_mut().for_each(|v| *v *= hp.q_scale);
         }
         let window = if swa { hp.n_swa } else { usize::MAX };
-        let attn = attention(hp, &q, &k, &v, batch.n_tok, batch.loras.len(), window);
+        let n_tok = batch.n_tok;
+        for (s, cache) in kv.iter_mut().enumerate() {
+            cache
+                .k
+                .extend_from_slice(&k[s * n_tok * n_k..(s + 1) * n_tok * n_k]);
+            cache
+                .v
+                .extend_from_slice(&v[s * n_tok * n_v..(s + 1) * n_tok * n_v]);
+        }
+        let attn = attention(hp, &q, kv, n_tok, batch.pos0, window);
         let (mut o, _) = self.linear(&blk("attn_output"), &attn, hp.n_head * hd_v, batch)?;
         if let Some(w) = self.opt_vector(&blk("post_attention_norm"), n_embd)? {
             o = rms_norm(&o, n_embd, &w, hp.rms_eps);
@@ -433,7 +574,8 @@ impl<'a> Model<'a> {
     }
 
     /// RoPE frequency factors: llama3's `rope_freqs`, or phi3's LongRoPE short/long factors chosen
-    /// by context length as `llama_model::get_rope_factors` does (our context is the K tokens).
+    /// by context length as `llama_model::get_rope_factors` does (our context is the session's
+    /// `n_ctx`: the K tokens of [`Model::logits`]).
     fn rope_factors(&self, n_ctx: usize, n_dims: usize) -> Result<Option<Vec<f32>>> {
         let name = if self.src.tensor("rope_freqs.weight").is_some() {
             "rope_freqs.weight"
@@ -626,6 +768,67 @@ pub(crate) mod tests {
             // Streams are independent: the bare stream equals a pass without the LoRA stream.
             let alone = m.logits(&tokens, &[None]).unwrap();
             assert_eq!(alone[0].data, out[0].data, "{arch}");
+        }
+    }
+
+    /// The KV cache: feeding a sequence in pieces (one token at a time, or uneven chunks) gives
+    /// exactly the logits of one pass over all of it, for every architecture, with sliding windows
+    /// (the tiny models' window is 3) and runtime LoRA streams; streams reading different tokens
+    /// give what separate sessions give.
+    #[test]
+    fn kv_cache_logits_equal_full_recompute() {
+        let tokens = [3u32, 17, 5, 49, 0, 22, 8, 8, 31];
+        for arch in Arch::ALL
+            .into_iter()
+            .filter(|a| a.runs_in_verify())
+            .map(Arch::name)
+        {
+            if arch == "phi3" {
+                continue; // fused tensors: the tiny model has none
+            }
+            let base = tiny(arch, arch.starts_with("gemma"));
+            let mut rng = Rng(11);
+            let mut lora = RuntimeLora::new();
+            lora.add("blk.0.attn_k.weight", term(&mut rng, 4, N_EMBD, 16, 0.9));
+            lora.add("blk.1.ffn_up.weight", term(&mut rng, 4, N_EMBD, N_FF, 0.9));
+            let m = Model::new(&base).unwrap();
+            let loras = [None, Some(&lora)];
+            let full = m.logits(&tokens, &loras).unwrap();
+            assert_ne!(
+                full[0].data, full[1].data,
+                "{arch}: the LoRA stream differs"
+            );
+            for pieces in [vec![1; tokens.len()], vec![4, 1, 3, 1]] {
+                let mut session = m.session(&loras, tokens.len());
+                let mut at = 0;
+                for n in pieces {
+                    let chunk = &tokens[at..at + n];
+                    let h = session.feed(&[chunk, chunk]).unwrap();
+                    let got = session.head(&h, 0..n).unwrap();
+                    for (s, l) in got.iter().enumerate() {
+                        let want = &full[s].data[at * N_VOCAB..(at + n) * N_VOCAB];
+                        assert_eq!(
+                            l.data,
+                            want,
+                            "{arch}: stream {s}, positions {at}..{}",
+                            at + n
+                        );
+                    }
+                    at += n;
+                }
+                assert_eq!(session.pos(), tokens.len());
+                let err = session.feed(&[&[1], &[1]]).unwrap_err();
+                assert!(matches!(err, VerifyError::ContextFull { .. }), "{err}");
+            }
+            // Streams with their own tokens, stepped one token at a time.
+            let other = [9u32, 1, 44, 2, 30, 7, 7, 12, 0];
+            let alone = m.logits(&other, &[Some(&lora)]).unwrap();
+            let mut session = m.session(&loras, tokens.len());
+            for t in 0..tokens.len() {
+                let rows = session.step(&[tokens[t], other[t]]).unwrap();
+                assert_eq!(rows[0], full[0].row(t), "{arch}: position {t}");
+                assert_eq!(rows[1], alone[0].row(t), "{arch}: position {t}");
+            }
         }
     }
 

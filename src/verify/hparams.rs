@@ -52,6 +52,8 @@ pub struct HParams {
     pub final_softcap: f32,
     /// gemma*: token embeddings are multiplied by `sqrt(n_embd)`.
     pub embd_scale: f32,
+    /// `{arch}.context_length`: the context the model was trained for (0 when the file has none).
+    pub n_ctx_train: usize,
 }
 
 impl HParams {
@@ -274,6 +276,7 @@ impl HParams {
             attn_softcap,
             final_softcap,
             embd_scale,
+            n_ctx_train: n_ctx_train as usize,
         })
     }
 }

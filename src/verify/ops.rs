@@ -76,18 +76,22 @@ fn rope_cache(p: usize, rope: &Rope, factors: Option<&[f32]>) -> Vec<(f32, f32)>
 }
 
 /// Rotates the first `n_dims` of every head of `x`, whose rows hold `row_len / head_dim` heads; row
-/// `r` is at position `r % n_tok` (each stream restarts at 0). NORM pairs adjacent values, NEOX pairs
-/// `i` with `i + n_dims/2`.
+/// `r` is at position `pos0 + r % n_tok` (each stream holds the same `n_tok` positions). NORM pairs
+/// adjacent values, NEOX pairs `i` with `i + n_dims/2`.
+#[allow(clippy::too_many_arguments)]
 pub fn apply_rope(
     x: &mut [f32],
     row_len: usize,
     head_dim: usize,
     n_tok: usize,
+    pos0: usize,
     rope: &Rope,
     factors: Option<&[f32]>,
     neox: bool,
 ) {
-    let caches: Vec<Vec<(f32, f32)>> = (0..n_tok).map(|p| rope_cache(p, rope, factors)).collect();
+    let caches: Vec<Vec<(f32, f32)>> = (pos0..pos0 + n_tok)
+        .map(|p| rope_cache(p, rope, factors))
+        .collect();
     let half = rope.n_dims / 2;
     x.par_chunks_mut(row_len).enumerate().for_each(|(r, row)| {
         let cache = &caches[r % n_tok];
@@ -106,16 +110,26 @@ pub fn apply_rope(
     });
 }
 
-/// Causal multi-head attention with GQA for each stream; `window` limits how far back a query sees
-/// (`q - k < window`, llama.cpp's standard SWA). Scores get the soft-cap (gemma2) before the
-/// scale-and-softmax, as `build_attn_mha` does.
+/// The keys and values of one stream at every position so far (after RoPE): rows of
+/// `n_head_kv * head_dim` floats, position `j` at row `j`.
+#[derive(Clone, Debug, Default)]
+pub struct KvRows {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+/// Causal multi-head attention with GQA for each stream: the `n_tok` query rows of stream `s` (at
+/// positions `pos0..pos0 + n_tok`) attend to the keys and values of `kv[s]`, which hold every
+/// position up to the last query's. `window` limits how far back a query sees (`q - k < window`,
+/// llama.cpp's standard SWA). Scores get the soft-cap (gemma2) before the scale-and-softmax, as
+/// `build_attn_mha` does. Each query row is computed alone, so a position's output is the same
+/// whether it runs in one batch with the others or after them from a cache.
 pub fn attention(
     hp: &HParams,
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    kv: &[KvRows],
     n_tok: usize,
-    n_streams: usize,
+    pos0: usize,
     window: usize,
 ) -> Vec<f32> {
     let (hd_k, hd_v) = (hp.head_dim_k, hp.head_dim_v);
@@ -125,21 +139,21 @@ pub fn attention(
     let row_k = n_kv * hd_k;
     let row_v = n_kv * hd_v;
     let row_o = n_head * hd_v;
-    let mut out = vec![0f32; n_streams * n_tok * row_o];
+    let mut out = vec![0f32; kv.len() * n_tok * row_o];
     out.par_chunks_mut(row_o).enumerate().for_each(|(r, dst)| {
-        let (s, t) = (r / n_tok, r % n_tok);
-        let base = s * n_tok;
+        let (s, p) = (r / n_tok, pos0 + r % n_tok);
+        let (k, v) = (&kv[s].k, &kv[s].v);
         let first = if window == usize::MAX {
             0
         } else {
-            (t + 1).saturating_sub(window)
+            (p + 1).saturating_sub(window)
         };
-        let mut scores = vec![0f32; t + 1 - first];
+        let mut scores = vec![0f32; p + 1 - first];
         for h in 0..n_head {
             let kvh = h / group;
             let qh = &q[r * row_q + h * hd_k..r * row_q + (h + 1) * hd_k];
-            for (j, sc) in (first..=t).zip(scores.iter_mut()) {
-                let kr = (base + j) * row_k + kvh * hd_k;
+            for (j, sc) in (first..=p).zip(scores.iter_mut()) {
+                let kr = j * row_k + kvh * hd_k;
                 let mut s = super::matmul::dot(qh, &k[kr..kr + hd_k]);
                 if hp.attn_softcap != 0.0 {
                     s = (s / hp.attn_softcap).tanh() * hp.attn_softcap;
@@ -154,8 +168,8 @@ pub fn attention(
             }
             let inv = (1.0 / sum) as f32;
             let oh = &mut dst[h * hd_v..(h + 1) * hd_v];
-            for (j, p) in (first..=t).zip(&scores) {
-                let vr = (base + j) * row_v + kvh * hd_v;
+            for (j, p) in (first..=p).zip(&scores) {
+                let vr = j * row_v + kvh * hd_v;
                 for (o, vv) in oh.iter_mut().zip(&v[vr..vr + hd_v]) {
                     *o += p * inv * vv;
                 }
@@ -184,7 +198,7 @@ mod tests {
         for neox in [false, true] {
             let orig: Vec<f32> = (0..2 * 16).map(|i| i as f32 * 0.1 - 1.0).collect();
             let mut x = orig.clone();
-            apply_rope(&mut x, 16, 8, 2, &rope, None, neox);
+            apply_rope(&mut x, 16, 8, 2, 0, &rope, None, neox);
             assert_eq!(&x[..16], &orig[..16]);
             let n = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
             assert!((n(&x[16..24]) - n(&orig[16..24])).abs() < 1e-4);
