@@ -52,6 +52,8 @@ pub struct CalibrationSpec<'t> {
     /// Damping (see [`InputStats::new`]).
     pub damp: f32,
     pub damp_diag: f32,
+    /// Directions of each input's Gram kept (0: all tokens).
+    pub rank: usize,
 }
 
 /// Statistics per touched tensor.
@@ -89,12 +91,15 @@ fn input_key(tensor: &str) -> String {
     parts.join(".")
 }
 
+/// Per shared input: the tensor that records it, and every tensor seen reading it.
+type Members = HashMap<String, (Option<String>, HashSet<String>)>;
+
 /// Records the inputs of the wanted tensors, one record per shared input.
 struct Recorder<'w> {
     wanted: &'w HashSet<String>,
     inputs: Mutex<BTreeMap<String, (usize, Vec<f32>)>>,
     /// Per input key: the tensor that records it, and every tensor seen reading it.
-    members: Mutex<HashMap<String, (Option<String>, HashSet<String>)>>,
+    members: Mutex<Members>,
 }
 
 impl LinearInputs for Recorder<'_> {
@@ -182,7 +187,7 @@ pub fn calibrate(
         inputs
             .into_par_iter()
             .map(|(key, (n_in, rows))| {
-                let s = InputStats::new(n_in, &rows, spec.damp, spec.damp_diag);
+                let s = InputStats::new(n_in, &rows, spec.damp, spec.damp_diag, spec.rank);
                 (key, Arc::new(s))
             })
             .collect()

@@ -35,7 +35,14 @@ fn adapter() -> &'static PathBuf {
     .1
 }
 
+/// A merge with ggml's exact requantization (`--requant nearest`): what the byte-for-byte checks
+/// against libggml pin.
 fn merge(out: &Path, extra: &[&str]) -> Value {
+    merge_as(out, &[&["--requant", "nearest"], extra].concat())
+}
+
+/// A merge with the binary's defaults plus `extra`.
+fn merge_as(out: &Path, extra: &[&str]) -> Value {
     let a = gguf_lora()
         .args([
             "merge",
@@ -110,6 +117,54 @@ fn keep_is_libggml_s_requantization_of_the_f32_merge_and_copies_the_rest() {
         let e = t["relative_error"].as_f64().unwrap();
         assert!(e > 0.0 && e < 2.0, "{t}");
     }
+}
+
+/// The default merge keeps the adapter where plain rounding loses it: its report says so (in output
+/// space, on held-out calibration tokens, beside round-to-nearest's numbers), and llama.cpp agrees.
+#[test]
+fn the_default_merge_keeps_more_of_the_adapter_than_rounding_and_says_so() {
+    require_interop!();
+    let dir = tempfile::tempdir().unwrap();
+    let default = dir.path().join("default.gguf");
+    let nearest = dir.path().join("nearest.gguf");
+    let rd = merge_as(&default, &[]);
+    let rn = merge(&nearest, &[]);
+    let sd = &rd["summary"];
+    let sn = &rn["summary"];
+    assert_eq!(sd["measured_in"], "outputs", "{sd}");
+    assert_eq!(sn["measured_in"], "weights", "{sn}");
+    assert!(sn["nearest"].is_null(), "{sn}");
+    let kept = sd["share_kept"].as_f64().unwrap();
+    let kept_nearest = sd["nearest"]["share_kept"].as_f64().unwrap();
+    assert!(kept >= 0.9, "{sd}");
+    assert!(kept_nearest < 0.85, "{sd}");
+    assert!(sd["noise"].as_f64().unwrap() < sd["nearest"]["noise"].as_f64().unwrap());
+    for t in sd["per_type"].as_array().unwrap() {
+        assert_eq!(t["lossy"], false, "{t}");
+    }
+    let base_len = std::fs::metadata(&interop().gemma).unwrap().len() as f64;
+    let len = std::fs::metadata(&default).unwrap().len() as f64;
+    assert!(
+        (len / base_len - 1.0).abs() < 0.01,
+        "size {len} vs {base_len}"
+    );
+    assert_eq!(file_type(&default), 15, "MOSTLY_Q4_K_M kept");
+    let spec = format!("{}:1", s(adapter()));
+    let l = check(&[
+        "logits",
+        s(&interop().gemma),
+        &spec,
+        s(&default),
+        s(&nearest),
+    ]);
+    let kl = |p: &Path| l[s(p)]["kl"].as_f64().unwrap();
+    eprintln!(
+        "gemma3-270m Q4_K_M + rank-16, mean KL to runtime LoRA: base {:.4}, nearest {:.4}, default {:.4}",
+        l["base"]["kl"].as_f64().unwrap(),
+        kl(&nearest),
+        kl(&default)
+    );
+    assert!(kl(&default) < kl(&nearest) * 0.85, "{l}");
 }
 
 #[test]

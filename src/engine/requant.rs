@@ -65,6 +65,15 @@ impl Requant<'_> {
         }
     }
 
+    /// The calibration statistics, when the strategy has some (the report measures in output
+    /// space with them).
+    pub fn stats(&self) -> Option<&InputStats> {
+        match self {
+            Requant::Nearest { .. } => None,
+            Requant::Preserve { stats } => Some(stats),
+        }
+    }
+
     /// Encodes `rows` as `ty` into `out` (whole rows of `ty`).
     pub fn encode(
         &self,

@@ -20,6 +20,7 @@ use crate::quant::GgmlType;
 use super::codec::{self, row_bytes};
 use super::kernel::add_low_rank;
 use super::plan::TensorPlan;
+use super::preserve::InputStats;
 use super::requant::{Requant, RowBlock};
 use super::{EngineError, InputTensor, LowRankShape, Update};
 use crate::adapter::LowRank;
@@ -48,34 +49,113 @@ fn lap(counter: &AtomicU64, start: Instant) -> Instant {
     now
 }
 
-/// Sums that give a tensor's fidelity: Σ(requantized − exact)², Σ(exact − base)², element count.
+/// How a requantization compares with the exact merge in one space (the weights, or the tensor's
+/// outputs on held-out calibration tokens): with `d` the adapter's change (exact − base) and `e`
+/// the requantization's error (requantized − exact), `Σd²`, `Σe²` and `Σ(d + e)·d`, the change
+/// written projected on the adapter's.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KeptSums {
+    pub sq_delta: f64,
+    pub sq_noise: f64,
+    pub dot_kept: f64,
+}
+
+impl KeptSums {
+    pub fn add(self, o: KeptSums) -> KeptSums {
+        KeptSums {
+            sq_delta: self.sq_delta + o.sq_delta,
+            sq_noise: self.sq_noise + o.sq_noise,
+            dot_kept: self.dot_kept + o.dot_kept,
+        }
+    }
+
+    /// The same sums for `factor` times as many values alike (a sample scaled to its tensor).
+    pub fn scaled(self, factor: f64) -> KeptSums {
+        KeptSums {
+            sq_delta: self.sq_delta * factor,
+            sq_noise: self.sq_noise * factor,
+            dot_kept: self.dot_kept * factor,
+        }
+    }
+
+    fn push(&mut self, d: &[f32], e: &[f32]) {
+        for (&d, &e) in d.iter().zip(e) {
+            let (d, e) = (d as f64, e as f64);
+            self.sq_delta += d * d;
+            self.sq_noise += e * e;
+            self.dot_kept += (d + e) * d;
+        }
+    }
+
+    /// The share of the adapter's change the requantized tensor keeps, `⟨q − w, Δ⟩/‖Δ‖²` (1: all
+    /// of it, 0: none); `None` when the delta is zero.
+    pub fn share_kept(&self) -> Option<f64> {
+        (self.sq_delta > 0.0).then(|| self.dot_kept / self.sq_delta)
+    }
+
+    /// `‖q − w′‖/‖Δ‖`: everything the requantization got wrong (lost signal and added noise),
+    /// relative to the adapter's change; `None` when the delta is zero.
+    pub fn noise(&self) -> Option<f64> {
+        (self.sq_delta > 0.0).then(|| (self.sq_noise / self.sq_delta).sqrt())
+    }
+}
+
+/// A tensor's fidelity sums: in weight space always, in output space when the requantization had
+/// calibration inputs (zero otherwise), for the method used and, when that was not plain rounding,
+/// for round-to-nearest on the same rows (side by side in the report).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ErrorSums {
-    pub sq_requant: f64,
-    pub sq_delta: f64,
     pub n: u64,
+    pub weights: KeptSums,
+    pub outputs: KeptSums,
+    pub nearest_weights: Option<KeptSums>,
+    pub nearest_outputs: Option<KeptSums>,
+}
+
+pub fn add_opt(a: Option<KeptSums>, b: Option<KeptSums>) -> Option<KeptSums> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.add(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 impl ErrorSums {
     fn add(self, o: ErrorSums) -> ErrorSums {
         ErrorSums {
-            sq_requant: self.sq_requant + o.sq_requant,
-            sq_delta: self.sq_delta + o.sq_delta,
             n: self.n + o.n,
+            weights: self.weights.add(o.weights),
+            outputs: self.outputs.add(o.outputs),
+            nearest_weights: add_opt(self.nearest_weights, o.nearest_weights),
+            nearest_outputs: add_opt(self.nearest_outputs, o.nearest_outputs),
         }
     }
 
     pub fn rms_requant(&self) -> f64 {
-        (self.sq_requant / self.n.max(1) as f64).sqrt()
+        (self.weights.sq_noise / self.n.max(1) as f64).sqrt()
     }
 
     pub fn rms_delta(&self) -> f64 {
-        (self.sq_delta / self.n.max(1) as f64).sqrt()
+        (self.weights.sq_delta / self.n.max(1) as f64).sqrt()
     }
 
     /// RMS(requantized − exact) / RMS(delta); `None` when the delta is zero.
     pub fn relative(&self) -> Option<f64> {
-        (self.sq_delta > 0.0).then(|| (self.sq_requant / self.sq_delta).sqrt())
+        self.weights.noise()
+    }
+
+    /// The space the report speaks in: outputs when measured there, else weights.
+    pub fn in_outputs(&self) -> bool {
+        self.outputs.sq_delta > 0.0
+    }
+
+    /// The sums the report leads with (outputs when measured, else weights), and plain
+    /// rounding's in the same space when it was measured beside.
+    pub fn headline(&self) -> (KeptSums, Option<KeptSums>) {
+        if self.in_outputs() {
+            (self.outputs, self.nearest_outputs)
+        } else {
+            (self.weights, self.nearest_weights)
+        }
     }
 }
 
@@ -87,6 +167,18 @@ struct Buffers {
     scratch: Vec<f32>,
     back: Vec<f32>,
     out: Vec<u8>,
+    measure: MeasureBuffers,
+}
+
+/// Scratch for measuring one row: its change, its error and their outputs on held-out tokens.
+#[derive(Default)]
+struct MeasureBuffers {
+    d: Vec<f32>,
+    e: Vec<f32>,
+    pd: Vec<f32>,
+    pe: Vec<f32>,
+    near_bytes: Vec<u8>,
+    near_back: Vec<f32>,
 }
 
 /// One planned op with its values read: what the row loop applies.
@@ -234,14 +326,15 @@ fn exact<'b>(p: &TensorPlan<'_>, base: &'b [f32], merged: &'b [f32]) -> &'b [f32
     }
 }
 
-/// Requantizes `rows` into `out` as `ty` with `requant`, and returns the error sums against the
-/// exact values and the base.
+/// Requantizes `rows` into `out` as `ty` with `requant`, and returns the fidelity sums against the
+/// exact values and the base (and, for a method other than plain rounding, plain rounding's).
 fn requantize_and_measure(
     ty: GgmlType,
     requant: &Requant<'_>,
     rows: &RowBlock<'_>,
     out: &mut [u8],
     back: &mut Vec<f32>,
+    m: &mut MeasureBuffers,
     phases: &Phases,
 ) -> Result<ErrorSums, EngineError> {
     let t = Instant::now();
@@ -249,18 +342,64 @@ fn requantize_and_measure(
     let t = lap(&phases.requantize, t);
     back.resize(rows.exact.len(), 0.0);
     codec::dequantize(ty, out, back, rows.n_cols)?;
+    let stats = requant
+        .stats()
+        .filter(|s| s.n_cols == rows.n_cols && s.t_eval > 0);
+    let (weights, outputs) = fidelity(rows, back, stats, m);
     let mut s = ErrorSums {
         n: rows.exact.len() as u64,
+        weights,
+        outputs,
         ..Default::default()
     };
-    for ((q, m), b) in back.iter().zip(rows.exact).zip(rows.base) {
-        let e = (*q - *m) as f64;
-        let d = (*m - *b) as f64;
-        s.sq_requant += e * e;
-        s.sq_delta += d * d;
+    if !matches!(requant, Requant::Nearest { .. }) {
+        let mut near_bytes = std::mem::take(&mut m.near_bytes);
+        let mut near_back = std::mem::take(&mut m.near_back);
+        near_bytes.resize(out.len(), 0);
+        near_back.resize(rows.exact.len(), 0.0);
+        Requant::default().encode(ty, rows, &mut near_bytes)?;
+        codec::dequantize(ty, &near_bytes, &mut near_back, rows.n_cols)?;
+        let (w, o) = fidelity(rows, &near_back, stats, m);
+        s.nearest_weights = Some(w);
+        s.nearest_outputs = stats.map(|_| o);
+        m.near_bytes = near_bytes;
+        m.near_back = near_back;
     }
     lap(&phases.measure, t);
     Ok(s)
+}
+
+/// Weight- and output-space sums of the requantized rows `back` against `rows` (output space only
+/// with `stats`: each row's change and error mapped through the held-out calibration tokens).
+fn fidelity(
+    rows: &RowBlock<'_>,
+    back: &[f32],
+    stats: Option<&InputStats>,
+    m: &mut MeasureBuffers,
+) -> (KeptSums, KeptSums) {
+    let n = rows.n_cols;
+    let (mut weights, mut outputs) = (KeptSums::default(), KeptSums::default());
+    m.d.resize(n, 0.0);
+    m.e.resize(n, 0.0);
+    for ((q, x), b) in back
+        .chunks_exact(n)
+        .zip(rows.exact.chunks_exact(n))
+        .zip(rows.base.chunks_exact(n))
+    {
+        for i in 0..n {
+            m.d[i] = x[i] - b[i];
+            m.e[i] = q[i] - x[i];
+        }
+        weights.push(&m.d, &m.e);
+        if let Some(st) = stats {
+            m.pd.resize(st.t_eval, 0.0);
+            m.pe.resize(st.t_eval, 0.0);
+            st.project_eval(&m.d, &mut m.pd);
+            st.project_eval(&m.e, &mut m.pe);
+            outputs.push(&m.pd, &m.pe);
+        }
+    }
+    (weights, outputs)
 }
 
 /// Recodes one tensor (merge and/or type change): its bytes in `p.ty_out` and its error sums.
@@ -283,7 +422,11 @@ pub fn merge_tensor(
             let rows = chunk.len() / out_row;
             merged_rows(p, &ops, data, r0, rows, b, phases)?;
             let Buffers {
-                base, merged, back, ..
+                base,
+                merged,
+                back,
+                measure,
+                ..
             } = b;
             let in_row = row_bytes(p.ty_in, n)?;
             let block = RowBlock {
@@ -293,7 +436,7 @@ pub fn merge_tensor(
                 n_cols: n,
                 base_bytes: (p.ty_in == p.ty_out).then(|| &data[r0 * in_row..(r0 + rows) * in_row]),
             };
-            requantize_and_measure(p.ty_out, &p.requant, &block, chunk, back, phases)
+            requantize_and_measure(p.ty_out, &p.requant, &block, chunk, back, measure, phases)
         })
         .try_reduce(ErrorSums::default, |a, b| Ok(a.add(b)))?;
     Ok((out, sums))
@@ -327,6 +470,7 @@ pub fn sample_errors(
                 merged,
                 back,
                 out,
+                measure,
                 ..
             } = b;
             let in_row = row_bytes(p.ty_in, n)?;
@@ -341,7 +485,7 @@ pub fn sample_errors(
                         base_bytes: (ty == p.ty_in).then(|| &data[r * in_row..(r + 1) * in_row]),
                     };
                     out.resize(row_bytes(ty, n)?, 0);
-                    requantize_and_measure(ty, &p.requant, &block, out, back, &discard)
+                    requantize_and_measure(ty, &p.requant, &block, out, back, measure, &discard)
                 })
                 .collect::<Result<Vec<_>, _>>()
         })

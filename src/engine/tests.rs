@@ -351,7 +351,8 @@ fn a_failing_sink_stops_the_merge_with_its_error() {
             Update::low_rank(low_rank(&mut seed, 700, 96, 4, 1.0)),
         )],
     }];
-    let prepared = prepare(None, &base, &adapters, &MergeOptions::default()).unwrap();
+    let opts = MergeOptions::default();
+    let prepared = prepare(None, &base, &adapters, &opts).unwrap();
     let err = prepared
         .run(
             |i, _| {

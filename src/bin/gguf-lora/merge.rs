@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Args as ClapArgs, ValueEnum};
 use gguf_lora::calibrate::{self, CalibrationSpec};
 use gguf_lora::engine::file::Output;
-use gguf_lora::engine::preserve::{DEFAULT_DAMP, DEFAULT_DAMP_DIAG};
+use gguf_lora::engine::preserve::{DEFAULT_DAMP, DEFAULT_DAMP_DIAG, DEFAULT_RANK};
 use gguf_lora::gguf::GgufModel;
 use gguf_lora::merge::inputs::open_adapter;
 use gguf_lora::merge::{
@@ -118,6 +118,7 @@ fn calibration(
         ctx: args.ctx,
         damp: DEFAULT_DAMP,
         damp_diag: DEFAULT_DAMP_DIAG,
+        rank: DEFAULT_RANK,
     };
     let tokens = calibrate::calibration_tokens(model, &spec)?;
     let targets: HashSet<String> = opened
@@ -285,52 +286,65 @@ fn render(
     }
 
     let _ = writeln!(out);
-    let _ = writeln!(out, "requantization error relative to the adapter's delta (RMS(requantized − exact merge) / RMS(delta)):");
     let _ = writeln!(
         out,
-        "{:<8} {:>7} {:>10}  {:<40}",
-        "type", "tensors", "error", "other choices for these tensors (error, whole-file size)"
+        "adapter kept by the requantization ({}; kept = share of the adapter's change written, noise = everything the rounding got wrong relative to that change):",
+        if s.measured_in == "outputs" {
+            "measured on each tensor's outputs over held-out calibration tokens"
+        } else {
+            "measured on the weights"
+        }
     );
+    let mut table = Table::new(&[
+        "type",
+        ">tensors",
+        ">kept",
+        ">noise",
+        ">nearest kept",
+        ">noise",
+        "choices that keep more (kept, whole-file size)",
+    ]);
     for t in &s.per_type {
-        // Only choices that would keep more of the adapter than what was written.
-        let better = |e: Option<f64>| match (e, t.relative_error) {
-            (Some(e), Some(w)) => e < w,
+        let better = |k: Option<f64>| match (k, t.kept.share_kept) {
+            (Some(k), Some(w)) => k > w,
             _ => false,
         };
         let others: Vec<String> = t
             .options
             .iter()
             .skip(1)
-            .filter(|o| better(o.relative_error))
+            .filter(|o| better(o.kept.share_kept))
             .map(|o| {
                 format!(
                     "{} {} ×{:.3}",
                     o.choice,
-                    err_str(o.relative_error),
+                    err_str(o.kept.share_kept),
                     o.size_ratio
                 )
             })
             .collect();
-        let _ = writeln!(
-            out,
-            "{:<8} {:>7} {:>10}  {}",
-            t.type_in,
-            t.tensors,
-            err_str(t.relative_error),
+        table.row(vec![
+            t.type_in.clone(),
+            t.tensors.to_string(),
+            err_str(t.kept.share_kept),
+            err_str(t.kept.noise),
+            err_str(t.nearest.and_then(|n| n.share_kept)),
+            err_str(t.nearest.and_then(|n| n.noise)),
             if others.is_empty() {
                 "-".to_string()
             } else {
                 others.join(", ")
-            }
-        );
+            },
+        ]);
     }
+    out.push_str(&table.render(0));
     for t in s.per_type.iter().filter(|t| t.lossy) {
         let fix = match &t.suggested_promotion {
             Some(p) => {
                 let o = t.options.iter().find(|o| &o.choice == p);
                 format!(
-                    "; --promote {p} would leave {} at ×{:.3} the base size (or try --promote auto)",
-                    err_str(o.and_then(|o| o.relative_error)),
+                    "; --promote {p} would keep {} at ×{:.3} the base size (or try --promote auto)",
+                    err_str(o.and_then(|o| o.kept.share_kept)),
                     o.map_or(0.0, |o| o.size_ratio)
                 )
             }
@@ -338,39 +352,48 @@ fn render(
         };
         let _ = writeln!(
             out,
-            "warning: the {} {} {} much of the adapter to requantization (rounding error {}× the adapter's change){fix}",
+            "warning: the {} {} {} only {} of the adapter's change{fix}",
             t.tensors,
             t.type_in,
-            if t.tensors == 1 { "tensor loses" } else { "tensors lose" },
-            err_str(t.relative_error)
+            if t.tensors == 1 {
+                "tensor keeps"
+            } else {
+                "tensors keep"
+            },
+            err_str(t.kept.share_kept)
         );
     }
     let mut worst: Vec<_> = r
         .tensors
         .iter()
-        .filter(|t| t.relative_error.is_some())
+        .filter(|t| t.kept.share_kept.is_some())
         .collect();
     worst.sort_by(|a, b| {
-        b.relative_error
-            .partial_cmp(&a.relative_error)
-            .unwrap_or(std::cmp::Ordering::Equal)
+        let k = |t: &&gguf_lora::engine::TensorReport| t.kept.share_kept.unwrap_or(1.0);
+        k(a).total_cmp(&k(b))
     });
     if worst
         .first()
-        .and_then(|t| t.relative_error)
-        .is_some_and(|e| e > 0.0)
+        .and_then(|t| t.kept.share_kept)
+        .is_some_and(|k| k < 1.0)
     {
         let _ = writeln!(out);
-        let _ = writeln!(out, "tensors that lose most (of {}):", r.tensors.len());
+        let _ = writeln!(out, "tensors that keep least (of {}):", r.tensors.len());
         for t in worst.iter().take(5) {
             let _ = writeln!(
                 out,
-                "  {:<36} {} → {}{}  error {}",
+                "  {:<36} {} → {}{}  kept {}  noise {}{}",
                 t.name,
                 t.type_in,
                 t.type_out,
                 if t.fallback { " (fallback)" } else { "" },
-                err_str(t.relative_error)
+                err_str(t.kept.share_kept),
+                err_str(t.kept.noise),
+                t.nearest.map_or(String::new(), |n| format!(
+                    "  (nearest: kept {}, noise {})",
+                    err_str(n.share_kept),
+                    err_str(n.noise)
+                ))
             );
         }
     }
