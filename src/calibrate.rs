@@ -31,8 +31,12 @@ pub const DEFAULT_CTX: usize = 512;
 /// Why calibration could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum CalibrateError {
-    #[error("calibration: the base's tokenizer: {0}; calibrate with --calibrate-tokens-file or --requant nearest")]
-    Tokenizer(#[from] TokenizerError),
+    // Not a `#[source]`: the message already carries the cause, and the binary prints sources.
+    #[error("calibration: the base's tokenizer cannot read {source_name}: {error}; calibrate on another text with --calibrate FILE, or use --requant nearest")]
+    Tokenizer {
+        source_name: String,
+        error: TokenizerError,
+    },
     #[error("calibration: {0}")]
     Forward(#[from] VerifyError),
     #[error("calibration: the text gives no tokens")]
@@ -46,6 +50,11 @@ pub struct CalibrationSpec<'t> {
     /// The text (the user's file or [`DEFAULT_CORPUS`]) and what to call it in reports.
     pub text: &'t [u8],
     pub source: String,
+    /// Whether the text is our own corpus rather than the user's: when the base's tokenizer cannot
+    /// read it (a model whose tokenizer we do not reproduce, or a test fixture's toy vocabulary),
+    /// seeded random tokens stand in for it, and the report says so. The user's own text is never
+    /// replaced.
+    pub built_in: bool,
     /// At most this many tokens are used (the text is repeated if shorter).
     pub max_tokens: usize,
     pub ctx: usize,
@@ -127,23 +136,57 @@ impl LinearInputs for Recorder<'_> {
     }
 }
 
+/// The tokens a calibration runs on, and what they are (for the report and provenance).
+pub struct CalibrationTokens {
+    pub ids: Vec<u32>,
+    pub source: String,
+}
+
+/// Seed of the random tokens that stand in for the built-in corpus.
+const SEED: u64 = 0x6767_7566;
+
 /// Tokens of `spec.text` by the base's own tokenizer (BOS as the model says), at most
-/// `spec.max_tokens`, the text repeated when it is shorter.
+/// `spec.max_tokens`, the text repeated when it is shorter; for the built-in corpus on a base whose
+/// tokenizer cannot read it, `spec.max_tokens` seeded random tokens of its vocabulary.
 pub fn calibration_tokens(
     model: &GgufModel,
     spec: &CalibrationSpec<'_>,
-) -> Result<Vec<u32>, CalibrateError> {
-    let tok = Tokenizer::from_metadata(model.metadata())?;
-    let once = tok.tokenize(spec.text, true, false)?;
-    if once.is_empty() || spec.max_tokens == 0 {
+) -> Result<CalibrationTokens, CalibrateError> {
+    if spec.max_tokens == 0 {
         return Err(CalibrateError::NoTokens);
     }
-    let mut out = Vec::with_capacity(spec.max_tokens);
-    while out.len() < spec.max_tokens {
-        let take = (spec.max_tokens - out.len()).min(once.len());
-        out.extend_from_slice(&once[..take]);
+    let once = Tokenizer::from_metadata(model.metadata())
+        .and_then(|tok| tok.tokenize(spec.text, true, false));
+    let once = match once {
+        Ok(ids) => ids,
+        Err(error) if spec.built_in => {
+            let n_vocab = Model::new(model)?.n_vocab()?;
+            return Ok(CalibrationTokens {
+                ids: crate::verify::seeded_tokens(SEED, spec.max_tokens, n_vocab),
+                source: format!(
+                    "seeded random tokens (the base's tokenizer cannot read the built-in corpus: {error})"
+                ),
+            });
+        }
+        Err(error) => {
+            return Err(CalibrateError::Tokenizer {
+                source_name: spec.source.clone(),
+                error,
+            })
+        }
+    };
+    if once.is_empty() {
+        return Err(CalibrateError::NoTokens);
     }
-    Ok(out)
+    let mut ids = Vec::with_capacity(spec.max_tokens);
+    while ids.len() < spec.max_tokens {
+        let take = (spec.max_tokens - ids.len()).min(once.len());
+        ids.extend_from_slice(&once[..take]);
+    }
+    Ok(CalibrationTokens {
+        ids,
+        source: spec.source.clone(),
+    })
 }
 
 /// Runs the base with `adapters` (each with its user scale) applied at runtime over `tokens`, in
@@ -151,10 +194,11 @@ pub fn calibration_tokens(
 pub fn calibrate(
     model: &GgufModel,
     adapters: &[(&Adapter, f32)],
-    tokens: &[u32],
+    tokens: &CalibrationTokens,
     targets: &HashSet<String>,
     spec: &CalibrationSpec<'_>,
 ) -> Result<Calibration, CalibrateError> {
+    let (source, tokens) = (&tokens.source, &tokens.ids[..]);
     if spec.ctx == 0 {
         return Err(CalibrateError::ZeroCtx);
     }
@@ -201,7 +245,7 @@ pub fn calibrate(
     Ok(Calibration {
         stats,
         tokens: tokens.len(),
-        source: spec.source.clone(),
+        source: source.clone(),
     })
 }
 

@@ -288,6 +288,13 @@ fn refusals_exit_1_name_every_offending_tensor_and_write_nothing() {
             "blk.1.ffn_down.weight:128:48",
         ],
     );
+    // A quantized copy of the base too: there the default merge calibrates, and must refuse first.
+    let q8_dir = tempfile::tempdir().unwrap();
+    let q8 = q8_dir.path().join("base-q8_0.gguf");
+    gguf_lora()
+        .args(["quantize", s(&base), "-o", s(&q8), "--type", "q8_0"])
+        .assert()
+        .success();
     let before = listing(dir.path());
     let out = dir.path().join("out.gguf");
     let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
@@ -316,11 +323,11 @@ fn refusals_exit_1_name_every_offending_tensor_and_write_nothing() {
             vec!["blk.99.attn_q.weight", "architecture 'llama'"],
         ),
     ];
-    for (args, needles) in cases {
+    for ((args, needles), base) in cases.iter().flat_map(|c| [(c, &base), (c, &q8)]) {
         let a = gguf_lora()
             .arg("merge")
-            .arg(&base)
-            .args(&args)
+            .arg(base)
+            .args(args)
             .args(["-o", s(&out)])
             .assert()
             .code(1);

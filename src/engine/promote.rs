@@ -9,9 +9,9 @@
 //!
 //! `--promote auto[:BUDGET]` is a greedy knapsack over these measurements: the value of moving a
 //! tensor from type X to type Y is what it gets back of the adapter, `(loss_X − loss_Y) ×
-//! elements`, with the loss counting lost signal (`1 − share kept`) fully and added noise at a
-//! quarter ([`loss`]), both in output space when the merge calibrated; its cost is the extra
-//! bytes; the best value per byte is taken until the output would grow past the budget.
+//! elements`, the loss counting lost signal (`1 − share kept`) and added noise ([`loss`]), in
+//! output space when the merge calibrated; its cost is the extra bytes; the best value per byte
+//! is taken until the output would grow past the budget.
 //!
 //! Relative error alone treats every tensor alike, but tensors are not alike for the model's output:
 //! measured on gemma3-270m Q4_K_M with a rank-16 adapter on all projections (mean KL to runtime LoRA
@@ -165,19 +165,13 @@ pub fn apply(
     promoted
 }
 
-/// Weight of the added noise (the part of the requantization error orthogonal to the adapter's
-/// change) against the lost signal in a promotion's value: the base already carries rounding noise
-/// of its type's size, while the adapter's change lost is what the user trained. A choice, not a
-/// fit: 1 would make the value plain squared error again.
-const NOISE_WEIGHT: f64 = 0.25;
-
-/// What a choice loses, relative to the adapter's change: `(1 − share)² + NOISE_WEIGHT·perp²`,
-/// with `perp² = noise² − (1 − share)²`; `None` when the delta is zero.
+/// What a choice loses, relative to the adapter's change: `noise² = (1 − share)² + perp²`, the
+/// signal lost plus the error orthogonal to the adapter's change, counted alike (in output space
+/// when the merge calibrated, where that is the tensor's output error). Counting the orthogonal
+/// part at a quarter instead was measured worse: gemma3-270m Q4_K_M + rank-16 adapter, `--requant
+/// nearest --promote auto`, mean KL to runtime 0.098 against 0.044. `None` when the delta is zero.
 fn loss(s: &KeptSums) -> Option<f64> {
-    let share = s.share_kept()?;
-    let noise = s.noise()?;
-    let lost = (1.0 - share) * (1.0 - share);
-    Some(lost + NOISE_WEIGHT * (noise * noise - lost).max(0.0))
+    s.noise().map(|n| n * n)
 }
 
 /// How much a unit of relative error in this tensor matters for the output, as a weight (see the

@@ -63,6 +63,31 @@ pub enum MergeError {
     NoChange { adapter: String },
 }
 
+/// The checks a merge makes before any work: the base is a model, the output can be written, and
+/// every adapter fits the base (the plan's checks, every problem listed). [`merge_model`] makes
+/// them itself; a caller with costly work to do first (the calibration pass) calls this before it.
+pub fn check(
+    model: &GgufModel,
+    adapters: &[AdapterInput],
+    outtype: MergeType,
+    output: &Output<'_>,
+) -> Result<(), MergeError> {
+    check_base(model, output)?;
+    let base = base_tensors(model);
+    crate::engine::plan::plan(model.metadata().get_str(KEY_ARCH), &base, adapters, outtype)?;
+    Ok(())
+}
+
+fn check_base(model: &GgufModel, output: &Output<'_>) -> Result<(), MergeError> {
+    if let Some(t) = model.metadata().get_str(KEY_TYPE).filter(|t| *t != "model") {
+        return Err(MergeError::NotAModel {
+            path: model.shards()[0].path().to_path_buf(),
+            found: t.to_string(),
+        });
+    }
+    Ok(check_output(model, output)?)
+}
+
 /// Merges `adapters` into `model` and writes the result. Returns the report and the files written.
 pub fn merge_model(
     model: &GgufModel,
@@ -72,13 +97,7 @@ pub fn merge_model(
     on_done: &(dyn Fn(usize, u64) + Sync),
 ) -> Result<(MergeReport, Written), MergeError> {
     let meta0 = model.metadata();
-    if let Some(t) = meta0.get_str(KEY_TYPE).filter(|t| *t != "model") {
-        return Err(MergeError::NotAModel {
-            path: model.shards()[0].path().to_path_buf(),
-            found: t.to_string(),
-        });
-    }
-    check_output(model, output)?;
+    check_base(model, output)?;
     let base = base_tensors(model);
     let prepared = prepare(meta0.get_str(KEY_ARCH), &base, adapters, opts)?;
     let out_types = prepared.output_types();

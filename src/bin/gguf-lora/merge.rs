@@ -10,11 +10,12 @@ use anyhow::Context;
 use clap::{Args as ClapArgs, ValueEnum};
 use gguf_lora::calibrate::{self, CalibrationSpec};
 use gguf_lora::engine::file::Output;
-use gguf_lora::engine::preserve::{DEFAULT_DAMP, DEFAULT_DAMP_DIAG, DEFAULT_RANK};
+use gguf_lora::engine::preserve::{self, DEFAULT_DAMP, DEFAULT_DAMP_DIAG, DEFAULT_RANK};
 use gguf_lora::gguf::GgufModel;
 use gguf_lora::merge::inputs::open_adapter;
 use gguf_lora::merge::{
-    merge_model, AdapterInput, MergeOptions, MergeReport, MergeType, Promote, RequantMethod,
+    self, merge_model, requant_key, AdapterInput, MergeOptions, MergeReport, MergeType, Promote,
+    RequantMethod,
 };
 use serde::Serialize;
 
@@ -94,12 +95,31 @@ fn load_adapter(
     Ok(open_adapter(path, base, name, scale)?)
 }
 
-/// The calibration statistics of `--requant preserve`.
+/// The calibration statistics of `--requant preserve`: none when every merged tensor is written
+/// as a float type (nothing to keep on a grid, and no tokenizer needed).
 fn calibration(
     args: &Args,
     model: &GgufModel,
-    opened: &[(AdapterInput, gguf_lora::adapter::Adapter)],
+    inputs: &[AdapterInput],
+    opened: &[gguf_lora::adapter::Adapter],
 ) -> anyhow::Result<RequantMethod> {
+    let targets: HashSet<String> = inputs
+        .iter()
+        .flat_map(|a| a.updates.iter().map(|(name, _)| name.clone()))
+        .collect();
+    let on_a_grid = |name: &String| {
+        let ty = match args.outtype {
+            MergeType::Type(t) => Some(t),
+            MergeType::Keep => model.tensor(name).map(|t| t.ty),
+        };
+        ty.is_some_and(preserve::supports)
+    };
+    if !targets.iter().any(on_a_grid) {
+        return Ok(RequantMethod::Preserve {
+            calibration: "nothing to calibrate: every merged tensor is a float type".into(),
+            stats: Arc::default(),
+        });
+    }
     let (text, source) = match &args.calibrate {
         Some(p) => (
             std::fs::read(p)
@@ -114,6 +134,7 @@ fn calibration(
     let spec = CalibrationSpec {
         text: &text,
         source,
+        built_in: args.calibrate.is_none(),
         max_tokens: args.calibrate_tokens,
         ctx: args.ctx,
         damp: DEFAULT_DAMP,
@@ -121,12 +142,11 @@ fn calibration(
         rank: DEFAULT_RANK,
     };
     let tokens = calibrate::calibration_tokens(model, &spec)?;
-    let targets: HashSet<String> = opened
+    let adapters: Vec<(&gguf_lora::adapter::Adapter, f32)> = opened
         .iter()
-        .flat_map(|(a, _)| a.updates.iter().map(|(name, _)| name.clone()))
+        .zip(inputs)
+        .map(|(a, i)| (a, i.scale))
         .collect();
-    let adapters: Vec<(&gguf_lora::adapter::Adapter, f32)> =
-        opened.iter().map(|(i, a)| (a, i.scale)).collect();
     let cal = calibrate::calibrate(model, &adapters, &tokens, &targets, &spec)?;
     Ok(RequantMethod::Preserve {
         calibration: format!("calibrated on {} tokens of {}", cal.tokens, cal.source),
@@ -137,6 +157,8 @@ fn calibration(
 #[derive(Serialize)]
 struct JsonOut<'a> {
     outputs: Vec<String>,
+    /// How merged tensors were requantized, as the output's metadata says.
+    requant: String,
     #[serde(flatten)]
     report: &'a MergeReport,
 }
@@ -149,37 +171,48 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
             .iter()
             .map(|(s, scale)| load_adapter(s, *scale, &model))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let adapter_paths: Vec<&Path> = specs.iter().map(|(s, _)| Path::new(s.as_str())).collect();
+        let output = Output {
+            path: &args.out.output,
+            no_split: args.no_split,
+            other_inputs: &adapter_paths,
+        };
+        let (adapters, opened): (Vec<AdapterInput>, Vec<gguf_lora::adapter::Adapter>) =
+            opened.into_iter().unzip();
         let requant = match args.requant {
             RequantArg::Nearest => RequantMethod::Nearest,
-            RequantArg::Preserve => calibration(&args, &model, &opened)?,
+            RequantArg::Preserve => {
+                merge::check(&model, &adapters, args.outtype, &output)?;
+                calibration(&args, &model, &adapters, &opened)?
+            }
         };
-        let adapters: Vec<AdapterInput> = opened.into_iter().map(|(i, _)| i).collect();
         let opts = MergeOptions {
             outtype: args.outtype,
             promote: args.promote.clone().unwrap_or(Promote::None),
             requant,
             ..Default::default()
         };
-        let adapter_paths: Vec<&Path> = specs.iter().map(|(s, _)| Path::new(s.as_str())).collect();
         let progress = TensorProgress::new(&model);
         let on_done = |i: usize, b: u64| progress.on_done(i, b);
-        let output = Output {
-            path: &args.out.output,
-            no_split: args.no_split,
-            other_inputs: &adapter_paths,
-        };
         let (report, written) = merge_model(&model, &adapters, &opts, &output, &on_done)?;
         progress.finish();
         let outputs: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
         let text = if args.json.json {
             let mut s = serde_json::to_string_pretty(&JsonOut {
                 outputs,
+                requant: requant_key(&opts.requant),
                 report: &report,
             })?;
             s.push('\n');
             s
         } else {
-            render(&report, &outputs, &specs, args.promote.as_ref())
+            render(
+                &report,
+                &outputs,
+                &specs,
+                args.promote.as_ref(),
+                &requant_key(&opts.requant),
+            )
         };
         print_stdout(&text)?;
         Ok(Outcome::Success)
@@ -204,6 +237,7 @@ fn render(
     outputs: &[String],
     specs: &[(String, f32)],
     promote: Option<&Promote>,
+    requant: &str,
 ) -> String {
     let mut out = String::new();
     let s = &r.summary;
@@ -285,6 +319,7 @@ fn render(
         }
     }
 
+    let _ = writeln!(out, "requantization: {requant}");
     let _ = writeln!(out);
     let _ = writeln!(
         out,
@@ -375,7 +410,7 @@ fn render(
     if worst
         .first()
         .and_then(|t| t.kept.share_kept)
-        .is_some_and(|k| k < 1.0)
+        .is_some_and(|k| k < 0.95)
     {
         let _ = writeln!(out);
         let _ = writeln!(out, "tensors that keep least (of {}):", r.tensors.len());
