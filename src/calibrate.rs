@@ -13,8 +13,11 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
+use half::bf16;
+
 use crate::adapter::Adapter;
-use crate::engine::preserve::InputStats;
+use crate::engine::preserve::{self, InputStats, DEFAULT_DAMP, DEFAULT_DAMP_DIAG, DEFAULT_RANK};
+use crate::engine::{AdapterInput, MergeType, RequantMethod};
 use crate::gguf::GgufModel;
 use crate::tokenizer::{Tokenizer, TokenizerError};
 use crate::verify::forward::{LinearInputs, Model};
@@ -106,7 +109,10 @@ type Members = HashMap<String, (Option<String>, HashSet<String>)>;
 /// Records the inputs of the wanted tensors, one record per shared input.
 struct Recorder<'w> {
     wanted: &'w HashSet<String>,
-    inputs: Mutex<BTreeMap<String, (usize, Vec<f32>)>>,
+    /// Per shared input: values per token and the tokens' values, in bf16: a 7B model's inputs over
+    /// 512 tokens are 1.5 GB in f32, and statistics need no more than bf16's three digits (its
+    /// range is f32's, which real activations' outliers need).
+    inputs: Mutex<BTreeMap<String, (usize, Vec<bf16>)>>,
     /// Per input key: the tensor that records it, and every tensor seen reading it.
     members: Mutex<Members>,
 }
@@ -128,7 +134,7 @@ impl LinearInputs for Recorder<'_> {
         drop(members);
         let mut inputs = self.inputs.lock().unwrap_or_else(|e| e.into_inner());
         let entry = inputs.entry(key).or_insert_with(|| (n_in, Vec::new()));
-        entry.1.extend_from_slice(x);
+        entry.1.extend(x.iter().map(|&v| bf16::from_f32(v)));
     }
 
     fn wants_logits(&self) -> bool {
@@ -198,8 +204,52 @@ pub fn calibrate(
     targets: &HashSet<String>,
     spec: &CalibrationSpec<'_>,
 ) -> Result<Calibration, CalibrateError> {
-    let (source, tokens) = (&tokens.source, &tokens.ids[..]);
-    if spec.ctx == 0 {
+    let recorded = record_inputs(model, adapters, &tokens.ids, targets, spec.ctx)?;
+    // Each record is dropped as soon as its statistics exist.
+    let built: Vec<(Vec<String>, Arc<InputStats>)> = {
+        use rayon::prelude::*;
+        recorded
+            .into_par_iter()
+            .map(|r| {
+                let s = InputStats::new(r.n_in, &r.rows, spec.damp, spec.damp_diag, spec.rank);
+                (r.tensors, Arc::new(s))
+            })
+            .collect()
+    };
+    let mut stats = HashMap::new();
+    for (tensors, s) in built {
+        for t in tensors {
+            stats.insert(t, Arc::clone(&s));
+        }
+    }
+    Ok(Calibration {
+        stats,
+        tokens: tokens.ids.len(),
+        source: tokens.source.clone(),
+    })
+}
+
+/// What entered one linear input over the calibration tokens.
+pub struct RecordedInput {
+    /// The tensors that read it (q/k/v share one input, gate/up another), sorted.
+    pub tensors: Vec<String>,
+    /// Values per token.
+    pub n_in: usize,
+    /// Token-major: token `i`'s input is `rows[i·n_in..(i+1)·n_in]` (bf16, see [`Recorder`]).
+    pub rows: Vec<bf16>,
+}
+
+/// Runs the base with `adapters` (each with its user scale) applied at runtime over `tokens`, in
+/// chunks of `ctx` positions, and returns what entered every tensor of `targets`, one record per
+/// shared input (sorted by input).
+pub fn record_inputs(
+    model: &GgufModel,
+    adapters: &[(&Adapter, f32)],
+    tokens: &[u32],
+    targets: &HashSet<String>,
+    ctx: usize,
+) -> Result<Vec<RecordedInput>, CalibrateError> {
+    if ctx == 0 {
         return Err(CalibrateError::ZeroCtx);
     }
     if tokens.is_empty() {
@@ -209,43 +259,109 @@ pub fn calibrate(
     for (a, scale) in adapters {
         lora.add_adapter(a, *scale)?;
     }
-    let forward = Model::new(model)?;
+    let forward = Model::new(model)?.releasing_weights();
     let recorder = Recorder {
         wanted: targets,
         inputs: Mutex::new(BTreeMap::new()),
         members: Mutex::new(HashMap::new()),
     };
-    for chunk in tokens.chunks(spec.ctx) {
+    for chunk in tokens.chunks(ctx) {
         forward.logits_with(chunk, &[Some(&lora)], Some(&recorder))?;
     }
     let inputs = recorder
         .inputs
         .into_inner()
         .unwrap_or_else(|e| e.into_inner());
-    let members = recorder
+    let mut members = recorder
         .members
         .into_inner()
         .unwrap_or_else(|e| e.into_inner());
-    let built: Vec<(String, Arc<InputStats>)> = {
-        use rayon::prelude::*;
-        inputs
-            .into_par_iter()
-            .map(|(key, (n_in, rows))| {
-                let s = InputStats::new(n_in, &rows, spec.damp, spec.damp_diag, spec.rank);
-                (key, Arc::new(s))
-            })
-            .collect()
-    };
-    let mut stats = HashMap::new();
-    for (key, s) in built {
-        for t in members.get(&key).into_iter().flat_map(|m| &m.1) {
-            stats.insert(t.clone(), Arc::clone(&s));
+    Ok(inputs
+        .into_iter()
+        .map(|(key, (n_in, rows))| {
+            let mut tensors: Vec<String> = members
+                .remove(&key)
+                .map(|m| m.1.into_iter().collect())
+                .unwrap_or_default();
+            tensors.sort();
+            RecordedInput {
+                tensors,
+                n_in,
+                rows,
+            }
+        })
+        .collect())
+}
+
+/// What the merge calibrates on: the user's text (and what to call it), or our corpus.
+pub struct CalibrationText {
+    pub text: Option<(Vec<u8>, String)>,
+    pub max_tokens: usize,
+    pub ctx: usize,
+}
+
+impl Default for CalibrationText {
+    fn default() -> Self {
+        CalibrationText {
+            text: None,
+            max_tokens: DEFAULT_TOKENS,
+            ctx: DEFAULT_CTX,
         }
     }
-    Ok(Calibration {
-        stats,
-        tokens: tokens.len(),
-        source: source.clone(),
+}
+
+/// The adapter-keeping requantization of a merge of `inputs` (their normalized adapters beside)
+/// into `model`: statistics from a calibration pass over `text`, or none when every merged tensor
+/// is written as a float type (nothing to keep on a grid, and no tokenizer needed). The one place
+/// the default merge's method is decided: `merge` and `verify`'s own merge both call it.
+pub fn preserve_method(
+    model: &GgufModel,
+    inputs: &[AdapterInput],
+    adapters: &[&Adapter],
+    outtype: MergeType,
+    text: &CalibrationText,
+) -> Result<RequantMethod, CalibrateError> {
+    let targets: HashSet<String> = inputs
+        .iter()
+        .flat_map(|a| a.updates.iter().map(|(name, _)| name.clone()))
+        .collect();
+    let on_a_grid = |name: &String| {
+        let ty = match outtype {
+            MergeType::Type(t) => Some(t),
+            MergeType::Keep => model.tensor(name).map(|t| t.ty),
+        };
+        ty.is_some_and(preserve::supports)
+    };
+    if !targets.iter().any(on_a_grid) {
+        return Ok(RequantMethod::Preserve {
+            calibration: "nothing to calibrate: every merged tensor is a float type".into(),
+            stats: Arc::default(),
+        });
+    }
+    let (bytes, source) = match &text.text {
+        Some((bytes, source)) => (&bytes[..], source.clone()),
+        None => (DEFAULT_CORPUS.as_bytes(), "the built-in corpus".to_string()),
+    };
+    let spec = CalibrationSpec {
+        text: bytes,
+        source,
+        built_in: text.text.is_none(),
+        max_tokens: text.max_tokens,
+        ctx: text.ctx,
+        damp: DEFAULT_DAMP,
+        damp_diag: DEFAULT_DAMP_DIAG,
+        rank: DEFAULT_RANK,
+    };
+    let tokens = calibration_tokens(model, &spec)?;
+    let scaled: Vec<(&Adapter, f32)> = adapters
+        .iter()
+        .zip(inputs)
+        .map(|(a, i)| (*a, i.scale))
+        .collect();
+    let cal = calibrate(model, &scaled, &tokens, &targets, &spec)?;
+    Ok(RequantMethod::Preserve {
+        calibration: format!("calibrated on {} tokens of {}", cal.tokens, cal.source),
+        stats: Arc::new(cal.stats.into_iter().collect()),
     })
 }
 

@@ -93,19 +93,23 @@ impl std::fmt::Debug for InputStats {
 }
 
 impl InputStats {
-    /// Statistics from `tokens` (token-major, `n_tok × n_cols`), the fit reduced to the `rank`
+    /// Statistics from `tokens` (token-major, `n_tok × n_cols`; f32, or bf16 as the calibration
+    /// pass records them), the fit reduced to the `rank`
     /// leading directions of the tokens' Gram when that is fewer than the tokens (0: all tokens).
     /// The damping of column `j` is `D_j = damp_diag·‖x_j‖² + damp·mean_k ‖x_k‖²`: with fewer
     /// tokens than columns `XᵀX` is singular, and the diagonal term is the shrinkage that keeps
     /// each channel's own scale (real activations differ by orders of magnitude between channels). Every [`EVAL_EVERY`]-th token
     /// is kept for measuring; the rest are fitted.
-    pub fn new(
+    pub fn new<T: Copy>(
         n_cols: usize,
-        tokens: &[f32],
+        tokens: &[T],
         damp: f32,
         damp_diag: f32,
         rank: usize,
-    ) -> InputStats {
+    ) -> InputStats
+    where
+        f32: From<T>,
+    {
         let n_tok = tokens.len() / n_cols.max(1);
         let is_eval = |i: usize| n_tok >= 2 * EVAL_EVERY && i % EVAL_EVERY == EVAL_EVERY - 1;
         let fit: Vec<usize> = (0..n_tok).filter(|&i| !is_eval(i)).collect();
@@ -115,7 +119,7 @@ impl InputStats {
             let mut out = vec![0f32; n_cols * t];
             for (k, &i) in rows.iter().enumerate() {
                 for (j, &v) in tokens[i * n_cols..(i + 1) * n_cols].iter().enumerate() {
-                    out[j * t + k] = v;
+                    out[j * t + k] = f32::from(v);
                 }
             }
             out

@@ -18,6 +18,9 @@ pub enum VerifyError {
     Adapter(#[from] AdapterError),
     #[error(transparent)]
     Gguf(Box<GgufError>),
+    /// The calibration pass of the in-memory merge failed.
+    #[error(transparent)]
+    Calibrate(Box<crate::calibrate::CalibrateError>),
     /// The in-memory merge (no `--merged` given) failed.
     #[error(transparent)]
     Merge(Box<MergeError>),

@@ -48,6 +48,9 @@ pub struct Model<'a> {
     /// Round activations as llama.cpp's CPU kernels do before each product (see
     /// [`Model::with_llama_cpp_activations`]).
     llama_cpp_activations: bool,
+    /// Each layer's weights, by name prefix, released after each use (see
+    /// [`Model::releasing_weights`]); empty when off.
+    layer_tensors: Vec<Vec<String>>,
 }
 
 /// Logits of one stream: `n_tokens` rows of `n_vocab`.
@@ -154,6 +157,9 @@ impl<'m, 'a> Session<'m, 'a> {
         let mut x = x;
         for (il, kv) in self.kv.iter_mut().enumerate() {
             x = m.layer(il, x, &batch, kv)?;
+            for name in m.layer_tensors.get(il).into_iter().flatten() {
+                m.src.release(name);
+            }
         }
         let n_embd = m.hp.n_embd;
         let norm = m.vector("output_norm.weight", n_embd)?;
@@ -198,7 +204,26 @@ impl<'a> Model<'a> {
             src,
             hp,
             llama_cpp_activations: false,
+            layer_tensors: Vec::new(),
         })
+    }
+
+    /// Releases each layer's mapped weights after the layer runs, so that a pass over a whole
+    /// model holds one layer's pages, not the model's (the calibration pass, which reads each
+    /// weight once; a later read maps the pages back from the page cache).
+    pub fn releasing_weights(mut self) -> Model<'a> {
+        let names = self.src.tensor_names();
+        self.layer_tensors = (0..self.hp.n_layer)
+            .map(|il| {
+                let prefix = format!("blk.{il}.");
+                names
+                    .iter()
+                    .filter(|n| n.starts_with(&prefix))
+                    .cloned()
+                    .collect()
+            })
+            .collect();
+        self
     }
 
     /// Makes every product with a weight round its input activations the way llama.cpp's CPU

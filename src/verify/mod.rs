@@ -545,19 +545,23 @@ pub fn load_adapters(base: &GgufModel, specs: &[(String, f32)]) -> Result<Runtim
     Ok(set)
 }
 
-/// The merged model `gguf-lora merge` makes with its defaults (each tensor keeps its type), written
-/// to a temporary directory that lives as long as the returned guard; used when the user gives no
-/// merged model, so that verify says what a merge would keep.
+/// The merged model `gguf-lora merge` makes with its defaults (each tensor keeps its type, the
+/// adapter-keeping requantization calibrated on the built-in corpus), written to a temporary
+/// directory that lives as long as the returned guard; used when the user gives no merged model, so
+/// that verify says what a merge would keep.
 pub fn merge_to_temp(
     base: &GgufModel,
     specs: &[(String, f32)],
 ) -> Result<(tempfile::TempDir, GgufModel)> {
+    use crate::calibrate::{preserve_method, CalibrationText};
     use crate::engine::file::Output;
-    use crate::merge::inputs::read_adapter;
-    use crate::merge::merge_model;
-    let mut adapters = Vec::new();
+    use crate::merge::inputs::open_adapter;
+    use crate::merge::{merge_model, MergeOptions};
+    let (mut inputs, mut opened) = (Vec::new(), Vec::new());
     for (spec, scale) in specs {
-        adapters.push(read_adapter(Path::new(spec), base, spec.clone(), *scale)?);
+        let (i, a) = open_adapter(Path::new(spec), base, spec.clone(), *scale)?;
+        inputs.push(i);
+        opened.push(a);
     }
     let dir = tempfile::tempdir().map_err(VerifyError::TempDir)?;
     let out = dir.path().join("merged.gguf");
@@ -566,13 +570,19 @@ pub fn merge_to_temp(
         no_split: true,
         other_inputs: &[],
     };
-    merge_model(
+    let opts = MergeOptions::default();
+    crate::merge::check(base, &inputs, opts.outtype, &output)?;
+    let adapters: Vec<&adapter::Adapter> = opened.iter().collect();
+    let requant = preserve_method(
         base,
+        &inputs,
         &adapters,
-        &crate::merge::MergeOptions::default(),
-        &output,
-        &|_, _| {},
-    )?;
+        opts.outtype,
+        &CalibrationText::default(),
+    )
+    .map_err(|e| VerifyError::Calibrate(Box::new(e)))?;
+    let opts = MergeOptions { requant, ..opts };
+    merge_model(base, &inputs, &opts, &output, &|_, _| {})?;
     let merged = GgufModel::open(&out)?;
     Ok((dir, merged))
 }

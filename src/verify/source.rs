@@ -122,6 +122,9 @@ pub trait WeightSource: Sync {
     fn tensor_names(&self) -> Vec<String>;
     /// Where the data comes from, for error messages.
     fn describe(&self) -> String;
+    /// Lets the memory behind tensor `name` go (a mapped file's pages: any later read maps them
+    /// back); nothing for in-memory sources.
+    fn release(&self, _name: &str) {}
 }
 
 /// An in-memory model with f32 tensors; for tests and for weights built on the fly.
@@ -241,5 +244,10 @@ impl WeightSource for GgufModel {
     }
     fn describe(&self) -> String {
         self.shards()[0].path().display().to_string()
+    }
+    fn release(&self, name: &str) {
+        if let (Some(i), Some(info)) = (self.shard_of(name), GgufModel::tensor(self, name)) {
+            self.shards()[i].release_pages(info);
+        }
     }
 }

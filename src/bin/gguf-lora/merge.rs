@@ -1,16 +1,13 @@
 //! `gguf-lora merge`: flags, adapter loading, progress bar and the report as a table or JSON.
 
 use std::collections::BTreeMap;
-use std::collections::HashSet;
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args as ClapArgs, ValueEnum};
-use gguf_lora::calibrate::{self, CalibrationSpec};
+use gguf_lora::calibrate::{self, CalibrationText};
 use gguf_lora::engine::file::Output;
-use gguf_lora::engine::preserve::{self, DEFAULT_DAMP, DEFAULT_DAMP_DIAG, DEFAULT_RANK};
 use gguf_lora::gguf::GgufModel;
 use gguf_lora::merge::inputs::open_adapter;
 use gguf_lora::merge::{
@@ -95,63 +92,34 @@ fn load_adapter(
     Ok(open_adapter(path, base, name, scale)?)
 }
 
-/// The calibration statistics of `--requant preserve`: none when every merged tensor is written
-/// as a float type (nothing to keep on a grid, and no tokenizer needed).
+/// The calibration of `--requant preserve`, from the flags.
 fn calibration(
     args: &Args,
     model: &GgufModel,
     inputs: &[AdapterInput],
     opened: &[gguf_lora::adapter::Adapter],
 ) -> anyhow::Result<RequantMethod> {
-    let targets: HashSet<String> = inputs
-        .iter()
-        .flat_map(|a| a.updates.iter().map(|(name, _)| name.clone()))
-        .collect();
-    let on_a_grid = |name: &String| {
-        let ty = match args.outtype {
-            MergeType::Type(t) => Some(t),
-            MergeType::Keep => model.tensor(name).map(|t| t.ty),
-        };
-        ty.is_some_and(preserve::supports)
-    };
-    if !targets.iter().any(on_a_grid) {
-        return Ok(RequantMethod::Preserve {
-            calibration: "nothing to calibrate: every merged tensor is a float type".into(),
-            stats: Arc::default(),
-        });
-    }
-    let (text, source) = match &args.calibrate {
-        Some(p) => (
+    let text = match &args.calibrate {
+        Some(p) => Some((
             std::fs::read(p)
                 .with_context(|| format!("{}: cannot read the calibration text", p.display()))?,
             p.display().to_string(),
-        ),
-        None => (
-            calibrate::DEFAULT_CORPUS.as_bytes().to_vec(),
-            "the built-in corpus".to_string(),
-        ),
+        )),
+        None => None,
     };
-    let spec = CalibrationSpec {
-        text: &text,
-        source,
-        built_in: args.calibrate.is_none(),
+    let text = CalibrationText {
+        text,
         max_tokens: args.calibrate_tokens,
         ctx: args.ctx,
-        damp: DEFAULT_DAMP,
-        damp_diag: DEFAULT_DAMP_DIAG,
-        rank: DEFAULT_RANK,
     };
-    let tokens = calibrate::calibration_tokens(model, &spec)?;
-    let adapters: Vec<(&gguf_lora::adapter::Adapter, f32)> = opened
-        .iter()
-        .zip(inputs)
-        .map(|(a, i)| (a, i.scale))
-        .collect();
-    let cal = calibrate::calibrate(model, &adapters, &tokens, &targets, &spec)?;
-    Ok(RequantMethod::Preserve {
-        calibration: format!("calibrated on {} tokens of {}", cal.tokens, cal.source),
-        stats: Arc::new(cal.stats.into_iter().collect()),
-    })
+    let adapters: Vec<&gguf_lora::adapter::Adapter> = opened.iter().collect();
+    Ok(calibrate::preserve_method(
+        model,
+        inputs,
+        &adapters,
+        args.outtype,
+        &text,
+    )?)
 }
 
 #[derive(Serialize)]
