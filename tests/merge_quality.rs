@@ -83,18 +83,35 @@ fn judge(merged: &[(&str, &Path)]) -> Value {
 }
 
 /// The default merge, `--requant nearest` and a merge calibrated on text like the training data,
-/// judged once per test binary (on held-out text none of them calibrated on).
+/// made once per test binary.
+struct Merges {
+    default: PathBuf,
+    nearest: PathBuf,
+    calibrated: PathBuf,
+}
+
+fn merges() -> &'static Merges {
+    static M: OnceLock<Merges> = OnceLock::new();
+    M.get_or_init(|| {
+        let calib = dir().join("calibration.txt");
+        Merges {
+            default: merge("default", &[]),
+            nearest: merge("nearest", &["--requant", "nearest"]),
+            calibrated: merge("calibrated", &["--calibrate", s(&calib)]),
+        }
+    })
+}
+
+/// The three merges judged by llama.cpp once per test binary (on held-out text none of them
+/// calibrated on).
 fn judged_merges() -> &'static Value {
     static J: OnceLock<Value> = OnceLock::new();
     J.get_or_init(|| {
-        let default = merge("default", &[]);
-        let nearest = merge("nearest", &["--requant", "nearest"]);
-        let calib = dir().join("calibration.txt");
-        let calibrated = merge("calibrated", &["--calibrate", s(&calib)]);
+        let m = merges();
         judge(&[
-            ("default", &default),
-            ("nearest", &nearest),
-            ("calibrated", &calibrated),
+            ("default", &m.default),
+            ("nearest", &m.nearest),
+            ("calibrated", &m.calibrated),
         ])
     })
 }
@@ -150,4 +167,35 @@ fn calibrating_on_training_like_text_keeps_at_least_as_much_as_the_default_and_b
         f(j, "calibrated", "fact_acc") >= f(j, "default", "fact_acc"),
         "{j}"
     );
+}
+
+/// `verify`'s default limits (unchanged) pass the default merge and fail plain rounding, on the
+/// held-out text.
+#[test]
+fn verify_passes_the_default_merge_and_fails_nearest() {
+    require_interop!();
+    let m = merges();
+    let heldout = dir().join("heldout.txt");
+    let verify = |merged: &Path| {
+        gguf_lora()
+            .args([
+                "verify",
+                s(&interop().smollm),
+                "--lora",
+                s(&converted().1),
+                "--merged",
+                s(merged),
+                "--text-file",
+                s(&heldout),
+                "--json",
+            ])
+            .output()
+            .unwrap()
+    };
+    let ok = verify(&m.default);
+    let report: Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert_eq!(ok.status.code(), Some(0), "{report}");
+    let lost = verify(&m.nearest);
+    let report: Value = serde_json::from_slice(&lost.stdout).unwrap();
+    assert_eq!(lost.status.code(), Some(3), "{report}");
 }
