@@ -129,6 +129,9 @@ impl Recorded for bf16 {
 
 struct Recorder<'w, T> {
     wanted: &'w HashSet<String>,
+    /// Tokens the pass runs: each record is allocated once at its final size (grown by doubling,
+    /// a 7B model's records took up to twice their size).
+    total_tokens: usize,
     /// Per shared input: values per token and the tokens' values.
     inputs: Mutex<BTreeMap<String, (usize, Vec<T>)>>,
     /// Per input key: the tensor that records it, and every tensor seen reading it.
@@ -151,7 +154,10 @@ impl<T: Recorded> LinearInputs for Recorder<'_, T> {
         }
         drop(members);
         let mut inputs = self.inputs.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = inputs.entry(key).or_insert_with(|| (n_in, Vec::new()));
+        let total = self.total_tokens;
+        let entry = inputs
+            .entry(key)
+            .or_insert_with(|| (n_in, Vec::with_capacity(n_in.saturating_mul(total))));
         entry.1.extend(x.iter().map(|&v| T::record(v)));
     }
 
@@ -280,6 +286,7 @@ pub fn record_inputs<T: Recorded>(
     let forward = Model::new(model)?.releasing_weights();
     let recorder = Recorder {
         wanted: targets,
+        total_tokens: tokens.len(),
         inputs: Mutex::new(BTreeMap::new()),
         members: Mutex::new(HashMap::new()),
     };

@@ -116,7 +116,21 @@ fn install_signal_handler() {
     });
 }
 
+/// glibc raises its mmap threshold each time a mapped block is freed (up to 32 MiB), after which
+/// blocks of a few MiB come from the heap and stay in the resident set once freed. A merge frees
+/// its calibration records (a 7B model's: 0.8 GB in 128 blocks of 2–11 MiB) before streaming, so a
+/// fixed threshold is what gives that memory back: measured peak RSS 2.7 → 1.7 GB on the 7B-shaped
+/// default merge.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called once before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 fn main() -> std::process::ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     install_signal_handler();
     let result: anyhow::Result<Outcome> = match cli.command {
