@@ -39,8 +39,8 @@ use crate::quant::{quantize_row, GgmlType};
 use super::EngineError;
 
 /// The default damping (see [`InputStats::new`]): a tenth of each channel's own energy plus a
-/// hundredth of the mean, chosen on held-out tokens (tests/merge_preserve_types.rs and the fact adapter's
-/// benchmark).
+/// hundredth of the mean, chosen on held-out tokens (tests/merge_preserve_types.rs and the fact
+/// adapter's benchmark).
 pub const DEFAULT_DAMP: f32 = 0.01;
 pub const DEFAULT_DAMP_DIAG: f32 = 0.1;
 
