@@ -293,7 +293,6 @@ pub fn supports(ty: GgmlType) -> bool {
 struct Work {
     s: Vec<f32>,
     s_try: Vec<f32>,
-    s_kept: Vec<f32>,
     target: Vec<f32>,
     scale: Vec<f32>,
     offset: Vec<f32>,
@@ -322,13 +321,6 @@ crate::quant::simd::simd_dispatch! {
     }
 }
 
-/// Rows worked on together: each block's columns (`x_j`, `p_j`) are loaded once for all of them,
-/// instead of once per row from memory (they are `n_cols × t` floats, larger than L2 for a 7B
-/// tensor). Every row's arithmetic is the same as alone, so the bytes do not depend on it.
-pub const ROW_GROUP: usize = 16;
-/// Columns per chunk of the coordinate-descent sweeps, for the same reuse.
-const CD_CHUNK: usize = 256;
-
 #[inline(always)]
 fn encode_rows_impl(
     ty: GgmlType,
@@ -342,10 +334,9 @@ fn encode_rows_impl(
     let bb = ty.type_size();
     let row_bytes = n / bs * bb;
     let t = stats.t;
-    let new_work = || Work {
+    let mut w = Work {
         s: vec![0.0; t],
         s_try: vec![0.0; t],
-        s_kept: vec![0.0; t],
         target: vec![0.0; bs],
         scale: vec![0.0; n],
         offset: vec![0.0; n],
@@ -357,106 +348,62 @@ fn encode_rows_impl(
         weights: vec![0.0; bs],
         qmax: 0,
     };
-    let mut works: Vec<Work> = Vec::new();
     let mut grid = BlockGrid::default();
     let mut base_codes = [0i32; MAX_BLOCK];
-    for (gi, (wgroup, ogroup)) in exact
-        .chunks(n * ROW_GROUP)
-        .zip(out.chunks_mut(row_bytes * ROW_GROUP))
+    for (ri, (wrow, orow)) in exact
+        .chunks_exact(n)
+        .zip(out.chunks_exact_mut(row_bytes))
         .enumerate()
     {
-        let rows = wgroup.len() / n;
-        works.truncate(rows);
-        while works.len() < rows {
-            works.push(new_work());
-        }
-        for w in works.iter_mut() {
-            w.s.fill(0.0);
-        }
+        let brow = base.map(|b| &b[ri * row_bytes..(ri + 1) * row_bytes]);
+        w.s.fill(0.0);
         for blk in 0..n / bs {
             let c0 = blk * bs;
-            for (ri, ((wrow, orow), w)) in wgroup
-                .chunks_exact(n)
-                .zip(ogroup.chunks_exact_mut(row_bytes))
-                .zip(works.iter_mut())
-                .enumerate()
-            {
-                let row = gi * ROW_GROUP + ri;
-                let bblock =
-                    base.map(|b| &b[row * row_bytes + blk * bb..row * row_bytes + (blk + 1) * bb]);
-                encode_block(
-                    ty,
-                    stats,
-                    c0,
-                    wrow,
-                    bblock,
-                    &mut orow[blk * bb..(blk + 1) * bb],
-                    w,
-                    &mut grid,
-                    &mut base_codes,
-                )?;
+            // Corrected targets of the block, with the feedback so far.
+            for i in 0..bs {
+                w.target[i] = wrow[c0 + i] + dot(stats.x(c0 + i), &w.s) / stats.sd[c0 + i];
+            }
+            // Option 1: a fresh grid, fitted by ggml's quantizer (weighted by the diagonal of H).
+            for i in 0..bs {
+                w.weights[i] = stats.sq[c0 + i] + stats.damp[c0 + i];
+            }
+            quantize_row(ty, &w.target, &mut w.fresh, Some(&w.weights))?;
+            read_grid(ty, &w.fresh, &mut grid, &mut base_codes);
+            w.s_try.copy_from_slice(&w.s);
+            let fresh_loss = sweep_block(stats, c0, wrow, &grid, &mut w.s_try, &mut w.try_codes);
+            let block_out = &mut orow[blk * bb..(blk + 1) * bb];
+            let mut chosen_fresh = true;
+            // Option 2: the base's own grid, codes free to move.
+            if let Some(brow) = brow {
+                let bblock = &brow[blk * bb..(blk + 1) * bb];
+                let mut kept = BlockGrid::default();
+                read_grid(ty, bblock, &mut kept, &mut base_codes);
+                let mut s_kept = w.s.clone();
+                let mut kept_codes = [0i32; MAX_BLOCK];
+                let kept_loss = sweep_block(stats, c0, wrow, &kept, &mut s_kept, &mut kept_codes);
+                if kept_loss <= fresh_loss {
+                    chosen_fresh = false;
+                    block_out.copy_from_slice(bblock);
+                    w.s.copy_from_slice(&s_kept);
+                    commit(&kept, c0, &kept_codes, &mut w);
+                }
+            }
+            if chosen_fresh {
+                block_out.copy_from_slice(&w.fresh);
+                std::mem::swap(&mut w.s, &mut w.s_try);
+                let codes = w.try_codes;
+                commit(&grid, c0, &codes, &mut w);
             }
         }
-        refine_rows(stats, wgroup, bs, &mut works);
-        for (orow, w) in ogroup.chunks_exact_mut(row_bytes).zip(works.iter()) {
-            for blk in 0..n / bs {
-                write_codes(
-                    ty,
-                    &mut orow[blk * bb..(blk + 1) * bb],
-                    &w.codes[blk * bs..(blk + 1) * bs],
-                );
-            }
+        refine_row(stats, wrow, bs, &mut w);
+        for blk in 0..n / bs {
+            write_codes(
+                ty,
+                &mut orow[blk * bb..(blk + 1) * bb],
+                &w.codes[blk * bs..(blk + 1) * bs],
+            );
         }
     }
-    Ok(())
-}
-
-/// One block of one row: the fresh grid and the base's kept grid (when given) are each swept with
-/// error feedback, and the one adding less loss is written to `block_out` and committed to `w`.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn encode_block(
-    ty: GgmlType,
-    stats: &InputStats,
-    c0: usize,
-    wrow: &[f32],
-    bblock: Option<&[u8]>,
-    block_out: &mut [u8],
-    w: &mut Work,
-    grid: &mut BlockGrid,
-    base_codes: &mut [i32; MAX_BLOCK],
-) -> Result<(), EngineError> {
-    let bs = ty.block_size();
-    // Corrected targets of the block, with the feedback so far.
-    for i in 0..bs {
-        w.target[i] = wrow[c0 + i] + dot(stats.x(c0 + i), &w.s) / stats.sd[c0 + i];
-    }
-    // Option 1: a fresh grid, fitted by ggml's quantizer (weighted by the diagonal of H).
-    for i in 0..bs {
-        w.weights[i] = stats.sq[c0 + i] + stats.damp[c0 + i];
-    }
-    quantize_row(ty, &w.target, &mut w.fresh, Some(&w.weights))?;
-    read_grid(ty, &w.fresh, grid, base_codes);
-    w.s_try.copy_from_slice(&w.s);
-    let fresh_loss = sweep_block(stats, c0, wrow, grid, &mut w.s_try, &mut w.try_codes);
-    // Option 2: the base's own grid, codes free to move.
-    if let Some(bblock) = bblock {
-        let mut kept = BlockGrid::default();
-        read_grid(ty, bblock, &mut kept, base_codes);
-        w.s_kept.copy_from_slice(&w.s);
-        let mut kept_codes = [0i32; MAX_BLOCK];
-        let kept_loss = sweep_block(stats, c0, wrow, &kept, &mut w.s_kept, &mut kept_codes);
-        if kept_loss <= fresh_loss {
-            block_out.copy_from_slice(bblock);
-            std::mem::swap(&mut w.s, &mut w.s_kept);
-            commit(&kept, c0, &kept_codes, w);
-            return Ok(());
-        }
-    }
-    block_out.copy_from_slice(&w.fresh);
-    std::mem::swap(&mut w.s, &mut w.s_try);
-    let codes = w.try_codes;
-    commit(grid, c0, &codes, w);
     Ok(())
 }
 
@@ -497,60 +444,39 @@ fn commit(grid: &BlockGrid, c0: usize, codes: &[i32; MAX_BLOCK], w: &mut Work) {
 }
 
 /// Coordinate descent on `‖X(q − w′)‖² + λ‖q − w′‖²` over the chosen grids: each weight in turn
-/// moves to the grid point nearest its exact 1-D minimizer. The rows of a group go through each
-/// chunk of columns together (see [`ROW_GROUP`]); a row stops after a sweep that moved nothing.
+/// moves to the grid point nearest its exact 1-D minimizer.
 #[inline(always)]
-fn refine_rows(stats: &InputStats, wgroup: &[f32], bs: usize, works: &mut [Work]) {
+fn refine_row(stats: &InputStats, wrow: &[f32], bs: usize, w: &mut Work) {
     let n = stats.n_cols;
     let value = |w: &Work, j: usize, q: i32| w.scale[j] * (q - w.zero[j / bs]) as f32 + w.offset[j];
     // r = X(q − w′) over the fit tokens, kept in the scaled basis: r = Σ_j x̃_j·√D_j·(q_j − w′_j).
-    for w in works.iter_mut() {
-        w.r.fill(0.0);
-    }
-    for c0 in (0..n).step_by(CD_CHUNK) {
-        let c1 = (c0 + CD_CHUNK).min(n);
-        for (wrow, w) in wgroup.chunks_exact(n).zip(works.iter_mut()) {
-            for j in c0..c1 {
-                let d = value(w, j, w.codes[j]) - wrow[j];
-                if d != 0.0 {
-                    axpy(&mut w.r, d * stats.sd[j], stats.x(j));
-                }
-            }
+    w.r.fill(0.0);
+    for j in 0..n {
+        let d = value(w, j, w.codes[j]) - wrow[j];
+        if d != 0.0 {
+            axpy(&mut w.r, d * stats.sd[j], stats.x(j));
         }
     }
-    let mut active = vec![true; works.len()];
+    let qmax = w.qmax;
     for _ in 0..CD_SWEEPS {
-        let mut moved = vec![0usize; works.len()];
-        for c0 in (0..n).step_by(CD_CHUNK) {
-            let c1 = (c0 + CD_CHUNK).min(n);
-            for (ri, (wrow, w)) in wgroup.chunks_exact(n).zip(works.iter_mut()).enumerate() {
-                if !active[ri] {
-                    continue;
-                }
-                let qmax = w.qmax;
-                for j in c0..c1 {
-                    let sc = w.scale[j];
-                    if sc == 0.0 || !sc.is_finite() {
-                        continue;
-                    }
-                    let v = value(w, j, w.codes[j]);
-                    let g = dot(stats.x(j), &w.r) * stats.sd[j] + stats.damp[j] * (v - wrow[j]);
-                    let best = v - g / (stats.sq[j] + stats.damp[j]);
-                    let q = (((best - w.offset[j]) / sc).round() as i32 + w.zero[j / bs])
-                        .clamp(0, qmax);
-                    if q != w.codes[j] {
-                        let nv = value(w, j, q);
-                        axpy(&mut w.r, (nv - v) * stats.sd[j], stats.x(j));
-                        w.codes[j] = q;
-                        moved[ri] += 1;
-                    }
-                }
+        let mut moved = 0usize;
+        for j in 0..n {
+            let sc = w.scale[j];
+            if sc == 0.0 || !sc.is_finite() {
+                continue;
+            }
+            let v = value(w, j, w.codes[j]);
+            let g = dot(stats.x(j), &w.r) * stats.sd[j] + stats.damp[j] * (v - wrow[j]);
+            let best = v - g / (stats.sq[j] + stats.damp[j]);
+            let q = (((best - w.offset[j]) / sc).round() as i32 + w.zero[j / bs]).clamp(0, qmax);
+            if q != w.codes[j] {
+                let nv = value(w, j, q);
+                axpy(&mut w.r, (nv - v) * stats.sd[j], stats.x(j));
+                w.codes[j] = q;
+                moved += 1;
             }
         }
-        for (a, &m) in active.iter_mut().zip(&moved) {
-            *a &= m > 0;
-        }
-        if !active.iter().any(|&a| a) {
+        if moved == 0 {
             break;
         }
     }

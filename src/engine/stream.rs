@@ -412,11 +412,7 @@ pub fn merge_tensor(
     let ops = load_ops(p, name)?;
     let n = p.n_cols;
     let out_row = row_bytes(p.ty_out, n)?;
-    let mut rows_per_block = (BLOCK_ELEMS / n.max(1)).max(1);
-    if matches!(p.requant, Requant::Preserve { .. }) {
-        // The preserving encoder shares each column's statistics across a group of rows.
-        rows_per_block = rows_per_block.max(super::preserve::ROW_GROUP);
-    }
+    let rows_per_block = (BLOCK_ELEMS / n.max(1)).max(1);
     let mut out = vec![0u8; p.n_rows * out_row];
     let sums = out
         .par_chunks_mut(rows_per_block * out_row)
