@@ -119,7 +119,7 @@ fn install_signal_handler() {
 /// glibc raises its mmap threshold each time a mapped block is freed (up to 32 MiB), after which
 /// blocks of a few MiB come from the heap and stay in the resident set once freed. A merge frees
 /// its calibration records (a 7B model's: 0.8 GB in 128 blocks of 2–11 MiB) before streaming, so a
-/// fixed threshold is what gives that memory back: measured peak RSS 2.7 → 1.7 GB on the 7B-shaped
+/// fixed threshold is what gives that memory back: measured peak RSS 2.7 → 1.75 GB on the 7B-shaped
 /// default merge.
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
