@@ -36,6 +36,7 @@ pub fn base_tensors(model: &GgufModel) -> Vec<InputTensor<'_>> {
             dims: t.dims.clone(),
             ty: t.ty,
             data: model.shards()[shard].tensor_data(t),
+            map: Some(&model.shards()[shard]),
         })
         .collect()
 }

@@ -47,7 +47,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::adapter::{AdapterError, LowRank};
-use crate::gguf::GgufError;
+use crate::gguf::{GgufError, GgufFile};
 use crate::quant::{GgmlType, QuantError};
 
 pub use plan::{matrix_shape, PlanProblem, ShapeProblem};
@@ -65,6 +65,19 @@ pub struct InputTensor<'a> {
     pub dims: Vec<u64>,
     pub ty: GgmlType,
     pub data: &'a [u8],
+    /// The mapped file `data` lies in, so its pages can be dropped from the resident set once a
+    /// pass over them is done (`None`: bytes in memory).
+    pub map: Option<&'a GgufFile>,
+}
+
+impl InputTensor<'_> {
+    /// Drops the tensor's mapped pages from the resident set; a later read brings them back from
+    /// the page cache, so this only bounds memory, never changes what is read.
+    pub fn release_pages(&self) {
+        if let Some(file) = self.map {
+            file.release_slice_pages(self.data);
+        }
+    }
 }
 
 /// Reads an update's values from its adapter file; called when the tensor is processed.

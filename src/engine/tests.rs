@@ -82,6 +82,7 @@ impl Fixture {
                 dims: self.dims[i].clone(),
                 ty: GgmlType::F32,
                 data: &self.data[i],
+                map: None,
             })
             .collect()
     }

@@ -382,6 +382,7 @@ mod tests {
             dims: vec![n as u64, rows_per_expert as u64, experts as u64],
             ty: GgmlType::F32,
             data: &bytes,
+            map: None,
         }];
         let ty = GgmlType::Q4_K;
         let recode = vec![Recode {
