@@ -63,7 +63,7 @@ pub fn measure_candidates(
         let sums = sample_errors(p, &t.name, t.data, &rows, &types)?;
         // The sampled rows are spread over the whole tensor, so readahead brought in nearly all of
         // its pages: drop them now, or every touched tensor stays resident until it is written
-        // (7B-shaped nearest merge: peak RSS 1.02 GB, almost all of it the base's file pages).
+        // (7B-shaped nearest merge: peak RSS 998 MiB, almost all of it the base's file pages).
         t.release_pages();
         let elements = (p.n_rows * p.n_cols) as f64;
         out.push(
