@@ -68,15 +68,17 @@ echo "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2 / 1048576
 printf '| %-24s | %8s | %13s | %12s | %9s | %10s | %8s | %5s |\n' \
     run "wall s" "user+sys s" "peak RSS MiB" "wall/cp" "CPU/e-l" "RSS/e-l" load
 printf '|%s|\n' "--------------------------|----------|---------------|--------------|-----------|------------|----------|-------"
+# ratio A B: A/B to two places, or "-" without a B (cp's own row has no anchors)
+ratio() { if [ -n "$2" ]; then awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; else echo -; fi; }
 while read -r label wall cpu rss ld; do
     size=${label%%/*}
     rest=${label#*/}
     threads=${rest%%/*}
-    cp_wall=$(awk -v k="$size/cp" '$1 == k {print $2}' "$WORK/rows")
-    el=$(awk -v k="$size/$threads/export-lora" '$1 == k {print $3, $4}' "$WORK/rows")
-    el_cpu=${el% *}
-    el_rss=${el#* }
-    ratio() { if [ -n "$2" ] && [ "$label" != "$size/cp" ]; then echo "$1 $2" | awk '{printf "%.2f", $1 / $2}'; else echo -; fi; }
+    cp_wall='' el_cpu='' el_rss=''
+    if [ "$label" != "$size/cp" ]; then
+        cp_wall=$(awk -v k="$size/cp" '$1 == k {print $2}' "$WORK/rows")
+        read -r el_cpu el_rss < <(awk -v k="$size/$threads/export-lora" '$1 == k {print $3, $4}' "$WORK/rows") || true
+    fi
     printf '| %-24s | %8.2f | %13.2f | %12.0f | %9s | %10s | %8s | %5s |\n' "$label" "$wall" "$cpu" "$rss" \
         "$(ratio "$wall" "$cp_wall")" "$(ratio "$cpu" "$el_cpu")" "$(ratio "$rss" "$el_rss")" "$ld"
 done < "$WORK/rows"
