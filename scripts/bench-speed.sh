@@ -25,9 +25,11 @@ mkdir -p "$WORK"
 
 for size in $SIZES; do
     [ -f "$DATA/llama$size-q4_k.gguf" ] || PYTHONPATH=testdata/tools "$GGUF_LORA_PYTHON" \
-        testdata/tools/make_synthetic.py model "$DATA/llama$size-q4_k.gguf" --shape "$size"
+        testdata/tools/make_synthetic.py model "$DATA/llama$size-q4_k.gguf" --shape "$size" \
+        --tokenizer-from "$GGUF_LORA_SMOLLM"
     [ -f "$DATA/llama$size-lora-r16.gguf" ] || PYTHONPATH=testdata/tools "$GGUF_LORA_PYTHON" \
-        testdata/tools/make_synthetic.py lora "$DATA/llama$size-lora-r16.gguf" --shape "$size" --rank 16
+        testdata/tools/make_synthetic.py lora "$DATA/llama$size-lora-r16.gguf" \
+        --base "$DATA/llama$size-q4_k.gguf" --rank 16
 done
 
 load() { awk '{print $1}' /proc/loadavg; }
