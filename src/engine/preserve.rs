@@ -71,6 +71,9 @@ pub struct InputStats {
     p: Vec<f32>,
     /// `1 + x_jᵀ p_j`: the loss weight of an error in column `j`.
     gain: Vec<f32>,
+    /// Couplings within each chunk of columns (see [`chunk_couplings`]), `n_cols × CHUNK`.
+    gp: Vec<f32>,
+    gx: Vec<f32>,
     /// `‖x_j‖²`.
     sq: Vec<f32>,
     /// The damping of column `j`, `D_j` (the diagonal added to `XᵀX`), and `√D_j`.
@@ -158,12 +161,15 @@ impl InputStats {
             c.iter_mut().for_each(|v| *v /= sd[j]);
         }
         let (p, gain) = feedback_vectors(&x, n_cols, t, 1.0);
+        let (gp, gx) = chunk_couplings(&x, &p, n_cols, t);
         InputStats {
             n_cols,
             t,
             x,
             p,
             gain,
+            gp,
+            gx,
             sq,
             damp: damp_v,
             sd,
@@ -175,10 +181,6 @@ impl InputStats {
 
     fn x(&self, j: usize) -> &[f32] {
         &self.x[j * self.t..(j + 1) * self.t]
-    }
-
-    fn p(&self, j: usize) -> &[f32] {
-        &self.p[j * self.t..(j + 1) * self.t]
     }
 
     /// `Σ_j v_j·x_j` over the held-out tokens (`v·X_evalᵀ`, one value per token) into `out`.
@@ -257,6 +259,27 @@ fn feedback_vectors(x: &[f32], n: usize, t: usize, lambda: f64) -> (Vec<f32>, Ve
     (p_out, gain)
 }
 
+/// How rounding column `j` moves the later columns `k` of its chunk of [`CHUNK`] (`k` counted from
+/// the chunk's start, zero for `k` up to `j`): `gp[j·CHUNK + k] = x̃_k·p_j` in the sweep's
+/// feedback, `gx[j·CHUNK + k] = x̃_k·x̃_j` in the coordinate descent's residual.
+fn chunk_couplings(x: &[f32], p: &[f32], n: usize, t: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut gp = vec![0f32; n * CHUNK];
+    let mut gx = vec![0f32; n * CHUNK];
+    if t == 0 {
+        return (gp, gx);
+    }
+    for j in 0..n {
+        let c0 = j / CHUNK * CHUNK;
+        let (xj, pj) = (&x[j * t..(j + 1) * t], &p[j * t..(j + 1) * t]);
+        for k in j + 1..(c0 + CHUNK).min(n) {
+            let xk = &x[k * t..(k + 1) * t];
+            gp[j * CHUNK + k - c0] = dot(xk, pj);
+            gx[j * CHUNK + k - c0] = dot(xk, xj);
+        }
+    }
+    (gp, gx)
+}
+
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
@@ -284,26 +307,96 @@ fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
+/// Rows encoded side by side, one per lane. Each row's sweep is a serial chain (every rounding
+/// feeds the next column's target), but rows are independent: running `LANES` of them in step
+/// turns the chain's dot products into vector operations over rows.
+pub const LANES: usize = 16;
+
+/// Columns per feedback chunk. Within a chunk the feedback between columns goes through the
+/// precomputed couplings ([`chunk_couplings`]), so each row's `t`-vector is read and updated once
+/// per chunk (matrix–vector products over independent columns) instead of once per column.
+const CHUNK: usize = 32;
+
+type Lanes = [f32; LANES];
+type Codes = [i32; LANES];
+
 /// Whether [`encode_rows`] handles `ty` (others are rounded to nearest by the caller).
 pub fn supports(ty: GgmlType) -> bool {
     has_grid(ty)
 }
 
-/// Per-row working memory.
-struct Work {
-    s: Vec<f32>,
-    s_try: Vec<f32>,
-    target: Vec<f32>,
-    scale: Vec<f32>,
-    offset: Vec<f32>,
-    zero: Vec<i32>,
-    codes: Vec<i32>,
-    try_codes: [i32; MAX_BLOCK],
-    r: Vec<f32>,
-    fresh: Vec<u8>,
+/// One block's grid for each lane's row, element-major.
+struct GridLanes {
+    scale: [Lanes; MAX_BLOCK],
+    offset: [Lanes; MAX_BLOCK],
+    zero: Codes,
+}
+
+impl GridLanes {
+    fn new() -> Box<GridLanes> {
+        Box::new(GridLanes {
+            scale: [[0.0; LANES]; MAX_BLOCK],
+            offset: [[0.0; LANES]; MAX_BLOCK],
+            zero: [0; LANES],
+        })
+    }
+
+    /// Lane `r` takes `g`.
+    fn set(&mut self, r: usize, g: &BlockGrid) {
+        for i in 0..g.len {
+            self.scale[i][r] = g.scale[i];
+            self.offset[i][r] = g.offset[i];
+        }
+        self.zero[r] = g.zero;
+    }
+
+    /// Lane `r` (no row) decodes everything to zero.
+    fn clear(&mut self, r: usize) {
+        for i in 0..MAX_BLOCK {
+            self.scale[i][r] = 0.0;
+            self.offset[i][r] = 0.0;
+        }
+        self.zero[r] = 0;
+    }
+}
+
+/// Working memory of one group of rows, lane-major (`[column][lane]`).
+struct GroupWork {
+    /// The exact values `w′`.
+    w: Vec<Lanes>,
+    /// Each row's feedback `t`-vector `s`, and the same after trying each grid on a block.
+    s: Vec<Lanes>,
+    s_fresh: Vec<Lanes>,
+    s_kept: Vec<Lanes>,
+    /// `x̃_j·s` over the current block at its start.
+    block_start: Vec<Lanes>,
+    /// The chosen grids and codes, per column (`zero` per block).
+    scale: Vec<Lanes>,
+    offset: Vec<Lanes>,
+    zero: Vec<Codes>,
+    codes: Vec<Codes>,
+    codes_fresh: Vec<Codes>,
+    codes_kept: Vec<Codes>,
+    fresh_grid: Box<GridLanes>,
+    kept_grid: Box<GridLanes>,
+    /// Each lane's freshly quantized block.
+    fresh_bytes: Vec<u8>,
+    /// The coordinate descent's residual `X(q − w′)` per row.
+    r: Vec<Lanes>,
+    chunk: ChunkWork,
+    /// One row's corrected targets of a block, and the block's weights for ggml's quantizer.
+    targets: Vec<f32>,
     weights: Vec<f32>,
-    /// The type's largest code (the same on every grid of one type).
-    qmax: i32,
+    block_grid: BlockGrid,
+    block_codes: [i32; MAX_BLOCK],
+}
+
+/// Per-chunk scratch: projections at the chunk's start, corrections within it, and the changes
+/// each column made.
+struct ChunkWork {
+    base: [Lanes; CHUNK],
+    corr: [Lanes; CHUNK],
+    change: [Lanes; CHUNK],
 }
 
 crate::quant::simd::simd_dispatch! {
@@ -334,149 +427,330 @@ fn encode_rows_impl(
     let bb = ty.type_size();
     let row_bytes = n / bs * bb;
     let t = stats.t;
-    let mut w = Work {
-        s: vec![0.0; t],
-        s_try: vec![0.0; t],
-        target: vec![0.0; bs],
-        scale: vec![0.0; n],
-        offset: vec![0.0; n],
-        zero: vec![0; n / bs],
-        codes: vec![0; n],
-        try_codes: [0; MAX_BLOCK],
-        r: vec![0.0; t],
-        fresh: vec![0; bb],
+    let lanes_of = |len: usize| vec![[0f32; LANES]; len];
+    let codes_of = |len: usize| vec![[0i32; LANES]; len];
+    let mut g = GroupWork {
+        w: lanes_of(n),
+        s: lanes_of(t),
+        s_fresh: lanes_of(t),
+        s_kept: lanes_of(t),
+        block_start: lanes_of(bs),
+        scale: lanes_of(n),
+        offset: lanes_of(n),
+        zero: codes_of(n / bs),
+        codes: codes_of(n),
+        codes_fresh: codes_of(bs),
+        codes_kept: codes_of(bs),
+        fresh_grid: GridLanes::new(),
+        kept_grid: GridLanes::new(),
+        fresh_bytes: vec![0; LANES * bb],
+        r: lanes_of(t),
+        chunk: ChunkWork {
+            base: [[0.0; LANES]; CHUNK],
+            corr: [[0.0; LANES]; CHUNK],
+            change: [[0.0; LANES]; CHUNK],
+        },
+        targets: vec![0.0; bs],
         weights: vec![0.0; bs],
-        qmax: 0,
+        block_grid: BlockGrid::default(),
+        block_codes: [0; MAX_BLOCK],
     };
-    let mut grid = BlockGrid::default();
-    let mut base_codes = [0i32; MAX_BLOCK];
-    for (ri, (wrow, orow)) in exact
-        .chunks_exact(n)
-        .zip(out.chunks_exact_mut(row_bytes))
+    let mut qmax = 0;
+    for (gi, (group, out_group)) in exact
+        .chunks(LANES * n)
+        .zip(out.chunks_mut(LANES * row_bytes))
         .enumerate()
     {
-        let brow = base.map(|b| &b[ri * row_bytes..(ri + 1) * row_bytes]);
-        w.s.fill(0.0);
-        for blk in 0..n / bs {
-            let c0 = blk * bs;
-            // Corrected targets of the block, with the feedback so far.
-            for i in 0..bs {
-                w.target[i] = wrow[c0 + i] + dot(stats.x(c0 + i), &w.s) / stats.sd[c0 + i];
-            }
-            // Option 1: a fresh grid, fitted by ggml's quantizer (weighted by the diagonal of H).
-            for i in 0..bs {
-                w.weights[i] = stats.sq[c0 + i] + stats.damp[c0 + i];
-            }
-            quantize_row(ty, &w.target, &mut w.fresh, Some(&w.weights))?;
-            read_grid(ty, &w.fresh, &mut grid, &mut base_codes);
-            w.s_try.copy_from_slice(&w.s);
-            let fresh_loss = sweep_block(stats, c0, wrow, &grid, &mut w.s_try, &mut w.try_codes);
-            let block_out = &mut orow[blk * bb..(blk + 1) * bb];
-            let mut chosen_fresh = true;
-            // Option 2: the base's own grid, codes free to move.
-            if let Some(brow) = brow {
-                let bblock = &brow[blk * bb..(blk + 1) * bb];
-                let mut kept = BlockGrid::default();
-                read_grid(ty, bblock, &mut kept, &mut base_codes);
-                let mut s_kept = w.s.clone();
-                let mut kept_codes = [0i32; MAX_BLOCK];
-                let kept_loss = sweep_block(stats, c0, wrow, &kept, &mut s_kept, &mut kept_codes);
-                if kept_loss <= fresh_loss {
-                    chosen_fresh = false;
-                    block_out.copy_from_slice(bblock);
-                    w.s.copy_from_slice(&s_kept);
-                    commit(&kept, c0, &kept_codes, &mut w);
-                }
-            }
-            if chosen_fresh {
-                block_out.copy_from_slice(&w.fresh);
-                std::mem::swap(&mut w.s, &mut w.s_try);
-                let codes = w.try_codes;
-                commit(&grid, c0, &codes, &mut w);
+        let rows = group.len() / n;
+        for (j, wj) in g.w.iter_mut().enumerate() {
+            *wj = [0.0; LANES];
+            for r in 0..rows {
+                wj[r] = group[r * n + j];
             }
         }
-        refine_row(stats, wrow, bs, &mut w);
+        g.s.iter_mut().for_each(|v| *v = [0.0; LANES]);
+        let base_group =
+            base.map(|b| &b[gi * LANES * row_bytes..gi * LANES * row_bytes + rows * row_bytes]);
         for blk in 0..n / bs {
-            write_codes(
-                ty,
-                &mut orow[blk * bb..(blk + 1) * bb],
-                &w.codes[blk * bs..(blk + 1) * bs],
+            let c0 = blk * bs;
+            project(stats, c0, &g.s, &mut g.block_start);
+            // Option 1: a fresh grid per row, fitted by ggml's quantizer to the corrected targets
+            // (weighted by the diagonal of H).
+            for i in 0..bs {
+                g.weights[i] = stats.sq[c0 + i] + stats.damp[c0 + i];
+            }
+            for r in 0..LANES {
+                if r >= rows {
+                    g.fresh_grid.clear(r);
+                    continue;
+                }
+                for i in 0..bs {
+                    g.targets[i] = g.w[c0 + i][r] + g.block_start[i][r] / stats.sd[c0 + i];
+                }
+                let fresh = &mut g.fresh_bytes[r * bb..(r + 1) * bb];
+                quantize_row(ty, &g.targets, fresh, Some(&g.weights))?;
+                read_grid(ty, fresh, &mut g.block_grid, &mut g.block_codes);
+                g.fresh_grid.set(r, &g.block_grid);
+                qmax = g.block_grid.qmax;
+            }
+            g.s_fresh.copy_from_slice(&g.s);
+            let mut fresh_loss = [0f64; LANES];
+            sweep_block(
+                stats,
+                c0,
+                bs,
+                &g.w,
+                (&g.fresh_grid, qmax),
+                &g.block_start,
+                &mut g.s_fresh,
+                &mut g.codes_fresh,
+                &mut fresh_loss,
+                &mut g.chunk,
             );
+            // Option 2: the base's own grid, codes free to move.
+            let mut keep = [false; LANES];
+            if let Some(bg) = base_group {
+                for r in 0..LANES {
+                    if r >= rows {
+                        g.kept_grid.clear(r);
+                        continue;
+                    }
+                    let at = r * row_bytes + blk * bb;
+                    read_grid(ty, &bg[at..at + bb], &mut g.block_grid, &mut g.block_codes);
+                    g.kept_grid.set(r, &g.block_grid);
+                }
+                g.s_kept.copy_from_slice(&g.s);
+                let mut kept_loss = [0f64; LANES];
+                sweep_block(
+                    stats,
+                    c0,
+                    bs,
+                    &g.w,
+                    (&g.kept_grid, qmax),
+                    &g.block_start,
+                    &mut g.s_kept,
+                    &mut g.codes_kept,
+                    &mut kept_loss,
+                    &mut g.chunk,
+                );
+                for r in 0..rows {
+                    keep[r] = kept_loss[r] <= fresh_loss[r];
+                }
+            }
+            // Each row takes the grid that added less loss: its bytes, codes and feedback.
+            for r in 0..rows {
+                let (grid, codes, s) = if keep[r] {
+                    (&*g.kept_grid, &g.codes_kept, &g.s_kept)
+                } else {
+                    (&*g.fresh_grid, &g.codes_fresh, &g.s_fresh)
+                };
+                for i in 0..bs {
+                    g.scale[c0 + i][r] = grid.scale[i][r];
+                    g.offset[c0 + i][r] = grid.offset[i][r];
+                    g.codes[c0 + i][r] = codes[i][r];
+                }
+                g.zero[blk][r] = grid.zero[r];
+                for k in 0..t {
+                    g.s[k][r] = s[k][r];
+                }
+                let at = r * row_bytes + blk * bb;
+                let block_out = &mut out_group[at..at + bb];
+                match base_group {
+                    Some(bg) if keep[r] => block_out.copy_from_slice(&bg[at..at + bb]),
+                    _ => block_out.copy_from_slice(&g.fresh_bytes[r * bb..(r + 1) * bb]),
+                }
+            }
+        }
+        refine(stats, bs, qmax, &mut g);
+        for r in 0..rows {
+            for blk in 0..n / bs {
+                for i in 0..bs {
+                    g.block_codes[i] = g.codes[blk * bs + i][r];
+                }
+                let at = r * row_bytes + blk * bb;
+                write_codes(ty, &mut out_group[at..at + bb], &g.block_codes[..bs]);
+            }
         }
     }
     Ok(())
 }
 
-/// Rounds the block at `c0` on `grid` column by column with error feedback into `s`; returns the
-/// loss it adds (up to the common factor λ).
+/// `out[i] = x̃_{j0+i}·v[·]` for every lane: the projections of each row's `t`-vector on the
+/// columns from `j0` (independent dot products, so they overlap in the pipeline).
+#[inline(always)]
+fn project(stats: &InputStats, j0: usize, v: &[Lanes], out: &mut [Lanes]) {
+    let t = stats.t;
+    for (i, o) in out.iter_mut().enumerate() {
+        let x = stats.x(j0 + i);
+        let mut acc = [[0f32; LANES]; 4];
+        let mut k = 0;
+        while k + 4 <= t {
+            for u in 0..4 {
+                let xv = x[k + u];
+                for r in 0..LANES {
+                    acc[u][r] += xv * v[k + u][r];
+                }
+            }
+            k += 4;
+        }
+        while k < t {
+            for r in 0..LANES {
+                acc[0][r] += x[k] * v[k][r];
+            }
+            k += 1;
+        }
+        for r in 0..LANES {
+            o[r] = (acc[0][r] + acc[1][r]) + (acc[2][r] + acc[3][r]);
+        }
+    }
+}
+
+/// `v[k] += Σ_i change[i]·cols[(j0 + i)·t + k]` for every lane: each row's `t`-vector moved by
+/// the changes of the columns from `j0` (`cols`: the stats' `x` or `p`, channel-major).
+#[inline(always)]
+fn accumulate(cols: &[f32], t: usize, j0: usize, change: &[Lanes], v: &mut [Lanes]) {
+    // Two sums in flight per `k` (named, so they stay in registers).
+    let pairs = change.len() / 2;
+    for (k, vk) in v.iter_mut().enumerate() {
+        let (mut even, mut odd) = (*vk, [0f32; LANES]);
+        for i in 0..pairs {
+            let (a, b) = (2 * i, 2 * i + 1);
+            let (ya, yb) = (cols[(j0 + a) * t + k], cols[(j0 + b) * t + k]);
+            for r in 0..LANES {
+                even[r] += ya * change[a][r];
+                odd[r] += yb * change[b][r];
+            }
+        }
+        if change.len() % 2 == 1 {
+            let a = change.len() - 1;
+            let ya = cols[(j0 + a) * t + k];
+            for r in 0..LANES {
+                even[r] += ya * change[a][r];
+            }
+        }
+        for r in 0..LANES {
+            vk[r] = even[r] + odd[r];
+        }
+    }
+}
+
+/// The code whose value is nearest `v` (as [`BlockGrid::nearest`], written branch-free for lanes).
+#[inline(always)]
+fn nearest(scale: f32, offset: f32, zero: i32, qmax: i32, v: f32) -> i32 {
+    let usable = scale != 0.0 && scale.is_finite();
+    let q = ((v - offset) / scale).round() as i32 + zero;
+    (if usable { q } else { zero }).clamp(0, qmax)
+}
+
+/// Rounds the block at `c0` (`len` columns) on `grid`, column by column with error feedback into
+/// each lane's `s`; `start` is `x̃_j·s` over the block at its start. Adds each lane's loss (up to
+/// the common factor λ) to `loss`, and leaves the codes in `codes`.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn sweep_block(
     stats: &InputStats,
     c0: usize,
-    wrow: &[f32],
-    grid: &BlockGrid,
-    s: &mut [f32],
-    codes: &mut [i32; MAX_BLOCK],
-) -> f64 {
-    let mut loss = 0f64;
-    for i in 0..grid.len {
-        let j = c0 + i;
-        let target = wrow[j] + dot(stats.x(j), s) / stats.sd[j];
-        let q = grid.nearest(i, target);
-        codes[i] = q;
-        let e = target - grid.value(i, q);
-        if e != 0.0 {
-            loss += (stats.gain[j] as f64) * (stats.damp[j] as f64) * (e as f64) * (e as f64);
-            axpy(s, e * stats.sd[j], stats.p(j));
+    len: usize,
+    w: &[Lanes],
+    (grid, qmax): (&GridLanes, i32),
+    start: &[Lanes],
+    s: &mut [Lanes],
+    codes: &mut [Codes],
+    loss: &mut [f64; LANES],
+    cw: &mut ChunkWork,
+) {
+    for ch in (0..len).step_by(CHUNK) {
+        let m = CHUNK.min(len - ch);
+        let j0 = c0 + ch;
+        if ch == 0 {
+            cw.base[..m].copy_from_slice(&start[..m]);
+        } else {
+            project(stats, j0, s, &mut cw.base[..m]);
         }
+        cw.corr = [[0.0; LANES]; CHUNK];
+        for i in 0..m {
+            let (j, e) = (j0 + i, ch + i);
+            let sd = stats.sd[j];
+            let weight = stats.gain[j] as f64 * stats.damp[j] as f64;
+            let mut change = [0f32; LANES];
+            for r in 0..LANES {
+                let target = w[j][r] + (cw.base[i][r] + cw.corr[i][r]) / sd;
+                let (sc, off, zero) = (grid.scale[e][r], grid.offset[e][r], grid.zero[r]);
+                let q = nearest(sc, off, zero, qmax, target);
+                codes[e][r] = q;
+                let err = target - (sc * (q - zero) as f32 + off);
+                loss[r] += weight * (err as f64) * (err as f64);
+                change[r] = err * sd;
+            }
+            let coupling = &stats.gp[j * CHUNK..(j + 1) * CHUNK];
+            for k in i + 1..m {
+                for r in 0..LANES {
+                    cw.corr[k][r] += coupling[k] * change[r];
+                }
+            }
+            cw.change[i] = change;
+        }
+        accumulate(&stats.p, stats.t, j0, &cw.change[..m], s);
     }
-    loss
 }
 
+/// Coordinate descent on `‖X(q − w′)‖² + λ‖q − w′‖²` over the chosen grids, every lane: each
+/// weight in turn moves to the grid point nearest its exact 1-D minimizer.
 #[inline(always)]
-fn commit(grid: &BlockGrid, c0: usize, codes: &[i32; MAX_BLOCK], w: &mut Work) {
-    let n = grid.len;
-    w.scale[c0..c0 + n].copy_from_slice(&grid.scale[..n]);
-    w.offset[c0..c0 + n].copy_from_slice(&grid.offset[..n]);
-    w.zero[c0 / n] = grid.zero;
-    w.qmax = grid.qmax;
-    w.codes[c0..c0 + n].copy_from_slice(&codes[..n]);
-}
-
-/// Coordinate descent on `‖X(q − w′)‖² + λ‖q − w′‖²` over the chosen grids: each weight in turn
-/// moves to the grid point nearest its exact 1-D minimizer.
-#[inline(always)]
-fn refine_row(stats: &InputStats, wrow: &[f32], bs: usize, w: &mut Work) {
+fn refine(stats: &InputStats, bs: usize, qmax: i32, g: &mut GroupWork) {
     let n = stats.n_cols;
-    let value = |w: &Work, j: usize, q: i32| w.scale[j] * (q - w.zero[j / bs]) as f32 + w.offset[j];
+    let t = stats.t;
+    let value = |g: &GroupWork, j: usize, r: usize, q: i32| {
+        g.scale[j][r] * (q - g.zero[j / bs][r]) as f32 + g.offset[j][r]
+    };
     // r = X(q − w′) over the fit tokens, kept in the scaled basis: r = Σ_j x̃_j·√D_j·(q_j − w′_j).
-    w.r.fill(0.0);
-    for j in 0..n {
-        let d = value(w, j, w.codes[j]) - wrow[j];
-        if d != 0.0 {
-            axpy(&mut w.r, d * stats.sd[j], stats.x(j));
+    g.r.iter_mut().for_each(|v| *v = [0.0; LANES]);
+    for j0 in (0..n).step_by(CHUNK) {
+        let m = CHUNK.min(n - j0);
+        for i in 0..m {
+            let j = j0 + i;
+            for r in 0..LANES {
+                g.chunk.change[i][r] = (value(g, j, r, g.codes[j][r]) - g.w[j][r]) * stats.sd[j];
+            }
         }
+        accumulate(&stats.x, t, j0, &g.chunk.change[..m], &mut g.r);
     }
-    let qmax = w.qmax;
     for _ in 0..CD_SWEEPS {
-        let mut moved = 0usize;
-        for j in 0..n {
-            let sc = w.scale[j];
-            if sc == 0.0 || !sc.is_finite() {
-                continue;
+        let mut moved = false;
+        for j0 in (0..n).step_by(CHUNK) {
+            let m = CHUNK.min(n - j0);
+            project(stats, j0, &g.r, &mut g.chunk.base[..m]);
+            g.chunk.corr = [[0.0; LANES]; CHUNK];
+            for i in 0..m {
+                let j = j0 + i;
+                let (sd, damp) = (stats.sd[j], stats.damp[j]);
+                let curvature = stats.sq[j] + damp;
+                let mut change = [0f32; LANES];
+                for r in 0..LANES {
+                    let (sc, off, zero) = (g.scale[j][r], g.offset[j][r], g.zero[j / bs][r]);
+                    let old = g.codes[j][r];
+                    let v = value(g, j, r, old);
+                    let grad =
+                        (g.chunk.base[i][r] + g.chunk.corr[i][r]) * sd + damp * (v - g.w[j][r]);
+                    let best = v - grad / curvature;
+                    let usable = sc != 0.0 && sc.is_finite();
+                    let q = (((best - off) / sc).round() as i32 + zero).clamp(0, qmax);
+                    let q = if usable { q } else { old };
+                    g.codes[j][r] = q;
+                    moved |= q != old;
+                    change[r] = (value(g, j, r, q) - v) * sd;
+                }
+                let coupling = &stats.gx[j * CHUNK..(j + 1) * CHUNK];
+                for k in i + 1..m {
+                    for r in 0..LANES {
+                        g.chunk.corr[k][r] += coupling[k] * change[r];
+                    }
+                }
+                g.chunk.change[i] = change;
             }
-            let v = value(w, j, w.codes[j]);
-            let g = dot(stats.x(j), &w.r) * stats.sd[j] + stats.damp[j] * (v - wrow[j]);
-            let best = v - g / (stats.sq[j] + stats.damp[j]);
-            let q = (((best - w.offset[j]) / sc).round() as i32 + w.zero[j / bs]).clamp(0, qmax);
-            if q != w.codes[j] {
-                let nv = value(w, j, q);
-                axpy(&mut w.r, (nv - v) * stats.sd[j], stats.x(j));
-                w.codes[j] = q;
-                moved += 1;
-            }
+            accumulate(&stats.x, t, j0, &g.chunk.change[..m], &mut g.r);
         }
-        if moved == 0 {
+        if !moved {
             break;
         }
     }
@@ -519,6 +793,45 @@ mod tests {
             }
             let a: f64 = xj.iter().zip(pj).map(|(a, b)| *a as f64 * *b as f64).sum();
             assert!((gain[j] as f64 - 1.0 - a).abs() < 1e-3);
+        }
+    }
+
+    /// Rows share a group only for speed: each lane must compute exactly what the row would
+    /// alone (a lane mixup or a leak between lanes changes some row's bytes).
+    #[test]
+    fn rows_encode_the_same_alone_and_in_a_group() {
+        let (n, n_tok, rows) = (512, 96, LANES + 3);
+        let mut seed = 11;
+        let tokens: Vec<f32> = (0..n_tok * n).map(|_| lcg(&mut seed)).collect();
+        let stats = InputStats::new(n, &tokens, DEFAULT_DAMP, DEFAULT_DAMP_DIAG, 32);
+        for ty in [
+            GgmlType::Q4_K,
+            GgmlType::Q6_K,
+            GgmlType::Q4_1,
+            GgmlType::Q8_0,
+        ] {
+            let row_bytes = n / ty.block_size() * ty.type_size();
+            let base_w: Vec<f32> = (0..rows * n).map(|_| lcg(&mut seed)).collect();
+            let mut base = vec![0u8; rows * row_bytes];
+            for (w, b) in base_w.chunks(n).zip(base.chunks_mut(row_bytes)) {
+                quantize_row(ty, w, b, None).unwrap();
+            }
+            // A small delta on the base, as an adapter makes.
+            let exact: Vec<f32> = base_w.iter().map(|w| w + 0.02 * lcg(&mut seed)).collect();
+            let mut together = vec![0u8; rows * row_bytes];
+            encode_rows(ty, &stats, &exact, Some(&base), &mut together).unwrap();
+            for r in 0..rows {
+                let mut alone = vec![0u8; row_bytes];
+                let (w, b) = (
+                    &exact[r * n..(r + 1) * n],
+                    &base[r * row_bytes..(r + 1) * row_bytes],
+                );
+                encode_rows(ty, &stats, w, Some(b), &mut alone).unwrap();
+                assert!(
+                    alone == together[r * row_bytes..(r + 1) * row_bytes],
+                    "{ty:?} row {r} differs alone and in a group"
+                );
+            }
         }
     }
 

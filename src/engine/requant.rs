@@ -74,6 +74,15 @@ impl Requant<'_> {
         }
     }
 
+    /// Rows worth handing to [`Requant::encode`] at once: the preserving sweep runs
+    /// [`preserve::LANES`] rows side by side.
+    pub fn rows_together(&self) -> usize {
+        match self {
+            Requant::Nearest { .. } => 1,
+            Requant::Preserve { .. } => preserve::LANES,
+        }
+    }
+
     /// Encodes `rows` as `ty` into `out` (whole rows of `ty`).
     pub fn encode(
         &self,

@@ -477,7 +477,7 @@ pub fn merge_tensor(
     let ops = load_ops(p, name)?;
     let n = p.n_cols;
     let out_row = row_bytes(p.ty_out, n)?;
-    let rows_per_block = (BLOCK_ELEMS / n.max(1)).max(1);
+    let rows_per_block = (BLOCK_ELEMS / n.max(1)).max(p.requant.rows_together());
     out.clear();
     out.resize(p.n_rows * out_row, 0);
     let sums = out
