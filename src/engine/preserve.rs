@@ -31,9 +31,10 @@
 #![allow(clippy::needless_range_loop)]
 
 use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, Par};
+use faer::{Accum, Mat, MatMut, MatRef, Par};
 
 use crate::quant::grid::{has_grid, read_grid, write_codes, BlockGrid, MAX_BLOCK};
+use crate::quant::simd::{F32s, Mask};
 use crate::quant::{quantize_row, GgmlType};
 
 use super::EngineError;
@@ -183,15 +184,22 @@ impl InputStats {
         &self.x[j * self.t..(j + 1) * self.t]
     }
 
-    /// `Σ_j v_j·x_j` over the held-out tokens (`v·X_evalᵀ`, one value per token) into `out`.
+    /// Whole rows `v` (`n_cols` each) mapped through the held-out tokens: `out = v·X_evalᵀ`, one
+    /// row of `t_eval` values per row of `v` (a GEMM, sequential: callers run one per thread).
     pub fn project_eval(&self, v: &[f32], out: &mut [f32]) {
-        out.fill(0.0);
-        let te = self.t_eval;
-        for (j, &vj) in v.iter().enumerate() {
-            if vj != 0.0 {
-                axpy(out, vj, &self.eval[j * te..(j + 1) * te]);
-            }
+        let (n, te) = (self.n_cols, self.t_eval);
+        let rows = v.len() / n.max(1);
+        if rows == 0 || te == 0 {
+            return;
         }
+        matmul(
+            MatMut::from_row_major_slice_mut(&mut out[..rows * te], rows, te),
+            Accum::Replace,
+            MatRef::from_row_major_slice(&v[..rows * n], rows, n),
+            MatRef::from_row_major_slice(&self.eval, n, te),
+            1.0f32,
+            Par::Seq,
+        );
     }
 }
 
@@ -300,13 +308,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-#[inline(always)]
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (v, &u) in y.iter_mut().zip(x) {
-        *v += a * u;
-    }
-}
-
 /// Rows encoded side by side, one per lane. Each row's sweep is a serial chain (every rounding
 /// feeds the next column's target), but rows are independent: running `LANES` of them in step
 /// turns the chain's dot products into vector operations over rows.
@@ -317,8 +318,9 @@ pub const LANES: usize = 16;
 /// per chunk (matrix–vector products over independent columns) instead of once per column.
 const CHUNK: usize = 32;
 
+/// One value per lane (row), in memory. Codes are kept as floats too (small integers, exact), so
+/// that every lane operation is one vector instruction at every level.
 type Lanes = [f32; LANES];
-type Codes = [i32; LANES];
 
 /// Whether [`encode_rows`] handles `ty` (others are rounded to nearest by the caller).
 pub fn supports(ty: GgmlType) -> bool {
@@ -329,7 +331,7 @@ pub fn supports(ty: GgmlType) -> bool {
 struct GridLanes {
     scale: [Lanes; MAX_BLOCK],
     offset: [Lanes; MAX_BLOCK],
-    zero: Codes,
+    zero: Lanes,
 }
 
 impl GridLanes {
@@ -337,7 +339,7 @@ impl GridLanes {
         Box::new(GridLanes {
             scale: [[0.0; LANES]; MAX_BLOCK],
             offset: [[0.0; LANES]; MAX_BLOCK],
-            zero: [0; LANES],
+            zero: [0.0; LANES],
         })
     }
 
@@ -347,7 +349,7 @@ impl GridLanes {
             self.scale[i][r] = g.scale[i];
             self.offset[i][r] = g.offset[i];
         }
-        self.zero[r] = g.zero;
+        self.zero[r] = g.zero as f32;
     }
 
     /// Lane `r` (no row) decodes everything to zero.
@@ -356,7 +358,7 @@ impl GridLanes {
             self.scale[i][r] = 0.0;
             self.offset[i][r] = 0.0;
         }
-        self.zero[r] = 0;
+        self.zero[r] = 0.0;
     }
 }
 
@@ -373,10 +375,10 @@ struct GroupWork {
     /// The chosen grids and codes, per column (`zero` per block).
     scale: Vec<Lanes>,
     offset: Vec<Lanes>,
-    zero: Vec<Codes>,
-    codes: Vec<Codes>,
-    codes_fresh: Vec<Codes>,
-    codes_kept: Vec<Codes>,
+    zero: Vec<Lanes>,
+    codes: Vec<Lanes>,
+    codes_fresh: Vec<Lanes>,
+    codes_kept: Vec<Lanes>,
     fresh_grid: Box<GridLanes>,
     kept_grid: Box<GridLanes>,
     /// Each lane's freshly quantized block.
@@ -410,25 +412,25 @@ crate::quant::simd::simd_dispatch! {
         base: Option<&[u8]>,
         out: &mut [u8],
     ) -> Result<(), EngineError> {
-        encode_rows_impl(ty, stats, exact, base, out)
+        encode_rows_impl::<L::X16>(ty, stats, exact, base, out)
     }
 }
 
 #[inline(always)]
-fn encode_rows_impl(
+fn encode_rows_impl<V: F32s>(
     ty: GgmlType,
     stats: &InputStats,
     exact: &[f32],
     base: Option<&[u8]>,
     out: &mut [u8],
 ) -> Result<(), EngineError> {
+    debug_assert_eq!(V::LANES, LANES);
     let n = stats.n_cols;
     let bs = ty.block_size();
     let bb = ty.type_size();
     let row_bytes = n / bs * bb;
     let t = stats.t;
     let lanes_of = |len: usize| vec![[0f32; LANES]; len];
-    let codes_of = |len: usize| vec![[0i32; LANES]; len];
     let mut g = GroupWork {
         w: lanes_of(n),
         s: lanes_of(t),
@@ -437,10 +439,10 @@ fn encode_rows_impl(
         block_start: lanes_of(bs),
         scale: lanes_of(n),
         offset: lanes_of(n),
-        zero: codes_of(n / bs),
-        codes: codes_of(n),
-        codes_fresh: codes_of(bs),
-        codes_kept: codes_of(bs),
+        zero: lanes_of(n / bs),
+        codes: lanes_of(n),
+        codes_fresh: lanes_of(bs),
+        codes_kept: lanes_of(bs),
         fresh_grid: GridLanes::new(),
         kept_grid: GridLanes::new(),
         fresh_bytes: vec![0; LANES * bb],
@@ -473,7 +475,7 @@ fn encode_rows_impl(
             base.map(|b| &b[gi * LANES * row_bytes..gi * LANES * row_bytes + rows * row_bytes]);
         for blk in 0..n / bs {
             let c0 = blk * bs;
-            project(stats, c0, &g.s, &mut g.block_start);
+            project::<V>(stats, c0, &g.s, &mut g.block_start);
             // Option 1: a fresh grid per row, fitted by ggml's quantizer to the corrected targets
             // (weighted by the diagonal of H).
             for i in 0..bs {
@@ -494,13 +496,13 @@ fn encode_rows_impl(
                 qmax = g.block_grid.qmax;
             }
             g.s_fresh.copy_from_slice(&g.s);
-            let mut fresh_loss = [0f64; LANES];
-            sweep_block(
+            let mut fresh_loss = [0f32; LANES];
+            sweep_block::<V>(
                 stats,
                 c0,
                 bs,
                 &g.w,
-                (&g.fresh_grid, qmax),
+                (&g.fresh_grid, qmax as f32),
                 &g.block_start,
                 &mut g.s_fresh,
                 &mut g.codes_fresh,
@@ -508,64 +510,55 @@ fn encode_rows_impl(
                 &mut g.chunk,
             );
             // Option 2: the base's own grid, codes free to move.
-            let mut keep = [false; LANES];
-            if let Some(bg) = base_group {
-                for r in 0..LANES {
-                    if r >= rows {
-                        g.kept_grid.clear(r);
-                        continue;
-                    }
-                    let at = r * row_bytes + blk * bb;
-                    read_grid(ty, &bg[at..at + bb], &mut g.block_grid, &mut g.block_codes);
-                    g.kept_grid.set(r, &g.block_grid);
-                }
-                g.s_kept.copy_from_slice(&g.s);
-                let mut kept_loss = [0f64; LANES];
-                sweep_block(
-                    stats,
-                    c0,
-                    bs,
-                    &g.w,
-                    (&g.kept_grid, qmax),
-                    &g.block_start,
-                    &mut g.s_kept,
-                    &mut g.codes_kept,
-                    &mut kept_loss,
-                    &mut g.chunk,
-                );
+            let Some(bg) = base_group else {
+                take_block::<V>(&mut g, blk, bs, None);
                 for r in 0..rows {
-                    keep[r] = kept_loss[r] <= fresh_loss[r];
+                    let at = r * row_bytes + blk * bb;
+                    out_group[at..at + bb].copy_from_slice(&g.fresh_bytes[r * bb..(r + 1) * bb]);
                 }
-            }
-            // Each row takes the grid that added less loss: its bytes, codes and feedback.
-            for r in 0..rows {
-                let (grid, codes, s) = if keep[r] {
-                    (&*g.kept_grid, &g.codes_kept, &g.s_kept)
-                } else {
-                    (&*g.fresh_grid, &g.codes_fresh, &g.s_fresh)
-                };
-                for i in 0..bs {
-                    g.scale[c0 + i][r] = grid.scale[i][r];
-                    g.offset[c0 + i][r] = grid.offset[i][r];
-                    g.codes[c0 + i][r] = codes[i][r];
-                }
-                g.zero[blk][r] = grid.zero[r];
-                for k in 0..t {
-                    g.s[k][r] = s[k][r];
+                continue;
+            };
+            for r in 0..LANES {
+                if r >= rows {
+                    g.kept_grid.clear(r);
+                    continue;
                 }
                 let at = r * row_bytes + blk * bb;
+                read_grid(ty, &bg[at..at + bb], &mut g.block_grid, &mut g.block_codes);
+                g.kept_grid.set(r, &g.block_grid);
+            }
+            g.s_kept.copy_from_slice(&g.s);
+            let mut kept_loss = [0f32; LANES];
+            sweep_block::<V>(
+                stats,
+                c0,
+                bs,
+                &g.w,
+                (&g.kept_grid, qmax as f32),
+                &g.block_start,
+                &mut g.s_kept,
+                &mut g.codes_kept,
+                &mut kept_loss,
+                &mut g.chunk,
+            );
+            // Each row takes the grid that added less loss: its bytes, codes and feedback.
+            let keep = V::load(&kept_loss).le(V::load(&fresh_loss));
+            take_block::<V>(&mut g, blk, bs, Some(keep));
+            for r in 0..rows {
+                let at = r * row_bytes + blk * bb;
                 let block_out = &mut out_group[at..at + bb];
-                match base_group {
-                    Some(bg) if keep[r] => block_out.copy_from_slice(&bg[at..at + bb]),
-                    _ => block_out.copy_from_slice(&g.fresh_bytes[r * bb..(r + 1) * bb]),
+                if kept_loss[r] <= fresh_loss[r] {
+                    block_out.copy_from_slice(&bg[at..at + bb]);
+                } else {
+                    block_out.copy_from_slice(&g.fresh_bytes[r * bb..(r + 1) * bb]);
                 }
             }
         }
-        refine(stats, bs, qmax, &mut g);
+        refine::<V>(stats, bs, qmax as f32, &mut g);
         for r in 0..rows {
             for blk in 0..n / bs {
                 for i in 0..bs {
-                    g.block_codes[i] = g.codes[blk * bs + i][r];
+                    g.block_codes[i] = g.codes[blk * bs + i][r] as i32;
                 }
                 let at = r * row_bytes + blk * bb;
                 write_codes(ty, &mut out_group[at..at + bb], &g.block_codes[..bs]);
@@ -575,71 +568,93 @@ fn encode_rows_impl(
     Ok(())
 }
 
+/// The block `blk` takes, lane by lane, the kept grid's codes and feedback where `keep` is set and
+/// the fresh grid's elsewhere (everywhere without a kept grid).
+#[inline(always)]
+fn take_block<V: F32s>(g: &mut GroupWork, blk: usize, bs: usize, keep: Option<V::Mask>) {
+    let c0 = blk * bs;
+    let pick = |kept: &Lanes, fresh: &Lanes, out: &mut Lanes| match keep {
+        Some(m) => V::select(m, V::load(kept), V::load(fresh)).store(out),
+        None => *out = *fresh,
+    };
+    for i in 0..bs {
+        let (kept, fresh) = (&*g.kept_grid, &*g.fresh_grid);
+        pick(&kept.scale[i], &fresh.scale[i], &mut g.scale[c0 + i]);
+        pick(&kept.offset[i], &fresh.offset[i], &mut g.offset[c0 + i]);
+        pick(&g.codes_kept[i], &g.codes_fresh[i], &mut g.codes[c0 + i]);
+    }
+    pick(&g.kept_grid.zero, &g.fresh_grid.zero, &mut g.zero[blk]);
+    for k in 0..g.s.len() {
+        pick(&g.s_kept[k], &g.s_fresh[k], &mut g.s[k]);
+    }
+}
+
 /// `out[i] = x̃_{j0+i}·v[·]` for every lane: the projections of each row's `t`-vector on the
 /// columns from `j0` (independent dot products, so they overlap in the pipeline).
 #[inline(always)]
-fn project(stats: &InputStats, j0: usize, v: &[Lanes], out: &mut [Lanes]) {
+fn project<V: F32s>(stats: &InputStats, j0: usize, v: &[Lanes], out: &mut [Lanes]) {
     let t = stats.t;
+    let v = &v[..t];
     for (i, o) in out.iter_mut().enumerate() {
         let x = stats.x(j0 + i);
-        let mut acc = [[0f32; LANES]; 4];
+        let zero = V::splat(0.0);
+        let (mut a0, mut a1, mut a2, mut a3) = (zero, zero, zero, zero);
         let mut k = 0;
         while k + 4 <= t {
-            for u in 0..4 {
-                let xv = x[k + u];
-                for r in 0..LANES {
-                    acc[u][r] += xv * v[k + u][r];
-                }
-            }
+            a0 = a0 + V::splat(x[k]) * V::load(&v[k]);
+            a1 = a1 + V::splat(x[k + 1]) * V::load(&v[k + 1]);
+            a2 = a2 + V::splat(x[k + 2]) * V::load(&v[k + 2]);
+            a3 = a3 + V::splat(x[k + 3]) * V::load(&v[k + 3]);
             k += 4;
         }
         while k < t {
-            for r in 0..LANES {
-                acc[0][r] += x[k] * v[k][r];
-            }
+            a0 = a0 + V::splat(x[k]) * V::load(&v[k]);
             k += 1;
         }
-        for r in 0..LANES {
-            o[r] = (acc[0][r] + acc[1][r]) + (acc[2][r] + acc[3][r]);
-        }
+        ((a0 + a1) + (a2 + a3)).store(o);
     }
 }
 
 /// `v[k] += Σ_i change[i]·cols[(j0 + i)·t + k]` for every lane: each row's `t`-vector moved by
 /// the changes of the columns from `j0` (`cols`: the stats' `x` or `p`, channel-major).
 #[inline(always)]
-fn accumulate(cols: &[f32], t: usize, j0: usize, change: &[Lanes], v: &mut [Lanes]) {
-    // Two sums in flight per `k` (named, so they stay in registers).
+fn accumulate<V: F32s>(cols: &[f32], t: usize, j0: usize, change: &[Lanes], v: &mut [Lanes]) {
+    // Two sums in flight per `k`.
     let pairs = change.len() / 2;
     for (k, vk) in v.iter_mut().enumerate() {
-        let (mut even, mut odd) = (*vk, [0f32; LANES]);
+        let (mut even, mut odd) = (V::load(vk), V::splat(0.0));
         for i in 0..pairs {
             let (a, b) = (2 * i, 2 * i + 1);
-            let (ya, yb) = (cols[(j0 + a) * t + k], cols[(j0 + b) * t + k]);
-            for r in 0..LANES {
-                even[r] += ya * change[a][r];
-                odd[r] += yb * change[b][r];
-            }
+            even = even + V::splat(cols[(j0 + a) * t + k]) * V::load(&change[a]);
+            odd = odd + V::splat(cols[(j0 + b) * t + k]) * V::load(&change[b]);
         }
         if change.len() % 2 == 1 {
             let a = change.len() - 1;
-            let ya = cols[(j0 + a) * t + k];
-            for r in 0..LANES {
-                even[r] += ya * change[a][r];
-            }
+            even = even + V::splat(cols[(j0 + a) * t + k]) * V::load(&change[a]);
         }
-        for r in 0..LANES {
-            vk[r] = even[r] + odd[r];
-        }
+        (even + odd).store(vk);
     }
 }
 
-/// The code whose value is nearest `v` (as [`BlockGrid::nearest`], written branch-free for lanes).
+/// `corr[k] += coupling[k]·change` for the chunk's columns after `i`: how one column's rounding
+/// moves the targets of the rest of its chunk.
 #[inline(always)]
-fn nearest(scale: f32, offset: f32, zero: i32, qmax: i32, v: f32) -> i32 {
-    let usable = scale != 0.0 && scale.is_finite();
-    let q = ((v - offset) / scale).round() as i32 + zero;
-    (if usable { q } else { zero }).clamp(0, qmax)
+fn couple<V: F32s>(coupling: &[f32], i: usize, m: usize, change: V, corr: &mut [Lanes; CHUNK]) {
+    for k in i + 1..m {
+        (V::load(&corr[k]) + V::splat(coupling[k]) * change).store(&mut corr[k]);
+    }
+}
+
+/// The code whose value is nearest `v` on each lane's grid (`scale·(q − zero) + offset`, `q` in
+/// `0..=qmax`), or `fallback` where the grid has no usable scale (as [`BlockGrid::nearest`], ties
+/// to even).
+#[inline(always)]
+fn nearest<V: F32s>(scale: V, offset: V, zero: V, qmax: V, v: V, fallback: V) -> V {
+    let usable = scale.ne(V::splat(0.0)) & scale.abs().lt(V::splat(f32::INFINITY));
+    let q = (((v - offset) / scale).round_ne() + zero)
+        .max_c(V::splat(0.0))
+        .min_c(qmax);
+    V::select(usable, q, fallback)
 }
 
 /// Rounds the block at `c0` (`len` columns) on `grid`, column by column with error feedback into
@@ -647,108 +662,111 @@ fn nearest(scale: f32, offset: f32, zero: i32, qmax: i32, v: f32) -> i32 {
 /// the common factor λ) to `loss`, and leaves the codes in `codes`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn sweep_block(
+fn sweep_block<V: F32s>(
     stats: &InputStats,
     c0: usize,
     len: usize,
     w: &[Lanes],
-    (grid, qmax): (&GridLanes, i32),
+    (grid, qmax): (&GridLanes, f32),
     start: &[Lanes],
     s: &mut [Lanes],
-    codes: &mut [Codes],
-    loss: &mut [f64; LANES],
+    codes: &mut [Lanes],
+    loss: &mut Lanes,
     cw: &mut ChunkWork,
 ) {
+    let (zero, qmax) = (V::load(&grid.zero), V::splat(qmax));
+    let mut total = V::load(loss);
     for ch in (0..len).step_by(CHUNK) {
         let m = CHUNK.min(len - ch);
         let j0 = c0 + ch;
         if ch == 0 {
             cw.base[..m].copy_from_slice(&start[..m]);
         } else {
-            project(stats, j0, s, &mut cw.base[..m]);
+            project::<V>(stats, j0, s, &mut cw.base[..m]);
         }
         cw.corr = [[0.0; LANES]; CHUNK];
         for i in 0..m {
             let (j, e) = (j0 + i, ch + i);
-            let sd = stats.sd[j];
-            let weight = stats.gain[j] as f64 * stats.damp[j] as f64;
-            let mut change = [0f32; LANES];
-            for r in 0..LANES {
-                let target = w[j][r] + (cw.base[i][r] + cw.corr[i][r]) / sd;
-                let (sc, off, zero) = (grid.scale[e][r], grid.offset[e][r], grid.zero[r]);
-                let q = nearest(sc, off, zero, qmax, target);
-                codes[e][r] = q;
-                let err = target - (sc * (q - zero) as f32 + off);
-                loss[r] += weight * (err as f64) * (err as f64);
-                change[r] = err * sd;
-            }
-            let coupling = &stats.gp[j * CHUNK..(j + 1) * CHUNK];
-            for k in i + 1..m {
-                for r in 0..LANES {
-                    cw.corr[k][r] += coupling[k] * change[r];
-                }
-            }
-            cw.change[i] = change;
+            let sd = V::splat(stats.sd[j]);
+            let weight = V::splat(stats.gain[j] * stats.damp[j]);
+            let target = V::load(&w[j]) + (V::load(&cw.base[i]) + V::load(&cw.corr[i])) / sd;
+            let (sc, off) = (V::load(&grid.scale[e]), V::load(&grid.offset[e]));
+            let q = nearest(sc, off, zero, qmax, target, zero);
+            q.store(&mut codes[e]);
+            let err = target - (sc * (q - zero) + off);
+            total = total + weight * (err * err);
+            let change = err * sd;
+            couple(
+                &stats.gp[j * CHUNK..(j + 1) * CHUNK],
+                i,
+                m,
+                change,
+                &mut cw.corr,
+            );
+            change.store(&mut cw.change[i]);
         }
-        accumulate(&stats.p, stats.t, j0, &cw.change[..m], s);
+        accumulate::<V>(&stats.p, stats.t, j0, &cw.change[..m], s);
     }
+    total.store(loss);
 }
 
 /// Coordinate descent on `‖X(q − w′)‖² + λ‖q − w′‖²` over the chosen grids, every lane: each
 /// weight in turn moves to the grid point nearest its exact 1-D minimizer.
 #[inline(always)]
-fn refine(stats: &InputStats, bs: usize, qmax: i32, g: &mut GroupWork) {
+fn refine<V: F32s>(stats: &InputStats, bs: usize, qmax: f32, g: &mut GroupWork) {
     let n = stats.n_cols;
     let t = stats.t;
-    let value = |g: &GroupWork, j: usize, r: usize, q: i32| {
-        g.scale[j][r] * (q - g.zero[j / bs][r]) as f32 + g.offset[j][r]
+    let qmax = V::splat(qmax);
+    // The grid at column `j`: scale, offset and zero, and the value of code `q` on it.
+    let grid = |g: &GroupWork, j: usize| {
+        (
+            V::load(&g.scale[j]),
+            V::load(&g.offset[j]),
+            V::load(&g.zero[j / bs]),
+        )
     };
+    let value = |(sc, off, zero): (V, V, V), q: V| sc * (q - zero) + off;
     // r = X(q − w′) over the fit tokens, kept in the scaled basis: r = Σ_j x̃_j·√D_j·(q_j − w′_j).
     g.r.iter_mut().for_each(|v| *v = [0.0; LANES]);
     for j0 in (0..n).step_by(CHUNK) {
         let m = CHUNK.min(n - j0);
         for i in 0..m {
             let j = j0 + i;
-            for r in 0..LANES {
-                g.chunk.change[i][r] = (value(g, j, r, g.codes[j][r]) - g.w[j][r]) * stats.sd[j];
-            }
+            let v = value(grid(g, j), V::load(&g.codes[j]));
+            ((v - V::load(&g.w[j])) * V::splat(stats.sd[j])).store(&mut g.chunk.change[i]);
         }
-        accumulate(&stats.x, t, j0, &g.chunk.change[..m], &mut g.r);
+        accumulate::<V>(&stats.x, t, j0, &g.chunk.change[..m], &mut g.r);
     }
     for _ in 0..CD_SWEEPS {
         let mut moved = false;
         for j0 in (0..n).step_by(CHUNK) {
             let m = CHUNK.min(n - j0);
-            project(stats, j0, &g.r, &mut g.chunk.base[..m]);
+            project::<V>(stats, j0, &g.r, &mut g.chunk.base[..m]);
             g.chunk.corr = [[0.0; LANES]; CHUNK];
             for i in 0..m {
                 let j = j0 + i;
-                let (sd, damp) = (stats.sd[j], stats.damp[j]);
-                let curvature = stats.sq[j] + damp;
-                let mut change = [0f32; LANES];
-                for r in 0..LANES {
-                    let (sc, off, zero) = (g.scale[j][r], g.offset[j][r], g.zero[j / bs][r]);
-                    let old = g.codes[j][r];
-                    let v = value(g, j, r, old);
-                    let grad =
-                        (g.chunk.base[i][r] + g.chunk.corr[i][r]) * sd + damp * (v - g.w[j][r]);
-                    let best = v - grad / curvature;
-                    let usable = sc != 0.0 && sc.is_finite();
-                    let q = (((best - off) / sc).round() as i32 + zero).clamp(0, qmax);
-                    let q = if usable { q } else { old };
-                    g.codes[j][r] = q;
-                    moved |= q != old;
-                    change[r] = (value(g, j, r, q) - v) * sd;
-                }
-                let coupling = &stats.gx[j * CHUNK..(j + 1) * CHUNK];
-                for k in i + 1..m {
-                    for r in 0..LANES {
-                        g.chunk.corr[k][r] += coupling[k] * change[r];
-                    }
-                }
-                g.chunk.change[i] = change;
+                let (sd, damp) = (V::splat(stats.sd[j]), V::splat(stats.damp[j]));
+                let curvature = V::splat(stats.sq[j] + stats.damp[j]);
+                let gj = grid(g, j);
+                let old = V::load(&g.codes[j]);
+                let v = value(gj, old);
+                let residual = V::load(&g.chunk.base[i]) + V::load(&g.chunk.corr[i]);
+                let grad = residual * sd + damp * (v - V::load(&g.w[j]));
+                let best = v - grad / curvature;
+                let q = nearest(gj.0, gj.1, gj.2, qmax, best, old);
+                q.store(&mut g.codes[j]);
+                moved |= q.ne(old).any();
+                let change = (value(gj, q) - v) * sd;
+                couple(
+                    &stats.gx[j * CHUNK..(j + 1) * CHUNK],
+                    i,
+                    m,
+                    change,
+                    &mut g.chunk.corr,
+                );
+                change.store(&mut g.chunk.change[i]);
             }
-            accumulate(&stats.x, t, j0, &g.chunk.change[..m], &mut g.r);
+            accumulate::<V>(&stats.x, t, j0, &g.chunk.change[..m], &mut g.r);
         }
         if !moved {
             break;

@@ -173,6 +173,9 @@ pub(crate) trait Level {
     type X1: F32s;
     /// Two registers side by side: twice the lanes, two dependency chains in flight.
     type X2: F32s;
+    /// Sixteen lanes at every level (one AVX-512 register, two AVX or portable ones): for bodies
+    /// whose lane count is fixed by their data layout rather than by the register width.
+    type X16: F32s;
 }
 
 /// The portable level: lanes are plain arrays, vectorized by the compiler for the baseline target.
@@ -181,6 +184,7 @@ pub(crate) struct Portable;
 impl Level for Portable {
     type X1 = P8;
     type X2 = Pair<P8>;
+    type X16 = Pair<P8>;
 }
 
 // ------------------------------------ portable lanes ------------------------------------
@@ -575,6 +579,7 @@ mod x86 {
     impl Level for Avx2 {
         type X1 = Ymm;
         type X2 = Pair<Ymm>;
+        type X16 = Pair<Ymm>;
     }
 
     /// The AVX-512 level.
@@ -583,6 +588,7 @@ mod x86 {
     impl Level for Avx512 {
         type X1 = Zmm;
         type X2 = Pair<Zmm>;
+        type X16 = Zmm;
     }
 
     /// Eight lanes in an AVX register.
