@@ -2,8 +2,9 @@
 //!
 //! Before the merge streams, each touched tensor's planned type and the larger types that could
 //! replace it (Q5_K, Q6_K, Q8_0, or the `--promote` type, each after fallbacks) are tried on a sample
-//! of its rows (`MergeOptions::sample_rows`, spread evenly): merge those rows exactly in f32,
-//! quantize, dequantize, and compare. The sample keeps this pass a small fraction of the merge's
+//! of its rows (`MergeOptions::sample_rows`, spread evenly in runs of the rows its requantization
+//! encodes together, see [`sample_runs`]): merge those rows exactly in f32, quantize, dequantize,
+//! and compare. The sample keeps this pass a small fraction of the merge's
 //! work while giving each type's error to a few percent; the report's per-tensor error for the type
 //! finally written is then measured on every row during the merge itself.
 //!
@@ -27,7 +28,7 @@ use crate::quant::GgmlType;
 use super::plan::{retarget, TensorPlan};
 use super::report::Kept;
 use super::stream::KeptSums;
-use super::stream::{sample_errors, sample_rows};
+use super::stream::{sample_errors, sample_runs};
 use super::types::{bits_per_weight, fit_type};
 use super::{CandidateReport, EngineError, InputTensor, MergeOptions, Promote};
 
@@ -58,9 +59,9 @@ pub fn measure_candidates(
             }
         }
         types.sort_by(|a, b| bits_per_weight(*a).total_cmp(&bits_per_weight(*b)));
-        let rows = sample_rows(p.n_rows, opts.sample_rows);
+        let runs = sample_runs(p.n_rows, opts.sample_rows, p.requant.rows_together());
         let t = &base[p.index];
-        let sums = sample_errors(p, &t.name, t.data, &rows, &types)?;
+        let sums = sample_errors(p, &t.name, t.data, &runs, &types)?;
         // The sampled rows are spread over the whole tensor, so readahead brought in nearly all of
         // its pages: drop them now, or every touched tensor stays resident until it is written
         // (7B-shaped nearest merge: peak RSS 998 MiB, almost all of it the base's file pages).

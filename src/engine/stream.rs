@@ -408,7 +408,7 @@ fn requantize_and_measure(
     let stats = requant
         .stats()
         .filter(|s| s.n_cols == rows.n_cols && s.t_eval > 0);
-    let (weights, outputs) = fidelity(rows, back, stats, m);
+    let (weights, outputs) = fidelity(rows, back, stats, m, false);
     let mut s = ErrorSums {
         n: rows.exact.len() as u64,
         weights,
@@ -422,7 +422,7 @@ fn requantize_and_measure(
         near_back.resize(rows.exact.len(), 0.0);
         Requant::default().encode(ty, rows, &mut near_bytes)?;
         codec::dequantize(ty, &near_bytes, &mut near_back, rows.n_cols)?;
-        let (w, o) = fidelity(rows, &near_back, stats, m);
+        let (w, o) = fidelity(rows, &near_back, stats, m, true);
         s.nearest_weights = Some(w);
         s.nearest_outputs = stats.map(|_| o);
         m.near_bytes = near_bytes;
@@ -433,12 +433,15 @@ fn requantize_and_measure(
 }
 
 /// Weight- and output-space sums of the requantized rows `back` against `rows` (output space only
-/// with `stats`: each row's change and error mapped through the held-out calibration tokens).
+/// with `stats`: the rows' change and error mapped through the held-out calibration tokens).
+/// `delta_projected`: `m.pd` already holds the change's projection for these rows (it does not
+/// depend on the requantization).
 fn fidelity(
     rows: &RowBlock<'_>,
     back: &[f32],
     stats: Option<&InputStats>,
     m: &mut MeasureBuffers,
+    delta_projected: bool,
 ) -> (KeptSums, KeptSums) {
     let n = rows.n_cols;
     let (mut weights, mut outputs) = (KeptSums::default(), KeptSums::default());
@@ -448,19 +451,21 @@ fn fidelity(
         .zip(rows.base.chunks_exact(n))
     {
         weights.push_row(q, x, b);
-        if let Some(st) = stats {
-            m.d.resize(n, 0.0);
-            m.e.resize(n, 0.0);
-            for i in 0..n {
-                m.d[i] = x[i] - b[i];
-                m.e[i] = q[i] - x[i];
-            }
-            m.pd.resize(st.t_eval, 0.0);
-            m.pe.resize(st.t_eval, 0.0);
+    }
+    if let Some(st) = stats {
+        let len = rows.exact.len();
+        let projected = len / n.max(1) * st.t_eval;
+        if !delta_projected {
+            m.d.clear();
+            m.d.extend(rows.exact.iter().zip(rows.base).map(|(x, b)| x - b));
+            m.pd.resize(projected, 0.0);
             st.project_eval(&m.d, &mut m.pd);
-            st.project_eval(&m.e, &mut m.pe);
-            outputs.push(&m.pd, &m.pe);
         }
+        m.e.clear();
+        m.e.extend(back.iter().zip(rows.exact).map(|(q, x)| q - x));
+        m.pe.resize(projected, 0.0);
+        st.project_eval(&m.e, &mut m.pe);
+        outputs.push(&m.pd, &m.pe);
     }
     (weights, outputs)
 }
@@ -511,30 +516,43 @@ pub fn merge_tensor(
     Ok((out, sums))
 }
 
-/// Rows at which candidate types are tried: `count` rows spread evenly (all rows if fewer).
-pub fn sample_rows(n_rows: usize, count: usize) -> Vec<usize> {
+/// The rows candidate types are tried on, as `(first row, rows)`: about `count` rows spread evenly
+/// over the tensor (all rows if fewer) in runs of `run` consecutive rows, the rows its
+/// requantization encodes together ([`Requant::rows_together`]), so that a sampled row costs what
+/// it costs in the stream.
+pub fn sample_runs(n_rows: usize, count: usize, run: usize) -> Vec<(usize, usize)> {
+    let run = run.clamp(1, count.max(1));
     if n_rows <= count {
-        return (0..n_rows).collect();
+        return (0..n_rows)
+            .step_by(run)
+            .map(|r| (r, run.min(n_rows - r)))
+            .collect();
     }
-    (0..count).map(|i| i * n_rows / count).collect()
+    let n_runs = count.div_ceil(run);
+    (0..n_runs)
+        .map(|i| {
+            let start = i * n_rows / n_runs;
+            (start, run.min(n_rows - start))
+        })
+        .collect()
 }
 
-/// Error sums of writing this tensor as each of `types`, measured on the sampled rows only.
+/// Error sums of writing this tensor as each of `types`, measured on the sampled runs of rows only.
 pub fn sample_errors(
     p: &TensorPlan<'_>,
     name: &str,
     data: &[u8],
-    rows: &[usize],
+    runs: &[(usize, usize)],
     types: &[GgmlType],
 ) -> Result<Vec<ErrorSums>, EngineError> {
     let ops = load_ops(p, name)?;
     let n = p.n_cols;
     let discard = Phases::default();
-    let per_row: Vec<Vec<ErrorSums>> = rows
+    let per_run: Vec<Vec<ErrorSums>> = runs
         .par_iter()
-        .map(|&r| {
+        .map(|&(r0, rows)| {
             with_buffers(|b| {
-                merged_rows(p, &ops, data, r, 1, b, &discard)?;
+                merged_rows(p, &ops, data, r0, rows, b, &discard)?;
                 let Buffers {
                     base,
                     merged,
@@ -550,12 +568,12 @@ pub fn sample_errors(
                         let block = RowBlock {
                             exact: exact(p, base, merged),
                             base,
-                            r0: r,
+                            r0,
                             n_cols: n,
                             base_bytes: (ty == p.ty_in)
-                                .then(|| &data[r * in_row..(r + 1) * in_row]),
+                                .then(|| &data[r0 * in_row..(r0 + rows) * in_row]),
                         };
-                        out.resize(row_bytes(ty, n)?, 0);
+                        out.resize(row_bytes(ty, n)? * rows, 0);
                         requantize_and_measure(ty, &p.requant, &block, out, back, measure, &discard)
                     })
                     .collect::<Result<Vec<_>, _>>()
@@ -563,8 +581,8 @@ pub fn sample_errors(
         })
         .collect::<Result<_, _>>()?;
     let mut total = vec![ErrorSums::default(); types.len()];
-    for row in per_row {
-        for (t, s) in total.iter_mut().zip(row) {
+    for run in per_run {
+        for (t, s) in total.iter_mut().zip(run) {
             *t = t.add(s);
         }
     }
