@@ -3,7 +3,12 @@
 //! `y[t][o] = Σᵢ W[o][i]·x[t][i]` for the K tokens of a check. Weights are never decoded whole: each
 //! rayon task decodes a block of W's rows into a reused buffer and dots it with every token, so memory
 //! stays at (threads × block) floats however large W is, and each weight is decoded once per product.
+//! With many tokens (calibration runs hundreds at once) each block's product is a GEMM (faer,
+//! register-blocked); with a few (a check's prompt) a row-by-token dot kernel, which needs no
+//! packing.
 
+use faer::linalg::matmul::matmul as gemm;
+use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 use super::error::{Result, VerifyError};
@@ -33,11 +38,18 @@ impl Operand<'_> {
     }
 }
 
-/// Rows of W decoded per task: large enough to amortize task overhead, small enough to stay in cache
-/// and to give every core work on narrow matrices.
-fn block_rows(n_out: usize, n_in: usize) -> usize {
-    let by_cache = (256 * 1024 / 4 / n_in.max(1)).max(1);
+/// Tokens from which a block's product goes through the GEMM.
+const GEMM_TOKENS: usize = 16;
+
+/// Rows of W decoded per task: large enough to amortize task overhead (and, for the GEMM, its
+/// packing of the tokens), small enough to give every core work on narrow matrices; for the dot
+/// kernel also small enough to stay in cache.
+fn block_rows(n_out: usize, n_in: usize, n_tok: usize) -> usize {
     let by_balance = n_out.div_ceil(4 * rayon::current_num_threads()).max(1);
+    if n_tok >= GEMM_TOKENS {
+        return by_balance.clamp(1, 256);
+    }
+    let by_cache = (256 * 1024 / 4 / n_in.max(1)).max(1);
     by_cache.min(by_balance).clamp(1, 256)
 }
 
@@ -54,7 +66,7 @@ pub fn matmul(w: &Operand, x: &[f32], n_tok: usize) -> Result<Vec<f32>> {
     if let Operand::Tensor(t) = w {
         t.check_size()?;
     }
-    let rows_per_block = block_rows(n_out, n_in);
+    let rows_per_block = block_rows(n_out, n_in, n_tok);
     // Output transposed ([n_out][n_tok]) so that each block writes one contiguous chunk.
     let mut yt = vec![0f32; n_out * n_tok];
     yt.par_chunks_mut(rows_per_block * n_tok.max(1))
@@ -84,6 +96,18 @@ pub fn matmul(w: &Operand, x: &[f32], n_tok: usize) -> Result<Vec<f32>> {
 
 /// `out[r][t] = dot(w[r], x[t])` for a block of rows.
 fn dot_block(w: &[f32], n_rows: usize, x: &[f32], n_tok: usize, n_in: usize, out: &mut [f32]) {
+    if n_tok >= GEMM_TOKENS {
+        // Sequential: the blocks already run one per core.
+        gemm(
+            MatMut::from_row_major_slice_mut(&mut out[..n_rows * n_tok], n_rows, n_tok),
+            Accum::Replace,
+            MatRef::from_row_major_slice(&w[..n_rows * n_in], n_rows, n_in),
+            MatRef::from_row_major_slice(&x[..n_tok * n_in], n_tok, n_in).transpose(),
+            1.0f32,
+            Par::Seq,
+        );
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
@@ -232,7 +256,14 @@ mod tests {
 
     #[test]
     fn matmul_matches_naive_products() {
-        let (n_in, n_out, n_tok) = (37, 301, 6);
+        // A few tokens (the dot kernel) and many (the GEMM).
+        for n_tok in [6, GEMM_TOKENS + 3] {
+            matmul_matches_naive_products_at(n_tok);
+        }
+    }
+
+    fn matmul_matches_naive_products_at(n_tok: usize) {
+        let (n_in, n_out) = (37, 301);
         let w: Vec<f32> = (0..n_in * n_out)
             .map(|i| ((i * 7919) % 97) as f32 / 50.0 - 1.0)
             .collect();
