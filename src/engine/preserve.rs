@@ -50,7 +50,8 @@ pub const DEFAULT_DAMP_DIAG: f32 = 0.1;
 /// 448 fit tokens of the default 512 (llama.cpp judging, `scripts/bench-merge-quality.sh`): gemma3
 /// Q4_K_M + rank-16 adapter, held-out KL 0.049 at 64 (0.052 at 32 and at 128, 0.055 at all) and
 /// 23 s instead of 34 s wall; SmolLM2 facts, 0.917 of the facts either way, held-out KL 0.096
-/// against 0.084.
+/// against 0.084 (measured when the rank was chosen; the vector-lane sweep's float order gives
+/// 0.052 and 0.095 at 64 on today's fixtures, README's table).
 pub const DEFAULT_RANK: usize = 64;
 
 /// Columns per Sherman–Morrison block: the rank of each GEMM update of `M⁻¹`.
