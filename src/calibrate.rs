@@ -283,7 +283,7 @@ pub fn record_inputs<T: Recorded>(
     for (a, scale) in adapters {
         lora.add_adapter(a, *scale)?;
     }
-    let forward = Model::new(model)?.releasing_weights();
+    let forward = Model::new(model)?.releasing_weights().batched_products();
     let recorder = Recorder {
         wanted: targets,
         total_tokens: tokens.len(),

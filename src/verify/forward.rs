@@ -21,7 +21,7 @@
 use super::error::{ModelProblem, Result, VerifyError};
 use super::hparams::HParams;
 use super::lora::{RuntimeLora, TOKEN_EMBD};
-use super::matmul::{matmul, Operand};
+use super::matmul::{matmul, matmul_batched, Operand};
 use super::ops::{apply_rope, attention, gelu_ggml, rms_norm, silu, KvRows};
 use super::source::{TensorRef, WeightSource};
 use crate::quant::vec_dot::{round_activations, vec_dot_type};
@@ -48,6 +48,8 @@ pub struct Model<'a> {
     /// Round activations as llama.cpp's CPU kernels do before each product (see
     /// [`Model::with_llama_cpp_activations`]).
     llama_cpp_activations: bool,
+    /// Weight products through the GEMM ([`matmul_batched`]): see [`Model::batched_products`].
+    batched: bool,
     /// Each layer's weights, by name prefix, released after each use (see
     /// [`Model::releasing_weights`]); empty when off.
     layer_tensors: Vec<Vec<String>>,
@@ -204,6 +206,7 @@ impl<'a> Model<'a> {
             src,
             hp,
             llama_cpp_activations: false,
+            batched: false,
             layer_tensors: Vec::new(),
         })
     }
@@ -235,6 +238,15 @@ impl<'a> Model<'a> {
         self
     }
 
+    /// Computes weight products with many tokens by GEMM ([`matmul_batched`]): several times
+    /// faster, to f32 accuracy, but a position's activations then depend on what it was batched
+    /// with, so KV-cache sessions no longer reproduce a full pass bit for bit. For calibration,
+    /// which runs each chunk once; verify keeps the default.
+    pub fn batched_products(mut self) -> Model<'a> {
+        self.batched = true;
+        self
+    }
+
     /// `W·x` with `x` rounded as llama.cpp would round it (when asked to).
     fn product(&self, w: TensorRef, x: &[f32], n_rows: usize) -> Result<Vec<f32>> {
         match vec_dot_type(w.ty).filter(|_| self.llama_cpp_activations) {
@@ -247,9 +259,17 @@ impl<'a> Model<'a> {
                     });
                 }
                 let xr = round_activations(ty, x, n_in)?;
-                matmul(&Operand::Tensor(w), &xr, n_rows)
+                self.weight_product(w, &xr, n_rows)
             }
-            None => matmul(&Operand::Tensor(w), x, n_rows),
+            None => self.weight_product(w, x, n_rows),
+        }
+    }
+
+    fn weight_product(&self, w: TensorRef, x: &[f32], n_rows: usize) -> Result<Vec<f32>> {
+        if self.batched {
+            matmul_batched(&Operand::Tensor(w), x, n_rows)
+        } else {
+            matmul(&Operand::Tensor(w), x, n_rows)
         }
     }
 

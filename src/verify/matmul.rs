@@ -3,11 +3,14 @@
 //! `y[t][o] = Σᵢ W[o][i]·x[t][i]` for the K tokens of a check. Weights are never decoded whole: each
 //! rayon task decodes a block of W's rows into a reused buffer and dots it with every token, so memory
 //! stays at (threads × block) floats however large W is, and each weight is decoded once per product.
-//! With many tokens (calibration runs hundreds at once) each block's product is a GEMM (faer,
-//! register-blocked); with a few (a check's prompt) a row-by-token dot kernel, which needs no
-//! packing.
+//!
+//! Two kernels. [`matmul`]: a row-by-token dot kernel, each output the same dot product whatever
+//! the number of tokens, so a position's result does not depend on what it is batched with (verify's
+//! KV-cache sessions rely on that, bit for bit). [`matmul_batched`]: with many tokens a GEMM per
+//! block (faer, register-blocked, several times faster), whose summation order depends on the
+//! shapes; for callers that only need the products to f32 accuracy (calibration's statistics).
 
-use faer::linalg::matmul::matmul as gemm;
+use faer::linalg::matmul::matmul as faer_matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
@@ -38,23 +41,34 @@ impl Operand<'_> {
     }
 }
 
-/// Tokens from which a block's product goes through the GEMM.
+/// Tokens from which [`matmul_batched`] uses the GEMM.
 const GEMM_TOKENS: usize = 16;
 
 /// Rows of W decoded per task: large enough to amortize task overhead (and, for the GEMM, its
 /// packing of the tokens), small enough to give every core work on narrow matrices; for the dot
 /// kernel also small enough to stay in cache.
-fn block_rows(n_out: usize, n_in: usize, n_tok: usize) -> usize {
+fn block_rows(n_out: usize, n_in: usize, gemm: bool) -> usize {
     let by_balance = n_out.div_ceil(4 * rayon::current_num_threads()).max(1);
-    if n_tok >= GEMM_TOKENS {
+    if gemm {
         return by_balance.clamp(1, 256);
     }
     let by_cache = (256 * 1024 / 4 / n_in.max(1)).max(1);
     by_cache.min(by_balance).clamp(1, 256)
 }
 
-/// `x` is `n_tok` rows of `w.n_in()` floats; returns `n_tok` rows of `w.n_out()` floats.
+/// `x` is `n_tok` rows of `w.n_in()` floats; returns `n_tok` rows of `w.n_out()` floats, each
+/// independent of the others (see the module doc).
 pub fn matmul(w: &Operand, x: &[f32], n_tok: usize) -> Result<Vec<f32>> {
+    product(w, x, n_tok, false)
+}
+
+/// [`matmul`] through a GEMM when there are many tokens: faster, to f32 accuracy, but a token's
+/// result depends on the batch's shape.
+pub fn matmul_batched(w: &Operand, x: &[f32], n_tok: usize) -> Result<Vec<f32>> {
+    product(w, x, n_tok, n_tok >= GEMM_TOKENS)
+}
+
+fn product(w: &Operand, x: &[f32], n_tok: usize, gemm: bool) -> Result<Vec<f32>> {
     let (n_in, n_out) = (w.n_in(), w.n_out());
     if x.len() != n_tok * n_in {
         return Err(VerifyError::Activation {
@@ -66,7 +80,7 @@ pub fn matmul(w: &Operand, x: &[f32], n_tok: usize) -> Result<Vec<f32>> {
     if let Operand::Tensor(t) = w {
         t.check_size()?;
     }
-    let rows_per_block = block_rows(n_out, n_in, n_tok);
+    let rows_per_block = block_rows(n_out, n_in, gemm);
     // Output transposed ([n_out][n_tok]) so that each block writes one contiguous chunk.
     let mut yt = vec![0f32; n_out * n_tok];
     yt.par_chunks_mut(rows_per_block * n_tok.max(1))
@@ -82,7 +96,7 @@ pub fn matmul(w: &Operand, x: &[f32], n_tok: usize) -> Result<Vec<f32>> {
                 }
                 Operand::F32 { rows, .. } => &rows[first * n_in..(first + n_rows) * n_in],
             };
-            dot_block(rows, n_rows, x, n_tok, n_in, out);
+            dot_block(rows, n_rows, x, n_tok, n_in, out, gemm);
             Ok(())
         })?;
     let mut y = vec![0f32; n_tok * n_out];
@@ -94,11 +108,19 @@ pub fn matmul(w: &Operand, x: &[f32], n_tok: usize) -> Result<Vec<f32>> {
     Ok(y)
 }
 
-/// `out[r][t] = dot(w[r], x[t])` for a block of rows.
-fn dot_block(w: &[f32], n_rows: usize, x: &[f32], n_tok: usize, n_in: usize, out: &mut [f32]) {
-    if n_tok >= GEMM_TOKENS {
+/// `out[r][t] = dot(w[r], x[t])` for a block of rows, by the GEMM when `gemm`.
+fn dot_block(
+    w: &[f32],
+    n_rows: usize,
+    x: &[f32],
+    n_tok: usize,
+    n_in: usize,
+    out: &mut [f32],
+    gemm: bool,
+) {
+    if gemm {
         // Sequential: the blocks already run one per core.
-        gemm(
+        faer_matmul(
             MatMut::from_row_major_slice_mut(&mut out[..n_rows * n_tok], n_rows, n_tok),
             Accum::Replace,
             MatRef::from_row_major_slice(&w[..n_rows * n_in], n_rows, n_in),
@@ -256,13 +278,15 @@ mod tests {
 
     #[test]
     fn matmul_matches_naive_products() {
-        // A few tokens (the dot kernel) and many (the GEMM).
+        // Both kernels, with a few tokens and with many.
         for n_tok in [6, GEMM_TOKENS + 3] {
-            matmul_matches_naive_products_at(n_tok);
+            for batched in [false, true] {
+                matmul_matches_naive_products_at(n_tok, batched);
+            }
         }
     }
 
-    fn matmul_matches_naive_products_at(n_tok: usize) {
+    fn matmul_matches_naive_products_at(n_tok: usize, batched: bool) {
         let (n_in, n_out) = (37, 301);
         let w: Vec<f32> = (0..n_in * n_out)
             .map(|i| ((i * 7919) % 97) as f32 / 50.0 - 1.0)
@@ -270,7 +294,8 @@ mod tests {
         let x: Vec<f32> = (0..n_in * n_tok)
             .map(|i| ((i * 31) % 13) as f32 / 7.0 - 0.9)
             .collect();
-        let y = matmul(&Operand::F32 { rows: &w, n_in }, &x, n_tok).unwrap();
+        let product = if batched { matmul_batched } else { matmul };
+        let y = product(&Operand::F32 { rows: &w, n_in }, &x, n_tok).unwrap();
         for t in 0..n_tok {
             for o in 0..n_out {
                 let want: f64 = (0..n_in)
