@@ -21,11 +21,6 @@ pub fn rms_norm(x: &[f32], width: usize, w: &[f32], eps: f32) -> Vec<f32> {
 }
 
 pub fn silu(x: f32) -> f32 {
-    // Below this `exp(-x)` overflows and the result is `x/∞ = -0`: said directly, because libm's
-    // overflow path is slow and large negative inputs are common (a random model's activations).
-    if x < -88.8 {
-        return -0.0;
-    }
     x / (1.0 + (-x).exp())
 }
 
@@ -168,9 +163,7 @@ pub fn attention(
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f64;
             for sc in scores.iter_mut() {
-                // exp underflows to exactly 0 below about -103.97; libm's underflow path is slow.
-                let d = *sc - max;
-                *sc = if d < -104.0 { 0.0 } else { d.exp() };
+                *sc = (*sc - max).exp();
                 sum += *sc as f64;
             }
             let inv = (1.0 / sum) as f32;
@@ -189,21 +182,6 @@ pub fn attention(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The shortcuts past exp's overflow and underflow give exactly what exp would.
-    #[test]
-    fn exp_shortcuts_change_no_bits() {
-        let mut x = -200.0f32;
-        while x < -80.0 {
-            assert_eq!(
-                silu(x).to_bits(),
-                (x / (1.0 + (-x).exp())).to_bits(),
-                "silu({x})"
-            );
-            x += 0.001;
-        }
-        assert_eq!((-104.0f32).exp(), 0.0);
-    }
 
     #[test]
     fn rope_keeps_norms_and_position_zero_is_identity() {
