@@ -138,6 +138,30 @@ struct Recorder<'w, T> {
     members: Mutex<Members>,
 }
 
+impl<T: Recorded> Recorder<'_, T> {
+    /// Everything recorded so far, as records (their inputs are complete: the pass has left the
+    /// layer they belong to).
+    fn take(&self) -> Vec<RecordedInput<T>> {
+        let inputs = std::mem::take(&mut *self.inputs.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+        inputs
+            .into_iter()
+            .map(|(key, (n_in, rows))| {
+                let mut tensors: Vec<String> = members
+                    .remove(&key)
+                    .map(|m| m.1.into_iter().collect())
+                    .unwrap_or_default();
+                tensors.sort();
+                RecordedInput {
+                    tensors,
+                    n_in,
+                    rows,
+                }
+            })
+            .collect()
+    }
+}
+
 impl<T: Recorded> LinearInputs for Recorder<'_, T> {
     fn observe(&self, tensor: &str, _stream: usize, x: &[f32], n_in: usize) {
         if !self.wanted.contains(tensor) {
@@ -220,7 +244,9 @@ pub fn calibration_tokens(
 }
 
 /// Runs the base with `adapters` (each with its user scale) applied at runtime over `tokens`, in
-/// chunks of `spec.ctx`, and returns the input statistics of every tensor in `targets`.
+/// chunks of `spec.ctx`, and returns the input statistics of every tensor in `targets`. Layer by
+/// layer: each layer's records become statistics (and are dropped) before the next layer runs, so
+/// memory holds one layer's records, never the model's.
 pub fn calibrate(
     model: &GgufModel,
     adapters: &[(&Adapter, f32)],
@@ -228,24 +254,29 @@ pub fn calibrate(
     targets: &HashSet<String>,
     spec: &CalibrationSpec<'_>,
 ) -> Result<Calibration, CalibrateError> {
-    let recorded = record_inputs::<bf16>(model, adapters, &tokens.ids, targets, spec.ctx)?;
-    // Each record is dropped as soon as its statistics exist.
-    let built: Vec<(Vec<String>, Arc<InputStats>)> = {
-        use rayon::prelude::*;
-        recorded
-            .into_par_iter()
-            .map(|r| {
-                let s = InputStats::new(r.n_in, &r.rows, spec.damp, spec.damp_diag, spec.rank);
-                (r.tensors, Arc::new(s))
-            })
-            .collect()
-    };
     let mut stats = HashMap::new();
-    for (tensors, s) in built {
-        for t in tensors {
-            stats.insert(t, Arc::clone(&s));
-        }
-    }
+    record_inputs_by_layer::<bf16>(
+        model,
+        adapters,
+        &tokens.ids,
+        targets,
+        spec.ctx,
+        &mut |recorded| {
+            use rayon::prelude::*;
+            let built: Vec<(Vec<String>, Arc<InputStats>)> = recorded
+                .into_par_iter()
+                .map(|r| {
+                    let s = InputStats::new(r.n_in, &r.rows, spec.damp, spec.damp_diag, spec.rank);
+                    (r.tensors, Arc::new(s))
+                })
+                .collect();
+            for (tensors, s) in built {
+                for t in tensors {
+                    stats.insert(t, Arc::clone(&s));
+                }
+            }
+        },
+    )?;
     Ok(Calibration {
         stats,
         tokens: tokens.ids.len(),
@@ -273,6 +304,24 @@ pub fn record_inputs<T: Recorded>(
     targets: &HashSet<String>,
     ctx: usize,
 ) -> Result<Vec<RecordedInput<T>>, CalibrateError> {
+    let mut all = Vec::new();
+    record_inputs_by_layer(model, adapters, tokens, targets, ctx, &mut |mut layer| {
+        all.append(&mut layer)
+    })?;
+    all.sort_by_key(|r| r.tensors.first().cloned().map(|t| input_key(&t)));
+    Ok(all)
+}
+
+/// [`record_inputs`], handing each layer's records to `layer_done` as soon as every chunk has
+/// been through that layer (sorted by input within the layer).
+fn record_inputs_by_layer<T: Recorded>(
+    model: &GgufModel,
+    adapters: &[(&Adapter, f32)],
+    tokens: &[u32],
+    targets: &HashSet<String>,
+    ctx: usize,
+    layer_done: &mut dyn FnMut(Vec<RecordedInput<T>>),
+) -> Result<(), CalibrateError> {
     if ctx == 0 {
         return Err(CalibrateError::ZeroCtx);
     }
@@ -290,32 +339,16 @@ pub fn record_inputs<T: Recorded>(
         inputs: Mutex::new(BTreeMap::new()),
         members: Mutex::new(HashMap::new()),
     };
-    for chunk in tokens.chunks(ctx) {
-        forward.logits_with(chunk, &[Some(&lora)], Some(&recorder))?;
+    let chunks: Vec<&[u32]> = tokens.chunks(ctx).collect();
+    forward.run_layers(&chunks, &[Some(&lora)], &recorder, &mut |_layer| {
+        layer_done(recorder.take())
+    })?;
+    // Inputs outside the layers (none today: the head is not run) would be recorded here.
+    let rest = recorder.take();
+    if !rest.is_empty() {
+        layer_done(rest);
     }
-    let inputs = recorder
-        .inputs
-        .into_inner()
-        .unwrap_or_else(|e| e.into_inner());
-    let mut members = recorder
-        .members
-        .into_inner()
-        .unwrap_or_else(|e| e.into_inner());
-    Ok(inputs
-        .into_iter()
-        .map(|(key, (n_in, rows))| {
-            let mut tensors: Vec<String> = members
-                .remove(&key)
-                .map(|m| m.1.into_iter().collect())
-                .unwrap_or_default();
-            tensors.sort();
-            RecordedInput {
-                tensors,
-                n_in,
-                rows,
-            }
-        })
-        .collect())
+    Ok(())
 }
 
 /// What the merge calibrates on: the user's text (and what to call it), or our corpus.

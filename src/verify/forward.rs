@@ -407,6 +407,51 @@ impl<'a> Model<'a> {
         session.head(&h, 0..tokens.len())
     }
 
+    /// Runs each of `chunks` (its own causal sequence from position 0, as [`Model::logits_with`]
+    /// runs one) through the layers only, layer-major: every chunk through layer 0, then every
+    /// chunk through layer 1, and so on, calling `layer_done(il)` once all chunks are through layer
+    /// `il`. What `observer` sees is what the chunk-major pass shows it, bit for bit (each chunk's
+    /// products are the same), but a calibration can reduce one layer's records to statistics
+    /// before the next layer's exist, and each layer's weights are decoded once, not per chunk.
+    pub fn run_layers(
+        &self,
+        chunks: &[&[u32]],
+        loras: &[Option<&RuntimeLora>],
+        observer: &dyn LinearInputs,
+        layer_done: &mut dyn FnMut(usize),
+    ) -> Result<()> {
+        if chunks.is_empty() || chunks.iter().any(|c| c.is_empty()) || loras.is_empty() {
+            return Err(VerifyError::NoTokens);
+        }
+        let batches: Vec<Batch> = chunks
+            .iter()
+            .map(|c| Batch {
+                n_tok: c.len(),
+                pos0: 0,
+                n_ctx: c.len(),
+                loras,
+                observer: Some(observer),
+            })
+            .collect();
+        let mut hidden = chunks
+            .iter()
+            .zip(&batches)
+            .map(|(c, b)| self.embed(&vec![*c; loras.len()], b))
+            .collect::<Result<Vec<_>>>()?;
+        for il in 0..self.hp.n_layer {
+            for (x, batch) in hidden.iter_mut().zip(&batches) {
+                // Each chunk attends only within itself, so its keys and values live for one layer.
+                let mut kv = vec![KvRows::default(); loras.len()];
+                *x = self.layer(il, std::mem::take(x), batch, &mut kv)?;
+            }
+            for name in self.layer_tensors.get(il).into_iter().flatten() {
+                self.src.release(name);
+            }
+            layer_done(il);
+        }
+        Ok(())
+    }
+
     /// Token embeddings of every stream (get_rows, then the embedding LoRA, then gemma's scale).
     fn embed(&self, tokens: &[&[u32]], batch: &Batch) -> Result<Vec<f32>> {
         let (n_tok, n_embd) = (batch.n_tok, self.hp.n_embd);
@@ -644,6 +689,7 @@ pub(crate) mod tests {
     use crate::arch::Arch;
     use crate::verify::lora::LoraTerm;
     use crate::verify::source::{F32Source, MetaValue};
+    use std::collections::BTreeMap;
 
     pub(crate) struct Rng(pub(crate) u64);
     impl Rng {
@@ -813,6 +859,71 @@ pub(crate) mod tests {
             // Streams are independent: the bare stream equals a pass without the LoRA stream.
             let alone = m.logits(&tokens, &[None]).unwrap();
             assert_eq!(alone[0].data, out[0].data, "{arch}");
+        }
+    }
+
+    /// Records every observed input, in the order seen.
+    struct Log(std::sync::Mutex<Vec<(String, Vec<f32>)>>);
+
+    impl LinearInputs for Log {
+        fn observe(&self, tensor: &str, _stream: usize, x: &[f32], _n_in: usize) {
+            self.0
+                .lock()
+                .unwrap()
+                .push((tensor.to_string(), x.to_vec()));
+        }
+    }
+
+    /// The layer-major pass shows an observer exactly what chunk-major passes show it (the same
+    /// values per tensor and chunk), layer by layer: a calibration reduces each layer's records
+    /// when `layer_done` says the layer is through.
+    #[test]
+    fn layer_major_pass_observes_what_chunk_passes_do() {
+        let tokens = [3u32, 17, 5, 49, 0, 22, 8, 8, 31];
+        let chunks: Vec<&[u32]> = tokens.chunks(4).collect();
+        for arch in ["llama", "gemma3"] {
+            let base = tiny(arch, arch.starts_with("gemma"));
+            let mut rng = Rng(5);
+            let mut lora = RuntimeLora::new();
+            lora.add(
+                "blk.1.attn_q.weight",
+                term(&mut rng, 4, N_EMBD, N_EMBD, 0.7),
+            );
+            let m = Model::new(&base).unwrap();
+            let chunk_major = Log(Default::default());
+            for c in &chunks {
+                m.logits_with(c, &[Some(&lora)], Some(&chunk_major))
+                    .unwrap();
+            }
+            let layer_major = Log(Default::default());
+            let mut seen_at_layer_end = Vec::new();
+            m.run_layers(&chunks, &[Some(&lora)], &layer_major, &mut |il| {
+                seen_at_layer_end.push((il, layer_major.0.lock().unwrap().len()))
+            })
+            .unwrap();
+            let by_tensor = |log: Log| {
+                let mut m: BTreeMap<String, Vec<Vec<f32>>> = BTreeMap::new();
+                for (t, x) in log.0.into_inner().unwrap() {
+                    m.entry(t).or_default().push(x);
+                }
+                m
+            };
+            let (want, got) = (by_tensor(chunk_major), by_tensor(layer_major));
+            let n_layer = m.hp.n_layer;
+            assert_eq!(seen_at_layer_end.len(), n_layer, "{arch}");
+            // The head is not run: everything before it must match, chunk by chunk.
+            let layer_inputs = |m: &BTreeMap<String, Vec<Vec<f32>>>| {
+                m.iter()
+                    .filter(|(t, _)| t.starts_with("blk."))
+                    .map(|(t, v)| (t.clone(), v.clone()))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(layer_inputs(&want), layer_inputs(&got), "{arch}");
+            // After layer `il`, only layers up to `il` have been observed.
+            let per_layer = got.values().map(Vec::len).sum::<usize>() / n_layer;
+            for (il, seen) in seen_at_layer_end {
+                assert_eq!(seen, (il + 1) * per_layer, "{arch}: after layer {il}");
+            }
         }
     }
 
