@@ -63,13 +63,7 @@ fn main() {
     let tokens: Vec<f32> = (0..N_TOKENS * N_COLS)
         .map(|i| rng.next() * scales[i % N_COLS])
         .collect();
-    let stats = InputStats::new(
-        N_COLS,
-        &tokens,
-        preserve::DEFAULT_DAMP,
-        preserve::DEFAULT_DAMP_DIAG,
-        preserve::DEFAULT_RANK,
-    );
+    let stats = InputStats::new(N_COLS, &tokens, &[], &preserve::Weighting::default());
     println!("load before: {}", load());
     println!(
         "{N_ROWS} rows × {N_COLS} columns, fit rank {}, one thread, thread CPU time (best of {REPS})",

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use half::bf16;
 
 use crate::adapter::Adapter;
-use crate::engine::preserve::{self, InputStats, DEFAULT_DAMP, DEFAULT_DAMP_DIAG, DEFAULT_RANK};
+use crate::engine::preserve::{self, InputStats, Weighting};
 use crate::engine::{AdapterInput, MergeType, RequantMethod};
 use crate::gguf::GgufModel;
 use crate::tokenizer::{Tokenizer, TokenizerError};
@@ -61,11 +61,8 @@ pub struct CalibrationSpec<'t> {
     /// At most this many tokens are used (the text is repeated if shorter).
     pub max_tokens: usize,
     pub ctx: usize,
-    /// Damping (see [`InputStats::new`]).
-    pub damp: f32,
-    pub damp_diag: f32,
-    /// Directions of each input's Gram kept (0: all tokens).
-    pub rank: usize,
+    /// How errors are weighted (see [`InputStats::new`]).
+    pub weighting: Weighting,
 }
 
 /// Statistics per touched tensor.
@@ -156,6 +153,7 @@ impl<T: Recorded> Recorder<'_, T> {
                     tensors,
                     n_in,
                     rows,
+                    adapter_rows: Vec::new(),
                 }
             })
             .collect()
@@ -266,7 +264,7 @@ pub fn calibrate(
             let built: Vec<(Vec<String>, Arc<InputStats>)> = recorded
                 .into_par_iter()
                 .map(|r| {
-                    let s = InputStats::new(r.n_in, &r.rows, spec.damp, spec.damp_diag, spec.rank);
+                    let s = InputStats::new(r.n_in, &r.rows, &r.adapter_rows, &spec.weighting);
                     (r.tensors, Arc::new(s))
                 })
                 .collect();
@@ -292,6 +290,8 @@ pub struct RecordedInput<T> {
     pub n_in: usize,
     /// Token-major: token `i`'s input is `rows[i·n_in..(i+1)·n_in]`.
     pub rows: Vec<T>,
+    /// The directions the adapters read this input along (see [`adapter_rows`]).
+    pub adapter_rows: Vec<f32>,
 }
 
 /// Runs the base with `adapters` (each with its user scale) applied at runtime over `tokens`, in
@@ -341,7 +341,11 @@ fn record_inputs_by_layer<T: Recorded>(
     };
     let chunks: Vec<&[u32]> = tokens.chunks(ctx).collect();
     forward.run_layers(&chunks, &[Some(&lora)], &recorder, &mut |_layer| {
-        layer_done(recorder.take())
+        let mut records = recorder.take();
+        for r in &mut records {
+            r.adapter_rows = adapter_rows(&lora, &r.tensors, r.n_in);
+        }
+        layer_done(records)
     })?;
     // Inputs outside the layers (none today: the head is not run) would be recorded here.
     let rest = recorder.take();
@@ -351,11 +355,41 @@ fn record_inputs_by_layer<T: Recorded>(
     Ok(())
 }
 
+/// The directions the adapters of `tensors` (which share one input of `n_in` values) read that
+/// input along: every row `a_i` of every term's `A`, times `|scale|·‖B e_i‖`, so that the rows'
+/// Gram is `Σ ΔWᵀΔW` over the terms when `B`'s columns are orthogonal, and a direction weighs by
+/// how much it moves the output. Stacked experts are left out (their input differs per expert).
+fn adapter_rows(lora: &RuntimeLora, tensors: &[String], n_in: usize) -> Vec<f32> {
+    let mut rows = Vec::new();
+    for term in tensors.iter().flat_map(|t| lora.get(t)) {
+        let lr = &term.lr;
+        if lr.rank == 0 || lr.n_expert > 1 || lr.a.len() != lr.rank * n_in {
+            continue;
+        }
+        let scale = term.scale().abs() as f64;
+        for (i, a) in lr.a.chunks_exact(n_in).enumerate() {
+            let b_norm =
+                lr.b.iter()
+                    .skip(i)
+                    .step_by(lr.rank)
+                    .map(|&v| v as f64 * v as f64)
+                    .sum::<f64>()
+                    .sqrt();
+            let weight = (scale * b_norm) as f32;
+            rows.extend(a.iter().map(|&v| v * weight));
+        }
+    }
+    rows
+}
+
 /// What the merge calibrates on: the user's text (and what to call it), or our corpus.
 pub struct CalibrationText {
     pub text: Option<(Vec<u8>, String)>,
     pub max_tokens: usize,
     pub ctx: usize,
+    /// Share of the fit's energy given to the adapters' own input directions (see
+    /// [`Weighting::adapter`]).
+    pub adapter_weight: f32,
 }
 
 impl Default for CalibrationText {
@@ -364,6 +398,7 @@ impl Default for CalibrationText {
             text: None,
             max_tokens: DEFAULT_TOKENS,
             ctx: DEFAULT_CTX,
+            adapter_weight: preserve::DEFAULT_ADAPTER_WEIGHT,
         }
     }
 }
@@ -406,9 +441,10 @@ pub fn preserve_method(
         built_in: text.text.is_none(),
         max_tokens: text.max_tokens,
         ctx: text.ctx,
-        damp: DEFAULT_DAMP,
-        damp_diag: DEFAULT_DAMP_DIAG,
-        rank: DEFAULT_RANK,
+        weighting: Weighting {
+            adapter: text.adapter_weight,
+            ..Weighting::default()
+        },
     };
     let tokens = calibration_tokens(model, &spec)?;
     let scaled: Vec<(&Adapter, f32)> = adapters

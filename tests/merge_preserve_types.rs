@@ -8,9 +8,7 @@
 
 mod common;
 
-use gguf_lora::engine::preserve::{
-    self, InputStats, DEFAULT_DAMP, DEFAULT_DAMP_DIAG, DEFAULT_RANK,
-};
+use gguf_lora::engine::preserve::{self, InputStats, Weighting, DEFAULT_RANK};
 use gguf_lora::quant::{dequantize_row, quantize_row, GgmlType};
 
 const TYPES: [GgmlType; 10] = [
@@ -99,7 +97,13 @@ fn every_kept_type_decodes_with_libggml_and_beats_rounding_on_held_out_tokens() 
     let (n, rows, n_tok) = (512, 8, 512);
     let mut seed = 29;
     let tokens = activations(n, n_tok, &mut seed);
-    let stats_of = |rank| InputStats::new(n, &tokens, DEFAULT_DAMP, DEFAULT_DAMP_DIAG, rank);
+    let stats_of = |rank| {
+        let w = Weighting {
+            rank,
+            ..Weighting::default()
+        };
+        InputStats::new(n, &tokens, &[], &w)
+    };
     let fits = [(DEFAULT_RANK, stats_of(DEFAULT_RANK)), (0, stats_of(0))];
     let dir = tempfile::tempdir().unwrap();
     let mut spec = serde_json::Map::new();

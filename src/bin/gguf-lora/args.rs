@@ -97,6 +97,16 @@ pub fn parse_promote(s: &str) -> Result<Promote, String> {
     s.parse::<Promote>().map_err(|e| e.to_string())
 }
 
+/// `merge --adapter-weight`: a share, 0 to 1 (beyond 1 the adapter's directions would outweigh
+/// every input the text gives).
+pub fn parse_adapter_weight(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(w) if (0.0..=1.0).contains(&w) => Ok(w),
+        Ok(_) => Err(format!("{s}: expected a share from 0 to 1")),
+        Err(_) => Err(format!("{s}: not a number")),
+    }
+}
+
 /// `quantize --type`: one type we write; the llama-quantize mixes (`q4_k_m`, ...) get a pointer to
 /// the plain type.
 pub fn parse_target_type(s: &str) -> Result<GgmlType, String> {

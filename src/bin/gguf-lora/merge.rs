@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Args as ClapArgs, ValueEnum};
 use gguf_lora::calibrate::{self, CalibrationText};
 use gguf_lora::engine::file::Output;
+use gguf_lora::engine::preserve;
 use gguf_lora::gguf::GgufModel;
 use gguf_lora::merge::inputs::open_adapter;
 use gguf_lora::merge::{
@@ -16,7 +17,9 @@ use gguf_lora::merge::{
 };
 use serde::Serialize;
 
-use crate::args::{merge_type_parser, parse_promote, JsonArg, ModelArg, OutArg, ThreadsArg};
+use crate::args::{
+    merge_type_parser, parse_adapter_weight, parse_promote, JsonArg, ModelArg, OutArg, ThreadsArg,
+};
 use crate::lora_args::LoraArgs;
 use crate::progress::TensorProgress;
 use crate::table::{fixed3, human_bytes, short, Table};
@@ -63,6 +66,11 @@ pub struct Args {
     /// Calibration tokens (the text is repeated if shorter).
     #[arg(long, value_name = "N", default_value_t = calibrate::DEFAULT_TOKENS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     pub calibrate_tokens: usize,
+    /// Share of the calibration's weight given to the directions the adapter itself reads its
+    /// input along (0: the text's inputs alone). Raise it when the calibration text is unlike
+    /// the data the adapter was trained on; lower it for an adapter that was not trained.
+    #[arg(long, value_name = "W", default_value_t = preserve::DEFAULT_ADAPTER_WEIGHT, value_parser = parse_adapter_weight)]
+    pub adapter_weight: f32,
     /// Tokens per forward chunk of the calibration pass.
     #[arg(long, value_name = "N", default_value_t = calibrate::DEFAULT_CTX, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=131_072))]
     pub ctx: usize,
@@ -111,6 +119,7 @@ fn calibration(
         text,
         max_tokens: args.calibrate_tokens,
         ctx: args.ctx,
+        adapter_weight: args.adapter_weight,
     };
     let adapters: Vec<&gguf_lora::adapter::Adapter> = opened.iter().collect();
     Ok(calibrate::preserve_method(
