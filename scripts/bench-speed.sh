@@ -10,10 +10,12 @@
 # CPU, peak RSS and the 1-minute load average before each command. Ratios are to export-lora and to
 # cp measured in the same run. The default merge (the adapter-preserving one) is held to the merge
 # issue's time targets and measured by scripts/bench-merge-quality.sh, not here.
-# usage: scripts/bench-speed.sh [SIZES (default "1b 7b")] [THREADS (default "1 2")]
+# SIZES may also name gemma: the real gemma3-270m Q4_K_M (issue 16's first case), where the nearest merge
+# also runs with --promote auto.
+# usage: scripts/bench-speed.sh [SIZES (default "gemma 1b 7b")] [THREADS (default "1 2")]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SIZES=${1:-1b 7b}
+SIZES=${1:-gemma 1b 7b}
 THREAD_COUNTS=${2:-1 2}
 eval "$(bash scripts/setup-env.sh --print-env)"
 cargo build --release --quiet
@@ -23,7 +25,20 @@ DATA=${GGUF_LORA_BENCH:-$HOME/.cache/gguf-lora/bench}
 WORK=$DATA/speed
 mkdir -p "$WORK"
 
+# inputs SIZE: "BASE ADAPTER" for a size; gemma is the real gemma3-270m Q4_K_M with a rank-16 adapter on
+# every attention and MLP projection (testdata/merge/make_lora.py, as scripts/bench-merge.sh)
+inputs() {
+    if [ "$1" = gemma ]; then echo "$GGUF_LORA_GEMMA $DATA/merge/gemma3-270m-r16.gguf"
+    else echo "$DATA/llama$1-q4_k.gguf $DATA/llama$1-lora-r16.gguf"; fi
+}
 for size in $SIZES; do
+    if [ "$size" = gemma ]; then
+        read -r _ lora < <(inputs gemma)
+        mkdir -p "$DATA/merge"
+        [ -f "$lora" ] || PYTHONPATH=testdata/tools "$GGUF_LORA_PYTHON" testdata/merge/make_lora.py \
+            "$GGUF_LORA_GEMMA" "$lora" --rank 16 --alpha 32
+        continue
+    fi
     [ -f "$DATA/llama$size-q4_k.gguf" ] || PYTHONPATH=testdata/tools "$GGUF_LORA_PYTHON" \
         testdata/tools/make_synthetic.py model "$DATA/llama$size-q4_k.gguf" --shape "$size" \
         --tokenizer-from "$GGUF_LORA_SMOLLM"
@@ -55,10 +70,11 @@ export WORK GGUF_LORA_TOOLS
 : > "$WORK/rows"
 MAX_THREADS=$(printf '%s\n' $THREAD_COUNTS | sort -n | tail -1)
 for size in $SIZES; do
-    base=$DATA/llama$size-q4_k.gguf
-    lora=$DATA/llama$size-lora-r16.gguf
+    read -r base lora < <(inputs "$size")
     for t in $THREAD_COUNTS; do
         run "$size/t$t/ours-nearest" "$BIN" merge "$base" --lora "$lora" --requant nearest -t "$t" -o "$WORK/out.gguf"
+        [ "$size" = gemma ] && run "$size/t$t/ours-nearest+auto" "$BIN" merge "$base" --lora "$lora" \
+            --requant nearest --promote auto -t "$t" -o "$WORK/out.gguf"
         run "$size/t$t/export-lora" "$GGUF_LORA_TOOLS/llama-export-lora" -m "$base" --lora "$lora" -t "$t" -o "$WORK/out.gguf"
         # llama-quantize alone takes about 5 CPU-minutes at 7B: run at the largest thread count only.
         [ "$t" = "$MAX_THREADS" ] && run "$size/t$t/export+quantize" bash -c 'export_then_quantize "$@"' _ "$base" "$lora" "$t"
@@ -67,21 +83,23 @@ for size in $SIZES; do
 done
 
 echo "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2 / 1048576}' /proc/meminfo); binary $(git rev-parse --short HEAD)"
-printf '| %-24s | %8s | %13s | %12s | %9s | %10s | %8s | %5s |\n' \
-    run "wall s" "user+sys s" "peak RSS MiB" "wall/cp" "CPU/e-l" "RSS/e-l" load
-printf '|%s|\n' "--------------------------|----------|---------------|--------------|-----------|------------|----------|-------"
+printf '| %-26s | %8s | %13s | %12s | %9s | %10s | %8s | %8s | %5s |\n' \
+    run "wall s" "user+sys s" "peak RSS MiB" "wall/cp" "CPU/e-l" "RSS/e-l" "wall/e+q" load
+printf '|%s|\n' "----------------------------|----------|---------------|--------------|-----------|------------|----------|----------|-------"
 # ratio A B: A/B to two places, or "-" without a B (cp's own row has no anchors)
 ratio() { if [ -n "$2" ]; then awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; else echo -; fi; }
 while read -r label wall cpu rss ld; do
     size=${label%%/*}
     rest=${label#*/}
     threads=${rest%%/*}
-    cp_wall='' el_cpu='' el_rss=''
+    cp_wall='' el_cpu='' el_rss='' eq_wall=''
     if [ "$label" != "$size/cp" ]; then
         cp_wall=$(awk -v k="$size/cp" '$1 == k {print $2}' "$WORK/rows")
         read -r el_cpu el_rss < <(awk -v k="$size/$threads/export-lora" '$1 == k {print $3, $4}' "$WORK/rows") || true
+        eq_wall=$(awk -v k="$size/$threads/export+quantize" '$1 == k {print $2}' "$WORK/rows")
     fi
-    printf '| %-24s | %8.2f | %13.2f | %12.0f | %9s | %10s | %8s | %5s |\n' "$label" "$wall" "$cpu" "$rss" \
-        "$(ratio "$wall" "$cp_wall")" "$(ratio "$cpu" "$el_cpu")" "$(ratio "$rss" "$el_rss")" "$ld"
+    printf '| %-26s | %8.2f | %13.2f | %12.0f | %9s | %10s | %8s | %8s | %5s |\n' "$label" "$wall" "$cpu" "$rss" \
+        "$(ratio "$wall" "$cp_wall")" "$(ratio "$cpu" "$el_cpu")" "$(ratio "$rss" "$el_rss")" \
+        "$(ratio "$wall" "$eq_wall")" "$ld"
 done < "$WORK/rows"
-echo "(wall/cp: to cp of the same base; CPU/e-l and RSS/e-l: to llama-export-lora with the same threads; load: 1-min average before the command)"
+echo "(wall/cp: to cp of the same base; CPU/e-l and RSS/e-l: to llama-export-lora with the same threads; wall/e+q: to export-lora + llama-quantize with the same threads (largest only); load: 1-min average before the command)"
