@@ -137,8 +137,8 @@ struct Recorder<'w, T> {
 
 impl<T: Recorded> Recorder<'_, T> {
     /// Everything recorded so far, as records (their inputs are complete: the pass has left the
-    /// layer they belong to).
-    fn take(&self) -> Vec<RecordedInput<T>> {
+    /// layer they belong to), each with the directions `lora`'s adapters read it along.
+    fn take(&self, lora: &RuntimeLora) -> Vec<RecordedInput<T>> {
         let inputs = std::mem::take(&mut *self.inputs.lock().unwrap_or_else(|e| e.into_inner()));
         let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
         inputs
@@ -150,10 +150,10 @@ impl<T: Recorded> Recorder<'_, T> {
                     .unwrap_or_default();
                 tensors.sort();
                 RecordedInput {
+                    adapter_rows: adapter_rows(lora, &tensors, n_in),
                     tensors,
                     n_in,
                     rows,
-                    adapter_rows: Vec::new(),
                 }
             })
             .collect()
@@ -341,14 +341,10 @@ fn record_inputs_by_layer<T: Recorded>(
     };
     let chunks: Vec<&[u32]> = tokens.chunks(ctx).collect();
     forward.run_layers(&chunks, &[Some(&lora)], &recorder, &mut |_layer| {
-        let mut records = recorder.take();
-        for r in &mut records {
-            r.adapter_rows = adapter_rows(&lora, &r.tensors, r.n_in);
-        }
-        layer_done(records)
+        layer_done(recorder.take(&lora))
     })?;
     // Inputs outside the layers (none today: the head is not run) would be recorded here.
-    let rest = recorder.take();
+    let rest = recorder.take(&lora);
     if !rest.is_empty() {
         layer_done(rest);
     }

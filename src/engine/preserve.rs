@@ -183,7 +183,7 @@ impl InputStats {
         };
         let full_sq = norms(&x, t);
         let fit_energy: f64 = full_sq.iter().map(|&v| v as f64).sum();
-        let mean_sq = full_sq.iter().map(|&v| v as f64).sum::<f64>() / n_cols.max(1) as f64;
+        let mean_sq = fit_energy / n_cols.max(1) as f64;
         let lambda = ((damp as f64) * mean_sq).max(1e-12);
         let mut damp_v: Vec<f32> = full_sq
             .iter()
