@@ -35,7 +35,7 @@ use faer::{Accum, Mat, MatMut, MatRef, Par};
 
 use crate::quant::grid::{has_grid, read_grid, write_codes, BlockGrid, MAX_BLOCK};
 use crate::quant::simd::{F32s, Mask};
-use crate::quant::{quantize_row, GgmlType};
+use crate::quant::{quantize_blocks, GgmlType};
 
 use super::EngineError;
 
@@ -547,8 +547,8 @@ fn encode_rows_impl<V: F32s>(
             corr: [[0.0; LANES]; CHUNK],
             change: [[0.0; LANES]; CHUNK],
         },
-        targets: vec![0.0; bs],
-        weights: vec![0.0; bs],
+        targets: vec![0.0; LANES * bs],
+        weights: vec![0.0; LANES * bs],
         block_grid: BlockGrid::default(),
         block_codes: [0; MAX_BLOCK],
     };
@@ -573,19 +573,24 @@ fn encode_rows_impl<V: F32s>(
             project::<V>(stats, c0, &g.s, &mut g.block_start);
             // Option 1: a fresh grid per row, fitted by ggml's quantizer to the corrected targets
             // (weighted by the diagonal of H).
-            for i in 0..bs {
-                g.weights[i] = stats.sq[c0 + i] + stats.damp[c0 + i];
+            for r in 0..rows {
+                for i in 0..bs {
+                    g.weights[r * bs + i] = stats.sq[c0 + i] + stats.damp[c0 + i];
+                    g.targets[r * bs + i] = g.w[c0 + i][r] + g.block_start[i][r] / stats.sd[c0 + i];
+                }
             }
+            quantize_blocks(
+                ty,
+                &g.targets[..rows * bs],
+                &mut g.fresh_bytes[..rows * bb],
+                &g.weights[..rows * bs],
+            )?;
             for r in 0..LANES {
                 if r >= rows {
                     g.fresh_grid.clear(r);
                     continue;
                 }
-                for i in 0..bs {
-                    g.targets[i] = g.w[c0 + i][r] + g.block_start[i][r] / stats.sd[c0 + i];
-                }
-                let fresh = &mut g.fresh_bytes[r * bb..(r + 1) * bb];
-                quantize_row(ty, &g.targets, fresh, Some(&g.weights))?;
+                let fresh = &g.fresh_bytes[r * bb..(r + 1) * bb];
                 read_grid(ty, fresh, &mut g.block_grid, &mut g.block_codes);
                 g.fresh_grid.set(r, &g.block_grid);
                 qmax = g.block_grid.qmax;
@@ -872,7 +877,7 @@ fn refine<V: F32s>(stats: &InputStats, bs: usize, qmax: f32, g: &mut GroupWork) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::dequantize_row;
+    use crate::quant::{dequantize_row, quantize_row};
 
     fn lcg(seed: &mut u64) -> f32 {
         *seed = seed

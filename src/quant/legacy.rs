@@ -15,7 +15,7 @@ use super::lanes::{
     MAX_PASS_VALUES,
 };
 use super::simd::{simd_dispatch, F32s, Level, Mask};
-use super::Codec;
+use super::{Codec, GgmlType};
 
 /// Elements per block of every legacy type (`QK4_0`, `QK4_1`, `QK5_0`, `QK5_1`, `QK8_0`, `QK8_1`).
 pub const QK: usize = 32;
@@ -176,12 +176,30 @@ fn row_sigma2(x: &[f32]) -> f32 {
     sum_x2 / x.len() as f32
 }
 
+/// The variance term of a pass: the row's, or each block's own (every block quantized as ggml
+/// quantizes a one-block row, see [`quantize_blocks_impl`]).
+#[derive(Clone, Copy)]
+enum Sigma2 {
+    Row(f32),
+    PerBlock,
+}
+
 /// The per-element weights of the legacy `_impl` quantizers, `qw[j] * sqrtf(sigma2 + x[j]²)`, for a
 /// pass of blocks in lanes (block `k` in lane `k`).
 #[inline(always)]
-fn lane_weights<V: F32s>(xt: &[V; QK], qw: &[f32], sigma2: f32) -> [V; QK] {
+fn lane_weights<V: F32s>(xt: &[V; QK], qw: &[f32], sigma2: Sigma2) -> [V; QK] {
     let qwt = to_lanes::<V, QK>(qw);
-    let sigma2 = V::splat(sigma2);
+    let sigma2 = match sigma2 {
+        Sigma2::Row(v) => V::splat(v),
+        // `row_sigma2` of a one-block row, lane by lane in its order.
+        Sigma2::PerBlock => {
+            let mut sum = V::splat(0.0);
+            for v in xt {
+                sum = sum + *v * *v;
+            }
+            sum / V::splat(QK as f32)
+        }
+    };
     let mut wt = [V::splat(0.0); QK];
     for i in 0..QK {
         wt[i] = qwt[i] * (sigma2 + xt[i] * xt[i]).sqrt();
@@ -203,7 +221,7 @@ fn pass_levels<V: F32s>(lt: &[V; QK]) -> [u8; MAX_PASS_VALUES] {
 /// operation order).
 struct SymmetricImpl<W> {
     nmax: i32,
-    sigma2: f32,
+    sigma2: Sigma2,
     block_bytes: usize,
     write: W,
 }
@@ -239,6 +257,7 @@ impl<W: Fn(&mut [u8], f32, &[i8; QK])> SymmetricImpl<W> {
 #[inline(always)]
 fn symmetric_impl<L: Level>(
     nmax: i32,
+    per_block: bool,
     x: &[f32],
     y: &mut [u8],
     block_bytes: usize,
@@ -247,7 +266,11 @@ fn symmetric_impl<L: Level>(
 ) {
     let p = SymmetricImpl {
         nmax,
-        sigma2: row_sigma2(x),
+        sigma2: if per_block {
+            Sigma2::PerBlock
+        } else {
+            Sigma2::Row(row_sigma2(x))
+        },
         block_bytes,
         write,
     };
@@ -268,7 +291,7 @@ fn symmetric_impl<L: Level>(
 /// through [`qkx_fit`].
 struct AsymmetricImpl<W> {
     nmax: i32,
-    sigma2: f32,
+    sigma2: Sigma2,
     block_bytes: usize,
     write: W,
 }
@@ -311,6 +334,7 @@ impl<W: Fn(&mut [u8], f32, f32, &[u8; QK])> AsymmetricImpl<W> {
 #[inline(always)]
 fn asymmetric_impl<L: Level>(
     nmax: i32,
+    per_block: bool,
     x: &[f32],
     y: &mut [u8],
     block_bytes: usize,
@@ -319,7 +343,11 @@ fn asymmetric_impl<L: Level>(
 ) {
     let p = AsymmetricImpl {
         nmax,
-        sigma2: row_sigma2(x),
+        sigma2: if per_block {
+            Sigma2::PerBlock
+        } else {
+            Sigma2::Row(row_sigma2(x))
+        },
         block_bytes,
         write,
     };
@@ -332,6 +360,57 @@ fn asymmetric_impl<L: Level>(
         lanes * block_bytes,
         &p,
     );
+}
+
+fn write_q4_0(yb: &mut [u8], d: f32, l: &[i8; QK]) {
+    write_f16(&mut yb[0..2], d);
+    for j in 0..QK / 2 {
+        yb[2 + j] = (l[j] as u8) | ((l[j + 16] as u8) << 4);
+    }
+}
+
+fn write_q4_1(yb: &mut [u8], d: f32, the_min: f32, l: &[u8; QK]) {
+    write_f16(&mut yb[0..2], d);
+    write_f16(&mut yb[2..4], -the_min);
+    for j in 0..QK / 2 {
+        yb[4 + j] = l[j] | (l[j + 16] << 4);
+    }
+}
+
+fn write_q5_0(yb: &mut [u8], d: f32, l: &[i8; QK]) {
+    write_f16(&mut yb[0..2], d);
+    let levels = l.map(|q| q as u8);
+    let (head, qs) = yb.split_at_mut(6);
+    pack_5bit(&levels, qs, &mut head[2..6]);
+}
+
+fn write_q5_1(yb: &mut [u8], d: f32, the_min: f32, l: &[u8; QK]) {
+    write_f16(&mut yb[0..2], d);
+    write_f16(&mut yb[2..4], -the_min);
+    let (head, qs) = yb.split_at_mut(8);
+    pack_5bit(l, qs, &mut head[4..8]);
+}
+
+simd_dispatch! {
+    /// Every block of `x` quantized as the type's `quantize_row_X_impl` quantizes a row of that one
+    /// block (its variance term over the block alone), with `quant_weights` per element: the
+    /// blocks of many rows fitted in one call, side by side in lanes, where one call per block
+    /// filled one lane of each pass. `None` for a type that is not one of the four legacy ones.
+    pub fn quantize_blocks_impl<L>(
+        ty: GgmlType,
+        x: &[f32],
+        y: &mut [u8],
+        quant_weights: &[f32],
+    ) -> Option<()> {
+        match ty {
+            GgmlType::Q4_0 => symmetric_impl::<L>(8, true, x, y, Q4_0_BYTES, quant_weights, write_q4_0),
+            GgmlType::Q4_1 => asymmetric_impl::<L>(15, true, x, y, Q4_1_BYTES, quant_weights, write_q4_1),
+            GgmlType::Q5_0 => symmetric_impl::<L>(16, true, x, y, Q5_0_BYTES, quant_weights, write_q5_0),
+            GgmlType::Q5_1 => asymmetric_impl::<L>(31, true, x, y, Q5_1_BYTES, quant_weights, write_q5_1),
+            _ => return None,
+        }
+        Some(())
+    }
 }
 
 /// Packs 32 5-bit levels into `qs` (low nibbles, element j and j+16 share a byte) and the `qh` bit
@@ -387,12 +466,7 @@ simd_dispatch! {
     /// Mirrors `quantize_row_q4_0_impl`: per block, `make_qx_quants(32, 8, x, L, 1, w)` with
     /// `w = imatrix * sqrt(sigma2 + x²)`.
     pub fn quantize_row_q4_0_impl<L>(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-        symmetric_impl::<L>(8, x, y, Q4_0_BYTES, quant_weights, |yb, d, l| {
-            write_f16(&mut yb[0..2], d);
-            for j in 0..QK / 2 {
-                yb[2 + j] = (l[j] as u8) | ((l[j + 16] as u8) << 4);
-            }
-        });
+        symmetric_impl::<L>(8, false, x, y, Q4_0_BYTES, quant_weights, write_q4_0);
     }
 }
 
@@ -440,13 +514,7 @@ simd_dispatch! {
     /// Mirrors `quantize_row_q4_1_impl`: per block, `make_qkx3_quants(32, 15, x, w, L, &min, Laux, -0.9,
     /// 0.05, 36, false)` with `w = imatrix * sqrt(sigma2 + x²)`; stores `d` and `m = -min`.
     pub fn quantize_row_q4_1_impl<L>(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-        asymmetric_impl::<L>(15, x, y, Q4_1_BYTES, quant_weights, |yb, d, the_min, l| {
-            write_f16(&mut yb[0..2], d);
-            write_f16(&mut yb[2..4], -the_min);
-            for j in 0..QK / 2 {
-                yb[4 + j] = l[j] | (l[j + 16] << 4);
-            }
-        });
+        asymmetric_impl::<L>(15, false, x, y, Q4_1_BYTES, quant_weights, write_q4_1);
     }
 }
 
@@ -505,12 +573,7 @@ simd_dispatch! {
     /// Mirrors `quantize_row_q5_0_impl`: per block, `make_qx_quants(32, 16, x, L, 1, w)` with
     /// `w = imatrix * sqrt(sigma2 + x²)`.
     pub fn quantize_row_q5_0_impl<L>(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-        symmetric_impl::<L>(16, x, y, Q5_0_BYTES, quant_weights, |yb, d, l| {
-            write_f16(&mut yb[0..2], d);
-            let levels = l.map(|q| q as u8);
-            let (head, qs) = yb.split_at_mut(6);
-            pack_5bit(&levels, qs, &mut head[2..6]);
-        });
+        symmetric_impl::<L>(16, false, x, y, Q5_0_BYTES, quant_weights, write_q5_0);
     }
 }
 
@@ -566,12 +629,7 @@ simd_dispatch! {
     /// Mirrors `quantize_row_q5_1_impl`: per block, `make_qkx3_quants(32, 31, x, w, L, &min, Laux, -0.9,
     /// 0.05, 36, false)` with `w = imatrix * sqrt(sigma2 + x²)`; stores `d` and `m = -min`.
     pub fn quantize_row_q5_1_impl<L>(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-        asymmetric_impl::<L>(31, x, y, Q5_1_BYTES, quant_weights, |yb, d, the_min, l| {
-            write_f16(&mut yb[0..2], d);
-            write_f16(&mut yb[2..4], -the_min);
-            let (head, qs) = yb.split_at_mut(8);
-            pack_5bit(l, qs, &mut head[4..8]);
-        });
+        asymmetric_impl::<L>(31, false, x, y, Q5_1_BYTES, quant_weights, write_q5_1);
     }
 }
 

@@ -479,6 +479,32 @@ pub fn quantize_row(
     Ok(())
 }
 
+/// Encodes every block of `src` as [`quantize_row`] encodes a row of that one block, with
+/// `imatrix` per element (`src.len()` weights): how a fit quantizes the same block of many rows at
+/// once. The legacy types fit the blocks side by side in vector lanes; the others run block by block.
+pub fn quantize_blocks(
+    ty: GgmlType,
+    src: &[f32],
+    dst: &mut [u8],
+    imatrix: &[f32],
+) -> Result<(), QuantError> {
+    let bytes = checked_row_bytes(ty, src.len())?;
+    expect_len(ty, "destination blocks", "bytes", bytes, dst.len())?;
+    expect_len(ty, "importance matrix", "weights", src.len(), imatrix.len())?;
+    if legacy::quantize_blocks_impl(ty, src, dst, imatrix).is_some() {
+        return Ok(());
+    }
+    let (bs, bb) = (ty.block_size(), ty.type_size());
+    for ((x, y), w) in src
+        .chunks_exact(bs)
+        .zip(dst.chunks_exact_mut(bb))
+        .zip(imatrix.chunks_exact(bs))
+    {
+        quantize_row(ty, x, y, Some(w))?;
+    }
+    Ok(())
+}
+
 /// Rows per rayon task: enough elements (about 64 Ki) that scheduling costs nothing next to the codec.
 fn rows_per_task(n_per_row: usize) -> usize {
     (65_536 / n_per_row.max(1)).max(1)
@@ -744,6 +770,40 @@ mod tests {
                 let mut back = vec![0f32; n_per_row];
                 dequantize_row(ty, &row, &mut back).unwrap();
                 assert_eq!(back, deq[r * n_per_row..][..n_per_row], "{ty} row {r}");
+            }
+        }
+    }
+
+    /// Blocks of many rows in one call are each what a one-block row gives, at every SIMD level
+    /// (lanes fill with blocks whose variance terms differ), weights per element.
+    #[test]
+    fn blocks_equal_one_block_rows() {
+        use simd::{with_level, SimdLevel};
+        let n = 256 * 7;
+        let x: Vec<f32> = (0..n)
+            .map(|i| (((i * 7919) % 1000) as f32 / 333.0 - 1.5) * (1.0 + (i / 256) as f32))
+            .collect();
+        let w: Vec<f32> = (0..n).map(|i| 0.5 + ((i * 31) % 7) as f32).collect();
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q8_0,
+            GgmlType::Q4_K,
+        ] {
+            let (bs, bb) = (ty.block_size(), ty.type_size());
+            let mut want = vec![0u8; n / bs * bb];
+            for ((xb, yb), wb) in x.chunks(bs).zip(want.chunks_mut(bb)).zip(w.chunks(bs)) {
+                quantize_row(ty, xb, yb, Some(wb)).unwrap();
+            }
+            for level in SimdLevel::ALL
+                .into_iter()
+                .filter(|l| *l <= simd::detected())
+            {
+                let mut got = vec![0u8; want.len()];
+                with_level(level, || quantize_blocks(ty, &x, &mut got, &w)).unwrap();
+                assert_eq!(got, want, "{ty} at {level}");
             }
         }
     }
