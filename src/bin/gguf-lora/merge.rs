@@ -63,9 +63,10 @@ pub struct Args {
     /// default: a built-in mixed corpus of prose, dialogue, code and numbers.
     #[arg(long, value_name = "FILE.txt")]
     pub calibrate: Option<PathBuf>,
-    /// Calibration tokens (the text is repeated if shorter).
-    #[arg(long, value_name = "N", default_value_t = calibrate::DEFAULT_TOKENS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
-    pub calibrate_tokens: usize,
+    /// Calibration tokens (the text is repeated if shorter) [default: 1024, or 512 for a base
+    /// whose layers hold over 2B weights]
+    #[arg(long, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    pub calibrate_tokens: Option<usize>,
     /// Share of the calibration's weight given to the directions the adapter itself reads its
     /// input along (0: the text's inputs alone). Raise it when the calibration text is unlike
     /// the data the adapter was trained on; lower it for an adapter that was not trained.
