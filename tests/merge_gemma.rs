@@ -123,8 +123,8 @@ fn keep_is_libggml_s_requantization_of_the_f32_merge_and_copies_the_rest() {
 /// space, on held-out calibration tokens, beside round-to-nearest's numbers), and llama.cpp agrees.
 /// This adapter is random, so its own input directions (`--adapter-weight`, which keep a trained
 /// adapter's facts, tests/merge_quality.rs) only take fit away from the tokens here: the fit to the
-/// tokens alone is held to the margin, the default to beating rounding (measured KL: nearest 0.111,
-/// tokens alone 0.078, default 0.098).
+/// tokens alone is held to the margin, the default to beating rounding (measured KL on 512
+/// calibration tokens, the default before 44944cd: nearest 0.111, tokens alone 0.078, default 0.098).
 #[test]
 fn the_default_merge_keeps_more_of_the_adapter_than_rounding_and_says_so() {
     require_interop!();
