@@ -64,13 +64,17 @@ fn check(args: &[&str]) -> Value {
     serde_json::from_str(out.lines().last().unwrap()).unwrap()
 }
 
-fn file_type(path: &Path) -> u64 {
-    let code = "import sys\nfrom gguf import GGUFReader\nprint(int(GGUFReader(sys.argv[1]).fields['general.file_type'].contents()))";
+/// A metadata value of `path` as gguf-py reads it, printed by Python.
+fn field(path: &Path, key: &str) -> String {
+    let code = "import sys\nfrom gguf import GGUFReader\nprint(GGUFReader(sys.argv[1]).fields[sys.argv[2]].contents())";
     interop()
-        .python_code(code, &[s(path)])
+        .python_code(code, &[s(path), key])
         .trim()
-        .parse()
-        .unwrap()
+        .to_string()
+}
+
+fn file_type(path: &Path) -> u64 {
+    field(path, "general.file_type").parse().unwrap()
 }
 
 #[test]
@@ -155,6 +159,14 @@ fn the_default_merge_keeps_more_of_the_adapter_than_rounding_and_says_so() {
         "size {len} vs {base_len}"
     );
     assert_eq!(file_type(&default), 15, "MOSTLY_Q4_K_M kept");
+    // gemma3-270m's layers hold 0.1B weights: the default's 1024 tokens, from our corpus.
+    assert_eq!(
+        field(&default, "gguf_lora.merge.requant"),
+        format!(
+            "preserve (calibrated on {} tokens of the built-in corpus)",
+            gguf_lora::calibrate::DEFAULT_TOKENS
+        )
+    );
     let spec = format!("{}:1", s(adapter()));
     let l = check(&[
         "logits",

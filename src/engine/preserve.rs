@@ -56,8 +56,8 @@ pub const DEFAULT_RANK: usize = 64;
 
 /// The default weight of the adapter's own input directions (see [`InputStats::new`]): together
 /// they carry this share of the fit tokens' energy. Measured through llama.cpp
-/// (testdata/merge_quality/judge.py), default merge on 512 tokens of the built-in corpus: the fact-trained
-/// SmolLM2 adapter answers 0.917 of its facts at 0 (the tokens alone), 1.000 at 0.03 (runtime:
+/// (testdata/merge_quality/judge.py), default merge on 512 tokens of the built-in corpus: the
+/// fact-trained SmolLM2 adapter answers 0.917 of its facts at 0 (the tokens alone), 1.000 at 0.03 (runtime:
 /// 1.000) and 0.979 at 0.1; KL to the runtime LoRA 0.54 → 0.22 on the fact sentences and 0.099 →
 /// 0.066 on held-out text at 0.03. The cost, on adapters whose directions say nothing (random
 /// ones, gemma3 Q4_K_M, seeds 0–3 of testdata/tools/random_lora.py): held-out KL 0.050 on average
