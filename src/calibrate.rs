@@ -70,12 +70,19 @@ pub enum CalibrateError {
         source_name: String,
         error: TokenizerError,
     },
+    // Likewise (with `#[from]` the binary printed the cause twice).
     #[error("calibration: {0}")]
-    Forward(#[from] VerifyError),
+    Forward(VerifyError),
     #[error("calibration: the text gives no tokens")]
     NoTokens,
     #[error("calibration: --ctx must be at least 1")]
     ZeroCtx,
+}
+
+impl From<VerifyError> for CalibrateError {
+    fn from(e: VerifyError) -> CalibrateError {
+        CalibrateError::Forward(e)
+    }
 }
 
 /// What to calibrate on.
@@ -473,13 +480,25 @@ pub fn preserve_method(
             ..Weighting::default()
         },
     };
-    let tokens = calibration_tokens(model, &spec)?;
     let scaled: Vec<(&Adapter, f32)> = adapters
         .iter()
         .zip(inputs)
         .map(|(a, i)| (*a, i.scale))
         .collect();
-    let cal = calibrate(model, &scaled, &tokens, &targets, &spec)?;
+    let cal = calibration_tokens(model, &spec)
+        .and_then(|tokens| calibrate(model, &scaled, &tokens, &targets, &spec));
+    let cal = match cal {
+        Ok(cal) => cal,
+        // A base the forward pass does not run (an MoE, an architecture verify lacks) still
+        // merges: the merge itself needs no forward pass, and failing it would leave the user
+        // no default at all. Round to nearest and say so, unless the user asked for calibration.
+        Err(CalibrateError::Forward(e)) if text.text.is_none() && e.is_unrunnable_model() => {
+            return Ok(RequantMethod::Nearest {
+                fallback: Some(e.to_string()),
+            })
+        }
+        Err(e) => return Err(e),
+    };
     Ok(RequantMethod::Preserve {
         calibration: format!("calibrated on {} tokens of {}", cal.tokens, cal.source),
         stats: Arc::new(cal.stats.into_iter().collect()),

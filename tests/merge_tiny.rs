@@ -520,3 +520,87 @@ fn peft_directories_merge_like_peft_merge_and_unload() {
         }
     }
 }
+
+/// A base the calibration pass cannot run (qwen2moe: stacked experts, an architecture verify
+/// lacks) still merges by default: rounded to nearest, the same tensors as `--requant nearest`
+/// (read by gguf-py), with a warning and provenance that say why. Asking for calibration on it
+/// explicitly is an error that writes nothing.
+#[test]
+fn bases_the_forward_pass_cannot_run_merge_by_default_rounded_to_nearest_and_say_why() {
+    require_interop!();
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("moe-q4_0.gguf");
+    gguf_lora()
+        .args([
+            "quantize",
+            s(&fixture("qwen2moe/base-f32.gguf")),
+            "-o",
+            s(&base),
+        ])
+        .args(["--type", "q4_0"])
+        .assert()
+        .success();
+    let lora = fixture("qwen2moe/adapters/standard/ref_convert.gguf");
+    let merge = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let assert = gguf_lora()
+            .args(["merge", s(&base), "--lora", s(&lora), "-o", s(&out)])
+            .args(extra)
+            .assert();
+        (out, assert)
+    };
+    let (default, assert) = merge("default.gguf", &[]);
+    let output = assert.success().get_output().clone();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("warning: the merge cannot calibrate on this base")
+            && stderr.contains("architecture qwen2moe"),
+        "{stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("requantization: nearest (the default could not calibrate"),
+        "{stdout}"
+    );
+    let (nearest, assert) = merge("nearest.gguf", &["--requant", "nearest"]);
+    assert.success();
+    let code = r#"
+import json, sys
+import numpy as np
+from gguf import GGUFReader
+a, b = GGUFReader(sys.argv[1]), GGUFReader(sys.argv[2])
+ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+same = sorted(ta) == sorted(tb) and all(
+    ta[n].tensor_type == tb[n].tensor_type and np.array_equal(ta[n].data, tb[n].data) for n in ta)
+print(json.dumps({"same": same, "exps": sum("_exps" in n for n in ta),
+    "requant": a.fields["gguf_lora.merge.requant"].contents()}))
+"#;
+    let v: Value = serde_json::from_str(
+        interop()
+            .python_code(code, &[s(&default), s(&nearest)])
+            .trim(),
+    )
+    .unwrap();
+    assert_eq!(v["same"], true, "{v}");
+    assert!(v["exps"].as_u64().unwrap() > 0, "{v}");
+    let requant = v["requant"].as_str().unwrap();
+    assert!(
+        requant.starts_with("nearest (the default could not calibrate: ")
+            && requant.contains("qwen2moe"),
+        "{requant}"
+    );
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, "a calibration text").unwrap();
+    let (asked, assert) = merge("asked.gguf", &["--calibrate", s(&text)]);
+    let output = assert.code(1).get_output().clone();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    // One line, the cause said once (it was printed twice, as message and as source).
+    assert_eq!(stderr.matches("calibration:").count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("MoE") || stderr.contains("qwen2moe"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("verify").count(), 1, "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(!asked.exists());
+}

@@ -234,11 +234,11 @@ pub enum Promote {
 pub type InputStatsMap = HashMap<String, Arc<InputStats>>;
 
 /// How merged tensors are requantized (`merge --requant`).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub enum RequantMethod {
-    /// ggml's round-to-nearest, bit for bit as `ggml_quantize_chunk`.
-    #[default]
-    Nearest,
+    /// ggml's round-to-nearest, bit for bit as `ggml_quantize_chunk`; `fallback` says why the
+    /// default requantization gave way to it, when it did (provenance, report and a warning).
+    Nearest { fallback: Option<String> },
     /// Keep the adapter's effect on each tensor's output ([`preserve`]), with these statistics;
     /// tensors without statistics (or of types without a known grid) are rounded to nearest.
     /// `calibration` says what the statistics come from (provenance and report).
@@ -263,7 +263,7 @@ impl Default for MergeOptions {
             outtype: MergeType::Keep,
             promote: Promote::None,
             sample_rows: 64,
-            requant: RequantMethod::Nearest,
+            requant: RequantMethod::Nearest { fallback: None },
         }
     }
 }

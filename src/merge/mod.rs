@@ -114,7 +114,10 @@ pub fn merge_model(
 /// What [`KEY_REQUANT`] says.
 pub fn requant_key(r: &RequantMethod) -> String {
     match r {
-        RequantMethod::Nearest => "nearest".to_string(),
+        RequantMethod::Nearest { fallback: None } => "nearest".to_string(),
+        RequantMethod::Nearest {
+            fallback: Some(why),
+        } => format!("nearest (the default could not calibrate: {why})"),
         RequantMethod::Preserve { calibration, .. } => format!("preserve ({calibration})"),
     }
 }

@@ -117,6 +117,17 @@ pub enum VerifyError {
     },
 }
 
+impl VerifyError {
+    /// Whether the error says the forward pass does not run this kind of model (its
+    /// architecture, its experts, its layout), rather than that something is broken.
+    pub fn is_unrunnable_model(&self) -> bool {
+        matches!(
+            self,
+            VerifyError::Model { .. } | VerifyError::Experts { .. }
+        )
+    }
+}
+
 impl From<GgufError> for VerifyError {
     fn from(e: GgufError) -> VerifyError {
         VerifyError::Gguf(Box::new(e))

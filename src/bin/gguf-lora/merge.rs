@@ -158,12 +158,22 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
         let (adapters, opened): (Vec<AdapterInput>, Vec<gguf_lora::adapter::Adapter>) =
             opened.into_iter().unzip();
         let requant = match args.requant {
-            RequantArg::Nearest => RequantMethod::Nearest,
+            RequantArg::Nearest => RequantMethod::Nearest { fallback: None },
             RequantArg::Preserve => {
                 merge::check(&model, &adapters, args.outtype, &output)?;
                 calibration(&args, &model, &adapters, &opened)?
             }
         };
+        if let RequantMethod::Nearest {
+            fallback: Some(why),
+        } = &requant
+        {
+            eprintln!(
+                "gguf-lora: warning: the merge cannot calibrate on this base ({why}), so merged \
+                 tensors are rounded to nearest and keep less of the adapter: see the report, \
+                 and --promote auto or a wider --outtype to keep more"
+            );
+        }
         let opts = MergeOptions {
             outtype: args.outtype,
             promote: args.promote.clone().unwrap_or(Promote::None),
