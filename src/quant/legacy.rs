@@ -257,7 +257,7 @@ impl<W: Fn(&mut [u8], f32, &[i8; QK])> SymmetricImpl<W> {
 #[inline(always)]
 fn symmetric_impl<L: Level>(
     nmax: i32,
-    per_block: bool,
+    sigma2: Sigma2,
     x: &[f32],
     y: &mut [u8],
     block_bytes: usize,
@@ -266,11 +266,7 @@ fn symmetric_impl<L: Level>(
 ) {
     let p = SymmetricImpl {
         nmax,
-        sigma2: if per_block {
-            Sigma2::PerBlock
-        } else {
-            Sigma2::Row(row_sigma2(x))
-        },
+        sigma2,
         block_bytes,
         write,
     };
@@ -334,7 +330,7 @@ impl<W: Fn(&mut [u8], f32, f32, &[u8; QK])> AsymmetricImpl<W> {
 #[inline(always)]
 fn asymmetric_impl<L: Level>(
     nmax: i32,
-    per_block: bool,
+    sigma2: Sigma2,
     x: &[f32],
     y: &mut [u8],
     block_bytes: usize,
@@ -343,11 +339,7 @@ fn asymmetric_impl<L: Level>(
 ) {
     let p = AsymmetricImpl {
         nmax,
-        sigma2: if per_block {
-            Sigma2::PerBlock
-        } else {
-            Sigma2::Row(row_sigma2(x))
-        },
+        sigma2,
         block_bytes,
         write,
     };
@@ -403,10 +395,10 @@ simd_dispatch! {
         quant_weights: &[f32],
     ) -> Option<()> {
         match ty {
-            GgmlType::Q4_0 => symmetric_impl::<L>(8, true, x, y, Q4_0_BYTES, quant_weights, write_q4_0),
-            GgmlType::Q4_1 => asymmetric_impl::<L>(15, true, x, y, Q4_1_BYTES, quant_weights, write_q4_1),
-            GgmlType::Q5_0 => symmetric_impl::<L>(16, true, x, y, Q5_0_BYTES, quant_weights, write_q5_0),
-            GgmlType::Q5_1 => asymmetric_impl::<L>(31, true, x, y, Q5_1_BYTES, quant_weights, write_q5_1),
+            GgmlType::Q4_0 => symmetric_impl::<L>(8, Sigma2::PerBlock, x, y, Q4_0_BYTES, quant_weights, write_q4_0),
+            GgmlType::Q4_1 => asymmetric_impl::<L>(15, Sigma2::PerBlock, x, y, Q4_1_BYTES, quant_weights, write_q4_1),
+            GgmlType::Q5_0 => symmetric_impl::<L>(16, Sigma2::PerBlock, x, y, Q5_0_BYTES, quant_weights, write_q5_0),
+            GgmlType::Q5_1 => asymmetric_impl::<L>(31, Sigma2::PerBlock, x, y, Q5_1_BYTES, quant_weights, write_q5_1),
             _ => return None,
         }
         Some(())
@@ -466,7 +458,7 @@ simd_dispatch! {
     /// Mirrors `quantize_row_q4_0_impl`: per block, `make_qx_quants(32, 8, x, L, 1, w)` with
     /// `w = imatrix * sqrt(sigma2 + x²)`.
     pub fn quantize_row_q4_0_impl<L>(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-        symmetric_impl::<L>(8, false, x, y, Q4_0_BYTES, quant_weights, write_q4_0);
+        symmetric_impl::<L>(8, Sigma2::Row(row_sigma2(x)), x, y, Q4_0_BYTES, quant_weights, write_q4_0);
     }
 }
 
@@ -514,7 +506,7 @@ simd_dispatch! {
     /// Mirrors `quantize_row_q4_1_impl`: per block, `make_qkx3_quants(32, 15, x, w, L, &min, Laux, -0.9,
     /// 0.05, 36, false)` with `w = imatrix * sqrt(sigma2 + x²)`; stores `d` and `m = -min`.
     pub fn quantize_row_q4_1_impl<L>(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-        asymmetric_impl::<L>(15, false, x, y, Q4_1_BYTES, quant_weights, write_q4_1);
+        asymmetric_impl::<L>(15, Sigma2::Row(row_sigma2(x)), x, y, Q4_1_BYTES, quant_weights, write_q4_1);
     }
 }
 
@@ -573,7 +565,7 @@ simd_dispatch! {
     /// Mirrors `quantize_row_q5_0_impl`: per block, `make_qx_quants(32, 16, x, L, 1, w)` with
     /// `w = imatrix * sqrt(sigma2 + x²)`.
     pub fn quantize_row_q5_0_impl<L>(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-        symmetric_impl::<L>(16, false, x, y, Q5_0_BYTES, quant_weights, write_q5_0);
+        symmetric_impl::<L>(16, Sigma2::Row(row_sigma2(x)), x, y, Q5_0_BYTES, quant_weights, write_q5_0);
     }
 }
 
@@ -629,7 +621,7 @@ simd_dispatch! {
     /// Mirrors `quantize_row_q5_1_impl`: per block, `make_qkx3_quants(32, 31, x, w, L, &min, Laux, -0.9,
     /// 0.05, 36, false)` with `w = imatrix * sqrt(sigma2 + x²)`; stores `d` and `m = -min`.
     pub fn quantize_row_q5_1_impl<L>(x: &[f32], y: &mut [u8], quant_weights: &[f32]) {
-        asymmetric_impl::<L>(31, false, x, y, Q5_1_BYTES, quant_weights, write_q5_1);
+        asymmetric_impl::<L>(31, Sigma2::Row(row_sigma2(x)), x, y, Q5_1_BYTES, quant_weights, write_q5_1);
     }
 }
 
