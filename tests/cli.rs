@@ -633,3 +633,21 @@ fn help_is_consistent() {
     let merge = help(&["merge"]);
     assert!(merge.contains("keep, f32, f16, bf16, q8_0"), "{merge}");
 }
+
+/// `merge --help` states the calibration-token rule as text (clap's doc comments cannot take the
+/// constants): it must say what `calibrate::default_tokens` does.
+#[test]
+fn merge_help_states_the_default_calibration_tokens() {
+    use gguf_lora::calibrate::{DEFAULT_TOKENS, DEFAULT_TOKENS_LARGE, LARGE_BASE_WEIGHTS};
+    let out = gguf_lora().args(["merge", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let rule = format!(
+        "[default: {DEFAULT_TOKENS}, or {DEFAULT_TOKENS_LARGE} for a base whose layers hold over {}B weights]",
+        LARGE_BASE_WEIGHTS / 1_000_000_000
+    );
+    assert!(help.contains(&rule), "{rule} not in: {help}");
+}
