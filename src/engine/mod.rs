@@ -311,6 +311,8 @@ pub struct Prepared<'a, 'u> {
     adapters: &'u [AdapterInput],
     plans: Vec<plan::TensorPlan<'u>>,
     candidates: Vec<Vec<CandidateReport>>,
+    /// Candidate types the stream tries (when they were not tried before it), by tensor index.
+    sampling: Vec<Option<stream::Sampling>>,
     promoted: Vec<bool>,
     phases: Phases,
 }
@@ -331,18 +333,36 @@ pub fn prepare<'a, 'u>(
         }
     }
     let phases = Phases::default();
-    let start = std::time::Instant::now();
-    let candidates = promote::measure_candidates(base, &plans, opts)?;
-    phases.sample.store(
-        start.elapsed().as_nanos() as u64,
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    // The candidates of each touched tensor are the planned type's, before any promotion.
+    let types: Vec<Vec<GgmlType>> = plans
+        .iter()
+        .map(|p| promote::candidate_types(p, &opts.promote))
+        .collect();
+    // `--promote auto` chooses from the candidates before anything is written, so it tries them
+    // in a pass of its own; otherwise the stream tries them on rows it merges anyway.
+    let (candidates, sampling) = if matches!(opts.promote, Promote::Auto { .. }) {
+        let c = promote::measure_candidates(base, &plans, &types, opts, &phases)?;
+        (c, Vec::new())
+    } else {
+        let sampling = plans
+            .iter()
+            .zip(types)
+            .map(|(p, types)| {
+                (!types.is_empty()).then(|| stream::Sampling {
+                    types,
+                    runs: promote::candidate_rows(p, opts),
+                })
+            })
+            .collect();
+        (Vec::new(), sampling)
+    };
     let promoted = promote::apply(base, &mut plans, &candidates, &opts.promote);
     Ok(Prepared {
         base,
         adapters,
         plans,
         candidates,
+        sampling,
         promoted,
         phases,
     })
@@ -397,6 +417,7 @@ pub fn prepare_recode<'a, 'u>(
         adapters: &[],
         plans,
         candidates: (0..n).map(|_| Vec::new()).collect(),
+        sampling: Vec::new(),
         promoted: vec![false; n],
         phases: Phases::default(),
     })
@@ -424,13 +445,42 @@ impl Prepared<'_, '_> {
         S: FnMut(usize, &[u8]) -> Result<(), EngineError> + Send,
     {
         let start = std::time::Instant::now();
-        let sums = stream::stream(self.base, &self.plans, sink, on_done, &self.phases)?;
+        let sums = stream::stream(
+            self.base,
+            &self.plans,
+            &self.sampling,
+            sink,
+            on_done,
+            &self.phases,
+        )?;
+        let mut candidates = self.candidates;
+        if candidates.is_empty() {
+            candidates = self
+                .plans
+                .iter()
+                .map(|p| {
+                    let sampled = self.sampling.get(p.index).and_then(Option::as_ref);
+                    (sampled, sums.get(p.index).and_then(Option::as_ref))
+                })
+                .zip(&self.plans)
+                .map(|(measured, p)| match measured {
+                    (Some(s), Some(t)) => {
+                        // Reported as the plan before promotion had it (its row count and
+                        // columns are the same: only the type differs).
+                        promote::candidate_reports(p, &s.types, &t.candidates)
+                    }
+                    _ => Vec::new(),
+                })
+                .collect();
+        }
+        let written: Vec<Option<ErrorSums>> =
+            sums.into_iter().map(|s| s.map(|s| s.written)).collect();
         let mut report = report::build(
             self.base,
             self.adapters,
             &self.plans,
-            &sums,
-            self.candidates,
+            &written,
+            candidates,
             &self.promoted,
         );
         report.summary.seconds = report::Seconds::from_phases(&self.phases, start.elapsed());

@@ -27,68 +27,97 @@ use crate::quant::GgmlType;
 
 use super::plan::{retarget, TensorPlan};
 use super::report::Kept;
-use super::stream::KeptSums;
-use super::stream::{sample_errors, sample_runs};
+use super::stream::{sample_errors, sample_runs, ErrorSums, KeptSums, Phases};
 use super::types::{bits_per_weight, fit_type};
 use super::{CandidateReport, EngineError, InputTensor, MergeOptions, Promote};
 
 /// Types always tried as promotions, besides `--promote TYPE`.
 const LADDER: [GgmlType; 3] = [GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::Q8_0];
 
+/// The types tried for a touched tensor, smallest first: its planned type, the [`LADDER`] and the
+/// `--promote` types that would be larger, each after its fallback for the row length. Empty for
+/// a tensor no adapter touches.
+pub fn candidate_types(p: &TensorPlan<'_>, promote: &Promote) -> Vec<GgmlType> {
+    if !p.is_touched() {
+        return Vec::new();
+    }
+    let mut types = vec![p.ty_out];
+    let extra: Vec<GgmlType> = match promote {
+        Promote::Type(t) => vec![*t],
+        Promote::Map(pairs) => pairs.iter().map(|&(_, to)| to).collect(),
+        _ => Vec::new(),
+    };
+    for t in LADDER.iter().copied().chain(extra) {
+        let (fit, _) = fit_type(t, p.n_cols as u64);
+        if bits_per_weight(fit) > bits_per_weight(p.ty_out) && !types.contains(&fit) {
+            types.push(fit);
+        }
+    }
+    types.sort_by(|a, b| bits_per_weight(*a).total_cmp(&bits_per_weight(*b)));
+    types
+}
+
+/// The rows of `p` candidate types are tried on (see [`sample_runs`]).
+pub fn candidate_rows(p: &TensorPlan<'_>, opts: &MergeOptions) -> Vec<(usize, usize)> {
+    sample_runs(p.n_rows, opts.sample_rows, p.requant.rows_together())
+}
+
+/// Tries every candidate type of every touched tensor on its sampled rows, before the merge
+/// streams: what `--promote auto` needs to choose before anything is written. (Otherwise the
+/// stream tries them on the same rows as it merges them, see [`stream::Sampling`].)
+///
+/// [`stream::Sampling`]: super::stream::Sampling
 pub fn measure_candidates(
     base: &[InputTensor<'_>],
     plans: &[TensorPlan<'_>],
+    types: &[Vec<GgmlType>],
     opts: &MergeOptions,
+    phases: &Phases,
 ) -> Result<Vec<Vec<CandidateReport>>, EngineError> {
     let mut out = Vec::with_capacity(plans.len());
-    for p in plans {
-        if !p.is_touched() {
+    for (p, types) in plans.iter().zip(types) {
+        if types.is_empty() {
             out.push(Vec::new());
             continue;
         }
-        let mut types = vec![p.ty_out];
-        let extra: Vec<GgmlType> = match &opts.promote {
-            Promote::Type(t) => vec![*t],
-            Promote::Map(pairs) => pairs.iter().map(|&(_, to)| to).collect(),
-            _ => Vec::new(),
-        };
-        for t in LADDER.iter().copied().chain(extra) {
-            let (fit, _) = fit_type(t, p.n_cols as u64);
-            if bits_per_weight(fit) > bits_per_weight(p.ty_out) && !types.contains(&fit) {
-                types.push(fit);
-            }
-        }
-        types.sort_by(|a, b| bits_per_weight(*a).total_cmp(&bits_per_weight(*b)));
-        let runs = sample_runs(p.n_rows, opts.sample_rows, p.requant.rows_together());
         let t = &base[p.index];
-        let sums = sample_errors(p, &t.name, t.data, &runs, &types)?;
+        let runs = candidate_rows(p, opts);
+        let sums = sample_errors(p, &t.name, t.data, &runs, types, phases)?;
         // The sampled rows are spread over the whole tensor, so readahead brought in nearly all of
         // its pages: drop them now, or every touched tensor stays resident until it is written
         // (7B-shaped nearest merge: peak RSS 998 MiB, almost all of it the base's file pages).
         t.release_pages();
-        let elements = (p.n_rows * p.n_cols) as f64;
-        out.push(
-            types
-                .iter()
-                .zip(sums)
-                .map(|(&ty, s)| {
-                    let sums = s.headline().0;
-                    CandidateReport {
-                        ty: ty.name().to_string(),
-                        ggml_type: ty,
-                        bytes: tensor_bytes(ty, p),
-                        relative_error: s.relative(),
-                        kept: Kept {
-                            share_kept: sums.share_kept(),
-                            noise: sums.noise(),
-                        },
-                        sums: sums.scaled(elements / s.n.max(1) as f64),
-                    }
-                })
-                .collect(),
-        );
+        out.push(candidate_reports(p, types, &sums));
     }
     Ok(out)
+}
+
+/// The candidate reports of `p` from each type's error sums (over sampled rows or all of them:
+/// the sums are scaled to the whole tensor).
+pub fn candidate_reports(
+    p: &TensorPlan<'_>,
+    types: &[GgmlType],
+    sums: &[ErrorSums],
+) -> Vec<CandidateReport> {
+    let elements = (p.n_rows * p.n_cols) as f64;
+    types
+        .iter()
+        .zip(sums)
+        .map(|(&ty, s)| {
+            let sums = s.headline().0;
+            CandidateReport {
+                ty: ty.name().to_string(),
+                ggml_type: ty,
+                bytes: tensor_bytes(ty, p),
+                relative_error: s.relative(),
+                kept: Kept {
+                    share_kept: sums.share_kept(),
+                    noise: sums.noise(),
+                },
+                sums: sums.scaled(elements / s.n.max(1) as f64),
+            }
+        })
+        .collect()
 }
 
 fn tensor_bytes(ty: GgmlType, p: &TensorPlan<'_>) -> u64 {

@@ -205,10 +205,11 @@ pub struct Summary {
     pub seconds: Seconds,
 }
 
-/// Where the time went. Phases inside the merge are elapsed seconds summed over worker threads (on a
-/// busy machine they include time spent waiting for a core, so compare shares, not totals); `sample`
-/// (trying candidate types before streaming) and `stream` are wall seconds; `write` is the writer
-/// thread's busy time (copying untouched tensors and writing merged ones), overlapped with the rest.
+/// Where the time went. Phases are elapsed seconds summed over worker threads (on a busy machine
+/// they include time spent waiting for a core, so compare shares, not totals): `sample` is trying
+/// candidate types (for the report and `--promote`; in the stream, or before it for `--promote
+/// auto`), the others the merge itself; `stream` is wall seconds; `write` is the writer thread's
+/// busy time (copying untouched tensors and writing merged ones), overlapped with the rest.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Seconds {
     pub sample: f64,

@@ -390,7 +390,9 @@ fn exact<'b>(p: &TensorPlan<'_>, base: &'b [f32], merged: &'b [f32]) -> &'b [f32
 }
 
 /// Requantizes `rows` into `out` as `ty` with `requant`, and returns the fidelity sums against the
-/// exact values and the base (and, for a method other than plain rounding, plain rounding's).
+/// exact values and the base (and, for a method other than plain rounding when `beside_nearest`,
+/// plain rounding's: the report shows them side by side for the type written, not for candidates).
+#[allow(clippy::too_many_arguments)]
 fn requantize_and_measure(
     ty: GgmlType,
     requant: &Requant<'_>,
@@ -399,6 +401,7 @@ fn requantize_and_measure(
     back: &mut Vec<f32>,
     m: &mut MeasureBuffers,
     phases: &Phases,
+    beside_nearest: bool,
 ) -> Result<ErrorSums, EngineError> {
     let t = Instant::now();
     requant.encode(ty, rows, out)?;
@@ -415,7 +418,7 @@ fn requantize_and_measure(
         outputs,
         ..Default::default()
     };
-    if !matches!(requant, Requant::Nearest { .. }) {
+    if beside_nearest && !matches!(requant, Requant::Nearest { .. }) {
         let mut near_bytes = std::mem::take(&mut m.near_bytes);
         let mut near_back = std::mem::take(&mut m.near_back);
         near_bytes.resize(out.len(), 0);
@@ -470,7 +473,45 @@ fn fidelity(
     (weights, outputs)
 }
 
-/// Recodes one tensor (merge and/or type change): its bytes in `p.ty_out` and its error sums.
+/// Candidate types a tensor is tried as while it is merged, on sampled runs of its rows (for the
+/// report; `--promote auto`, which must choose before writing, tries them in a pass before the
+/// stream instead): the rows are merged for the stream anyway, so trying a type costs its
+/// requantization only. The type the tensor is written as is measured on every row.
+pub struct Sampling {
+    pub types: Vec<GgmlType>,
+    pub runs: Vec<(usize, usize)>,
+}
+
+/// What the stream measured of one recoded tensor: the type written, on every row, and each
+/// candidate type of its [`Sampling`] (in its order; empty without one).
+#[derive(Clone, Debug, Default)]
+pub struct TensorSums {
+    pub written: ErrorSums,
+    pub candidates: Vec<ErrorSums>,
+}
+
+impl TensorSums {
+    fn add(self, o: TensorSums) -> TensorSums {
+        let candidates = if self.candidates.is_empty() {
+            o.candidates
+        } else if o.candidates.is_empty() {
+            self.candidates
+        } else {
+            self.candidates
+                .into_iter()
+                .zip(o.candidates)
+                .map(|(a, b)| a.add(b))
+                .collect()
+        };
+        TensorSums {
+            written: self.written.add(o.written),
+            candidates,
+        }
+    }
+}
+
+/// Recodes one tensor (merge and/or type change): its bytes in `p.ty_out` and its error sums,
+/// with the candidate types of `sampling` tried on the way.
 /// The bytes are written into `out` (a spare buffer, or empty), whatever it held.
 pub fn merge_tensor(
     p: &TensorPlan<'_>,
@@ -478,18 +519,20 @@ pub fn merge_tensor(
     data: &[u8],
     mut out: Vec<u8>,
     phases: &Phases,
-) -> Result<(Vec<u8>, ErrorSums), EngineError> {
+    sampling: Option<&Sampling>,
+) -> Result<(Vec<u8>, TensorSums), EngineError> {
     let ops = load_ops(p, name)?;
     let n = p.n_cols;
     let out_row = row_bytes(p.ty_out, n)?;
+    let in_row = row_bytes(p.ty_in, n)?;
     let rows_per_block = (BLOCK_ELEMS / n.max(1)).max(p.requant.rows_together());
     out.clear();
     out.resize(p.n_rows * out_row, 0);
-    let sums = out
+    let mut sums = out
         .par_chunks_mut(rows_per_block * out_row)
         .enumerate()
         .map(|(bi, chunk)| {
-            with_buffers(|b| {
+            with_buffers(|b| -> Result<TensorSums, EngineError> {
                 let r0 = bi * rows_per_block;
                 let rows = chunk.len() / out_row;
                 merged_rows(p, &ops, data, r0, rows, b, phases)?;
@@ -497,10 +540,9 @@ pub fn merge_tensor(
                     base,
                     merged,
                     back,
+                    out: scratch,
                     measure,
-                    ..
                 } = b;
-                let in_row = row_bytes(p.ty_in, n)?;
                 let block = RowBlock {
                     exact: exact(p, base, merged),
                     base,
@@ -509,10 +551,63 @@ pub fn merge_tensor(
                     base_bytes: (p.ty_in == p.ty_out)
                         .then(|| &data[r0 * in_row..(r0 + rows) * in_row]),
                 };
-                requantize_and_measure(p.ty_out, &p.requant, &block, chunk, back, measure, phases)
+                let written = requantize_and_measure(
+                    p.ty_out, &p.requant, &block, chunk, back, measure, phases, true,
+                )?;
+                let Some(sampling) = sampling else {
+                    return Ok(TensorSums {
+                        written,
+                        candidates: Vec::new(),
+                    });
+                };
+                let mut candidates = vec![ErrorSums::default(); sampling.types.len()];
+                // Candidates' time is `sample`'s, not the merge's own phases'.
+                let discard = Phases::default();
+                // The sampled rows in this block: rows are requantized independently of the rows
+                // beside them, so a run split between blocks measures as it would whole.
+                for &(s0, len) in &sampling.runs {
+                    let (a, z) = (s0.max(r0), (s0 + len).min(r0 + rows));
+                    if a >= z {
+                        continue;
+                    }
+                    let span = (a - r0) * n..(z - r0) * n;
+                    for (sums, &ty) in candidates.iter_mut().zip(&sampling.types) {
+                        if ty == p.ty_out {
+                            continue;
+                        }
+                        let rows = RowBlock {
+                            exact: &block.exact[span.clone()],
+                            base: &block.base[span.clone()],
+                            r0: a,
+                            n_cols: n,
+                            base_bytes: (ty == p.ty_in).then(|| &data[a * in_row..z * in_row]),
+                        };
+                        scratch.resize(row_bytes(ty, n)? * (z - a), 0);
+                        let t = Instant::now();
+                        let s = requantize_and_measure(
+                            ty, &p.requant, &rows, scratch, back, measure, &discard, false,
+                        )?;
+                        lap(&phases.sample, t);
+                        *sums = sums.add(s);
+                    }
+                }
+                Ok(TensorSums {
+                    written,
+                    candidates,
+                })
             })
         })
-        .try_reduce(ErrorSums::default, |a, b| Ok(a.add(b)))?;
+        .try_reduce(TensorSums::default, |a, b| Ok(a.add(b)))?;
+    if let Some(sampling) = sampling {
+        // The written type is measured on every row.
+        sums.candidates
+            .resize(sampling.types.len(), ErrorSums::default());
+        for (c, &ty) in sums.candidates.iter_mut().zip(&sampling.types) {
+            if ty == p.ty_out {
+                *c = sums.written;
+            }
+        }
+    }
     Ok((out, sums))
 }
 
@@ -544,6 +639,7 @@ pub fn sample_errors(
     data: &[u8],
     runs: &[(usize, usize)],
     types: &[GgmlType],
+    phases: &Phases,
 ) -> Result<Vec<ErrorSums>, EngineError> {
     let ops = load_ops(p, name)?;
     let n = p.n_cols;
@@ -551,7 +647,8 @@ pub fn sample_errors(
     let per_run: Vec<Vec<ErrorSums>> = runs
         .par_iter()
         .map(|&(r0, rows)| {
-            with_buffers(|b| {
+            let start = Instant::now();
+            let sums = with_buffers(|b| {
                 merged_rows(p, &ops, data, r0, rows, b, &discard)?;
                 let Buffers {
                     base,
@@ -574,10 +671,14 @@ pub fn sample_errors(
                                 .then(|| &data[r0 * in_row..(r0 + rows) * in_row]),
                         };
                         out.resize(row_bytes(ty, n)? * rows, 0);
-                        requantize_and_measure(ty, &p.requant, &block, out, back, measure, &discard)
+                        requantize_and_measure(
+                            ty, &p.requant, &block, out, back, measure, &discard, false,
+                        )
                     })
                     .collect::<Result<Vec<_>, _>>()
-            })
+            });
+            lap(&phases.sample, start);
+            sums
         })
         .collect::<Result<_, _>>()?;
     let mut total = vec![ErrorSums::default(); types.len()];
@@ -616,14 +717,16 @@ fn take_spare(spares: &mut Vec<Vec<u8>>, len: usize) -> Vec<u8> {
 
 /// Runs every tensor through `plans` in order and hands the bytes to `sink` (on a writer thread) in
 /// the same order; `on_done(index, bytes)` is called as each tensor is handed over (progress).
-/// Returns the error sums of each recoded tensor, by index.
+/// `sampling[index]` (empty: none) are the candidate types tried on the way. Returns the sums of
+/// each recoded tensor, by index.
 pub fn stream<'a, S>(
     base: &[InputTensor<'a>],
     plans: &[TensorPlan<'_>],
+    sampling: &[Option<Sampling>],
     mut sink: S,
     on_done: &(dyn Fn(usize, u64) + Sync),
     phases: &Phases,
-) -> Result<Vec<Option<ErrorSums>>, EngineError>
+) -> Result<Vec<Option<TensorSums>>, EngineError>
 where
     S: FnMut(usize, &[u8]) -> Result<(), EngineError> + Send,
 {
@@ -651,7 +754,9 @@ where
             let chunk = if p.is_recoded() {
                 spares.extend(spare_rx.try_iter());
                 let len = row_bytes(p.ty_out, p.n_cols).map_or(0, |r| r * p.n_rows);
-                match merge_tensor(p, &t.name, t.data, take_spare(&mut spares, len), phases) {
+                let buffer = take_spare(&mut spares, len);
+                let sampled = sampling.get(p.index).and_then(Option::as_ref);
+                match merge_tensor(p, &t.name, t.data, buffer, phases, sampled) {
                     Ok((bytes, s)) => {
                         sums[p.index] = Some(s);
                         Chunk::Owned(bytes)
