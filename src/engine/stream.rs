@@ -26,7 +26,7 @@ use super::{EngineError, InputTensor, LowRankShape, Update};
 use crate::adapter::LowRank;
 
 /// f32 values per row block: a block of dequantized rows plus its copy stay in L2.
-const BLOCK_ELEMS: usize = 32 * 1024;
+pub(super) const BLOCK_ELEMS: usize = 32 * 1024;
 /// Tensors in flight between the compute loop and the writer.
 const WINDOW: usize = 2;
 

@@ -368,3 +368,84 @@ fn a_failing_sink_stops_the_merge_with_its_error() {
         .expect_err("error");
     assert_eq!(err.to_string(), "disk full");
 }
+
+/// The stream tries the candidate types on the sampled rows as it merges them, a run split
+/// between two row blocks included, and measures what the pass before the stream (the one
+/// `--promote auto` uses) measures on the same rows; the written type's candidate is its
+/// every-row measurement. Through `prepare`/`run`, the report's candidates are the same.
+#[test]
+fn candidates_tried_in_the_stream_measure_what_the_pass_before_it_does() {
+    let mut seed = 7;
+    let fx = Fixture::new(&mut seed);
+    let base = fx.base();
+    let lr = low_rank(&mut seed, 700, 96, 8, 0.05);
+    let adapters = vec![AdapterInput {
+        name: "a".into(),
+        architecture: Some("llama".into()),
+        scale: 1.0,
+        updates: vec![("blk.0.ffn_up.weight".into(), Update::low_rank(lr))],
+    }];
+    let opts = MergeOptions {
+        outtype: MergeType::Type(GgmlType::Q4_0),
+        ..Default::default()
+    };
+    let plans = plan::plan(Some("llama"), &base, &adapters, opts.outtype).unwrap();
+    let p = plans.iter().find(|p| p.is_touched()).unwrap();
+    let types = promote::candidate_types(p, &opts.promote);
+    assert!(types.len() >= 3 && types[0] == GgmlType::Q4_0, "{types:?}");
+    let close = |a: &stream::ErrorSums, b: &stream::ErrorSums| {
+        let near = |x: f64, y: f64| (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1e-30);
+        a.n == b.n
+            && near(a.weights.sq_delta, b.weights.sq_delta)
+            && near(a.weights.sq_noise, b.weights.sq_noise)
+            && near(a.weights.dot_kept, b.weights.dot_kept)
+    };
+    let t = &base[p.index];
+    let block = stream::BLOCK_ELEMS / p.n_cols;
+    let runs = vec![(0, 3), (block - 10, 20), (p.n_rows - 10, 10)];
+    let phases = Phases::default();
+    let before = stream::sample_errors(p, &t.name, t.data, &runs, &types, &phases).unwrap();
+    let sampling = stream::Sampling {
+        types: types.clone(),
+        runs,
+    };
+    let (_, sums) =
+        stream::merge_tensor(p, &t.name, t.data, Vec::new(), &phases, Some(&sampling)).unwrap();
+    assert_eq!(sums.candidates.len(), types.len());
+    assert!(close(&sums.candidates[0], &sums.written));
+    assert_eq!(sums.written.n, (p.n_rows * p.n_cols) as u64);
+    for i in 1..types.len() {
+        assert!(
+            close(&before[i], &sums.candidates[i]),
+            "{:?}: {:?} before the stream, {:?} in it",
+            types[i],
+            before[i],
+            sums.candidates[i]
+        );
+    }
+    let separate = promote::measure_candidates(
+        &base,
+        &plans,
+        &plans
+            .iter()
+            .map(|p| promote::candidate_types(p, &opts.promote))
+            .collect::<Vec<_>>(),
+        &opts,
+        &phases,
+    )
+    .unwrap();
+    let (_, report) = run(&base, &adapters, opts);
+    let merged = report
+        .tensors
+        .iter()
+        .find(|t| t.name == "blk.0.ffn_up.weight")
+        .unwrap();
+    let want = &separate[p.index];
+    assert_eq!(merged.candidates.len(), want.len());
+    for (got, want) in merged.candidates.iter().zip(want).skip(1) {
+        assert_eq!(got.ty, want.ty);
+        let (g, w) = (got.relative_error.unwrap(), want.relative_error.unwrap());
+        assert!((g - w).abs() <= 1e-9 * w, "{}: {g} against {w}", got.ty);
+    }
+    assert_eq!(merged.candidates[0].relative_error, merged.relative_error);
+}
