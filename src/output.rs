@@ -244,6 +244,69 @@ impl AtomicOutput {
     }
 }
 
+impl AtomicOutput {
+    /// Appends `len` bytes of `src` from `offset`, copied by the kernel file to file
+    /// (`copy_file_range`: no pages mapped or copied through this process, as `cp` does). Returns
+    /// `Ok(false)`, having written nothing, where the kernel cannot copy between these files (other
+    /// file systems on older kernels, special files): the caller writes the bytes itself.
+    #[cfg(target_os = "linux")]
+    pub fn copy_from(&mut self, src: &File, offset: u64, len: u64) -> io::Result<bool> {
+        use std::os::fd::AsRawFd;
+        let Some(w) = &mut self.writer else {
+            return Err(io::Error::other("output already finished"));
+        };
+        // What is buffered goes first: the copy appends at the file's own position.
+        w.flush()?;
+        let out = w.get_ref().as_raw_fd();
+        let mut off_in = i64::try_from(offset).map_err(|_| io::Error::other("offset too large"))?;
+        let mut left = len;
+        while left > 0 {
+            let chunk = left.min(1 << 30) as usize;
+            // SAFETY: both descriptors are open files owned by live `File`s; `off_in` is a valid
+            // pointer for the call, and a null output offset means the output file's position.
+            let n = unsafe {
+                libc::copy_file_range(
+                    src.as_raw_fd(),
+                    &mut off_in,
+                    out,
+                    std::ptr::null_mut(),
+                    chunk,
+                    0,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                let unsupported = matches!(
+                    e.raw_os_error(),
+                    Some(
+                        libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::EBADF
+                    )
+                );
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                if unsupported && left == len {
+                    return Ok(false);
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the input ended before the tensor's bytes",
+                ));
+            }
+            left -= n as u64;
+        }
+        Ok(true)
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub fn copy_from(&mut self, _src: &File, _offset: u64, _len: u64) -> io::Result<bool> {
+        Ok(false)
+    }
+}
+
 impl Write for AtomicOutput {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match &mut self.writer {
@@ -280,6 +343,39 @@ impl Drop for AtomicOutput {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A kernel copy lands after what was written before it (still buffered) and before what is
+    /// written after, and copies exactly the range asked for.
+    #[test]
+    fn copies_from_a_file_land_in_order_between_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let src_path = dir.path().join("src.bin");
+        let src_bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&src_path, &src_bytes).unwrap();
+        let src = File::open(&src_path).unwrap();
+        let target = dir.path().join("out.bin");
+        let mut out = AtomicOutput::create(&target, &[]).unwrap();
+        out.write_all(b"head").unwrap();
+        let copied = out.copy_from(&src, 1000, 200_000).unwrap();
+        out.write_all(b"tail").unwrap();
+        if !copied {
+            // This kernel or file system cannot copy file to file: the caller writes instead.
+            out.write_all(&src_bytes[1000..201_000]).unwrap();
+        }
+        out.finish().unwrap();
+        let got = std::fs::read(&target).unwrap();
+        let mut want = b"head".to_vec();
+        if copied {
+            want.extend_from_slice(&src_bytes[1000..201_000]);
+            want.extend_from_slice(b"tail");
+        } else {
+            want.extend_from_slice(b"tail");
+            want.extend_from_slice(&src_bytes[1000..201_000]);
+        }
+        assert!(got == want, "{} bytes, expected {}", got.len(), want.len());
+        #[cfg(target_os = "linux")]
+        assert!(copied, "copy_file_range within one temporary directory");
+    }
 
     #[test]
     fn finish_renames_and_drop_removes() {

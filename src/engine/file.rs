@@ -141,10 +141,21 @@ pub fn write_streamed<R>(
         let mut sink = move |i: usize, bytes: &[u8]| -> Result<(), EngineError> {
             let (shard, info) = infos[i];
             let file = &shards[shard];
-            // Untouched tensors come straight from the map: write them in pieces and drop each
-            // piece's pages once written, and the input pages of recoded tensors once they are
-            // done, so the base never accumulates in our resident set.
-            writers[shard_of[i]]
+            let writer = &mut writers[shard_of[i]];
+            // An untouched tensor (its bytes are the base's own, in the map) is copied by the
+            // kernel file to file, as `cp` copies: no page of it is faulted into this process.
+            let base = file.tensor_data(info);
+            let untouched =
+                std::ptr::eq(bytes.as_ptr(), base.as_ptr()) && bytes.len() == base.len();
+            if let Some((src, offset)) = file.tensor_source(info).filter(|_| untouched) {
+                if writer.copy_tensor_from(src, offset, bytes.len() as u64)? {
+                    return Ok(());
+                }
+            }
+            // Otherwise write in pieces and drop each piece's pages once written, and the input
+            // pages of recoded tensors once they are done, so the base never accumulates in our
+            // resident set.
+            writer
                 .write_tensor_pieces(bytes.chunks(COPY_PIECE), |p| file.release_slice_pages(p))?;
             file.release_pages(info);
             Ok(())

@@ -77,6 +77,8 @@ impl Backing {
 pub struct GgufFile {
     path: PathBuf,
     backing: Backing,
+    /// The open file behind a map, for copies the kernel makes without mapping ([`GgufFile::tensor_source`]).
+    file: Option<File>,
     version: u32,
     alignment: u64,
     metadata: Metadata,
@@ -105,7 +107,9 @@ impl GgufFile {
             // by another process while it is open; our own writer never writes over an input.
             Backing::Mmap(unsafe { Mmap::map(&file) }.map_err(|e| io("memory-map", e))?)
         };
-        GgufFile::parse(path.to_path_buf(), backing)
+        let mut parsed = GgufFile::parse(path.to_path_buf(), backing)?;
+        parsed.file = Some(file);
+        Ok(parsed)
     }
 
     /// Parses a GGUF image held in memory; `path` only names it in errors (used by tests and fuzzing).
@@ -121,6 +125,7 @@ impl GgufFile {
         Ok(GgufFile {
             path,
             backing,
+            file: None,
             version: parsed.version,
             alignment: parsed.alignment,
             metadata: parsed.metadata,
@@ -169,6 +174,13 @@ impl GgufFile {
         let slice = range.and_then(|r| bytes.get(r));
         debug_assert!(slice.is_some(), "tensor info not from this file");
         slice.unwrap_or(&[])
+    }
+
+    /// The file a tensor's bytes live in and their offset in it, for a copy the kernel makes
+    /// file to file (`None` for an image held in memory).
+    pub fn tensor_source(&self, info: &TensorInfo) -> Option<(&File, u64)> {
+        let offset = self.data_offset.checked_add(info.offset)?;
+        self.file.as_ref().map(|f| (f, offset))
     }
 
     /// Tells the OS that this tensor's pages will not be read again soon, so that streaming through

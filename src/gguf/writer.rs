@@ -4,6 +4,7 @@
 //! [`crate::output::AtomicOutput`]: a temporary file renamed onto the target by [`GgufWriter::finish`].
 
 use std::collections::HashSet;
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -279,6 +280,37 @@ impl GgufWriter {
             std::thread::sleep(d);
         }
         Ok(())
+    }
+
+    /// Writes the next tensor as `size` bytes of `src` from `offset`, copied by the kernel file to
+    /// file; `Ok(false)`, having written nothing, where it cannot (the caller writes the bytes).
+    pub fn copy_tensor_from(&mut self, src: &File, offset: u64, size: u64) -> Result<bool> {
+        let Some((name, want)) = self.tensors.get(self.next).cloned() else {
+            return Err(self.write_err(format!(
+                "more tensors written than the {} declared",
+                self.tensors.len()
+            )));
+        };
+        if size != want {
+            return Err(self.write_err(format!(
+                "tensor '{name}' has {size} bytes of data, expected {want}"
+            )));
+        }
+        // The interrupt tests' slowed writer goes through the ordinary path.
+        if self.slow_write.is_some() {
+            return Ok(false);
+        }
+        if !self
+            .out
+            .copy_from(src, offset, size)
+            .map_err(|e| self.io_err(e))?
+        {
+            return Ok(false);
+        }
+        self.position += size;
+        self.pad_to_alignment()?;
+        self.next += 1;
+        Ok(true)
     }
 
     /// Writes the next tensor from consecutive pieces whose lengths add up to its size, calling
