@@ -460,16 +460,14 @@ impl Prepared<'_, '_> {
                 .iter()
                 .map(|p| {
                     let sampled = self.sampling.get(p.index).and_then(Option::as_ref);
-                    (sampled, sums.get(p.index).and_then(Option::as_ref))
-                })
-                .zip(&self.plans)
-                .map(|(measured, p)| match measured {
-                    (Some(s), Some(t)) => {
-                        // Reported as the plan before promotion had it (its row count and
-                        // columns are the same: only the type differs).
-                        promote::candidate_reports(p, &s.types, &t.candidates)
+                    match (sampled, sums.get(p.index).and_then(Option::as_ref)) {
+                        // The types are the plan's before promotion; a promotion changes only
+                        // the type, so its rows and columns size the candidates alike.
+                        (Some(s), Some(t)) => {
+                            promote::candidate_reports(p, &s.types, &t.candidates)
+                        }
+                        _ => Vec::new(),
                     }
-                    _ => Vec::new(),
                 })
                 .collect();
         }
