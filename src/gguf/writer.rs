@@ -250,31 +250,9 @@ impl GgufWriter {
 
     /// Writes the next tensor's bytes (in the order given to [`GgufWriter::create`]) and its padding.
     pub fn write_tensor(&mut self, data: &[u8]) -> Result<()> {
-        let Some((name, size)) = self.tensors.get(self.next).cloned() else {
-            return Err(GgufError::new(
-                &self.path,
-                GgufErrorKind::Write {
-                    problem: format!(
-                        "more tensors written than the {} declared",
-                        self.tensors.len()
-                    ),
-                },
-            ));
-        };
-        if data.len() as u64 != size {
-            return Err(GgufError::new(
-                &self.path,
-                GgufErrorKind::Write {
-                    problem: format!(
-                        "tensor '{name}' has {} bytes of data, expected {size}",
-                        data.len()
-                    ),
-                },
-            ));
-        }
+        self.next_sized(data.len() as u64)?;
         self.put(data)?;
-        self.pad_to_alignment()?;
-        self.next += 1;
+        self.end_tensor()?;
         if let Some(d) = self.slow_write {
             self.out.flush().map_err(|e| self.io_err(e))?;
             std::thread::sleep(d);
@@ -285,21 +263,7 @@ impl GgufWriter {
     /// Writes the next tensor as `size` bytes of `src` from `offset`, copied by the kernel file to
     /// file; `Ok(false)`, having written nothing, where it cannot (the caller writes the bytes).
     pub fn copy_tensor_from(&mut self, src: &File, offset: u64, size: u64) -> Result<bool> {
-        let Some((name, want)) = self.tensors.get(self.next).cloned() else {
-            return Err(self.write_err(format!(
-                "more tensors written than the {} declared",
-                self.tensors.len()
-            )));
-        };
-        if size != want {
-            return Err(self.write_err(format!(
-                "tensor '{name}' has {size} bytes of data, expected {want}"
-            )));
-        }
-        // The interrupt tests' slowed writer goes through the ordinary path.
-        if self.slow_write.is_some() {
-            return Ok(false);
-        }
+        self.next_sized(size)?;
         if !self
             .out
             .copy_from(src, offset, size)
@@ -308,8 +272,7 @@ impl GgufWriter {
             return Ok(false);
         }
         self.position += size;
-        self.pad_to_alignment()?;
-        self.next += 1;
+        self.end_tensor()?;
         Ok(true)
     }
 
@@ -321,12 +284,7 @@ impl GgufWriter {
         pieces: impl IntoIterator<Item = &'d [u8]>,
         mut done: impl FnMut(&'d [u8]),
     ) -> Result<()> {
-        let Some((name, size)) = self.tensors.get(self.next).cloned() else {
-            return Err(self.write_err(format!(
-                "more tensors written than the {} declared",
-                self.tensors.len()
-            )));
-        };
+        let (name, size) = self.next_declared()?;
         let mut written = 0u64;
         for piece in pieces {
             written += piece.len() as u64;
@@ -341,6 +299,32 @@ impl GgufWriter {
                 "tensor '{name}' has {written} or more bytes of data, expected {size}"
             )));
         }
+        self.end_tensor()
+    }
+
+    /// The next declared tensor's name and size, or the error of writing more than declared.
+    fn next_declared(&self) -> Result<(String, u64)> {
+        self.tensors.get(self.next).cloned().ok_or_else(|| {
+            self.write_err(format!(
+                "more tensors written than the {} declared",
+                self.tensors.len()
+            ))
+        })
+    }
+
+    /// Checks that the next declared tensor has `size` bytes, before any of them is written.
+    fn next_sized(&self, size: u64) -> Result<()> {
+        let (name, want) = self.next_declared()?;
+        if size != want {
+            return Err(self.write_err(format!(
+                "tensor '{name}' has {size} bytes of data, expected {want}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Pads after the tensor just written and moves on to the next.
+    fn end_tensor(&mut self) -> Result<()> {
         self.pad_to_alignment()?;
         self.next += 1;
         Ok(())
