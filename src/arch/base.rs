@@ -12,7 +12,7 @@ use crate::quant::GgmlType;
 #[derive(Debug, thiserror::Error)]
 pub enum ArchError {
     /// `--arch` names no architecture we map.
-    #[error("unknown architecture '{name}'; supported: {}", Arch::list(false))]
+    #[error("unknown architecture '{name}'; supported: {}", Arch::list())]
     Unknown { name: String },
     /// The file given as the base is an adapter.
     #[error("this is a LoRA adapter, not a base model")]
@@ -32,7 +32,7 @@ pub enum BaseError {
     #[error("{}: {error}", path.display())]
     Describe { path: PathBuf, error: ArchError },
     /// The base's architecture has no name map.
-    #[error("{}: architecture '{arch}' has no HF→GGUF name map here; supported: {}", path.display(), Arch::list(false))]
+    #[error("{}: architecture '{arch}' has no HF→GGUF name map here; supported: {}", path.display(), Arch::list())]
     Unmapped { path: PathBuf, arch: String },
     /// `--arch` names no architecture we map.
     #[error(transparent)]

@@ -116,16 +116,10 @@ impl Arch {
         self == Arch::Gemma3
     }
 
-    /// Whether `verify`'s forward pass implements it (`src/models/<arch>.cpp`); MoE is not run.
-    pub fn runs_in_verify(self) -> bool {
-        !self.is_moe()
-    }
-
-    /// `"llama, qwen2, ..."` for messages; `verify_only` lists what the forward pass runs.
-    pub fn list(verify_only: bool) -> String {
+    /// `"llama, qwen2, ..."` for messages (`verify`'s forward pass runs every one of them).
+    pub fn list() -> String {
         Arch::ALL
             .into_iter()
-            .filter(|a| !verify_only || a.runs_in_verify())
             .map(Arch::name)
             .collect::<Vec<_>>()
             .join(", ")
@@ -173,12 +167,8 @@ mod tests {
         assert_eq!(Arch::from_user("Mistral"), Some(Arch::Llama));
         assert_eq!(Arch::from_gguf("mistral"), None);
         assert_eq!(
-            Arch::list(false),
+            Arch::list(),
             "llama, qwen2, qwen2moe, qwen3, qwen3moe, gemma, gemma2, gemma3, phi3"
-        );
-        assert_eq!(
-            Arch::list(true),
-            "llama, qwen2, qwen3, gemma, gemma2, gemma3, phi3"
         );
         assert!(BaseInfo::from_arch("gpt2")
             .unwrap_err()

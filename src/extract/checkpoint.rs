@@ -513,7 +513,7 @@ fn hf_arch(config: &serde_json::Value) -> Result<Arch, String> {
                 "model_type {} / architectures {} is not one we map to GGUF; supported: {}",
                 model_type.map_or("missing".into(), |t| format!("\"{t}\"")),
                 class.map_or("missing".into(), |c| format!("[\"{c}\"]")),
-                Arch::list(false)
+                Arch::list()
             )
         })
 }

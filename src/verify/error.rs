@@ -99,8 +99,6 @@ pub enum VerifyError {
     },
     #[error("{}: {what} cannot be applied at runtime by llama.cpp, so there is no runtime reference to verify against", path.display())]
     NotRuntime { path: PathBuf, what: String },
-    #[error("{}: {tensor} is a stacked expert tensor; verify does not run MoE models", path.display())]
-    Experts { path: PathBuf, tensor: String },
     #[error("cannot create a temporary directory for the merge: {0}")]
     TempDir(std::io::Error),
     #[error("cannot create {}: {error}", path.display())]
@@ -119,12 +117,9 @@ pub enum VerifyError {
 
 impl VerifyError {
     /// Whether the error says the forward pass does not run this kind of model (its
-    /// architecture, its experts, its layout), rather than that something is broken.
+    /// architecture, its layout), rather than that something is broken.
     pub fn is_unrunnable_model(&self) -> bool {
-        matches!(
-            self,
-            VerifyError::Model { .. } | VerifyError::Experts { .. }
-        )
+        matches!(self, VerifyError::Model { .. })
     }
 }
 
@@ -189,6 +184,18 @@ pub enum ModelProblem {
     GateUp { gate: String, up: String },
     #[error("fused {tensor} has an odd size")]
     OddFused { tensor: String },
+    #[error("expert_count {n_expert} / expert_used_count {n_expert_used} are inconsistent")]
+    Experts {
+        n_expert: usize,
+        n_expert_used: usize,
+    },
+    #[error("{tensor} has shape {dims:?}, expected [{n_in}, N, {n_expert}]")]
+    ExpertShape {
+        tensor: String,
+        dims: Vec<u64>,
+        n_in: usize,
+        n_expert: usize,
+    },
 }
 
 /// What is wrong with a weight tensor's bytes.

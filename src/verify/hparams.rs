@@ -54,6 +54,13 @@ pub struct HParams {
     pub embd_scale: f32,
     /// `{arch}.context_length`: the context the model was trained for (0 when the file has none).
     pub n_ctx_train: usize,
+    /// Mixture of experts: experts per layer (0: every layer has a dense FFN) and experts each
+    /// token is routed to.
+    pub n_expert: usize,
+    pub n_expert_used: usize,
+    /// Whether the chosen experts' router weights are renormalized to sum to 1 (llama.cpp's
+    /// `norm_w`: qwen3moe and Mixtral-style llama yes, qwen2moe no).
+    pub expert_weights_norm: bool,
 }
 
 impl HParams {
@@ -66,10 +73,10 @@ impl HParams {
         let arch_name = src
             .meta_str(crate::gguf::KEY_ARCH)
             .ok_or_else(|| bad(ModelProblem::NoArchitecture))?;
-        let Some(arch) = Arch::from_gguf(&arch_name).filter(|a| a.runs_in_verify()) else {
+        let Some(arch) = Arch::from_gguf(&arch_name) else {
             return Err(bad(ModelProblem::Unsupported {
                 arch: arch_name,
-                supported: Arch::list(true),
+                supported: Arch::list(),
             }));
         };
         let key = |k: &str| format!("{arch_name}.{k}");
@@ -253,6 +260,15 @@ impl HParams {
             Arch::Gemma3 => src.meta_f32(&key("final_logit_softcapping")).unwrap_or(0.0),
             _ => 0.0,
         };
+        let n_expert = src.meta_uint(&key("expert_count")).unwrap_or(0) as usize;
+        let n_expert_used = src.meta_uint(&key("expert_used_count")).unwrap_or(0) as usize;
+        if n_expert > 0 && (n_expert > 4096 || n_expert_used == 0 || n_expert_used > n_expert) {
+            return Err(bad(ModelProblem::Experts {
+                n_expert,
+                n_expert_used,
+            }));
+        }
+        let expert_weights_norm = arch != Arch::Qwen2Moe;
         let embd_scale = if arch.is_gemma() {
             (n_embd as f32).sqrt()
         } else {
@@ -277,6 +293,9 @@ impl HParams {
             final_softcap,
             embd_scale,
             n_ctx_train: n_ctx_train as usize,
+            n_expert,
+            n_expert_used,
+            expert_weights_norm,
         })
     }
 }

@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use super::error::{LoraProblem, Result, VerifyError};
 use super::matmul::{matmul, Operand};
 use crate::adapter::{Adapter, LowRank};
-use crate::arch::TargetKind;
 
 /// The tensor whose LoRA is applied at lookup rather than as a product.
 pub const TOKEN_EMBD: &str = "token_embd.weight";
@@ -73,12 +72,6 @@ impl RuntimeLora {
     /// [`Adapter::unrepresentable`].
     pub fn add_adapter(&mut self, adapter: &Adapter, user_scale: f32) -> Result<()> {
         for t in &adapter.tensors {
-            if t.kind == TargetKind::Experts {
-                return Err(VerifyError::Experts {
-                    path: adapter.provenance.path.clone(),
-                    tensor: t.target.clone(),
-                });
-            }
             let term = LoraTerm {
                 lr: t.low_rank()?,
                 user_scale,
@@ -99,15 +92,53 @@ impl RuntimeLora {
         n_out: usize,
         rows: std::ops::Range<usize>,
     ) -> Result<()> {
+        let xs = &x[rows.start * n_in..rows.end * n_in];
+        let ys = &mut y[rows.start * n_out..rows.end * n_out];
+        self.apply_to(tensor, None, xs, ys, n_in, n_out)
+    }
+
+    /// `y += Σ scale·B_e·(A_e·x)` for expert `expert` of the stacked tensor `tensor` (every row of
+    /// `x`, `n_in` each, and of `y`, `n_out` each: the tokens routed to that expert), as llama.cpp's
+    /// `build_lora_mm_id` applies an expert adapter.
+    pub fn apply_expert(
+        &self,
+        tensor: &str,
+        expert: usize,
+        x: &[f32],
+        y: &mut [f32],
+        n_in: usize,
+        n_out: usize,
+    ) -> Result<()> {
+        self.apply_to(tensor, Some(expert), x, y, n_in, n_out)
+    }
+
+    fn apply_to(
+        &self,
+        tensor: &str,
+        expert: Option<usize>,
+        xs: &[f32],
+        ys: &mut [f32],
+        n_in: usize,
+        n_out: usize,
+    ) -> Result<()> {
         let terms = self.get(tensor);
-        if terms.is_empty() || rows.is_empty() {
+        let n_tok = xs.len() / n_in.max(1);
+        if terms.is_empty() || n_tok == 0 {
             return Ok(());
         }
-        let n_tok = rows.len();
-        let xs = &x[rows.start * n_in..rows.end * n_in];
         for term in terms {
             let lr = &term.lr;
-            if lr.a.len() != lr.rank * n_in || lr.b.len() != n_out * lr.rank {
+            // A plain matrix is one "expert"; a stacked one holds `n_expert` blocks of each factor.
+            let (e, n_blocks) = match expert {
+                Some(e) => (e, lr.n_expert),
+                None => (0, 1),
+            };
+            let (a_len, b_len) = (lr.rank * n_in, n_out * lr.rank);
+            if e >= n_blocks
+                || lr.n_expert.max(1) != n_blocks
+                || lr.a.len() != a_len * n_blocks
+                || lr.b.len() != b_len * n_blocks
+            {
                 return Err(VerifyError::Lora {
                     tensor: tensor.to_string(),
                     problem: LoraProblem::Shapes {
@@ -119,17 +150,19 @@ impl RuntimeLora {
                     },
                 });
             }
-            let ax = matmul(&Operand::F32 { rows: &lr.a, n_in }, xs, n_tok)?;
+            let a = &lr.a[e * a_len..(e + 1) * a_len];
+            let b = &lr.b[e * b_len..(e + 1) * b_len];
+            let ax = matmul(&Operand::F32 { rows: a, n_in }, xs, n_tok)?;
             let bax = matmul(
                 &Operand::F32 {
-                    rows: &lr.b,
+                    rows: b,
                     n_in: lr.rank,
                 },
                 &ax,
                 n_tok,
             )?;
             let scale = term.scale();
-            for (dst, d) in y[rows.start * n_out..rows.end * n_out].iter_mut().zip(&bax) {
+            for (dst, d) in ys.iter_mut().zip(&bax) {
                 *dst += scale * d;
             }
         }
