@@ -19,11 +19,11 @@ use half::bf16;
 
 use crate::adapter::Adapter;
 use crate::engine::preserve::{self, InputStats, Weighting};
-use crate::engine::{AdapterInput, MergeType, RequantMethod};
+use crate::engine::{AdapterInput, InputStatsMap, MergeType, RequantMethod};
 use crate::gguf::GgufModel;
 use crate::tokenizer::{Tokenizer, TokenizerError};
 use crate::verify::forward::{LinearInputs, Model};
-use crate::verify::lora::RuntimeLora;
+use crate::verify::lora::{LoraTerm, RuntimeLora};
 use crate::verify::VerifyError;
 
 /// The text the merge calibrates on when the user gives none.
@@ -102,9 +102,9 @@ pub struct CalibrationSpec<'t> {
     pub weighting: Weighting,
 }
 
-/// Statistics per touched tensor.
+/// Statistics per touched tensor (per expert for stacked experts).
 pub struct Calibration {
-    pub stats: HashMap<String, Arc<InputStats>>,
+    pub stats: InputStatsMap,
     pub tokens: usize,
     pub source: String,
 }
@@ -121,13 +121,28 @@ impl std::fmt::Debug for Calibration {
     }
 }
 
-/// The input a tensor shares with its siblings: q/k/v read one normed hidden state, gate/up another.
+/// What the statistics of expert `expert` of the stacked tensor `tensor` are recorded under
+/// (the tensor's rows of that expert are requantized with them).
+fn expert_key(tensor: &str, expert: usize) -> String {
+    format!("{tensor}#{expert}")
+}
+
+/// The stacked tensor and expert of an [`expert_key`]; `None` for a plain tensor's name.
+fn split_expert_key(key: &str) -> Option<(&str, usize)> {
+    let (tensor, e) = key.rsplit_once('#')?;
+    Some((tensor, e.parse().ok()?))
+}
+
+/// The input a tensor shares with its siblings: q/k/v read one normed hidden state, gate/up another
+/// (an expert's gate/up likewise, per expert).
 fn input_key(tensor: &str) -> String {
     let mut parts: Vec<&str> = tensor.split('.').collect();
     if parts.len() >= 3 {
         let shared = match parts[2] {
             "attn_q" | "attn_k" | "attn_v" => Some("attn_in"),
             "ffn_gate" | "ffn_up" => Some("ffn_in"),
+            "ffn_gate_exps" | "ffn_up_exps" => Some("ffn_in_exps"),
+            "ffn_gate_shexp" | "ffn_up_shexp" => Some("ffn_in_shexp"),
             _ => None,
         };
         if let Some(s) = shared {
@@ -197,11 +212,11 @@ impl<T: Recorded> Recorder<'_, T> {
     }
 }
 
-impl<T: Recorded> LinearInputs for Recorder<'_, T> {
-    fn observe(&self, tensor: &str, _stream: usize, x: &[f32], n_in: usize) {
-        if !self.wanted.contains(tensor) {
-            return;
-        }
+impl<T: Recorded> Recorder<'_, T> {
+    /// Appends `x` to the record of `tensor`'s input (a plain tensor's name or an [`expert_key`]).
+    /// An expert sees a share of the tokens that routing decides, so its record grows as needed
+    /// rather than being sized for every token.
+    fn record(&self, tensor: &str, x: &[f32], n_in: usize, expert: bool) {
         let key = input_key(tensor);
         let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
         let entry = members.entry(key.clone()).or_default();
@@ -213,11 +228,25 @@ impl<T: Recorded> LinearInputs for Recorder<'_, T> {
         }
         drop(members);
         let mut inputs = self.inputs.lock().unwrap_or_else(|e| e.into_inner());
-        let total = self.total_tokens;
+        let total = if expert { 0 } else { self.total_tokens };
         let entry = inputs
             .entry(key)
             .or_insert_with(|| (n_in, Vec::with_capacity(n_in.saturating_mul(total))));
         entry.1.extend(x.iter().map(|&v| T::record(v)));
+    }
+}
+
+impl<T: Recorded> LinearInputs for Recorder<'_, T> {
+    fn observe(&self, tensor: &str, _stream: usize, x: &[f32], n_in: usize) {
+        if self.wanted.contains(tensor) {
+            self.record(tensor, x, n_in, false);
+        }
+    }
+
+    fn observe_expert(&self, tensor: &str, expert: usize, _stream: usize, x: &[f32], n_in: usize) {
+        if self.wanted.contains(tensor) {
+            self.record(&expert_key(tensor, expert), x, n_in, true);
+        }
     }
 
     fn wants_logits(&self) -> bool {
@@ -307,7 +336,25 @@ pub fn calibrate(
                 .collect();
             for (tensors, s) in built {
                 for t in tensors {
-                    stats.insert(t, Arc::clone(&s));
+                    match split_expert_key(&t) {
+                        // A stacked tensor's statistics are one entry per expert, in expert
+                        // order; an expert no token reached has none (its rows round to nearest).
+                        Some((tensor, e)) => {
+                            let n_expert = model
+                                .tensor(tensor)
+                                .and_then(|t| t.dims.get(2).copied())
+                                .unwrap_or(0) as usize;
+                            let per_expert = stats
+                                .entry(tensor.to_string())
+                                .or_insert_with(|| vec![None; n_expert]);
+                            if let Some(slot) = per_expert.get_mut(e) {
+                                *slot = Some(Arc::clone(&s));
+                            }
+                        }
+                        None => {
+                            stats.insert(t, vec![Some(Arc::clone(&s))]);
+                        }
+                    }
                 }
             }
         },
@@ -394,25 +441,52 @@ fn record_inputs_by_layer<T: Recorded>(
 /// how much it moves the output. Stacked experts are left out (their input differs per expert).
 fn adapter_rows(lora: &RuntimeLora, tensors: &[String], n_in: usize) -> Vec<f32> {
     let mut rows = Vec::new();
-    for term in tensors.iter().flat_map(|t| lora.get(t)) {
-        let lr = &term.lr;
-        if lr.rank == 0 || lr.n_expert > 1 || lr.a.len() != lr.rank * n_in {
-            continue;
-        }
-        let scale = term.scale().abs() as f64;
-        for (i, a) in lr.a.chunks_exact(n_in).enumerate() {
-            let b_norm =
-                lr.b.iter()
-                    .skip(i)
-                    .step_by(lr.rank)
-                    .map(|&v| v as f64 * v as f64)
-                    .sum::<f64>()
-                    .sqrt();
-            let weight = (scale * b_norm) as f32;
-            rows.extend(a.iter().map(|&v| v * weight));
+    for key in tensors {
+        // An expert's directions are its own blocks of the stacked factors.
+        let (tensor, expert) = match split_expert_key(key) {
+            Some((t, e)) => (t, Some(e)),
+            None => (key.as_str(), None),
+        };
+        for term in lora.get(tensor) {
+            push_adapter_rows(term, expert, n_in, &mut rows);
         }
     }
     rows
+}
+
+/// [`adapter_rows`] of one term: of expert `expert`'s blocks for a stacked term.
+fn push_adapter_rows(term: &LoraTerm, expert: Option<usize>, n_in: usize, rows: &mut Vec<f32>) {
+    let lr = &term.lr;
+    let n_blocks = lr.n_expert.max(1);
+    let e = match expert {
+        Some(e) if n_blocks > 1 && e < n_blocks => e,
+        None if n_blocks == 1 => 0,
+        _ => return,
+    };
+    let a_len = lr.rank * n_in;
+    if lr.rank == 0
+        || lr.a.len() != a_len * n_blocks
+        || !lr.b.len().is_multiple_of(lr.rank * n_blocks)
+    {
+        return;
+    }
+    let b_len = lr.b.len() / n_blocks;
+    let (a, b) = (
+        &lr.a[e * a_len..(e + 1) * a_len],
+        &lr.b[e * b_len..(e + 1) * b_len],
+    );
+    let scale = term.scale().abs() as f64;
+    for (i, a) in a.chunks_exact(n_in).enumerate() {
+        let b_norm = b
+            .iter()
+            .skip(i)
+            .step_by(lr.rank)
+            .map(|&v| v as f64 * v as f64)
+            .sum::<f64>()
+            .sqrt();
+        let weight = (scale * b_norm) as f32;
+        rows.extend(a.iter().map(|&v| v * weight));
+    }
 }
 
 /// What the merge calibrates on: the user's text (and what to call it), or our corpus.

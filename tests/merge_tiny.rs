@@ -616,3 +616,105 @@ print(json.dumps({"same": same, "q4_0": sum(t.tensor_type.name == "Q4_0" for t i
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(!asked.exists());
 }
+
+/// An MoE base calibrates like any other: the forward pass routes each calibration token to its
+/// experts, and each expert's rows of the stacked `ffn_*_exps` are requantized with the statistics
+/// of the tokens routed to it. The qwen2moe fixture (4 experts, a shared expert) in Q4_0 with its
+/// adapter on every attention, expert and shared-expert projection, at a scale that makes its change
+/// a fraction of a Q4_0 step (as a trained adapter's is): judged by llama.cpp on tokens the
+/// calibration did not see, the default merge is closer to the runtime LoRA than rounding to
+/// nearest, and the report measures every expert tensor in output space, keeping more than rounding.
+#[test]
+fn moe_bases_calibrate_per_expert_and_keep_more_of_the_adapter_than_rounding() {
+    require_interop!();
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("moe-q4_0.gguf");
+    gguf_lora()
+        .args([
+            "quantize",
+            s(&fixture("qwen2moe/base-f32.gguf")),
+            "-o",
+            s(&base),
+        ])
+        .args(["--type", "q4_0"])
+        .assert()
+        .success();
+    let lora = fixture("qwen2moe/adapters/standard/ref_convert.gguf");
+    let scaled = format!("{}:0.1", s(&lora));
+    let merge = |name: &str, extra: &[&str]| -> (PathBuf, Value) {
+        let out = dir.path().join(name);
+        let assert = gguf_lora()
+            .args([
+                "merge",
+                s(&base),
+                "--lora-scaled",
+                &scaled,
+                "-o",
+                s(&out),
+                "--json",
+            ])
+            .args(extra)
+            .assert()
+            .success();
+        let report = serde_json::from_slice(&assert.get_output().stdout).unwrap();
+        (out, report)
+    };
+    let (default, report) = merge("default.gguf", &[]);
+    let (nearest, _) = merge("nearest.gguf", &["--requant", "nearest"]);
+    let tensors = report["tensors"].as_array().unwrap();
+    let experts: Vec<&Value> = tensors
+        .iter()
+        .filter(|t| t["name"].as_str().unwrap().ends_with("_exps.weight"))
+        .collect();
+    assert_eq!(experts.len(), 6, "gate/up/down experts of 2 layers");
+    for t in &experts {
+        let kept = t["share_kept"].as_f64().unwrap();
+        let nearest_kept = t["nearest"]["share_kept"].as_f64().unwrap();
+        eprintln!("{}: kept {kept:.3}, nearest {nearest_kept:.3}", t["name"]);
+        assert_eq!(t["measured_in"], "outputs", "{t}");
+        assert!(kept > nearest_kept + 0.04, "{t}");
+    }
+    // llama.cpp: the runtime LoRA and both merges on 64 tokens unlike the calibration's.
+    let tokens: Vec<String> = (0..64).map(|i| ((i * 37 + 11) % 256).to_string()).collect();
+    let tokens = tokens.join(",");
+    let logits = |model: &Path, lora: Option<&str>, name: &str| -> PathBuf {
+        let out = dir.path().join(name);
+        let mut args = vec![s(model), "--tokens", &tokens, "--out", s(&out)];
+        if let Some(l) = lora {
+            args.extend(["--lora", l]);
+        }
+        interop().python(&repo_root().join("testdata/tools/llama_logits.py"), &args);
+        out
+    };
+    let runtime = logits(&base, Some(&scaled), "runtime.npy");
+    let of_default = logits(&default, None, "default.npy");
+    let of_nearest = logits(&nearest, None, "nearest.npy");
+    let of_base = logits(&base, None, "base.npy");
+    let code = r#"
+import json, sys
+import numpy as np
+def log_softmax(x):
+    x = x.astype(np.float64); x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+r = log_softmax(np.load(sys.argv[1]))
+kl = lambda p: float((np.exp(r) * (r - log_softmax(np.load(p)))).sum(-1).mean())
+print(json.dumps({"default": kl(sys.argv[2]), "nearest": kl(sys.argv[3]), "base": kl(sys.argv[4])}))
+"#;
+    let kl: Value = serde_json::from_str(
+        interop()
+            .python_code(
+                code,
+                &[s(&runtime), s(&of_default), s(&of_nearest), s(&of_base)],
+            )
+            .trim(),
+    )
+    .unwrap();
+    eprintln!("KL to the runtime LoRA (llama.cpp): {kl}");
+    let (d, n, b) = (
+        kl["default"].as_f64().unwrap(),
+        kl["nearest"].as_f64().unwrap(),
+        kl["base"].as_f64().unwrap(),
+    );
+    assert!(b > 0.01, "the adapter changes the model: {kl}");
+    assert!(d < 0.85 * n, "{kl}");
+}

@@ -230,8 +230,13 @@ pub enum Promote {
     },
 }
 
-/// Calibration statistics per base tensor name (tensors sharing an input share one).
-pub type InputStatsMap = HashMap<String, Arc<InputStats>>;
+/// Calibration statistics of one tensor: one entry for a matrix; for stacked experts one per
+/// expert, in expert order (its rows are expert-major), `None` where no calibration token reached
+/// the expert.
+pub type TensorStats = Vec<Option<Arc<InputStats>>>;
+
+/// Calibration statistics per base tensor name (tensors sharing an input share them).
+pub type InputStatsMap = HashMap<String, TensorStats>;
 
 /// How merged tensors are requantized (`merge --requant`).
 #[derive(Clone, Debug)]
@@ -327,8 +332,13 @@ pub fn prepare<'a, 'u>(
     let mut plans = plan::plan(base_arch, base, adapters, opts.outtype)?;
     if let RequantMethod::Preserve { stats, .. } = &opts.requant {
         for p in plans.iter_mut().filter(|p| p.is_touched()) {
-            if let Some(s) = stats.get(&base[p.index].name) {
-                p.requant = Requant::Preserve { stats: s };
+            let t = &base[p.index];
+            if let Some(s) = stats.get(&t.name).filter(|s| !s.is_empty()) {
+                let n_rows: u64 = t.dims.iter().skip(1).product();
+                p.requant = Requant::Preserve {
+                    stats: s,
+                    rows_per_stats: (n_rows as usize / s.len()).max(1),
+                };
             }
         }
     }

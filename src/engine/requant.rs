@@ -4,6 +4,8 @@
 //! the same way whatever the strategy. A new requantization method is one more variant here, with
 //! whatever per-tensor state it needs (calibration statistics, ...) carried in the variant.
 
+use std::sync::Arc;
+
 use super::preserve::{self, InputStats};
 use super::{codec, EngineError};
 use crate::quant::GgmlType;
@@ -39,6 +41,26 @@ pub struct RowBlock<'b> {
     pub base_bytes: Option<&'b [u8]>,
 }
 
+impl<'b> RowBlock<'b> {
+    /// Rows `range` of the block (counted from its first row), as a block of their own.
+    pub fn rows(&self, range: std::ops::Range<usize>) -> RowBlock<'b> {
+        let n = self.n_cols;
+        let row_bytes = self
+            .base_bytes
+            .map(|b| b.len() / (self.exact.len() / n.max(1)).max(1));
+        RowBlock {
+            exact: &self.exact[range.start * n..range.end * n],
+            base: &self.base[range.start * n..range.end * n],
+            r0: self.r0 + range.start,
+            n_cols: n,
+            base_bytes: self
+                .base_bytes
+                .zip(row_bytes)
+                .map(|(b, rb)| &b[range.start * rb..range.end * rb]),
+        }
+    }
+}
+
 /// How one tensor's rows are requantized.
 #[derive(Clone, Copy, Debug)]
 pub enum Requant<'u> {
@@ -46,8 +68,13 @@ pub enum Requant<'u> {
     /// importance-weighted one (`ggml_quantize_chunk`), bit for bit.
     Nearest { importance: Option<Importance<'u>> },
     /// Keep the adapter's effect on the tensor's output over calibration inputs (see
-    /// [`preserve`]); types without a known grid (IQ, floats) are rounded to nearest.
-    Preserve { stats: &'u InputStats },
+    /// [`preserve`]); types without a known grid (IQ, floats) are rounded to nearest. `stats`
+    /// holds one entry per `rows_per_stats` rows: one for a matrix, one per expert for stacked
+    /// experts; rows whose entry is `None` are rounded to nearest.
+    Preserve {
+        stats: &'u [Option<Arc<InputStats>>],
+        rows_per_stats: usize,
+    },
 }
 
 impl Default for Requant<'_> {
@@ -65,13 +92,31 @@ impl Requant<'_> {
         }
     }
 
-    /// The calibration statistics, when the strategy has some (the report measures in output
-    /// space with them).
-    pub fn stats(&self) -> Option<&InputStats> {
-        match self {
-            Requant::Nearest { .. } => None,
-            Requant::Preserve { stats } => Some(stats),
+    /// The runs of `rows` (counted from its first row) that share one entry of the statistics, with
+    /// that entry: the whole block for a matrix, one run per expert a stacked tensor's block spans.
+    /// `None` where there are no statistics (nearest, an expert no token reached, another width).
+    pub fn runs(&self, rows: &RowBlock<'_>) -> Vec<(std::ops::Range<usize>, Option<&InputStats>)> {
+        let n_rows = rows.exact.len() / rows.n_cols.max(1);
+        let Requant::Preserve {
+            stats,
+            rows_per_stats,
+        } = self
+        else {
+            return vec![(0..n_rows, None)];
+        };
+        let mut runs = Vec::new();
+        let mut r = 0;
+        while r < n_rows {
+            let at = rows.r0 + r;
+            let end = n_rows.min(r + rows_per_stats - at % rows_per_stats);
+            let s = stats
+                .get(at / rows_per_stats)
+                .and_then(|s| s.as_deref())
+                .filter(|s| s.n_cols == rows.n_cols);
+            runs.push((r..end, s));
+            r = end;
         }
+        runs
     }
 
     /// Rows worth handing to [`Requant::encode`] at once: the preserving sweep runs
@@ -99,14 +144,62 @@ impl Requant<'_> {
                 rows.r0,
                 importance.as_ref(),
             ),
-            Requant::Preserve { stats }
-                if preserve::supports(ty) && stats.n_cols == rows.n_cols =>
-            {
-                preserve::encode_rows(ty, stats, rows.exact, rows.base_bytes, out)
-            }
             Requant::Preserve { .. } => {
-                codec::quantize(ty, rows.exact, out, rows.n_cols, rows.r0, None)
+                let n_rows = rows.exact.len() / rows.n_cols.max(1);
+                let row_bytes = out.len() / n_rows.max(1);
+                for (run, stats) in self.runs(rows) {
+                    let sub = rows.rows(run.clone());
+                    let o = &mut out[run.start * row_bytes..run.end * row_bytes];
+                    match stats {
+                        Some(s) if preserve::supports(ty) => {
+                            preserve::encode_rows(ty, s, sub.exact, sub.base_bytes, o)?
+                        }
+                        _ => codec::quantize(ty, sub.exact, o, sub.n_cols, sub.r0, None)?,
+                    }
+                }
+                Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_block_spanning_two_experts_is_split_at_the_boundary() {
+        let n_cols = 32;
+        let tokens: Vec<f32> = (0..64 * n_cols)
+            .map(|i| ((i * 7) % 13) as f32 - 6.0)
+            .collect();
+        let s = Arc::new(InputStats::new(
+            n_cols,
+            &tokens,
+            &[],
+            &preserve::Weighting::default(),
+        ));
+        // Three experts of 32 rows; the second reached by no calibration token.
+        let stats = vec![Some(Arc::clone(&s)), None, Some(s)];
+        let requant = Requant::Preserve {
+            stats: &stats,
+            rows_per_stats: 32,
+        };
+        let values = vec![0f32; 48 * n_cols];
+        let block = RowBlock {
+            exact: &values,
+            base: &values,
+            r0: 24,
+            n_cols,
+            base_bytes: None,
+        };
+        let runs: Vec<(std::ops::Range<usize>, bool)> = requant
+            .runs(&block)
+            .into_iter()
+            .map(|(r, s)| (r, s.is_some()))
+            .collect();
+        assert_eq!(runs, vec![(0..8, true), (8..40, false), (40..48, true)]);
+        assert_eq!(block.rows(8..40).r0, 32);
+        assert_eq!(requant.runs(&block.rows(0..8)).len(), 1);
     }
 }

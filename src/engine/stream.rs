@@ -408,16 +408,26 @@ fn requantize_and_measure(
     let t = lap(&phases.requantize, t);
     back.resize(rows.exact.len(), 0.0);
     codec::dequantize(ty, out, back, rows.n_cols)?;
-    let stats = requant
-        .stats()
-        .filter(|s| s.n_cols == rows.n_cols && s.t_eval > 0);
-    let (weights, outputs) = fidelity(rows, back, stats, m, false);
+    // Measured per run of rows that share statistics (a stacked tensor's experts each have their
+    // own); rows without any are measured in weight space only.
+    let runs = requant.runs(rows);
+    let n = rows.n_cols;
     let mut s = ErrorSums {
         n: rows.exact.len() as u64,
-        weights,
-        outputs,
         ..Default::default()
     };
+    for (run, stats) in &runs {
+        let stats = stats.filter(|s| s.t_eval > 0);
+        let (w, o) = fidelity(
+            &rows.rows(run.clone()),
+            &back[run.start * n..run.end * n],
+            stats,
+            m,
+            false,
+        );
+        s.weights = s.weights.add(w);
+        s.outputs = s.outputs.add(o);
+    }
     if beside_nearest && !matches!(requant, Requant::Nearest { .. }) {
         let mut near_bytes = std::mem::take(&mut m.near_bytes);
         let mut near_back = std::mem::take(&mut m.near_back);
@@ -425,9 +435,24 @@ fn requantize_and_measure(
         near_back.resize(rows.exact.len(), 0.0);
         Requant::default().encode(ty, rows, &mut near_bytes)?;
         codec::dequantize(ty, &near_bytes, &mut near_back, rows.n_cols)?;
-        let (w, o) = fidelity(rows, &near_back, stats, m, true);
-        s.nearest_weights = Some(w);
-        s.nearest_outputs = stats.map(|_| o);
+        let (mut nw, mut no) = (KeptSums::default(), None::<KeptSums>);
+        for (run, stats) in &runs {
+            let stats = stats.filter(|s| s.t_eval > 0);
+            // The change's projection is recomputed: `m.pd` holds the last run's only.
+            let (w, o) = fidelity(
+                &rows.rows(run.clone()),
+                &near_back[run.start * n..run.end * n],
+                stats,
+                m,
+                runs.len() == 1,
+            );
+            nw = nw.add(w);
+            if stats.is_some() {
+                no = Some(no.unwrap_or_default().add(o));
+            }
+        }
+        s.nearest_weights = Some(nw);
+        s.nearest_outputs = no;
         m.near_bytes = near_bytes;
         m.near_back = near_back;
     }
