@@ -23,9 +23,11 @@ fn read_f64(path: &Path) -> Vec<f64> {
         .collect()
 }
 
-#[test]
-fn input_grams_equal_pytorch_hooks_on_the_hf_model_with_peft() {
-    let refs = root().join("testdata/calibration/llama-standard");
+/// Our recorded inputs of `fixture` with its standard adapter against the reference Grams in
+/// `testdata/calibration/<refs>`: every reference has a record of the same tokens and every adapted
+/// tensor (every expert of a stacked one that a token reached) a reference.
+fn grams_equal_pytorch_hooks(fixture: &str, refs: &str) {
+    let refs = root().join("testdata/calibration").join(refs);
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(refs.join("manifest.json")).unwrap()).unwrap();
     let tokens: Vec<u32> = manifest["tokens"]
@@ -35,25 +37,26 @@ fn input_grams_equal_pytorch_hooks_on_the_hf_model_with_peft() {
         .map(|t| t.as_u64().unwrap() as u32)
         .collect();
     let grams = manifest["grams"].as_object().unwrap();
-    let model = GgufModel::open(root().join("testdata/fixtures/llama/base-f32.gguf")).unwrap();
+    let dir = root().join("testdata/fixtures").join(fixture);
+    let model = GgufModel::open(dir.join("base-f32.gguf")).unwrap();
     let (input, adapter) = open_adapter(
-        &root().join("testdata/fixtures/llama/adapters/standard"),
+        &dir.join("adapters/standard"),
         &model,
         "standard".into(),
         1.0,
     )
     .unwrap();
     let targets: HashSet<String> = input.updates.iter().map(|(n, _)| n.clone()).collect();
-    assert_eq!(
-        targets.len(),
-        grams.len(),
-        "every adapted tensor has a reference"
-    );
+    // An expert's reference is named `<stacked tensor>#<expert>`.
+    let referenced: HashSet<String> = grams
+        .keys()
+        .map(|k| k.split('#').next().unwrap().to_string())
+        .collect();
+    assert_eq!(referenced, targets, "every adapted tensor has a reference");
     let recorded = record_inputs::<f32>(&model, &[(&adapter, 1.0)], &tokens, &targets, 64).unwrap();
     let mut compared = HashSet::new();
     for r in &recorded {
         let n = r.n_in;
-        assert_eq!(r.rows.len(), tokens.len() * n);
         let mut ours = vec![0f64; n * n];
         for x in r.rows.chunks_exact(n) {
             for i in 0..n {
@@ -65,6 +68,8 @@ fn input_grams_equal_pytorch_hooks_on_the_hf_model_with_peft() {
         for name in &r.tensors {
             let entry = &grams[name.as_str()];
             assert_eq!(entry["n_in"].as_u64().unwrap() as usize, n, "{name}");
+            let routed = entry["tokens"].as_u64().unwrap() as usize;
+            assert_eq!(r.rows.len(), routed * n, "{name}: tokens recorded");
             let theirs = read_f64(&refs.join(format!("{name}.f64")));
             assert_eq!(theirs.len(), n * n, "{name}");
             // f32 accuracy, relative to the Gram's scale (its largest diagonal entry).
@@ -81,5 +86,18 @@ fn input_grams_equal_pytorch_hooks_on_the_hf_model_with_peft() {
             compared.insert(name.clone());
         }
     }
-    assert_eq!(compared, targets, "every adapted tensor compared");
+    let want: HashSet<String> = grams.keys().cloned().collect();
+    assert_eq!(compared, want, "every reference compared");
+}
+
+#[test]
+fn input_grams_equal_pytorch_hooks_on_the_hf_model_with_peft() {
+    grams_equal_pytorch_hooks("llama", "llama-standard");
+}
+
+/// The same on an MoE base: each expert's input is the rows of the tokens the router sends it, so
+/// this checks the routing of the calibration pass as well as what each expert sees.
+#[test]
+fn each_expert_s_input_grams_equal_pytorch_hooks_on_the_routed_tokens() {
+    grams_equal_pytorch_hooks("qwen3moe", "qwen3moe-standard");
 }

@@ -11,6 +11,14 @@ Usage, from the repository root, in the fixture venv (testdata/fixtures/setup-fi
   gram_reference.py testdata/fixtures/llama testdata/fixtures/llama/adapters/standard \
       testdata/calibration/llama-standard
 writes OUT_DIR/<tensor>.f64 and OUT_DIR/manifest.json (with the tool versions).
+
+MoE fixtures: transformers' GGUF loader does not read qwen3moe's expert width, so the HF weights
+the fixture was converted from are loaded instead (make_moe_fixture.py leaves them in
+~/.cache/gguf-lora/fixture-work/<arch>/hf), given as a fourth argument:
+  gram_reference.py testdata/fixtures/qwen3moe testdata/fixtures/qwen3moe/adapters/standard \
+      testdata/calibration/qwen3moe-standard ~/.cache/gguf-lora/fixture-work/qwen3moe/hf
+Each expert's input is the rows of the tokens routed to it, named `<stacked tensor>#<expert>`
+(`blk.0.ffn_gate_exps.weight#2`), as the merge's calibration records them.
 """
 import json
 import os
@@ -37,11 +45,27 @@ HF_TO_GGUF = {
 }
 
 
-def main(fixture_dir, adapter_dir, out_dir):
+EXPERT_TO_GGUF = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+
+
+def gguf_name(role, layer):
+    """llama.cpp's name of the tensor behind HF module `role` of layer `layer`, or None."""
+    if role in HF_TO_GGUF:
+        return f"blk.{layer}.{HF_TO_GGUF[role]}.weight"
+    parts = role.split(".")
+    if len(parts) == 4 and parts[:2] == ["mlp", "experts"] and parts[3] in EXPERT_TO_GGUF:
+        return f"blk.{layer}.{EXPERT_TO_GGUF[parts[3]]}.weight#{int(parts[2])}"
+    return None
+
+
+def main(fixture_dir, adapter_dir, out_dir, hf_dir=None):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(
-        fixture_dir, gguf_file="base-f32.gguf", dtype=torch.float32
-    )
+    if hf_dir:
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            fixture_dir, gguf_file="base-f32.gguf", dtype=torch.float32
+        )
     model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
     captured = {}
@@ -59,8 +83,9 @@ def main(fixture_dir, adapter_dir, out_dir):
             continue
         layer = int(parts[parts.index("layers") + 1])
         role = ".".join(parts[parts.index("layers") + 2:])
-        if role in HF_TO_GGUF:
-            module.base_layer.register_forward_pre_hook(hook(f"blk.{layer}.{HF_TO_GGUF[role]}.weight"))
+        target = gguf_name(role, layer)
+        if target is not None:
+            module.base_layer.register_forward_pre_hook(hook(target))
     with torch.no_grad():
         model(torch.tensor([TOKENS]), use_cache=False)
     os.makedirs(out_dir, exist_ok=True)
@@ -73,6 +98,7 @@ def main(fixture_dir, adapter_dir, out_dir):
     manifest = {
         "made_by": "testdata/calibration/gram_reference.py",
         "fixture": os.path.join(fixture_dir, "base-f32.gguf"),
+        "weights_from": "HF weights the fixture was converted from" if hf_dir else "the fixture, by transformers",
         "adapter": adapter_dir,
         "tokens": TOKENS,
         "versions": {
@@ -90,4 +116,4 @@ def main(fixture_dir, adapter_dir, out_dir):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])
