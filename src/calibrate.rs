@@ -438,7 +438,8 @@ fn record_inputs_by_layer<T: Recorded>(
 /// The directions the adapters of `tensors` (which share one input of `n_in` values) read that
 /// input along: every row `a_i` of every term's `A`, times `|scale|·‖B e_i‖`, so that the rows'
 /// Gram is `Σ ΔWᵀΔW` over the terms when `B`'s columns are orthogonal, and a direction weighs by
-/// how much it moves the output. Stacked experts are left out (their input differs per expert).
+/// how much it moves the output. An expert's record (an [`expert_key`]) gets its own blocks of a
+/// stacked term.
 fn adapter_rows(lora: &RuntimeLora, tensors: &[String], n_in: usize) -> Vec<f32> {
     let mut rows = Vec::new();
     for key in tensors {
@@ -457,24 +458,14 @@ fn adapter_rows(lora: &RuntimeLora, tensors: &[String], n_in: usize) -> Vec<f32>
 /// [`adapter_rows`] of one term: of expert `expert`'s blocks for a stacked term.
 fn push_adapter_rows(term: &LoraTerm, expert: Option<usize>, n_in: usize, rows: &mut Vec<f32>) {
     let lr = &term.lr;
-    let n_blocks = lr.n_expert.max(1);
-    let e = match expert {
-        Some(e) if n_blocks > 1 && e < n_blocks => e,
-        None if n_blocks == 1 => 0,
-        _ => return,
+    let factors = match expert {
+        Some(e) if lr.n_expert > 1 => lr.expert_factors(e),
+        None if lr.n_expert <= 1 => lr.expert_factors(0),
+        _ => None,
     };
-    let a_len = lr.rank * n_in;
-    if lr.rank == 0
-        || lr.a.len() != a_len * n_blocks
-        || !lr.b.len().is_multiple_of(lr.rank * n_blocks)
-    {
+    let Some((a, b)) = factors.filter(|(a, _)| a.len() == lr.rank * n_in) else {
         return;
-    }
-    let b_len = lr.b.len() / n_blocks;
-    let (a, b) = (
-        &lr.a[e * a_len..(e + 1) * a_len],
-        &lr.b[e * b_len..(e + 1) * b_len],
-    );
+    };
     let scale = term.scale().abs() as f64;
     for (i, a) in a.chunks_exact(n_in).enumerate() {
         let b_norm = b

@@ -31,6 +31,17 @@ fn check(args: &[&str]) -> Value {
     serde_json::from_str(out.lines().last().unwrap()).unwrap()
 }
 
+/// The F32 fixture `arch` quantized to Q4_0 by our `quantize` into `dir`.
+fn q4_0_fixture(dir: &Path, arch: &str) -> PathBuf {
+    let out = dir.join(format!("{arch}-q4_0.gguf"));
+    gguf_lora()
+        .args(["quantize", s(&fixture(&format!("{arch}/base-f32.gguf")))])
+        .args(["-o", s(&out), "--type", "q4_0"])
+        .assert()
+        .success();
+    out
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -530,17 +541,7 @@ fn bases_the_forward_pass_cannot_run_merge_by_default_rounded_to_nearest_and_say
     use gguf_lora::gguf::{GgufModel, GgufWriter, TensorDesc, Value as Meta};
     require_interop!();
     let dir = tempfile::tempdir().unwrap();
-    let quantized = dir.path().join("llama-q4_0.gguf");
-    gguf_lora()
-        .args([
-            "quantize",
-            s(&fixture("llama/base-f32.gguf")),
-            "-o",
-            s(&quantized),
-        ])
-        .args(["--type", "q4_0"])
-        .assert()
-        .success();
+    let quantized = q4_0_fixture(dir.path(), "llama");
     let base = dir.path().join("unrunnable.gguf");
     {
         let model = GgufModel::open(&quantized).unwrap();
@@ -628,17 +629,7 @@ print(json.dumps({"same": same, "q4_0": sum(t.tensor_type.name == "Q4_0" for t i
 fn moe_bases_calibrate_per_expert_and_keep_more_of_the_adapter_than_rounding() {
     require_interop!();
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("moe-q4_0.gguf");
-    gguf_lora()
-        .args([
-            "quantize",
-            s(&fixture("qwen2moe/base-f32.gguf")),
-            "-o",
-            s(&base),
-        ])
-        .args(["--type", "q4_0"])
-        .assert()
-        .success();
+    let base = q4_0_fixture(dir.path(), "qwen2moe");
     let lora = fixture("qwen2moe/adapters/standard/ref_convert.gguf");
     let scaled = format!("{}:0.1", s(&lora));
     let merge = |name: &str, extra: &[&str]| -> (PathBuf, Value) {

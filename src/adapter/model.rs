@@ -353,6 +353,22 @@ impl LowRank {
             .checked_div(self.rank * self.n_expert.max(1))
             .unwrap_or(0)
     }
+
+    /// Expert `e`'s blocks of `A` (`rank × n_cols`) and `B` (its rows × `rank`); for a plain matrix
+    /// (`e` 0) the whole factors. `None` when `e` is out of range or the factors do not divide
+    /// into `n_expert` blocks.
+    pub fn expert_factors(&self, e: usize) -> Option<(&[f32], &[f32])> {
+        let n = self.n_expert.max(1);
+        let block = n.checked_mul(self.rank).filter(|&b| b > 0)?;
+        if e >= n || !self.a.len().is_multiple_of(block) || !self.b.len().is_multiple_of(block) {
+            return None;
+        }
+        let (a_len, b_len) = (self.a.len() / n, self.b.len() / n);
+        Some((
+            &self.a[e * a_len..(e + 1) * a_len],
+            &self.b[e * b_len..(e + 1) * b_len],
+        ))
+    }
 }
 
 /// How the pairs of one target combine into the single A/B the target gets.

@@ -408,26 +408,14 @@ fn requantize_and_measure(
     let t = lap(&phases.requantize, t);
     back.resize(rows.exact.len(), 0.0);
     codec::dequantize(ty, out, back, rows.n_cols)?;
-    // Measured per run of rows that share statistics (a stacked tensor's experts each have their
-    // own); rows without any are measured in weight space only.
     let runs = requant.runs(rows);
-    let n = rows.n_cols;
+    let (weights, outputs) = fidelity_by_runs(rows, back, &runs, m, false);
     let mut s = ErrorSums {
         n: rows.exact.len() as u64,
+        weights,
+        outputs: outputs.unwrap_or_default(),
         ..Default::default()
     };
-    for (run, stats) in &runs {
-        let stats = stats.filter(|s| s.t_eval > 0);
-        let (w, o) = fidelity(
-            &rows.rows(run.clone()),
-            &back[run.start * n..run.end * n],
-            stats,
-            m,
-            false,
-        );
-        s.weights = s.weights.add(w);
-        s.outputs = s.outputs.add(o);
-    }
     if beside_nearest && !matches!(requant, Requant::Nearest { .. }) {
         let mut near_bytes = std::mem::take(&mut m.near_bytes);
         let mut near_back = std::mem::take(&mut m.near_back);
@@ -435,22 +423,8 @@ fn requantize_and_measure(
         near_back.resize(rows.exact.len(), 0.0);
         Requant::default().encode(ty, rows, &mut near_bytes)?;
         codec::dequantize(ty, &near_bytes, &mut near_back, rows.n_cols)?;
-        let (mut nw, mut no) = (KeptSums::default(), None::<KeptSums>);
-        for (run, stats) in &runs {
-            let stats = stats.filter(|s| s.t_eval > 0);
-            // The change's projection is recomputed: `m.pd` holds the last run's only.
-            let (w, o) = fidelity(
-                &rows.rows(run.clone()),
-                &near_back[run.start * n..run.end * n],
-                stats,
-                m,
-                runs.len() == 1,
-            );
-            nw = nw.add(w);
-            if stats.is_some() {
-                no = Some(no.unwrap_or_default().add(o));
-            }
-        }
+        // One run's projection of the change is still in `m.pd`; several runs' are not.
+        let (nw, no) = fidelity_by_runs(rows, &near_back, &runs, m, runs.len() == 1);
         s.nearest_weights = Some(nw);
         s.nearest_outputs = no;
         m.near_bytes = near_bytes;
@@ -458,6 +432,35 @@ fn requantize_and_measure(
     }
     lap(&phases.measure, t);
     Ok(s)
+}
+
+/// [`fidelity`] of each run of rows that shares statistics (a stacked tensor's experts each have
+/// their own), summed; the output-space sums are `None` when no run has statistics (rows without
+/// any are measured in weight space only).
+fn fidelity_by_runs(
+    rows: &RowBlock<'_>,
+    back: &[f32],
+    runs: &[(std::ops::Range<usize>, Option<&InputStats>)],
+    m: &mut MeasureBuffers,
+    delta_projected: bool,
+) -> (KeptSums, Option<KeptSums>) {
+    let n = rows.n_cols;
+    let (mut weights, mut outputs) = (KeptSums::default(), None::<KeptSums>);
+    for (run, stats) in runs {
+        let stats = stats.filter(|s| s.t_eval > 0);
+        let (w, o) = fidelity(
+            &rows.rows(run.clone()),
+            &back[run.start * n..run.end * n],
+            stats,
+            m,
+            delta_projected,
+        );
+        weights = weights.add(w);
+        if stats.is_some() {
+            outputs = Some(outputs.unwrap_or_default().add(o));
+        }
+    }
+    (weights, outputs)
 }
 
 /// Weight- and output-space sums of the requantized rows `back` against `rows` (output space only

@@ -755,52 +755,65 @@ impl<'a> Model<'a> {
         // Each slot's output, summed in slot order afterwards as ggml adds the slot views.
         let mut slot_out = vec![0f32; rows * k * n_embd];
         for e in 0..n_expert {
-            for (s, lora) in batch.loras.iter().enumerate() {
-                let stream_rows = s * batch.n_tok..(s + 1) * batch.n_tok;
-                let routed: Vec<(usize, usize, f32)> = stream_rows
-                    .flat_map(|r| {
-                        let c = &chosen[r * k..(r + 1) * k];
-                        c.iter()
-                            .enumerate()
-                            .filter(|(_, (ce, _))| *ce == e)
-                            .map(move |(slot, (_, w))| (r, slot, *w))
-                    })
-                    .collect();
-                if routed.is_empty() {
-                    continue;
-                }
-                let xe: Vec<f32> = routed
-                    .iter()
-                    .flat_map(|&(r, _, _)| h[r * n_embd..(r + 1) * n_embd].iter().copied())
-                    .collect();
-                let n = routed.len();
-                let product = |t: &TensorRef, x: &[f32], n_in: usize, n_rows: usize| {
-                    let dims = [n_in as u64, n_rows as u64];
-                    let bytes = t.data.len() / n_expert;
-                    let slice = TensorRef {
-                        name: t.name,
-                        dims: &dims,
-                        ty: t.ty,
-                        data: &t.data[e * bytes..(e + 1) * bytes],
-                    };
-                    if let Some(obs) = batch.observer {
-                        obs.observe_expert(t.name, e, s, x, n_in);
-                    }
-                    let mut y = self.product(slice, x, n)?;
-                    if let Some(lora) = lora {
-                        lora.apply_expert(t.name, e, x, &mut y, n_in, n_rows)?;
-                    }
-                    Ok::<_, VerifyError>(y)
+            // Every stream's tokens routed to `e`, stream after stream (rows are stream-major), so
+            // the expert's weights are decoded once for all streams and each stream's LoRA and
+            // observer see a contiguous run.
+            let routed: Vec<(usize, usize, f32)> = (0..rows)
+                .flat_map(|r| {
+                    let c = &chosen[r * k..(r + 1) * k];
+                    c.iter()
+                        .enumerate()
+                        .filter(|(_, (ce, _))| *ce == e)
+                        .map(move |(slot, (_, w))| (r, slot, *w))
+                })
+                .collect();
+            if routed.is_empty() {
+                continue;
+            }
+            let stream_of = |&(r, _, _): &(usize, usize, f32)| r / batch.n_tok.max(1);
+            let stream_runs: Vec<std::ops::Range<usize>> = (0..batch.loras.len())
+                .map(|s| {
+                    routed.partition_point(|x| stream_of(x) < s)
+                        ..routed.partition_point(|x| stream_of(x) <= s)
+                })
+                .collect();
+            let xe: Vec<f32> = routed
+                .iter()
+                .flat_map(|&(r, _, _)| h[r * n_embd..(r + 1) * n_embd].iter().copied())
+                .collect();
+            let product = |t: &TensorRef, x: &[f32], n_in: usize, n_rows: usize| {
+                let dims = [n_in as u64, n_rows as u64];
+                let bytes = t.data.len() / n_expert;
+                let slice = TensorRef {
+                    name: t.name,
+                    dims: &dims,
+                    ty: t.ty,
+                    data: &t.data[e * bytes..(e + 1) * bytes],
                 };
-                let u = product(&up, &xe, n_embd, n_ff)?;
-                let g = product(&gate, &xe, n_embd, n_ff)?;
-                let mid: Vec<f32> = g.iter().zip(&u).map(|(g, u)| silu(*g) * u).collect();
-                let d = product(&down, &mid, n_ff, n_embd)?;
-                for (i, &(r, slot, w)) in routed.iter().enumerate() {
-                    let dst = &mut slot_out[(r * k + slot) * n_embd..(r * k + slot + 1) * n_embd];
-                    for (o, v) in dst.iter_mut().zip(&d[i * n_embd..(i + 1) * n_embd]) {
-                        *o = v * w;
+                let mut y = self.product(slice, x, routed.len())?;
+                for (s, run) in stream_runs.iter().enumerate() {
+                    if run.is_empty() {
+                        continue;
                     }
+                    let xs = &x[run.start * n_in..run.end * n_in];
+                    if let Some(obs) = batch.observer {
+                        obs.observe_expert(t.name, e, s, xs, n_in);
+                    }
+                    if let Some(lora) = batch.loras[s] {
+                        let ys = &mut y[run.start * n_rows..run.end * n_rows];
+                        lora.apply_expert(t.name, e, xs, ys, n_in, n_rows)?;
+                    }
+                }
+                Ok::<_, VerifyError>(y)
+            };
+            let u = product(&up, &xe, n_embd, n_ff)?;
+            let g = product(&gate, &xe, n_embd, n_ff)?;
+            let mid: Vec<f32> = g.iter().zip(&u).map(|(g, u)| silu(*g) * u).collect();
+            let d = product(&down, &mid, n_ff, n_embd)?;
+            for (i, &(r, slot, w)) in routed.iter().enumerate() {
+                let dst = &mut slot_out[(r * k + slot) * n_embd..(r * k + slot + 1) * n_embd];
+                for (o, v) in dst.iter_mut().zip(&d[i * n_embd..(i + 1) * n_embd]) {
+                    *o = v * w;
                 }
             }
         }

@@ -128,17 +128,14 @@ impl RuntimeLora {
         }
         for term in terms {
             let lr = &term.lr;
-            // A plain matrix is one "expert"; a stacked one holds `n_expert` blocks of each factor.
-            let (e, n_blocks) = match expert {
-                Some(e) => (e, lr.n_expert),
-                None => (0, 1),
-            };
-            let (a_len, b_len) = (lr.rank * n_in, n_out * lr.rank);
-            if e >= n_blocks
-                || lr.n_expert.max(1) != n_blocks
-                || lr.a.len() != a_len * n_blocks
-                || lr.b.len() != b_len * n_blocks
-            {
+            // A plain term is applied whole, a stacked one per expert (never one for the other).
+            let factors = match expert {
+                Some(e) if lr.n_expert > 1 => lr.expert_factors(e),
+                None if lr.n_expert <= 1 => lr.expert_factors(0),
+                _ => None,
+            }
+            .filter(|(a, b)| a.len() == lr.rank * n_in && b.len() == n_out * lr.rank);
+            let Some((a, b)) = factors else {
                 return Err(VerifyError::Lora {
                     tensor: tensor.to_string(),
                     problem: LoraProblem::Shapes {
@@ -149,9 +146,7 @@ impl RuntimeLora {
                         n_out,
                     },
                 });
-            }
-            let a = &lr.a[e * a_len..(e + 1) * a_len];
-            let b = &lr.b[e * b_len..(e + 1) * b_len];
+            };
             let ax = matmul(&Operand::F32 { rows: a, n_in }, xs, n_tok)?;
             let bax = matmul(
                 &Operand::F32 {
