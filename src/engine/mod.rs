@@ -223,8 +223,9 @@ pub enum Promote {
     Type(GgmlType),
     /// Touched tensors of the first type to the second (with fallbacks), e.g. only Q4_K → Q6_K.
     Map(Vec<(GgmlType, GgmlType)>),
-    /// Per tensor, the promotions that buy the most fidelity per extra byte, until the output has
-    /// grown by `budget` (a fraction: 0.05 = 5%) over the base.
+    /// Per tensor, the types that keep the most of the adapter with the output grown by at most
+    /// `budget` (a fraction: 0.05 = 5%; 0 keeps the base's size) over the base: promotions, paid
+    /// for by the budget or by demoting tensors the base's recipe gave more bits.
     Auto {
         budget: f64,
     },
@@ -344,9 +345,10 @@ pub fn prepare<'a, 'u>(
     }
     let phases = Phases::default();
     // The candidates of each touched tensor are the planned type's, before any promotion.
+    let floor = promote::floor_bits(&plans);
     let types: Vec<Vec<GgmlType>> = plans
         .iter()
-        .map(|p| promote::candidate_types(p, &opts.promote))
+        .map(|p| promote::candidate_types(p, &opts.promote, floor))
         .collect();
     // `--promote auto` chooses from the candidates before anything is written, so it tries them
     // in a pass of its own; otherwise the stream tries them on rows it merges anyway.

@@ -391,7 +391,7 @@ fn candidates_tried_in_the_stream_measure_what_the_pass_before_it_does() {
     };
     let plans = plan::plan(Some("llama"), &base, &adapters, opts.outtype).unwrap();
     let p = plans.iter().find(|p| p.is_touched()).unwrap();
-    let types = promote::candidate_types(p, &opts.promote);
+    let types = promote::candidate_types(p, &opts.promote, promote::floor_bits(&plans));
     assert!(types.len() >= 3 && types[0] == GgmlType::Q4_0, "{types:?}");
     let close = |a: &stream::ErrorSums, b: &stream::ErrorSums| {
         let near = |x: f64, y: f64| (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1e-30);
@@ -428,7 +428,7 @@ fn candidates_tried_in_the_stream_measure_what_the_pass_before_it_does() {
         &plans,
         &plans
             .iter()
-            .map(|p| promote::candidate_types(p, &opts.promote))
+            .map(|p| promote::candidate_types(p, &opts.promote, promote::floor_bits(&plans)))
             .collect::<Vec<_>>(),
         &opts,
         &phases,

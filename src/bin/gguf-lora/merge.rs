@@ -13,7 +13,7 @@ use gguf_lora::gguf::GgufModel;
 use gguf_lora::merge::inputs::open_adapter;
 use gguf_lora::merge::{
     self, merge_model, requant_key, AdapterInput, MergeOptions, MergeReport, MergeType, Promote,
-    RequantMethod,
+    RequantMethod, TensorReport,
 };
 use serde::Serialize;
 
@@ -42,8 +42,9 @@ pub struct Args {
     #[arg(long, default_value = "keep", value_parser = merge_type_parser(), ignore_case = true)]
     pub outtype: MergeType,
     /// Requantize touched tensors to a larger TYPE, only those of type FROM (FROM=TO[,...]), or
-    /// choose per tensor with auto[:BUDGET] (size growth, default 5%). Chooses types per tensor,
-    /// so it does not go with --outtype.
+    /// choose per tensor with auto[:BUDGET] (size growth, default 5%; auto:0 keeps the base's
+    /// size, moving bits from the tensors the base's recipe gave more to those that lose most of
+    /// the adapter). Chooses types per tensor, so it does not go with --outtype.
     #[arg(
         long,
         value_name = "TYPE|FROM=TO|auto[:BUDGET]",
@@ -260,11 +261,7 @@ fn render(
         human_bytes(s.bytes_in),
         human_bytes(s.bytes_out),
         s.size_ratio,
-        if s.tensors_promoted > 0 {
-            format!("; {} promoted", s.tensors_promoted)
-        } else {
-            String::new()
-        },
+        retyped_text(r),
         if s.tensors_fallback > 0 {
             format!(
                 "; {} fell back to another type (row length not a multiple of the block)",
@@ -421,6 +418,19 @@ fn render(
         }
     }
     out
+}
+
+/// "; N promoted[, M demoted]" for the tensors `--promote` gave another type than planned (a
+/// demotion gives bytes back: `--promote auto` funds promotions with them).
+fn retyped_text(r: &MergeReport) -> String {
+    let planned = |t: &TensorReport| t.candidates.first().map_or(t.bytes_in, |c| c.bytes);
+    let retyped = || r.tensors.iter().filter(|t| t.promoted);
+    let demoted = retyped().filter(|t| t.bytes_out < planned(t)).count();
+    match (retyped().count() - demoted, demoted) {
+        (0, 0) => String::new(),
+        (up, 0) => format!("; {up} promoted"),
+        (up, down) => format!("; {up} promoted, {down} demoted"),
+    }
 }
 
 /// `--promote` as the user gave it, in the report's terms.
