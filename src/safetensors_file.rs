@@ -180,6 +180,44 @@ impl SafetensorsFile {
         Ok(values)
     }
 
+    /// Selected values of a tensor widened to f32: element `i` of the result is element `indices[i]`
+    /// of the tensor in row-major order. `None` when an index is past the end. Reads only those
+    /// elements, so taking one expert's strided block of a fused-expert LoRA factor costs that
+    /// block, not the tensor.
+    pub fn to_f32_at(
+        &self,
+        entry: &TensorEntry,
+        indices: impl Iterator<Item = usize>,
+    ) -> Result<Option<Vec<f32>>, SafetensorsError> {
+        let bytes = self.bytes(entry);
+        let width = match entry.dtype {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+            dtype => {
+                return Err(SafetensorsError::Dtype {
+                    path: self.path.clone(),
+                    name: entry.name.clone(),
+                    dtype,
+                })
+            }
+        };
+        let mut out = Vec::with_capacity(indices.size_hint().0);
+        for i in indices {
+            let Some(c) = i
+                .checked_mul(width)
+                .and_then(|at| bytes.get(at..at.checked_add(width)?))
+            else {
+                return Ok(None);
+            };
+            out.push(match entry.dtype {
+                Dtype::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+                Dtype::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f32(),
+                _ => half::bf16::from_le_bytes([c[0], c[1]]).to_f32(),
+            });
+        }
+        Ok(Some(out))
+    }
+
     /// Hands the tensor's mapped pages back to the kernel once its values are copied out, so
     /// streaming through a large file keeps the resident set at about one tensor.
     pub fn release(&self, entry: &TensorEntry) {

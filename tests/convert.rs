@@ -555,3 +555,111 @@ fn alora_invocation_tokens_are_written_and_text_only_invocations_refused() {
     assert!(stderr.contains("alora_invocation_tokens"), "{stderr}");
     assert!(!out.exists());
 }
+
+/// A copy of qwen3moe's `target_parameters` adapter (PEFT LoRA on transformers 5's fused expert
+/// weights) with the tensors in `reshape` given new shapes (zero-filled).
+fn reshaped_target_parameters(dir: &Path, reshape: &[(&str, Vec<usize>)]) -> PathBuf {
+    use safetensors::tensor::TensorView;
+    let src = fixtures().join("qwen3moe/adapters/target_parameters");
+    let out = dir.join("target_parameters");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::copy(
+        src.join("adapter_config.json"),
+        out.join("adapter_config.json"),
+    )
+    .unwrap();
+    let bytes = std::fs::read(src.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        let shape = reshape
+            .iter()
+            .find(|(n, _)| name.ends_with(n))
+            .map(|(_, s)| s.clone());
+        let data = match &shape {
+            Some(s) => vec![0u8; s.iter().product::<usize>() * 4],
+            None => view.data().to_vec(),
+        };
+        tensors.push((name, shape.unwrap_or(view.shape().to_vec()), data));
+    }
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(n, s, d)| {
+            let v = TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap();
+            (n.clone(), v)
+        })
+        .collect();
+    let written = safetensors::serialize(views, &None).unwrap();
+    std::fs::write(out.join("adapter_model.safetensors"), written).unwrap();
+    out
+}
+
+#[test]
+fn target_parameters_that_do_not_fit_the_experts_are_one_line_and_exit_1() {
+    let base = fixtures().join("qwen3moe/base-f32.gguf");
+    let layer1 = "layers.1.mlp.experts";
+    // (what, tensors given new shapes, what the message says with --base)
+    type Case<'a> = (&'a str, Vec<(String, Vec<usize>)>, &'a [&'a str]);
+    let cases: [Case; 3] = [
+        // 15 rows (and lora_B columns): not 4 experts × r = 4.
+        (
+            "rows",
+            vec![
+                (format!("{layer1}.lora_A.weight"), vec![15, 32]),
+                (format!("{layer1}.lora_B.weight"), vec![64, 15]),
+            ],
+            &["has 15 rows; expected 4 experts × r = 4 (down_proj)"],
+        ),
+        // down_proj's lora_A reads 30 inputs: neither the expert width 32 nor the hidden size 64.
+        (
+            "in-dim",
+            vec![(format!("{layer1}.lora_A.weight"), vec![16, 30])],
+            &[
+                "has 30 columns; down_proj needs 32",
+                "blk.1.ffn_down_exps.weight",
+            ],
+        ),
+        // gate_up_proj's lora_B with 48 rows: not gate + up (2 × 32).
+        (
+            "out-dim",
+            vec![(format!("{layer1}.base_layer.lora_B.weight"), vec![48, 16])],
+            &["has 48 rows; gate_up_proj needs 64"],
+        ),
+    ];
+    for (what, reshape, want) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let reshape: Vec<(&str, Vec<usize>)> = reshape
+            .iter()
+            .map(|(n, s)| (n.as_str(), s.clone()))
+            .collect();
+        let adapter = reshaped_target_parameters(dir.path(), &reshape);
+        for extra in [
+            vec!["--base".to_string(), base.display().to_string()],
+            vec!["--arch".to_string(), "qwen3moe".to_string()],
+        ] {
+            let out = dir.path().join("out.gguf");
+            let assert = common::gguf_lora()
+                .arg("convert")
+                .arg(&adapter)
+                .args(&extra)
+                .arg("-o")
+                .arg(&out)
+                .assert()
+                .code(1);
+            let stderr = String::from_utf8_lossy(&assert.get_output().stderr).into_owned();
+            eprintln!("{what} {extra:?}: {stderr}");
+            assert_eq!(stderr.trim_end().lines().count(), 1, "{what}: {stderr}");
+            assert!(
+                stderr.contains("adapter_model.safetensors")
+                    && stderr.contains(&format!("model.{layer1}.")),
+                "{what}: {stderr}"
+            );
+            if extra[0] == "--base" {
+                for w in want {
+                    assert!(stderr.contains(w), "{what}: {w:?} not in {stderr}");
+                }
+            }
+            assert!(!out.exists(), "{what}: output written");
+        }
+    }
+}

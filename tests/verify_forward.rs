@@ -282,6 +282,8 @@ fn runtime_lora_from_peft_directories_matches_pytorch_peft() {
         ("llama", "patterns"),
         ("llama", "embed_lm_head"),
         ("llama", "standard_bf16"),
+        // transformers 5 fused experts, LoRA by PEFT's `target_parameters` (nested ParamWrappers).
+        ("qwen3moe", "target_parameters"),
     ]);
     for (arch, name) in cases {
         let dir = fixture(arch);
@@ -303,6 +305,57 @@ fn runtime_lora_from_peft_directories_matches_pytorch_peft() {
         // gemma*: ggml's f16 GELU table (which we follow) against PyTorch's exact tanh GELU.
         assert!(rel < 1e-3, "{arch}/{name}: {rel}");
     }
+}
+
+/// A PEFT `target_parameters` LoRA on transformers 5's fused expert weights
+/// (`make_target_parameters_fixture.py`), converted by the binary and applied at runtime by
+/// llama.cpp, gives PyTorch + PEFT's logits: the per-expert split (A's row blocks, B's strided
+/// columns, gate before up) and the stacked `ffn_*_exps` layout are what llama.cpp's
+/// `build_lora_mm_id` reads.
+#[test]
+fn target_parameters_expert_lora_converted_runs_in_llama_cpp_like_pytorch_peft() {
+    require_interop!();
+    let dir = fixture("qwen3moe");
+    let base = dir.join("base-f32.gguf");
+    let adapter = dir.join("adapters/target_parameters");
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("target_parameters.gguf");
+    let assert = common::gguf_lora()
+        .arg("convert")
+        .arg(&adapter)
+        .arg("--base")
+        .arg(&base)
+        .arg("-o")
+        .arg(&out)
+        .assert()
+        .success();
+    let stdout = String::from_utf8_lossy(&assert.get_output().stdout).into_owned();
+    for want in [
+        "blk.1.ffn_gate_exps.weight",
+        "blk.1.ffn_up_exps.weight",
+        "blk.1.ffn_down_exps.weight",
+        "(4 experts)",
+    ] {
+        assert!(stdout.contains(want), "{want:?} not in:\n{stdout}");
+    }
+    let file = gguf_lora::gguf::GgufFile::open(&out).unwrap();
+    let dims = |n: &str| file.tensor(n).unwrap().dims.clone();
+    // ggml ne: lora_a [n_in, r, E], lora_b [r, n_out, E] (hidden 64, expert width 32, r 4, E 4).
+    assert_eq!(dims("blk.0.ffn_gate_exps.weight.lora_a"), [64, 4, 4]);
+    assert_eq!(dims("blk.0.ffn_up_exps.weight.lora_b"), [4, 32, 4]);
+    assert_eq!(dims("blk.0.ffn_down_exps.weight.lora_a"), [32, 4, 4]);
+    assert_eq!(dims("blk.0.ffn_down_exps.weight.lora_b"), [4, 64, 4]);
+    let tokens = fixture_tokens("qwen3moe");
+    let llama = llama_cpp_logits(&base, &tokens, &[(out, 1.0)]);
+    let peft = read_npy(&adapter.join("logits_peft.npy"));
+    let llama = Logits {
+        n_tokens: tokens.len(),
+        n_vocab: peft.len() / tokens.len(),
+        data: llama,
+    };
+    let rel = rel_err(&llama, &peft);
+    eprintln!("qwen3moe/target_parameters: llama.cpp with our GGUF vs PyTorch+PEFT: max relative error {rel:.3e}");
+    assert!(rel < 1e-3, "qwen3moe/target_parameters: {rel}");
 }
 
 #[test]

@@ -47,7 +47,7 @@ pub use gguf::LoraFileError;
 pub use matrix::Matrix;
 pub use model::{
     ConcatPart, Factor, FactorError, FusedPart, Layout, LoadedLora, LoraPair, LoraTensor, LowRank,
-    Spool,
+    Spool, Window,
 };
 pub use peft::{ConfigError, PeftError};
 pub use source::SourceError;

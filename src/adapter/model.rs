@@ -93,12 +93,14 @@ pub enum Factor {
     /// Held in memory (GGUF adapters after dequantization, synthesized zero blocks, tests).
     Owned(Arc<Matrix>),
     /// A tensor of a mapped safetensors file, read as `rows × cols` (its PyTorch shape, with
-    /// leading dimensions of 1 folded away).
+    /// leading dimensions of 1 folded away), or with a `window` the `rows × cols` block of it that
+    /// the window selects.
     Safetensors {
         file: Arc<SafetensorsFile>,
         entry: TensorEntry,
         rows: usize,
         cols: usize,
+        window: Option<Window>,
     },
     /// Rows `rows` of a GGUF adapter tensor (of a file or a bundle member; every dimension past
     /// `ne[0] = cols` folded into rows), dequantized on load and transposed when `transpose`
@@ -119,6 +121,18 @@ pub enum Factor {
         rows: usize,
         cols: usize,
     },
+}
+
+/// Which elements of a 2-D safetensors tensor `full_cols` wide a [`Factor::Safetensors`] of
+/// `rows × cols` reads: rows `row0..row0 + rows` and, in each, the columns `col0 + j·col_step` for
+/// `j < cols`. PEFT's LoRA on fused expert parameters (`target_parameters`) keeps one expert's `A`
+/// as a block of rows and its `B` as strided columns of one tensor shared by all experts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub row0: usize,
+    pub col0: usize,
+    pub col_step: usize,
+    pub full_cols: usize,
 }
 
 /// An anonymous scratch file (removed by the OS when the last handle closes, also on a crash or a
@@ -209,14 +223,30 @@ impl Factor {
                 entry,
                 rows,
                 cols,
+                window,
             } => {
-                let data = file.to_f32(entry)?;
-                Matrix::new(*rows, *cols, data).ok_or_else(|| FactorError::Size {
+                let size = || FactorError::Size {
                     file: file.path().to_path_buf(),
                     tensor: entry.name.clone(),
                     rows: *rows,
                     cols: *cols,
-                })?
+                };
+                let data = match window {
+                    None => file.to_f32(entry)?,
+                    Some(w) => {
+                        let (n_rows, n_cols, w) = (*rows, *cols, *w);
+                        let at = (0..n_rows).flat_map(move |r| {
+                            (0..n_cols)
+                                .map(move |j| (w.row0 + r) * w.full_cols + w.col0 + j * w.col_step)
+                        });
+                        let last_col = (n_cols > 0).then(|| w.col0 + (n_cols - 1) * w.col_step);
+                        if last_col.is_some_and(|c| c >= w.full_cols) {
+                            return Err(size().into());
+                        }
+                        file.to_f32_at(entry, at)?.ok_or_else(size)?
+                    }
+                };
+                Matrix::new(*rows, *cols, data).ok_or_else(size)?
             }
             Factor::Gguf {
                 src,

@@ -44,6 +44,8 @@ pub struct ConfigView {
     pub rank_pattern: serde_json::Map<String, serde_json::Value>,
     pub alpha_pattern: serde_json::Map<String, serde_json::Value>,
     pub target_modules: Vec<String>,
+    /// Parameters adapted directly (PEFT's `ParamWrapper`): fused expert weights.
+    pub target_parameters: Vec<String>,
     pub fan_in_fan_out: bool,
     pub use_dora: bool,
     pub lora_bias: bool,
@@ -129,19 +131,57 @@ pub fn inspect_peft(path: &Path) -> Result<PeftReport, AdapterError> {
     let cfg = &raw.config;
     let mut modules = Vec::new();
     let mut not_representable = Vec::new();
+    let wrapped = peft::wrappers(&raw).map_err(peft::PeftError::from)?;
     for md in &raw.modules {
         let (Some(a), Some(b)) = (&md.a, &md.b) else {
             continue; // read_raw refuses modules without both factors
         };
-        let (rank, n_in) = a.shape();
+        let (stored_rank, n_in) = a.shape();
         let (n_out, _) = b.shape();
-        let map = target_without_base(&md.path);
-        let (cfg_rank, rank_key) = cfg.rank_for(&md.path);
-        let (lora_alpha, alpha_key) = cfg.alpha_for(&md.path);
-        let alpha = cfg.llama_alpha(&md.path, rank as u32);
+        let mut rank = stored_rank;
+        // A LoRA on a fused expert parameter (target_parameters): shown as that parameter, with
+        // the per-expert rank and the stacked tensor of expert 0's module.
+        let fused = wrapped.iter().find(|w| std::ptr::eq(w.saved, md));
+        let key = fused.map_or_else(|| md.path.clone(), |w| w.parameter_path());
+        let map = match fused {
+            Some(w) => {
+                let short = if w.parameter == "gate_up_proj" {
+                    "gate_proj"
+                } else {
+                    "down_proj"
+                };
+                target_without_base(&format!("{}.0.{short}", w.module)).map(|mut m| {
+                    m.expert = None;
+                    m
+                })
+            }
+            None => target_without_base(&md.path),
+        };
+        let (cfg_rank, rank_key) = cfg.rank_for(&key);
+        let (lora_alpha, alpha_key) = cfg.alpha_for(&key);
         let mut notes = Vec::new();
         let mut representable = true;
-        if cfg_rank as usize != rank {
+        if fused.is_some() {
+            let r = cfg_rank as usize;
+            if stored_rank.is_multiple_of(r) {
+                rank = r;
+                notes.push(format!(
+                    "fused expert parameter (target_parameters, saved as {}): {} experts of rank {r}{}",
+                    md.path,
+                    stored_rank / r,
+                    if key.ends_with("gate_up_proj") {
+                        "; gate rows → ffn_gate_exps, up rows → ffn_up_exps"
+                    } else {
+                        ""
+                    }
+                ));
+            } else {
+                notes.push(format!(
+                    "fused expert parameter with {stored_rank} LoRA rows: not a whole number of experts of rank r = {r}"
+                ));
+                representable = false;
+            }
+        } else if cfg_rank as usize != rank {
             notes.push(format!(
                 "tensors have rank {rank}, the config gives r = {cfg_rank}"
             ));
@@ -177,12 +217,14 @@ pub fn inspect_peft(path: &Path) -> Result<PeftReport, AdapterError> {
             not_representable.push(format!("{}: {}", md.path, notes.join("; ")));
         }
         let kind = match &map {
+            Some(_) if fused.is_some() => TargetKind::Experts.name(),
             Some(m) => m.kind.name(),
             None if md.embedding => TargetKind::Embedding.name(),
             None => TargetKind::Linear.name(),
         };
+        let alpha = cfg.llama_alpha(&key, rank as u32);
         modules.push(ModuleRow {
-            source: md.path.clone(),
+            source: key,
             target: map.as_ref().map(|m| m.target.clone()),
             layer: map.as_ref().and_then(|m| m.layer),
             expert: map.as_ref().and_then(|m| m.expert),
@@ -193,8 +235,8 @@ pub fn inspect_peft(path: &Path) -> Result<PeftReport, AdapterError> {
             alpha_key: alpha_key.map(str::to_string),
             alpha,
             scale: if rank == 0 { 0.0 } else { alpha / rank as f64 },
-            lora_a: vec![rank as u64, n_in as u64],
-            lora_b: vec![n_out as u64, rank as u64],
+            lora_a: vec![stored_rank as u64, n_in as u64],
+            lora_b: vec![n_out as u64, stored_rank as u64],
             dtype: dtype_of(a),
             dora: md.magnitude.is_some(),
             lora_bias: md.bias.is_some(),
@@ -233,12 +275,17 @@ pub fn inspect_peft(path: &Path) -> Result<PeftReport, AdapterError> {
     let mut ranks: Vec<usize> = modules.iter().map(|m| m.rank).collect();
     ranks.sort_unstable();
     ranks.dedup();
-    let layers = coverage_of(
-        modules
-            .iter()
-            .filter_map(|m| Some((m.layer?, m.target.as_deref()?))),
-        None,
-    );
+    // A fused gate_up_proj row adapts ffn_up_exps beside the ffn_gate_exps it names.
+    let targets: Vec<(u32, String)> = modules
+        .iter()
+        .filter_map(|m| Some((m.layer?, m.target.clone()?, m)))
+        .flat_map(|(l, t, m)| {
+            let up = (m.kind == TargetKind::Experts.name() && m.source.ends_with(".gate_up_proj"))
+                .then(|| (l, t.replace("_gate_exps", "_up_exps")));
+            std::iter::once((l, t)).chain(up)
+        })
+        .collect();
+    let layers = coverage_of(targets.iter().map(|(l, t)| (*l, t.as_str())), None);
     Ok(PeftReport {
         path: path.display().to_string(),
         config_path: raw.config_path.display().to_string(),
@@ -259,6 +306,7 @@ pub fn inspect_peft(path: &Path) -> Result<PeftReport, AdapterError> {
                 .map(|(k, v)| (k.clone(), (*v).into()))
                 .collect(),
             target_modules: cfg.target_modules.clone(),
+            target_parameters: cfg.target_parameters.clone(),
             fan_in_fan_out: cfg.fan_in_fan_out,
             use_dora: cfg.use_dora,
             lora_bias: cfg.lora_bias,

@@ -45,6 +45,9 @@ pub struct PeftConfig {
     pub modules_to_save: Vec<String>,
     /// List entries, or the single regex string.
     pub target_modules: Vec<String>,
+    /// `nn.Parameter`s adapted directly (PEFT 0.17+ `ParamWrapper`), e.g.
+    /// `mlp.experts.gate_up_proj`: the fused expert weights of transformers 5 MoE models.
+    pub target_parameters: Vec<String>,
     pub alora_invocation_tokens: Option<Vec<u32>>,
     /// Older aLoRA configs give the invocation as text only; turning it into token ids needs the base
     /// tokenizer, so `convert` refuses such a config instead of writing an always-on adapter.
@@ -157,6 +160,7 @@ impl PeftConfig {
             lora_bias: flag("lora_bias")?,
             modules_to_save: strings("modules_to_save")?,
             target_modules: strings("target_modules")?,
+            target_parameters: strings("target_parameters")?,
             alora_invocation_tokens,
             invocation_string: get("invocation_string")
                 .and_then(Value::as_str)

@@ -1,4 +1,6 @@
 //! Mapping a PEFT adapter's modules onto a base model's GGUF tensors, in passes:
+//! 0. [`super::params::split`]: LoRAs on fused expert parameters (`target_parameters`) split
+//!    into per-expert pairs, as if trained on per-expert modules;
 //! 1. [`Mapping::map_modules`]: each module → its GGUF target (rank against the config, the
 //!    architecture's name map, embedding vs linear);
 //! 2. [`Mapping::place`]: plain targets become tensors (a fused `qkv_proj` split into the base's
@@ -13,11 +15,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::tensors::{PeftAdapter, PeftModule};
+use super::params;
+use super::tensors::{PeftAdapter, PeftError, PeftModule};
 use crate::adapter::check::{check_against_base, Issue, IssueKind};
 use crate::adapter::model::{Factor, FusedPart, Layout, LoraPair, LoraTensor};
-use crate::adapter::Matrix;
 use crate::adapter::{Adapter, FullTensor};
+use crate::adapter::{AdapterError, Matrix};
 use crate::arch::{self, Arch, BaseInfo, ModuleMap, Rope, TargetKind};
 
 /// One module with its target, before grouping.
@@ -45,8 +48,14 @@ struct Mapping<'r> {
 }
 
 /// Maps the modules of `raw` onto `base` (see the module docs). Returns the adapter and the list of
-/// problems; a caller that writes files must refuse when the list is not empty.
-pub fn build(raw: &PeftAdapter, base: &BaseInfo, path: &Path) -> (Adapter, Vec<Issue>) {
+/// problems; a caller that writes files must refuse when the list is not empty. A LoRA on fused
+/// expert parameters that does not fit is an error ([`super::ParamError`]).
+pub fn build(
+    raw: &PeftAdapter,
+    base: &BaseInfo,
+    path: &Path,
+) -> Result<(Adapter, Vec<Issue>), AdapterError> {
+    let params = params::split(raw, base).map_err(PeftError::from)?;
     let mut m = Mapping {
         raw,
         base,
@@ -54,11 +63,16 @@ pub fn build(raw: &PeftAdapter, base: &BaseInfo, path: &Path) -> (Adapter, Vec<I
         issues: Vec::new(),
         tensors: Vec::new(),
     };
-    let singles = m.map_modules();
+    let mut singles = m.map_modules(&params.consumed);
+    singles.extend(params.pairs.into_iter().map(|p| Single {
+        map: p.map,
+        pair: p.pair,
+        module: p.module,
+    }));
     let deferred = m.place(singles);
     m.stack_experts(deferred.experts);
     m.fuse_qkv(deferred.to_fuse);
-    m.finish(path)
+    Ok(m.finish(path))
 }
 
 impl<'r> Mapping<'r> {
@@ -71,11 +85,15 @@ impl<'r> Mapping<'r> {
         });
     }
 
-    /// Pass 1: each module's target, rank checked against the config.
-    fn map_modules(&mut self) -> Vec<Single<'r>> {
+    /// Pass 1: each module's target, rank checked against the config; `skip` are the fused
+    /// expert-parameter modules [`params::split`] has already split into experts.
+    fn map_modules(&mut self, skip: &[String]) -> Vec<Single<'r>> {
         let cfg = &self.raw.config;
         let mut singles = Vec::new();
         for md in &self.raw.modules {
+            if skip.contains(&md.path) {
+                continue;
+            }
             let (Some(a), Some(b)) = (&md.a, &md.b) else {
                 continue; // read_raw refused these
             };

@@ -14,6 +14,11 @@
 //! `re.match(rf"(.*\.)?({key})$", module_name)` matches, else `r` / `lora_alpha`. The module name is
 //! the path inside the base model (`model.layers.0.self_attn.q_proj`).
 //!
+//! LoRA on transformers 5's fused expert parameters (`target_parameters`, PEFT's `ParamWrapper`:
+//! `<experts>.lora_A` `(E·r, in)`, `<experts>.lora_B` `(out, E·r)`, nested under `base_layer` when
+//! both `gate_up_proj` and `down_proj` are targeted) is split per expert by the `params` module
+//! into the same stacked `ffn_*_exps` tensors as the per-expert modules of older transformers.
+//!
 //! `fan_in_fan_out` only matters for GPT-2-style `Conv1D` bases; PEFT resets it to false for
 //! `nn.Linear`, which every architecture we map uses, and stores A/B as `(r, in)` / `(out, r)` either
 //! way, so it needs no transposition here.
@@ -21,6 +26,7 @@
 mod config;
 mod mapping;
 mod names;
+mod params;
 mod tensors;
 
 use std::path::Path;
@@ -28,6 +34,7 @@ use std::path::Path;
 pub use config::{ConfigError, PeftConfig};
 pub use mapping::build;
 pub use names::{parse_tensor_name, TensorRole};
+pub use params::{wrappers, ParamError, Wrapper};
 pub use tensors::{locate, read_raw, PeftAdapter, PeftError, PeftModule};
 
 use super::check::Issue;
@@ -39,13 +46,14 @@ use crate::arch::BaseInfo;
 /// caller that writes files must refuse when the list is not empty.
 pub fn read(path: &Path, base: &BaseInfo) -> Result<(Adapter, Vec<Issue>), AdapterError> {
     let raw = read_raw(path)?;
-    Ok(build(&raw, base, path))
+    build(&raw, base, path)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::adapter::IssueKind;
+    use crate::adapter::Matrix;
     use crate::arch::BaseTensor;
     use crate::arch::TargetKind;
     use crate::quant::GgmlType;
@@ -143,6 +151,169 @@ mod tests {
         assert!(l.b.data[12..24].iter().all(|v| *v == 0.0)); // expert 1's B
         assert!(l.b.data[..12].iter().any(|v| *v != 0.0));
         assert_eq!(l.scale(), 2.0);
+    }
+
+    /// A `target_parameters` adapter on fused experts: 3 experts, rank 2, hidden 6, expert width
+    /// 2 (gate_up_proj `[3, 4, 6]`, down_proj `[3, 6, 2]`), both parameters, so the wrappers nest.
+    fn target_parameters_dir(down_a: Vec<usize>) -> tempfile::TempDir {
+        peft_dir(
+            r#"{"r":2,"lora_alpha":4,"target_parameters":["mlp.experts.down_proj","mlp.experts.gate_up_proj"]}"#,
+            &[
+                (
+                    &format!("{P}mlp.experts.base_layer.lora_A.weight"),
+                    vec![6, 6],
+                ),
+                (
+                    &format!("{P}mlp.experts.base_layer.lora_B.weight"),
+                    vec![4, 6],
+                ),
+                (&format!("{P}mlp.experts.lora_A.weight"), down_a),
+                (&format!("{P}mlp.experts.lora_B.weight"), vec![6, 6]),
+            ],
+        )
+    }
+
+    fn moe_base() -> BaseInfo {
+        base(
+            "qwen3moe",
+            2,
+            1,
+            &[
+                ("blk.0.ffn_gate_exps.weight", vec![6, 2, 3]),
+                ("blk.0.ffn_up_exps.weight", vec![6, 2, 3]),
+                ("blk.0.ffn_down_exps.weight", vec![2, 6, 3]),
+            ],
+        )
+    }
+
+    #[test]
+    fn target_parameters_experts_take_a_row_blocks_and_b_strided_columns_gate_first() {
+        let dir = target_parameters_dir(vec![6, 2]);
+        let raw = read_raw(dir.path()).unwrap();
+        let whole = |path: &str, b: bool| {
+            let m = raw.modules.iter().find(|m| m.path == path).unwrap();
+            let f = if b { &m.b } else { &m.a };
+            f.as_ref().unwrap().load().unwrap()
+        };
+        let experts = "model.layers.0.mlp.experts";
+        let inner = format!("{experts}.base_layer"); // gate_up_proj: wrapped first
+        let (n, r) = (3, 2);
+        let cols = |m: &Matrix, pick: &dyn Fn(usize) -> usize, rows: std::ops::Range<usize>| {
+            let data = rows
+                .clone()
+                .flat_map(|i| (0..r).map(move |j| (i, j)))
+                .map(|(i, j)| m.data[i * m.cols + pick(j)])
+                .collect();
+            Matrix::new(rows.len(), r, data).unwrap()
+        };
+        for b in [moe_base(), BaseInfo::from_arch("qwen3moe").unwrap()] {
+            let (a, issues) = read(dir.path(), &b).unwrap();
+            assert!(issues.is_empty(), "{issues:?}");
+            for (target, module, rows) in [
+                ("ffn_gate_exps", inner.as_str(), 0..2),
+                ("ffn_up_exps", inner.as_str(), 2..4),
+                ("ffn_down_exps", experts, 0..6),
+            ] {
+                let t = a.tensor(&format!("blk.0.{target}.weight")).unwrap();
+                assert_eq!(
+                    (t.kind, t.n_expert(), t.rank()),
+                    (TargetKind::Experts, 3, 2)
+                );
+                let l = t.load().unwrap();
+                assert_eq!(l.scale(), 2.0);
+                let (wa, wb) = (whole(module, false), whole(module, true));
+                let n_out = rows.len();
+                let mut strided_differs_from_blocked = false;
+                for e in 0..n {
+                    let want_a = wa.rows_range(e * r..(e + 1) * r);
+                    let want_b = cols(&wb, &|j| j * n + e, rows.clone());
+                    assert_eq!(l.a.rows_range(e * r..(e + 1) * r), want_a, "{target} A_{e}");
+                    assert_eq!(
+                        l.b.rows_range(e * n_out..(e + 1) * n_out),
+                        want_b,
+                        "{target} B_{e}"
+                    );
+                    let blocked = cols(&wb, &|j| e * r + j, rows.clone());
+                    strided_differs_from_blocked |=
+                        blocked.matmul(&want_a) != want_b.matmul(&want_a);
+                }
+                assert!(
+                    strided_differs_from_blocked,
+                    "{target}: the test cannot tell"
+                );
+            }
+            // Gate first: ffn_gate_exps holds B's first I rows, which differ from the up rows.
+            let gate = a
+                .tensor("blk.0.ffn_gate_exps.weight")
+                .unwrap()
+                .load()
+                .unwrap();
+            let up = a
+                .tensor("blk.0.ffn_up_exps.weight")
+                .unwrap()
+                .load()
+                .unwrap();
+            assert_ne!(gate.b, up.b);
+            assert_eq!(gate.a, up.a);
+        }
+    }
+
+    #[test]
+    fn one_target_parameter_has_no_base_layer_and_patterns_see_the_parameter_path() {
+        let dir = peft_dir(
+            r#"{"r":2,"lora_alpha":4,"target_parameters":["down_proj"],
+                "rank_pattern":{"experts.down_proj":1},"alpha_pattern":{"mlp.experts.down_proj":3}}"#,
+            &[
+                (&format!("{P}mlp.experts.lora_A.weight"), vec![3, 2]),
+                (&format!("{P}mlp.experts.lora_B.weight"), vec![6, 3]),
+            ],
+        );
+        let (a, issues) = read(dir.path(), &moe_base()).unwrap();
+        assert!(issues.is_empty(), "{issues:?}");
+        assert_eq!(a.tensors.len(), 1);
+        let t = a.tensor("blk.0.ffn_down_exps.weight").unwrap();
+        assert_eq!((t.n_expert(), t.rank(), t.n_in(), t.n_out()), (3, 1, 2, 6));
+        assert_eq!(t.scale(), 3.0);
+    }
+
+    #[test]
+    fn target_parameters_shapes_that_disagree_are_one_error_naming_the_tensor() {
+        // down_proj's lora_A reads 5 columns: neither the expert width 2 nor the hidden size 6.
+        let dir = target_parameters_dir(vec![6, 5]);
+        for b in [moe_base(), BaseInfo::from_arch("qwen3moe").unwrap()] {
+            let err = read(dir.path(), &b).err().unwrap().to_string();
+            assert!(
+                err.contains("adapter_model.safetensors")
+                    && err.contains("mlp.experts.")
+                    && !err.contains('\n'),
+                "{err}"
+            );
+        }
+        let err = read(dir.path(), &moe_base()).err().unwrap().to_string();
+        assert!(
+            err.contains(
+                "'base_model.model.model.layers.0.mlp.experts.lora_A.weight' has 5 columns"
+            ) && err.contains("down_proj needs 2"),
+            "{err}"
+        );
+        // 7 rows of lora_A: not 3 experts × r = 2.
+        let dir = target_parameters_dir(vec![7, 2]);
+        let raw = read_raw(dir.path());
+        assert!(raw.is_err()); // and lora_B's 6 columns disagree: a rank error already
+        let dir = peft_dir(
+            r#"{"r":2,"lora_alpha":4,"target_parameters":["mlp.experts.down_proj"]}"#,
+            &[
+                (&format!("{P}mlp.experts.lora_A.weight"), vec![7, 2]),
+                (&format!("{P}mlp.experts.lora_B.weight"), vec![6, 7]),
+            ],
+        );
+        for b in [moe_base(), BaseInfo::from_arch("qwen3moe").unwrap()] {
+            let err = read(dir.path(), &b).err().unwrap().to_string();
+            assert!(
+                err.contains("has 7 rows; expected") && err.contains("r = 2"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -32,12 +32,21 @@ pub enum PeftError {
     },
     #[error("{}: {error}", path.display())]
     Config { path: PathBuf, error: ConfigError },
+    /// A LoRA on fused expert parameters (`target_parameters`) that does not fit.
+    #[error(transparent)]
+    ExpertParams(Box<super::params::ParamError>),
     /// Tensors whose names or shapes make them unusable, one line each.
     #[error("{}: {}", path.display(), problems.join("; "))]
     Tensors {
         path: PathBuf,
         problems: Vec<String>,
     },
+}
+
+impl From<super::params::ParamError> for PeftError {
+    fn from(e: super::params::ParamError) -> PeftError {
+        PeftError::ExpertParams(Box::new(e))
+    }
 }
 
 /// Locates `adapter_config.json` and the safetensors file for a PEFT directory or a `.safetensors`
@@ -123,6 +132,7 @@ pub fn read_raw(path: &Path) -> Result<PeftAdapter, AdapterError> {
             entry: entry.clone(),
             rows,
             cols,
+            window: None,
         };
         let want_2d = || -> Option<(usize, usize)> {
             match shape.as_slice() {

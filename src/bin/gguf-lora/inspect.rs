@@ -485,6 +485,7 @@ fn render_peft(r: &PeftReport) -> String {
         ("rank_pattern", map(&c.rank_pattern)),
         ("alpha_pattern", map(&c.alpha_pattern)),
         ("target_modules", list(&c.target_modules)),
+        ("target_parameters", list(&c.target_parameters)),
         ("use_dora", c.use_dora.to_string()),
         ("lora_bias", c.lora_bias.to_string()),
         ("modules_to_save", list(&c.modules_to_save)),
