@@ -465,36 +465,41 @@ fn a_gguf_adapter_converts_to_itself_and_can_be_retyped() {
 #[test]
 fn moe_experts_stack_like_the_reference_and_give_pytorch_logits() {
     require_interop!();
-    // testdata/fixtures/qwen2moe (make_moe_fixture.py): 4 experts and a shared expert per layer, all
-    // adapted; llama.cpp's converters stack the experts into ffn_*_exps.
+    // testdata/fixtures/qwen2moe and mixtral (make_moe_fixture.py): 4 experts per layer (qwen2moe
+    // with a shared expert; Mixtral's w1/w2/w3 under block_sparse_moe, a llama-architecture GGUF),
+    // all adapted; llama.cpp's converters stack the experts into ffn_*_exps.
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("moe.gguf");
-    let d = fixtures().join("qwen2moe");
-    let assert = convert(
-        "qwen2moe",
-        "standard",
-        &out,
-        &str_args(&base_args("qwen2moe")),
-    )
-    .success();
-    let stdout = String::from_utf8_lossy(&assert.get_output().stdout).into_owned();
-    assert!(
-        stdout.contains("model.layers.1.mlp.experts.*.down_proj (4 experts)"),
-        "{stdout}"
-    );
-    assert_same_adapter(&out, &d.join("adapters/standard/ref_convert.gguf"));
-    let tokens: Json =
-        serde_json::from_str(&std::fs::read_to_string(d.join("tokens.json")).unwrap()).unwrap();
-    let cases = serde_json::json!([{
-        "name": "qwen2moe/standard",
-        "base": d.join("base-f32.gguf"),
-        "lora": out,
-        "tokens": tokens["tokens"],
-        "logits": d.join("adapters/standard/logits_peft.npy"),
-    }]);
-    let worst = logits_check(&cases);
-    let rel = worst["qwen2moe/standard"].as_f64().unwrap();
-    assert!(rel < 1e-3, "max |Δlogit| / max |logit| = {rel}");
+    for (arch, listed) in [
+        (
+            "qwen2moe",
+            "model.layers.1.mlp.experts.*.down_proj (4 experts)",
+        ),
+        (
+            "mixtral",
+            "model.layers.1.block_sparse_moe.experts.*.w2 (4 experts)",
+        ),
+    ] {
+        let out = dir.path().join(format!("{arch}.gguf"));
+        let d = fixtures().join(arch);
+        let assert = convert(arch, "standard", &out, &str_args(&base_args(arch))).success();
+        let stdout = String::from_utf8_lossy(&assert.get_output().stdout).into_owned();
+        assert!(stdout.contains(listed), "{arch}: {stdout}");
+        assert_same_adapter(&out, &d.join("adapters/standard/ref_convert.gguf"));
+        let tokens: Json =
+            serde_json::from_str(&std::fs::read_to_string(d.join("tokens.json")).unwrap()).unwrap();
+        let name = format!("{arch}/standard");
+        let cases = serde_json::json!([{
+            "name": name,
+            "base": d.join("base-f32.gguf"),
+            "lora": out,
+            "tokens": tokens["tokens"],
+            "logits": d.join("adapters/standard/logits_peft.npy"),
+        }]);
+        let worst = logits_check(&cases);
+        let rel = worst[&name].as_f64().unwrap();
+        eprintln!("{name}: converted adapter in llama.cpp vs PyTorch+PEFT: {rel:.3e}");
+        assert!(rel < 1e-3, "{arch}: max |Δlogit| / max |logit| = {rel}");
+    }
 }
 
 #[test]

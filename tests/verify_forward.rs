@@ -17,9 +17,9 @@ use gguf_lora::gguf::GgufModel;
 use gguf_lora::verify::forward::{Logits, Model};
 use gguf_lora::verify::lora::RuntimeLora;
 
-const ARCHS: [&str; 10] = [
+const ARCHS: [&str; 11] = [
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "qwen2moe",
-    "qwen3moe",
+    "qwen3moe", "mixtral",
 ];
 
 fn fixture(arch: &str) -> PathBuf {
