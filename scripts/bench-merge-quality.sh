@@ -61,9 +61,11 @@ bench() {
         "default|-"
         "tokens-only|--adapter-weight 0"
         "default+auto|--promote auto"
+        "default+auto0|--promote auto:0"
         "default+q8_0|--promote q8_0"
         "calibrated|--calibrate $CALIB"
         "calibrated+auto|--calibrate $CALIB --promote auto"
+        "calibrated+auto0|--calibrate $CALIB --promote auto:0"
         "calibrated+q8_0|--calibrate $CALIB --promote q8_0"
     )
     for row in "${rows[@]}"; do
