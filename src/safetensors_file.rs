@@ -154,28 +154,12 @@ impl SafetensorsFile {
 
     /// The tensor's values widened to f32 (exactly: F16 and BF16 are subsets of F32).
     pub fn to_f32(&self, entry: &TensorEntry) -> Result<Vec<f32>, SafetensorsError> {
-        let bytes = self.bytes(entry);
-        let values = match entry.dtype {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            dtype => {
-                return Err(SafetensorsError::Dtype {
-                    path: self.path.clone(),
-                    name: entry.name.clone(),
-                    dtype,
-                })
-            }
-        };
+        let widen = self.widener(entry)?;
+        let values = self
+            .bytes(entry)
+            .chunks_exact(widen.width)
+            .map(|c| (widen.f)(c))
+            .collect();
         self.release(entry);
         Ok(values)
     }
@@ -189,10 +173,27 @@ impl SafetensorsFile {
         entry: &TensorEntry,
         indices: impl Iterator<Item = usize>,
     ) -> Result<Option<Vec<f32>>, SafetensorsError> {
+        let widen = self.widener(entry)?;
         let bytes = self.bytes(entry);
-        let width = match entry.dtype {
-            Dtype::F32 => 4,
-            Dtype::F16 | Dtype::BF16 => 2,
+        let mut out = Vec::with_capacity(indices.size_hint().0);
+        for i in indices {
+            let Some(c) = i
+                .checked_mul(widen.width)
+                .and_then(|at| bytes.get(at..at.checked_add(widen.width)?))
+            else {
+                return Ok(None);
+            };
+            out.push((widen.f)(c));
+        }
+        Ok(Some(out))
+    }
+
+    /// How one element of `entry` is widened to f32: the one place the float dtypes are decoded.
+    fn widener(&self, entry: &TensorEntry) -> Result<Widener, SafetensorsError> {
+        let (width, f): (usize, fn(&[u8]) -> f32) = match entry.dtype {
+            Dtype::F32 => (4, |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            Dtype::F16 => (2, |c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
+            Dtype::BF16 => (2, |c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
             dtype => {
                 return Err(SafetensorsError::Dtype {
                     path: self.path.clone(),
@@ -201,21 +202,7 @@ impl SafetensorsFile {
                 })
             }
         };
-        let mut out = Vec::with_capacity(indices.size_hint().0);
-        for i in indices {
-            let Some(c) = i
-                .checked_mul(width)
-                .and_then(|at| bytes.get(at..at.checked_add(width)?))
-            else {
-                return Ok(None);
-            };
-            out.push(match entry.dtype {
-                Dtype::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
-                Dtype::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f32(),
-                _ => half::bf16::from_le_bytes([c[0], c[1]]).to_f32(),
-            });
-        }
-        Ok(Some(out))
+        Ok(Widener { width, f })
     }
 
     /// Hands the tensor's mapped pages back to the kernel once its values are copied out, so
@@ -413,6 +400,12 @@ pub fn check_bytes(bytes: &[u8]) -> Result<Vec<(TensorEntry, std::ops::Range<usi
             (entry, range)
         })
         .collect())
+}
+
+/// One float dtype's element width in bytes and its decoder (see [`SafetensorsFile::widener`]).
+struct Widener {
+    width: usize,
+    f: fn(&[u8]) -> f32,
 }
 
 #[cfg(test)]

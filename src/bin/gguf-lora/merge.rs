@@ -276,7 +276,7 @@ fn render(
     if let Some(p) = promote {
         let mut moves: BTreeMap<(String, String), (usize, i128)> = BTreeMap::new();
         for t in r.tensors.iter().filter(|t| t.promoted) {
-            let planned = t.candidates.first().map_or(t.bytes_in, |c| c.bytes);
+            let planned = planned_bytes(t);
             let e = moves
                 .entry((t.type_in.clone(), t.type_out.clone()))
                 .or_default();
@@ -423,14 +423,18 @@ fn render(
 /// "; N promoted[, M demoted]" for the tensors `--promote` gave another type than planned (a
 /// demotion gives bytes back: `--promote auto` funds promotions with them).
 fn retyped_text(r: &MergeReport) -> String {
-    let planned = |t: &TensorReport| t.candidates.first().map_or(t.bytes_in, |c| c.bytes);
     let retyped = || r.tensors.iter().filter(|t| t.promoted);
-    let demoted = retyped().filter(|t| t.bytes_out < planned(t)).count();
+    let demoted = retyped().filter(|t| t.bytes_out < planned_bytes(t)).count();
     match (retyped().count() - demoted, demoted) {
         (0, 0) => String::new(),
         (up, 0) => format!("; {up} promoted"),
         (up, down) => format!("; {up} promoted, {down} demoted"),
     }
+}
+
+/// The bytes `t` would have taken in its planned type, before `--promote` (its first candidate).
+fn planned_bytes(t: &TensorReport) -> u64 {
+    t.candidates.first().map_or(t.bytes_in, |c| c.bytes)
 }
 
 /// `--promote` as the user gave it, in the report's terms.
