@@ -145,11 +145,7 @@ pub fn inspect_peft(path: &Path) -> Result<PeftReport, AdapterError> {
         let key = fused.map_or_else(|| md.path.clone(), |w| w.parameter_path());
         let map = match fused {
             Some(w) => {
-                let short = if w.parameter == "gate_up_proj" {
-                    "gate_proj"
-                } else {
-                    "down_proj"
-                };
+                let short = w.expert_modules()[0];
                 target_without_base(&format!("{}.0.{short}", w.module)).map(|mut m| {
                     m.expert = None;
                     m

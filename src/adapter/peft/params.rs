@@ -109,6 +109,12 @@ pub struct Wrapper<'r> {
 }
 
 impl Wrapper<'_> {
+    /// The per-expert modules of older transformers this parameter stands for, in its row order
+    /// (`gate_proj`, `up_proj` for `gate_up_proj`; `down_proj`).
+    pub fn expert_modules(&self) -> &'static [&'static str] {
+        shorts(self.parameter)
+    }
+
     /// The parameter's path, as `rank_pattern` / `alpha_pattern` see it.
     pub fn parameter_path(&self) -> String {
         format!("{}.{}", self.module, self.parameter)
