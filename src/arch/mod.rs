@@ -8,7 +8,8 @@
 //! architecture stores:
 //! - `llama` (HF Llama, Mistral, Mixtral: `LlamaModel`, `undo_permute = True`): q/k rows permuted by
 //!   `permute(n_head)` / `permute(n_head_kv)`; Mixtral experts `block_sparse_moe.experts.E.w1/w2/w3`
-//!   stacked into `ffn_gate_exps` / `ffn_down_exps` / `ffn_up_exps`.
+//!   stacked into `ffn_gate_exps` / `ffn_down_exps` / `ffn_up_exps`, the router
+//!   `block_sparse_moe.gate` (transformers 5: `mlp.gate`) into `ffn_gate_inp`.
 //! - `qwen2`, `qwen3`, `qwen2moe`, `qwen3moe`, `gemma`, `gemma2`, `gemma3`, `phi3`: no permutation.
 //!   qwen MoE experts `mlp.experts.E.{gate,up,down}_proj` stacked into `ffn_*_exps`, shared expert
 //!   into `ffn_*_shexp`.

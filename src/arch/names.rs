@@ -72,7 +72,8 @@ pub fn map_module(arch: Arch, module_path: &str) -> Option<ModuleMap> {
         "mlp.up_proj" if !is_moe => "ffn_up",
         "mlp.down_proj" if !is_moe => "ffn_down",
         "mlp.gate_up_proj" if arch.fuses_gate_up() => "ffn_up",
-        "mlp.gate" if is_moe => "ffn_gate_inp",
+        // qwen MoE's router, and transformers 5 Mixtral's (`block_sparse_moe.gate` in 4).
+        "mlp.gate" if is_moe || arch == Arch::Llama => "ffn_gate_inp",
         "mlp.shared_expert.gate_proj" => "ffn_gate_shexp",
         "mlp.shared_expert.up_proj" => "ffn_up_shexp",
         "mlp.shared_expert.down_proj" => "ffn_down_shexp",
@@ -246,6 +247,24 @@ mod tests {
         assert_eq!(lora_target_kind("blk.0.attn_norm.weight"), None);
         assert_eq!(lora_target_kind("blk.0.attn_q.bias"), None);
         assert_eq!(lora_target_kind("output_norm.weight"), None);
+    }
+
+    #[test]
+    fn mixtral_router_maps_under_both_transformers_names() {
+        // transformers 4 `block_sparse_moe.gate`, transformers 5 `mlp.gate` (MixtralTopKRouter).
+        for hf in [
+            "model.layers.1.block_sparse_moe.gate",
+            "model.layers.1.mlp.gate",
+        ] {
+            let m = map("llama", hf).unwrap();
+            assert_eq!(
+                (m.target.as_str(), m.kind),
+                ("blk.1.ffn_gate_inp.weight", TargetKind::Linear),
+                "{hf}"
+            );
+        }
+        // Dense architectures have no router to map it to.
+        assert!(map("qwen3", "model.layers.1.mlp.gate").is_none());
     }
 
     #[test]

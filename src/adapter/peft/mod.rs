@@ -277,6 +277,57 @@ mod tests {
     }
 
     #[test]
+    fn mixtral_router_weight_in_target_parameters_is_a_linear_lora_on_ffn_gate_inp() {
+        // What PEFT saves for transformers 5 Mixtral trained with target_modules ["gate", "w2"]: its
+        // config conversion writes `gate.weight` and `down_proj` into target_parameters. The router
+        // (`mlp.gate`, weight [E = 3, hidden 6]) is a 2-D ParamWrapper: B·A, like a Linear's LoRA.
+        let dir = peft_dir(
+            r#"{"r":2,"lora_alpha":4,"target_parameters":["down_proj","gate.weight"]}"#,
+            &[
+                (&format!("{P}mlp.gate.lora_A.weight"), vec![2, 6]),
+                (&format!("{P}mlp.gate.lora_B.weight"), vec![3, 2]),
+                (&format!("{P}mlp.experts.lora_A.weight"), vec![6, 2]),
+                (&format!("{P}mlp.experts.lora_B.weight"), vec![6, 6]),
+            ],
+        );
+        let raw = read_raw(dir.path()).unwrap();
+        let saved = |f: &str| {
+            let m = raw
+                .modules
+                .iter()
+                .find(|m| m.path == "model.layers.0.mlp.gate")
+                .unwrap();
+            let f = if f == "A" { &m.a } else { &m.b };
+            f.as_ref().unwrap().load().unwrap()
+        };
+        let mixtral = base(
+            "llama",
+            2,
+            1,
+            &[
+                ("blk.0.ffn_gate_inp.weight", vec![6, 3]),
+                ("blk.0.ffn_down_exps.weight", vec![2, 6, 3]),
+            ],
+        );
+        for b in [mixtral, BaseInfo::from_arch("mixtral").unwrap()] {
+            let (a, issues) = read(dir.path(), &b).unwrap();
+            assert!(issues.is_empty(), "{issues:?}");
+            let t = a.tensor("blk.0.ffn_gate_inp.weight").unwrap();
+            assert_eq!(
+                (t.kind, t.rank(), t.n_in(), t.n_out()),
+                (TargetKind::Linear, 2, 6, 3)
+            );
+            let l = t.load().unwrap();
+            assert_eq!(
+                (l.a.clone(), l.b.clone(), l.scale()),
+                (saved("A"), saved("B"), 2.0)
+            );
+            let d = a.tensor("blk.0.ffn_down_exps.weight").unwrap();
+            assert_eq!((d.kind, d.n_expert()), (TargetKind::Experts, 3));
+        }
+    }
+
+    #[test]
     fn target_parameters_shapes_that_disagree_are_one_error_naming_the_tensor() {
         // down_proj's lora_A reads 5 columns: neither the expert width 2 nor the hidden size 6.
         let dir = target_parameters_dir(vec![6, 5]);

@@ -18,6 +18,16 @@
 //! `target_parameters` and the nesting depth, and then check the decision against the shapes (the
 //! base's hidden and expert widths, or each other's without a base): a disagreement is an error.
 //! `rank_pattern` / `alpha_pattern` see the parameter's path (`model.layers.0.mlp.experts.down_proj`).
+//!
+//! An entry naming a module's own `weight` (`gate.weight`) is no fused expert weight: PEFT wraps
+//! that 2-D parameter with one expert (`num_experts = 1`), whose delta is `lora.Linear`'s
+//! `scaling · B · A`, saved as `<module>.lora_A.weight` / `lora_B.weight` exactly like a
+//! `target_modules` LoRA; so those modules are left to the ordinary module mapping. PEFT writes
+//! such entries itself for a transformers 5 MoE router: its v4 → v5 config conversion
+//! (`peft/utils/transformers_weight_conversion.py`) turns the `target_modules` entry `gate` of a
+//! Mixtral or Qwen-MoE model into `target_parameters` `gate.weight` (and `w1`/`w3`/`w2`, or
+//! `gate_proj`/`up_proj`/`down_proj`, into `gate_up_proj`/`down_proj`, with `gate_up_proj`'s rank
+//! and alpha doubled by a `rank_pattern` / `alpha_pattern` key `.*\.gate_up_proj`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -30,10 +40,14 @@ use crate::arch::{self, BaseInfo, ModuleMap};
 /// is the nesting order, innermost first).
 const PARAMETERS: [&str; 2] = ["gate_up_proj", "down_proj"];
 
+/// A `target_parameters` entry's parameter that is a module's own 2-D weight, adapted as a
+/// `target_modules` LoRA on that module would be (see the module docs).
+const MODULE_WEIGHT: &str = "weight";
+
 /// A LoRA on fused expert parameters that cannot be read as stacked expert adapters.
 #[derive(Debug, thiserror::Error)]
 pub enum ParamError {
-    #[error("{}: target_parameters entry {name:?} is not a fused expert weight we can convert (only mlp.experts.gate_up_proj and mlp.experts.down_proj of transformers 5 MoE models)", config.display())]
+    #[error("{}: target_parameters entry {name:?} is not a fused expert weight we can convert (only mlp.experts.gate_up_proj and mlp.experts.down_proj of transformers 5 MoE models, and a module's 2-D weight such as gate.weight)", config.display())]
     UnknownParameter { config: PathBuf, name: String },
     #[error("{}: module '{module}' has LoRA tensors nested {found} deep, but target_parameters names {expected} parameter(s) of it ({names})", file.display())]
     Nesting {
@@ -123,13 +137,17 @@ impl Wrapper<'_> {
 
 /// The decision: which saved module holds which parameter's LoRA, from the config's
 /// `target_parameters` and the nesting (see the module docs). Empty without `target_parameters`.
-/// In module order, the inner wrapper (first registered parameter) first.
+/// In module order, the inner wrapper (first registered parameter) first. Entries naming a
+/// module's `weight` give no wrapper: their modules are read as `target_modules` LoRAs.
 pub fn wrappers(raw: &PeftAdapter) -> Result<Vec<Wrapper<'_>>, ParamError> {
     let cfg = &raw.config;
     // target_parameters entries as (module suffix, parameter).
     let mut targets: Vec<(String, &'static str)> = Vec::new();
     for name in &cfg.target_parameters {
         let (module, param) = name.rsplit_once('.').unwrap_or(("", name.as_str()));
+        if param == MODULE_WEIGHT {
+            continue;
+        }
         let Some(param) = PARAMETERS.iter().find(|p| **p == param) else {
             return Err(ParamError::UnknownParameter {
                 config: raw.config_path.clone(),
