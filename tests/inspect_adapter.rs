@@ -128,32 +128,42 @@ fn table_output_ends_with_a_verdict() {
 
 #[test]
 fn target_parameters_expert_lora_shows_each_fused_parameter_and_matches_its_base() {
-    // PEFT `target_parameters` on transformers 5's fused experts: without a base, one row per
-    // parameter (per-expert rank, the stacked target); with the base, compatible.
-    let adapter = fx("qwen3moe/adapters/target_parameters");
-    let v = common::inspect_json(&adapter);
-    assert_eq!(v["not_representable"], Json::Array(vec![]), "{v}");
-    let rows = v["modules"].as_array().unwrap();
-    let row = |source: &str| {
-        rows.iter()
-            .find(|m| m["source"] == source)
-            .unwrap_or_else(|| panic!("no row {source}: {v}"))
-    };
-    let gate_up = row("model.layers.1.mlp.experts.gate_up_proj");
-    assert_eq!(gate_up["target"], "blk.1.ffn_gate_exps.weight");
-    assert_eq!(
-        (gate_up["kind"].as_str(), gate_up["rank"].as_u64()),
-        (Some("experts"), Some(4))
-    );
-    assert_eq!(gate_up["lora_a"], serde_json::json!([16, 64]));
-    let down = row("model.layers.1.mlp.experts.down_proj");
-    assert_eq!(down["target"], "blk.1.ffn_down_exps.weight");
-    assert_eq!(down["scale"].as_f64(), Some(2.0));
-    let layer1 = v["layers"][1].to_string();
-    assert!(
-        layer1.contains("ffn_up_exps") && layer1.contains("ffn_gate_exps"),
-        "{layer1}"
-    );
-    let m = inspect_json(&adapter, &fx("qwen3moe/base-f32.gguf"), 0);
-    assert_eq!(m["kind"], "adapter_match", "{m}");
+    // PEFT `target_parameters` on transformers 5's fused experts (qwen3moe, and Mixtral, whose
+    // checkpoint's block_sparse_moe.experts.E.w1/w3/w2 transformers 5 fuses into the same names and
+    // whose router PEFT saves as `gate.weight`): without a base, one row per parameter (per-expert
+    // rank, the stacked target); with the base, compatible.
+    for (arch, router) in [("qwen3moe", false), ("mixtral", true)] {
+        let adapter = fx(&format!("{arch}/adapters/target_parameters"));
+        let v = common::inspect_json(&adapter);
+        assert_eq!(v["not_representable"], Json::Array(vec![]), "{arch}: {v}");
+        let rows = v["modules"].as_array().unwrap();
+        let row = |source: &str| {
+            rows.iter()
+                .find(|m| m["source"] == source)
+                .unwrap_or_else(|| panic!("{arch}: no row {source}: {v}"))
+        };
+        let gate_up = row("model.layers.1.mlp.experts.gate_up_proj");
+        assert_eq!(gate_up["target"], "blk.1.ffn_gate_exps.weight", "{arch}");
+        assert_eq!(
+            (gate_up["kind"].as_str(), gate_up["rank"].as_u64()),
+            (Some("experts"), Some(4)),
+            "{arch}"
+        );
+        assert_eq!(gate_up["lora_a"], serde_json::json!([16, 64]), "{arch}");
+        let down = row("model.layers.1.mlp.experts.down_proj");
+        assert_eq!(down["target"], "blk.1.ffn_down_exps.weight", "{arch}");
+        assert_eq!(down["scale"].as_f64(), Some(2.0), "{arch}");
+        if router {
+            let gate = row("model.layers.1.mlp.gate");
+            assert_eq!(gate["target"], "blk.1.ffn_gate_inp.weight", "{arch}");
+            assert_eq!(gate["kind"], "linear", "{arch}");
+        }
+        let layer1 = v["layers"][1].to_string();
+        assert!(
+            layer1.contains("ffn_up_exps") && layer1.contains("ffn_gate_exps"),
+            "{arch}: {layer1}"
+        );
+        let m = inspect_json(&adapter, &fx(&format!("{arch}/base-f32.gguf")), 0);
+        assert_eq!(m["kind"], "adapter_match", "{arch}: {m}");
+    }
 }

@@ -282,9 +282,9 @@ fn runtime_lora_from_peft_directories_matches_pytorch_peft() {
         ("llama", "patterns"),
         ("llama", "embed_lm_head"),
         ("llama", "standard_bf16"),
-        // transformers 5 fused experts, LoRA by PEFT's `target_parameters` (nested ParamWrappers).
-        ("qwen3moe", "target_parameters"),
     ]);
+    // transformers 5 fused experts, LoRA by PEFT's `target_parameters` (nested ParamWrappers).
+    cases.extend(TARGET_PARAMETERS.map(|t| (t.arch, "target_parameters")));
     for (arch, name) in cases {
         let dir = fixture(arch);
         let base = GgufModel::open(dir.join("base-f32.gguf")).unwrap();
@@ -307,55 +307,104 @@ fn runtime_lora_from_peft_directories_matches_pytorch_peft() {
     }
 }
 
-/// A PEFT `target_parameters` LoRA on transformers 5's fused expert weights
-/// (`make_target_parameters_fixture.py`), converted by the binary and applied at runtime by
-/// llama.cpp, gives PyTorch + PEFT's logits: the per-expert split (A's row blocks, B's strided
-/// columns, gate before up) and the stacked `ffn_*_exps` layout are what llama.cpp's
-/// `build_lora_mm_id` reads.
+/// A MoE fixture with a PEFT `target_parameters` adapter (`make_target_parameters_fixture.py
+/// <arch>`; what each targets is in its `provenance.json`).
+struct TargetParameters {
+    arch: &'static str,
+    /// Per-expert ranks of `gate_up_proj` and `down_proj`.
+    ranks: [u64; 2],
+    /// Targets besides the experts' and attention's that the converted adapter must have.
+    more: &'static [&'static str],
+}
+
+/// qwen3moe with explicit `target_parameters`; Mixtral trained with transformers 4 names
+/// (`w1`/`w2`/`w3`, `gate`) that PEFT rewrites for transformers 5: the fused `gate_up_proj` at twice
+/// the rank by a `rank_pattern` regex, bare parameter names, the router as `gate.weight`, and a
+/// llama GGUF that RoPE-permutes the adapted `q_proj`.
+const TARGET_PARAMETERS: [TargetParameters; 2] = [
+    TargetParameters {
+        arch: "qwen3moe",
+        ranks: [4, 4],
+        more: &[],
+    },
+    TargetParameters {
+        arch: "mixtral",
+        ranks: [4, 2],
+        more: &["blk.0.ffn_gate_inp.weight", "blk.1.ffn_gate_inp.weight"],
+    },
+];
+
+/// The first of `keys` that the JSON file `path` has (the MoE HF configs name the expert width and
+/// count differently).
+fn json_u64(path: &Path, keys: &[&str]) -> u64 {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    keys.iter()
+        .find_map(|k| v[*k].as_u64())
+        .unwrap_or_else(|| panic!("{} has none of {keys:?}", path.display()))
+}
+
+/// A PEFT `target_parameters` LoRA on transformers 5's fused expert weights, converted by the
+/// binary and applied at runtime by llama.cpp, gives PyTorch + PEFT's logits: the per-expert split
+/// (A's row blocks, B's strided columns, gate before up) and the stacked `ffn_*_exps` layout are
+/// what llama.cpp's `build_lora_mm_id` reads.
 #[test]
 fn target_parameters_expert_lora_converted_runs_in_llama_cpp_like_pytorch_peft() {
     require_interop!();
-    let dir = fixture("qwen3moe");
-    let base = dir.join("base-f32.gguf");
-    let adapter = dir.join("adapters/target_parameters");
-    let work = tempfile::tempdir().unwrap();
-    let out = work.path().join("target_parameters.gguf");
-    let assert = common::gguf_lora()
-        .arg("convert")
-        .arg(&adapter)
-        .arg("--base")
-        .arg(&base)
-        .arg("-o")
-        .arg(&out)
-        .assert()
-        .success();
-    let stdout = String::from_utf8_lossy(&assert.get_output().stdout).into_owned();
-    for want in [
-        "blk.1.ffn_gate_exps.weight",
-        "blk.1.ffn_up_exps.weight",
-        "blk.1.ffn_down_exps.weight",
-        "(4 experts)",
-    ] {
-        assert!(stdout.contains(want), "{want:?} not in:\n{stdout}");
+    for TargetParameters { arch, ranks, more } in TARGET_PARAMETERS {
+        let dir = fixture(arch);
+        let base = dir.join("base-f32.gguf");
+        let adapter = dir.join("adapters/target_parameters");
+        let work = tempfile::tempdir().unwrap();
+        let out = work.path().join("target_parameters.gguf");
+        let assert = common::gguf_lora()
+            .arg("convert")
+            .arg(&adapter)
+            .arg("--base")
+            .arg(&base)
+            .arg("-o")
+            .arg(&out)
+            .assert()
+            .success();
+        let stdout = String::from_utf8_lossy(&assert.get_output().stdout).into_owned();
+        let hf = |keys: &[&str]| json_u64(&dir.join("config.json"), keys);
+        let n_expert = hf(&["num_experts", "num_local_experts"]);
+        let experts = format!("({n_expert} experts)");
+        let experts = [
+            "blk.1.ffn_gate_exps.weight",
+            "blk.1.ffn_up_exps.weight",
+            "blk.1.ffn_down_exps.weight",
+            &experts,
+        ];
+        for want in experts.iter().chain(more) {
+            assert!(stdout.contains(want), "{arch}: {want:?} not in:\n{stdout}");
+        }
+        let file = gguf_lora::gguf::GgufFile::open(&out).unwrap();
+        // ggml ne: lora_a [n_in, r, E], lora_b [r, n_out, E], from the HF and PEFT configs.
+        let (hidden, e) = (hf(&["hidden_size"]), n_expert);
+        let width = hf(&["moe_intermediate_size", "intermediate_size"]);
+        let [gate_up, down] = ranks;
+        for (tensor, want) in [
+            ("blk.0.ffn_gate_exps.weight.lora_a", [hidden, gate_up, e]),
+            ("blk.0.ffn_up_exps.weight.lora_b", [gate_up, width, e]),
+            ("blk.0.ffn_down_exps.weight.lora_a", [width, down, e]),
+            ("blk.0.ffn_down_exps.weight.lora_b", [down, hidden, e]),
+        ] {
+            assert_eq!(file.tensor(tensor).unwrap().dims, want, "{arch}: {tensor}");
+        }
+        let tokens = fixture_tokens(arch);
+        let llama = llama_cpp_logits(&base, &tokens, &[(out, 1.0)]);
+        let peft = read_npy(&adapter.join("logits_peft.npy"));
+        let llama = Logits {
+            n_tokens: tokens.len(),
+            n_vocab: peft.len() / tokens.len(),
+            data: llama,
+        };
+        let rel = rel_err(&llama, &peft);
+        eprintln!(
+            "{arch}/target_parameters: llama.cpp with our GGUF vs PyTorch+PEFT: max relative error {rel:.3e}"
+        );
+        assert!(rel < 1e-3, "{arch}/target_parameters: {rel}");
     }
-    let file = gguf_lora::gguf::GgufFile::open(&out).unwrap();
-    let dims = |n: &str| file.tensor(n).unwrap().dims.clone();
-    // ggml ne: lora_a [n_in, r, E], lora_b [r, n_out, E] (hidden 64, expert width 32, r 4, E 4).
-    assert_eq!(dims("blk.0.ffn_gate_exps.weight.lora_a"), [64, 4, 4]);
-    assert_eq!(dims("blk.0.ffn_up_exps.weight.lora_b"), [4, 32, 4]);
-    assert_eq!(dims("blk.0.ffn_down_exps.weight.lora_a"), [32, 4, 4]);
-    assert_eq!(dims("blk.0.ffn_down_exps.weight.lora_b"), [4, 64, 4]);
-    let tokens = fixture_tokens("qwen3moe");
-    let llama = llama_cpp_logits(&base, &tokens, &[(out, 1.0)]);
-    let peft = read_npy(&adapter.join("logits_peft.npy"));
-    let llama = Logits {
-        n_tokens: tokens.len(),
-        n_vocab: peft.len() / tokens.len(),
-        data: llama,
-    };
-    let rel = rel_err(&llama, &peft);
-    eprintln!("qwen3moe/target_parameters: llama.cpp with our GGUF vs PyTorch+PEFT: max relative error {rel:.3e}");
-    assert!(rel < 1e-3, "qwen3moe/target_parameters: {rel}");
 }
 
 #[test]
