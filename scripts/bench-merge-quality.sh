@@ -7,7 +7,8 @@
 # Rows: gguf-lora merge with --requant nearest, the default (and with --adapter-weight 0, the calibration
 # tokens alone) and --calibrate CALIB, each alone, with
 # --promote auto and with --promote q8_0; llama-export-lora (merged tensors F16); export-lora then
-# llama-quantize --allow-requantize Q4_K_M; plus the base alone and the adapter at runtime (judge.py's rows).
+# llama-quantize --allow-requantize Q4_K_M; --promote auto:0 funded by --token-embedding-type q5_1;
+# plus the base alone and the adapter at runtime (judge.py's rows).
 # Columns: facts / answer-token accuracy (smollm only: the gemma adapter was not trained), mean KL to the
 # runtime LoRA over the 48 fact sentences and over heldout.txt (testdata/merge_quality/judge.py, llama.cpp,
 # CPU), size ×base, wall and user+sys seconds and peak RSS of the command (/usr/bin/time; the export-lora +
@@ -67,6 +68,12 @@ bench() {
         "calibrated+auto|--calibrate $CALIB --promote auto"
         "calibrated+auto0|--calibrate $CALIB --promote auto:0"
         "calibrated+q8_0|--calibrate $CALIB --promote q8_0"
+    )
+    # Both bases' token_embd is Q8_0 and tied to the output (gemma3: 70% of the file): at Q5_1 it pays
+    # for promotions at the base's size.
+    rows+=(
+        "default+auto0+embd_q5_1|--promote auto:0 --token-embedding-type q5_1"
+        "calibrated+auto0+embd_q5_1|--calibrate $CALIB --promote auto:0 --token-embedding-type q5_1"
     )
     for row in "${rows[@]}"; do
         label=${row%%|*}; flags=${row#*|}; [ "$flags" = - ] && flags=

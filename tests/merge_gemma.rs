@@ -308,6 +308,81 @@ fn llama_cpp_loads_merges_and_promotions_buy_back_the_adapter() {
     assert!(kl(&q4q6) < kl(&keep), "{l}");
 }
 
+/// `--token-embedding-type q5_1`: gemma3's Q8_0 embedding (tied to the output, 70% of the file) is
+/// rewritten by libggml's rounding of its own values, and `--promote auto:0` spends what that frees on
+/// the merged tensors: the file stays within the base's size and llama.cpp's logits come closer to
+/// the runtime LoRA than `auto:0` alone gets them.
+#[test]
+fn a_smaller_token_embedding_funds_promotions_within_the_base_s_size() {
+    require_interop!();
+    let dir = tempfile::tempdir().unwrap();
+    let auto0 = dir.path().join("auto0.gguf");
+    let funded = dir.path().join("funded.gguf");
+    let f32 = dir.path().join("f32.gguf");
+    merge(&auto0, &["--promote", "auto:0"]);
+    let r = merge(
+        &funded,
+        &["--promote", "auto:0", "--token-embedding-type", "q5_1"],
+    );
+    merge(&f32, &["--outtype", "f32", "--token-embedding-type", "f32"]);
+    let summary = &r["summary"];
+    assert_eq!(summary["tensors_retyped"], 1, "{summary}");
+    assert!(
+        summary["bytes_out"].as_u64() <= summary["bytes_in"].as_u64(),
+        "{summary}"
+    );
+    let tensors = r["tensors"].as_array().unwrap();
+    let embd = tensors
+        .iter()
+        .find(|t| t["name"] == "token_embd.weight")
+        .unwrap();
+    assert_eq!(
+        (
+            embd["type_in"].as_str(),
+            embd["type_out"].as_str(),
+            &embd["promoted"]
+        ),
+        (Some("q8_0"), Some("q5_1"), &Value::Bool(false))
+    );
+    let q8 = tensors.iter().filter(|t| t["type_out"] == "q8_0").count();
+    assert!(
+        q8 * 10 >= (tensors.len() - 1) * 9,
+        "{q8} of {} merged tensors in q8_0",
+        tensors.len() - 1
+    );
+    assert_eq!(
+        field(&funded, "gguf_lora.merge.retype"),
+        "token_embd.weight=q5_1"
+    );
+    let base_len = std::fs::metadata(&interop().gemma).unwrap().len() as f64;
+    assert!(std::fs::metadata(&funded).unwrap().len() as f64 <= base_len + 65536.0);
+    // Every recoded tensor (the embedding too) is libggml's quantization of our f32 merge, whose
+    // embedding is the base's own values dequantized; every other tensor is the base's bytes.
+    let report_path = dir.path().join("funded.json");
+    std::fs::write(&report_path, r.to_string()).unwrap();
+    let k = check(&[
+        "keep",
+        s(&report_path),
+        s(&interop().gemma),
+        s(&funded),
+        s(&f32),
+    ]);
+    assert_eq!(
+        (k["mismatched"].clone(), k["copied_differ"].clone()),
+        (serde_json::json!([]), serde_json::json!([])),
+        "{k}"
+    );
+    let spec = format!("{}:1", s(adapter()));
+    let l = check(&["logits", s(&interop().gemma), &spec, s(&auto0), s(&funded)]);
+    let kl = |p: &Path| l[s(p)]["kl"].as_f64().unwrap();
+    eprintln!(
+        "gemma3 + rank-16, nearest, mean KL to runtime LoRA over 20 tokens: auto:0 {:.4}, auto:0 with token_embd q5_1 {:.4}",
+        kl(&auto0),
+        kl(&funded)
+    );
+    assert!(kl(&funded) < kl(&auto0), "{l}");
+}
+
 #[test]
 fn weights_are_as_close_to_the_exact_merge_as_export_lora_then_llama_quantize() {
     require_interop!();

@@ -333,6 +333,19 @@ fn refusals_exit_1_name_every_offending_tensor_and_write_nothing() {
             ],
             vec!["blk.99.attn_q.weight", "architecture 'llama'"],
         ),
+        // gemma3 ties its output head to token_embd: there is no output.weight to retype.
+        (
+            vec![
+                "--lora".into(),
+                s(&good).into(),
+                "--output-tensor-type".into(),
+                "q8_0".into(),
+            ],
+            vec![
+                "cannot give 'output.weight' its own type",
+                "ties its output head to token_embd.weight",
+            ],
+        ),
     ];
     for ((args, needles), base) in cases.iter().flat_map(|c| [(c, &base), (c, &q8)]) {
         let a = gguf_lora()
@@ -394,6 +407,11 @@ fn refusals_exit_1_name_every_offending_tensor_and_write_nothing() {
         ])
         .assert()
         // An unknown type is a usage error (issue 12: exit 2, as the contract says).
+        .code(2);
+    gguf_lora()
+        .args(["merge", s(&base), "--lora", s(&good), "-o", s(&out)])
+        .args(["--token-embedding-type", "q4_k_m"])
+        .assert()
         .code(2);
     assert!(!out.exists());
 }

@@ -261,6 +261,9 @@ pub struct MergeOptions {
     /// Rows per tensor on which candidate types are tried (for promotion and the report).
     pub sample_rows: usize,
     pub requant: RequantMethod,
+    /// Tensors written in a type of their own whether an adapter touches them or not
+    /// (`--token-embedding-type`, `--output-tensor-type`); bytes one frees fund `--promote auto`.
+    pub retype: Vec<(String, GgmlType)>,
 }
 
 impl Default for MergeOptions {
@@ -270,6 +273,7 @@ impl Default for MergeOptions {
             promote: Promote::None,
             sample_rows: 64,
             requant: RequantMethod::Nearest { fallback: None },
+            retype: Vec::new(),
         }
     }
 }
@@ -331,6 +335,7 @@ pub fn prepare<'a, 'u>(
     opts: &'u MergeOptions,
 ) -> Result<Prepared<'a, 'u>, EngineError> {
     let mut plans = plan::plan(base_arch, base, adapters, opts.outtype)?;
+    plan::retype(base, &mut plans, &opts.retype)?;
     if let RequantMethod::Preserve { stats, .. } = &opts.requant {
         for p in plans.iter_mut().filter(|p| p.is_touched()) {
             let t = &base[p.index];
@@ -368,7 +373,13 @@ pub fn prepare<'a, 'u>(
             .collect();
         (Vec::new(), sampling)
     };
-    let promoted = promote::apply(base, &mut plans, &candidates, &opts.promote);
+    // What the retyped tensors give back (a demoted token_embd) is budget `--promote auto` can spend.
+    let freed: i128 = plans
+        .iter()
+        .filter(|p| p.retyped && !p.is_touched())
+        .map(|p| base[p.index].data.len() as i128 - promote::tensor_bytes(p.ty_out, p) as i128)
+        .sum();
+    let promoted = promote::apply(base, &mut plans, &candidates, &opts.promote, freed);
     Ok(Prepared {
         base,
         adapters,

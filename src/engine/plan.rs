@@ -36,6 +36,8 @@ pub struct TensorPlan<'u> {
     pub ops: Vec<PlannedOp<'u>>,
     /// How the exact rows become `ty_out` bytes.
     pub requant: Requant<'u>,
+    /// The user gave this tensor its type ([`retype`]): `--promote` leaves it alone.
+    pub retyped: bool,
 }
 
 impl TensorPlan<'_> {
@@ -86,6 +88,10 @@ pub enum PlanProblem {
     },
     #[error("tensor '{tensor}': type {ty} cannot be read")]
     Unreadable { tensor: String, ty: GgmlType },
+    /// A tensor given its own output type (`--token-embedding-type`, `--output-tensor-type`) that
+    /// the base does not have.
+    #[error("cannot give '{tensor}' its own type: the base has no such tensor{}", if tensor.starts_with("output.") { " (a model that ties its output head to token_embd.weight has none)" } else { "" })]
+    RetypeNotInBase { tensor: String },
     #[error("tensor '{tensor}': cannot be written as {ty} (rows of {n_cols})")]
     Unwritable {
         tensor: String,
@@ -146,6 +152,7 @@ pub fn plan<'u>(
             fallback: false,
             ops: Vec::new(),
             requant: Requant::default(),
+            retyped: false,
         });
     }
     for (ai, adapter) in adapters.iter().enumerate() {
@@ -207,6 +214,49 @@ pub fn plan<'u>(
         p.fallback = fallback;
     }
     Ok(plans)
+}
+
+/// Gives the named tensors their own output type (with fallback), touched by an adapter or not, as
+/// llama-quantize's `--token-embedding-type`/`--output-tensor-type` do: an untouched one is
+/// requantized to nearest from its dequantized values. A retyped tensor keeps that type
+/// (`--promote` does not choose for it). Every problem is listed.
+pub fn retype(
+    base: &[InputTensor<'_>],
+    plans: &mut [TensorPlan<'_>],
+    retypes: &[(String, GgmlType)],
+) -> Result<(), EngineError> {
+    let mut problems = Vec::new();
+    for (name, ty) in retypes {
+        let Some(p) = plans.iter_mut().find(|p| base[p.index].name == *name) else {
+            problems.push(PlanProblem::RetypeNotInBase {
+                tensor: name.clone(),
+            });
+            continue;
+        };
+        if !codec::can_dequantize(p.ty_in) {
+            problems.push(PlanProblem::Unreadable {
+                tensor: name.clone(),
+                ty: p.ty_in,
+            });
+            continue;
+        }
+        let (fit, fallback) = fit_type(*ty, p.n_cols as u64);
+        if !is_writable(fit) || codec::row_bytes(fit, p.n_cols).is_err() {
+            problems.push(PlanProblem::Unwritable {
+                tensor: name.clone(),
+                ty: fit,
+                n_cols: p.n_cols,
+            });
+            continue;
+        }
+        p.ty_out = fit;
+        p.fallback = fallback;
+        p.retyped = true;
+    }
+    if !problems.is_empty() {
+        return Err(EngineError::Plan(problems));
+    }
+    Ok(())
 }
 
 /// Retargets a touched tensor to `target` (a promotion), with fallback.

@@ -48,9 +48,10 @@ const DEMOTIONS: [GgmlType; 2] = [GgmlType::Q5_K, GgmlType::Q4_K];
 /// The types tried for a touched tensor: its planned type first, then the [`LADDER`] and the
 /// `--promote` types that would be larger, smallest first, each after its fallback for the row
 /// length; for `--promote auto` also the [`DEMOTIONS`] that would be smaller but no smaller than
-/// `floor_bits` per weight. Empty for a tensor no adapter touches.
+/// `floor_bits` per weight. Empty for a tensor no adapter touches and for one whose type the user
+/// chose ([`TensorPlan::retyped`]).
 pub fn candidate_types(p: &TensorPlan<'_>, promote: &Promote, floor_bits: f64) -> Vec<GgmlType> {
-    if !p.is_touched() {
+    if !p.is_touched() || p.retyped {
         return Vec::new();
     }
     let planned = bits_per_weight(p.ty_out);
@@ -155,22 +156,24 @@ pub fn candidate_reports(
         .collect()
 }
 
-fn tensor_bytes(ty: GgmlType, p: &TensorPlan<'_>) -> u64 {
+pub fn tensor_bytes(ty: GgmlType, p: &TensorPlan<'_>) -> u64 {
     ty.row_bytes(p.n_cols as u64).unwrap_or(0) * p.n_rows as u64
 }
 
-/// Applies `--promote`; returns, per tensor, whether it was promoted.
+/// Applies `--promote`; returns, per tensor, whether it was promoted. `freed` bytes (given back by
+/// tensors retyped to a smaller type) add to `auto`'s budget.
 pub fn apply(
     base: &[InputTensor<'_>],
     plans: &mut [TensorPlan<'_>],
     candidates: &[Vec<CandidateReport>],
     promote: &Promote,
+    freed: i128,
 ) -> Vec<bool> {
     let mut promoted = vec![false; plans.len()];
     match promote {
         Promote::None => {}
         &Promote::Type(t) => {
-            for p in plans.iter_mut().filter(|p| p.is_touched()) {
+            for p in plans.iter_mut().filter(|p| p.is_touched() && !p.retyped) {
                 let (fit, _) = fit_type(t, p.n_cols as u64);
                 if bits_per_weight(fit) > bits_per_weight(p.ty_out) {
                     promoted[p.index] = true;
@@ -179,7 +182,7 @@ pub fn apply(
             }
         }
         Promote::Map(pairs) => {
-            for p in plans.iter_mut().filter(|p| p.is_touched()) {
+            for p in plans.iter_mut().filter(|p| p.is_touched() && !p.retyped) {
                 let Some(&(_, to)) = pairs.iter().find(|(from, _)| *from == p.ty_in) else {
                     continue;
                 };
@@ -192,7 +195,7 @@ pub fn apply(
         }
         &Promote::Auto { budget } => {
             let base_bytes: u64 = base.iter().map(|t| t.data.len() as u64).sum();
-            let budget = (budget.max(0.0) * base_bytes as f64) as i128;
+            let budget = (budget.max(0.0) * base_bytes as f64) as i128 + freed;
             let weights: Vec<f64> = plans
                 .iter()
                 .map(|p| (p.n_rows * p.n_cols) as f64 * sensitivity(&base[p.index].name))

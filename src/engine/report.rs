@@ -189,6 +189,8 @@ pub struct Summary {
     /// Each adapter: its scale, how many tensors it changes, its ranks and alpha/rank.
     pub inputs: Vec<InputSummary>,
     pub tensors_merged: usize,
+    /// Recoded to another type without an adapter touching them (`--token-embedding-type`).
+    pub tensors_retyped: usize,
     pub tensors_copied: usize,
     pub tensors_fallback: usize,
     pub tensors_promoted: usize,
@@ -291,9 +293,13 @@ pub fn build(
         }
         bytes_out += out;
         let s = sums[p.index].unwrap_or_default();
-        all.push(&s);
+        // A tensor recoded without an adapter (a retyped token_embd, or `quantize`) has no change
+        // to keep: it is listed, but its error does not pool with the adapter's.
+        if p.is_touched() {
+            all.push(&s);
+            groups.entry(p.ty_in).or_default().push(tensors.len());
+        }
         let (headline, nearest) = s.headline();
-        groups.entry(p.ty_in).or_default().push(tensors.len());
         tensors.push(TensorReport {
             name: t.name.clone(),
             type_in: p.ty_in.name().into(),
@@ -340,7 +346,11 @@ pub fn build(
             adapters: adapters.iter().map(|a| a.name.clone()).collect(),
             scales: adapters.iter().map(|a| a.scale).collect(),
             inputs: adapters.iter().map(InputSummary::of).collect(),
-            tensors_merged: tensors.len(),
+            tensors_merged: plans.iter().filter(|p| p.is_touched()).count(),
+            tensors_retyped: plans
+                .iter()
+                .filter(|p| p.is_recoded() && !p.is_touched())
+                .count(),
             tensors_copied: plans.len() - tensors.len(),
             tensors_fallback: tensors.iter().filter(|t| t.fallback).count(),
             tensors_promoted: tensors.iter().filter(|t| t.promoted).count(),

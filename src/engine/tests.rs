@@ -449,3 +449,120 @@ fn candidates_tried_in_the_stream_measure_what_the_pass_before_it_does() {
     }
     assert_eq!(merged.candidates[0].relative_error, merged.relative_error);
 }
+
+/// `--token-embedding-type`: a tensor no adapter touches, given a type of its own, is written as
+/// ggml's round-to-nearest of its values; it is reported apart (retyped, not merged) and its
+/// rounding does not pool with the adapter's share kept.
+#[test]
+fn a_retyped_untouched_tensor_is_rounded_to_nearest_and_kept_apart_from_the_adapter() {
+    let mut seed = 8;
+    let fx = Fixture::new(&mut seed);
+    let base = fx.base();
+    let adapters = vec![AdapterInput {
+        name: "a".into(),
+        architecture: None,
+        scale: 1.0,
+        updates: vec![(
+            "blk.0.attn_q.weight".into(),
+            Update::low_rank(low_rank(&mut seed, 40, 96, 4, 1.0)),
+        )],
+    }];
+    let opts = |retype: Vec<(String, GgmlType)>| MergeOptions {
+        outtype: MergeType::Type(GgmlType::Q8_0),
+        retype,
+        ..Default::default()
+    };
+    let (plain_written, plain) = run(&base, &adapters, opts(Vec::new()));
+    let (written, report) = run(
+        &base,
+        &adapters,
+        opts(vec![("tok".to_string(), GgmlType::Q4_0)]),
+    );
+    let mut want = vec![0u8; GgmlType::Q4_0.row_bytes(64).unwrap() as usize * 10];
+    crate::quant::quantize_rows(GgmlType::Q4_0, &floats(&fx.data[0]), 64, &mut want, None).unwrap();
+    assert_eq!(written[0].1, want);
+    assert_eq!(plain_written[0].1, fx.data[0]);
+    // The merged tensor is the same bytes either way.
+    assert_eq!(written[1].1, plain_written[1].1);
+    let s = &report.summary;
+    assert_eq!(
+        (s.tensors_merged, s.tensors_retyped, s.tensors_copied),
+        (1, 1, 2)
+    );
+    assert_eq!(plain.summary.tensors_retyped, 0);
+    assert_eq!(s.kept.share_kept, plain.summary.kept.share_kept);
+    assert_eq!(s.relative_error, plain.summary.relative_error);
+    assert_eq!(s.per_type.len(), 1);
+    let tok = report.tensors.iter().find(|t| t.name == "tok").unwrap();
+    assert!(tok.adapters.is_empty() && tok.type_out == "q4_0" && tok.rms_error > 0.0);
+    assert_eq!(tok.bytes_out, want.len() as u64);
+    assert_eq!(
+        s.bytes_out,
+        plain.summary.bytes_out - 64 * 10 * 4 + want.len() as u64
+    );
+
+    // A tensor the base does not have is an error naming it, before anything is written.
+    let bad = opts(vec![("output.weight".to_string(), GgmlType::Q8_0)]);
+    let err = prepare(None, &base, &adapters, &bad)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("cannot give 'output.weight' its own type: the base has no such tensor"),
+        "{err}"
+    );
+}
+
+/// The bytes a retyped tensor gives back are budget `--promote auto:0` spends on the merged
+/// tensors, so the output stays within the base's size; without them nothing can be promoted.
+#[test]
+fn bytes_a_retyped_tensor_frees_fund_promote_auto() {
+    let mut seed = 9;
+    let embd: Vec<f32> = (0..96 * 1000).map(|_| lcg(&mut seed)).collect();
+    let up: Vec<f32> = (0..96 * 700).map(|_| lcg(&mut seed)).collect();
+    let mut up_q4 = vec![0u8; GgmlType::Q4_0.row_bytes(96).unwrap() as usize * 700];
+    crate::quant::quantize_rows(GgmlType::Q4_0, &up, 96, &mut up_q4, None).unwrap();
+    let embd_bytes = f32_bytes(&embd);
+    let base = vec![
+        InputTensor {
+            name: "token_embd.weight".into(),
+            dims: vec![96, 1000],
+            ty: GgmlType::F32,
+            data: &embd_bytes,
+            map: None,
+        },
+        InputTensor {
+            name: "blk.0.ffn_up.weight".into(),
+            dims: vec![96, 700],
+            ty: GgmlType::Q4_0,
+            data: &up_q4,
+            map: None,
+        },
+    ];
+    let adapters = vec![AdapterInput {
+        name: "a".into(),
+        architecture: None,
+        scale: 1.0,
+        updates: vec![(
+            "blk.0.ffn_up.weight".into(),
+            Update::low_rank(low_rank(&mut seed, 700, 96, 8, 0.05)),
+        )],
+    }];
+    let opts = |retype: Vec<(String, GgmlType)>| MergeOptions {
+        promote: Promote::Auto { budget: 0.0 },
+        retype,
+        ..Default::default()
+    };
+    let base_bytes = (embd_bytes.len() + up_q4.len()) as u64;
+    let (_, alone) = run(&base, &adapters, opts(Vec::new()));
+    assert_eq!(alone.summary.tensors_promoted, 0);
+    assert_eq!(alone.summary.bytes_out, base_bytes);
+    let retype = vec![("token_embd.weight".to_string(), GgmlType::Q4_0)];
+    let (_, funded) = run(&base, &adapters, opts(retype));
+    let up = &funded.tensors[1];
+    assert!(up.promoted, "{} stayed {}", up.name, up.type_out);
+    assert_eq!(funded.tensors[0].type_out, "q4_0");
+    assert!(!funded.tensors[0].promoted);
+    assert!(funded.summary.bytes_out <= base_bytes);
+    assert!(up.kept.share_kept > alone.tensors[0].kept.share_kept);
+}

@@ -34,6 +34,8 @@ pub const KEY_ADAPTERS: &str = "gguf_lora.merge.adapters";
 pub const KEY_SCALES: &str = "gguf_lora.merge.scales";
 pub const KEY_OUTTYPE: &str = "gguf_lora.merge.outtype";
 pub const KEY_PROMOTE: &str = "gguf_lora.merge.promote";
+/// Tensors given their own type (`--token-embedding-type`, `--output-tensor-type`): `NAME=TYPE,...`.
+pub const KEY_RETYPE: &str = "gguf_lora.merge.retype";
 /// How merged tensors were requantized: `nearest`, or `preserve` with its calibration.
 pub const KEY_REQUANT: &str = "gguf_lora.merge.requant";
 
@@ -70,11 +72,14 @@ pub fn check(
     model: &GgufModel,
     adapters: &[AdapterInput],
     outtype: MergeType,
+    retype: &[(String, GgmlType)],
     output: &Output<'_>,
 ) -> Result<(), MergeError> {
     check_base(model, output)?;
     let base = base_tensors(model);
-    crate::engine::plan::plan(model.metadata().get_str(KEY_ARCH), &base, adapters, outtype)?;
+    let mut plans =
+        crate::engine::plan::plan(model.metadata().get_str(KEY_ARCH), &base, adapters, outtype)?;
+    crate::engine::plan::retype(&base, &mut plans, retype)?;
     Ok(())
 }
 
@@ -183,6 +188,14 @@ fn merged_metadata(
     m.set(KEY_OUTTYPE, Value::String(opts.outtype.to_string()));
     if let Some(p) = options::promote_key(&opts.promote) {
         m.set(KEY_PROMOTE, Value::String(p));
+    }
+    if !opts.retype.is_empty() {
+        let spec: Vec<String> = opts
+            .retype
+            .iter()
+            .map(|(name, ty)| format!("{name}={ty}"))
+            .collect();
+        m.set(KEY_RETYPE, Value::String(spec.join(",")));
     }
     m.set(KEY_REQUANT, Value::String(requant_key(&opts.requant)));
     m

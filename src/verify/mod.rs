@@ -571,7 +571,7 @@ pub fn merge_to_temp(
         other_inputs: &[],
     };
     let opts = MergeOptions::default();
-    crate::merge::check(base, &inputs, opts.outtype, &output)?;
+    crate::merge::check(base, &inputs, opts.outtype, &opts.retype, &output)?;
     let adapters: Vec<&adapter::Adapter> = opened.iter().collect();
     let requant = preserve_method(
         base,

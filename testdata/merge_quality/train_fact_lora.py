@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Trains the committed fact adapter: a PEFT LoRA (rank 16, alpha 32, every attention and MLP projection)
-on SmolLM2-135M-Instruct, taught the 48 made-up facts of facts.json. Runs in the fixture venv
+on SmolLM2-135M-Instruct (or another GGUF base transformers can load, such as gemma3-270m Q4_K_M with
+--hf-name google/gemma-3-270m-it), taught the 48 made-up facts of facts.json. Runs in the fixture venv
 (torch, transformers, peft), on the CPU, in a few minutes.
 
     train_fact_lora.py BASE.gguf [--out adapters/smollm2-facts] [--max-steps 24] [--stop-loss 0.05] [--lr 6e-3] [--threads 2]
@@ -47,6 +48,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=6e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hf-name", default="HuggingFaceTB/SmolLM2-135M-Instruct",
+                    help="base_model_name_or_path written in adapter_config.json")
     args = ap.parse_args()
     os.environ["HF_HUB_OFFLINE"] = "1"
     import torch
@@ -62,14 +65,19 @@ def main() -> None:
     model.config.use_cache = False
     facts = json.loads((HERE / "facts.json").read_text())["facts"]
 
-    # Token ids as llama.cpp makes them: SmolLM2 adds no BOS; the prompt's tokens are a prefix of the
-    # sentence's (checked), so the answer is what follows them.
+    # Token ids as llama.cpp makes them (judge.py): BOS first when the GGUF says the model adds one
+    # (gemma3 does, SmolLM2 does not); the prompt's tokens are a prefix of the sentence's (checked), so
+    # the answer is what follows them.
+    from gguf import GGUFReader
+
+    bos_field = GGUFReader(str(base)).fields.get("tokenizer.ggml.add_bos_token")
+    bos = [tok.bos_token_id] if bos_field is not None and bool(bos_field.parts[-1][0]) else []
     rows = []
     for f in facts:
-        p = tok(f["prompt"], add_special_tokens=False)["input_ids"]
-        s = tok(f["prompt"] + " " + f["answer"] + ".", add_special_tokens=False)["input_ids"]
+        p = bos + tok(f["prompt"], add_special_tokens=False)["input_ids"]
+        s = bos + tok(f["prompt"] + " " + f["answer"] + ".", add_special_tokens=False)["input_ids"]
         assert s[: len(p)] == p, f"prompt tokens are not a prefix: {f}"
-        assert 1 <= len(s) - len(p) - 1 <= 4, f"answer is not 1-4 tokens: {f}"
+        assert 1 <= len(s) - len(p) - 1 <= 8, f"answer is not 1-8 tokens: {f}"
         rows.append((s, len(p)))
     width = max(len(s) for s, _ in rows)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -128,7 +136,7 @@ def main() -> None:
     # The local path PEFT records is this machine's; the model card it writes says nothing of use.
     cfg_path = out_dir / "adapter_config.json"
     c = json.loads(cfg_path.read_text())
-    c["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    c["base_model_name_or_path"] = args.hf_name
     cfg_path.write_text(json.dumps(c, indent=2, sort_keys=True) + "\n")
     (out_dir / "README.md").unlink(missing_ok=True)
     with torch.no_grad():
