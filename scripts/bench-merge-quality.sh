@@ -2,6 +2,7 @@
 # Issue 15's measurement: does a merge keep the fine-tune, at what size and cost? Two cases:
 #   smollm  SmolLM2-135M-Instruct Q4_1 + the trained fact adapter (testdata/merge_quality/adapters/smollm2-facts,
 #           converted by gguf-lora convert)
+#   gemma-facts  gemma3-270m Q4_K_M + the same facts trained on it (adapters/gemma3-facts)
 #   gemma   gemma3-270m Q4_K_M + a rank-16 random adapter on q,k,v,o,gate,up,down (testdata/tools/random_lora.py,
 #           alpha 32, seed 0 or $SEED)
 # Rows: gguf-lora merge with --requant nearest, the default (and with --adapter-weight 0, the calibration
@@ -14,7 +15,7 @@
 # CPU), size ×base, wall and user+sys seconds and peak RSS of the command (/usr/bin/time; the export-lora +
 # quantize row is both steps, RSS the larger). A row whose flags this binary lacks prints
 # "n/a (flag missing)". Not a timed test: run it on a quiet machine for the times.
-# usage: scripts/bench-merge-quality.sh [smollm|gemma|all]     (env: CALIB=FILE, THREADS=N, SEED=N)
+# usage: scripts/bench-merge-quality.sh [smollm|gemma-facts|gemma|all]     (env: CALIB=FILE, THREADS=N, SEED=N)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHICH=${1:-all}
@@ -123,6 +124,11 @@ if [ "$WHICH" = smollm ] || [ "$WHICH" = all ]; then
     A=$WORK/smollm2-facts.gguf
     "$BIN" convert "$MQ/adapters/smollm2-facts" --base "$GGUF_LORA_SMOLLM" -o "$A" > /dev/null
     bench smollm "$GGUF_LORA_SMOLLM" "$A" 1
+fi
+if [ "$WHICH" = gemma-facts ] || [ "$WHICH" = all ]; then
+    A=$WORK/gemma3-facts.gguf
+    "$BIN" convert "$MQ/adapters/gemma3-facts" --base "$GGUF_LORA_GEMMA" -o "$A" > /dev/null
+    bench gemma-facts "$GGUF_LORA_GEMMA" "$A" 1
 fi
 if [ "$WHICH" = gemma ] || [ "$WHICH" = all ]; then
     # SEED picks another random adapter: one adapter's KL moves by 0.01-0.03 with any change of the

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=6e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gguf-lora", default=str(HERE.parents[1] / "target/release/gguf-lora"),
+                    help="the gguf-lora binary whose tokenizer gives the token ids")
     ap.add_argument("--hf-name", default="HuggingFaceTB/SmolLM2-135M-Instruct",
                     help="base_model_name_or_path written in adapter_config.json")
     args = ap.parse_args()
@@ -65,17 +68,20 @@ def main() -> None:
     model.config.use_cache = False
     facts = json.loads((HERE / "facts.json").read_text())["facts"]
 
-    # Token ids as llama.cpp makes them (judge.py): BOS first when the GGUF says the model adds one
-    # (gemma3 does, SmolLM2 does not); the prompt's tokens are a prefix of the sentence's (checked), so
-    # the answer is what follows them.
-    from gguf import GGUFReader
+    # Token ids as llama.cpp makes them (judge.py: BOS when the model adds one, control-token texts
+    # not parsed), from `gguf-lora tokenize`, which gives llama.cpp's ids (tests/tokenize.rs).
+    # transformers' tokenizer rebuilt from the GGUF agrees on SmolLM2 but not on gemma3, whose
+    # SentencePiece vocabulary it splits into far more pieces. The prompt's tokens are a prefix of
+    # the sentence's (checked), so the answer is what follows them.
+    def llama_ids(text: str) -> list[int]:
+        out = subprocess.run([args.gguf_lora, "tokenize", "-m", str(base), "-p", text, "--ids-only",
+                              "--no-special"], check=True, capture_output=True, text=True).stdout
+        return json.loads(out)
 
-    bos_field = GGUFReader(str(base)).fields.get("tokenizer.ggml.add_bos_token")
-    bos = [tok.bos_token_id] if bos_field is not None and bool(bos_field.parts[-1][0]) else []
     rows = []
     for f in facts:
-        p = bos + tok(f["prompt"], add_special_tokens=False)["input_ids"]
-        s = bos + tok(f["prompt"] + " " + f["answer"] + ".", add_special_tokens=False)["input_ids"]
+        p = llama_ids(f["prompt"])
+        s = llama_ids(f["prompt"] + " " + f["answer"] + ".")
         assert s[: len(p)] == p, f"prompt tokens are not a prefix: {f}"
         assert 1 <= len(s) - len(p) - 1 <= 8, f"answer is not 1-8 tokens: {f}"
         rows.append((s, len(p)))
