@@ -279,13 +279,17 @@ fn render(
 
     let _ = writeln!(
         out,
-        "merged {} tensors, copied {} byte for byte; {} → {} (×{:.3}){}{}",
+        "merged {} tensors, {}copied {} byte for byte; {} → {} (×{:.3}){}{}",
         s.tensors_merged,
+        match s.tensors_retyped {
+            0 => String::new(),
+            n => format!("retyped {n} untouched, "),
+        },
         s.tensors_copied,
         human_bytes(s.bytes_in),
         human_bytes(s.bytes_out),
         s.size_ratio,
-        retyped_text(r),
+        promotions_text(r),
         if s.tensors_fallback > 0 {
             format!(
                 "; {} fell back to another type (row length not a multiple of the block)",
@@ -462,10 +466,10 @@ fn render(
 
 /// "; N promoted[, M demoted]" for the tensors `--promote` gave another type than planned (a
 /// demotion gives bytes back: `--promote auto` funds promotions with them).
-fn retyped_text(r: &MergeReport) -> String {
-    let retyped = || r.tensors.iter().filter(|t| t.promoted);
-    let demoted = retyped().filter(|t| t.bytes_out < planned_bytes(t)).count();
-    match (retyped().count() - demoted, demoted) {
+fn promotions_text(r: &MergeReport) -> String {
+    let moved = || r.tensors.iter().filter(|t| t.promoted);
+    let demoted = moved().filter(|t| t.bytes_out < planned_bytes(t)).count();
+    match (moved().count() - demoted, demoted) {
         (0, 0) => String::new(),
         (up, 0) => format!("; {up} promoted"),
         (up, down) => format!("; {up} promoted, {down} demoted"),
