@@ -48,8 +48,19 @@ fn run_ok(mut c: Command) {
 }
 
 fn llama_quantize(input: &Path, out: &Path, ftype: &str, imatrix: Option<&Path>) {
+    llama_quantize_with(input, out, ftype, imatrix, &[]);
+}
+
+fn llama_quantize_with(
+    input: &Path,
+    out: &Path,
+    ftype: &str,
+    imatrix: Option<&Path>,
+    extra: &[&str],
+) {
     let mut c = tool("llama-quantize");
     c.arg("--pure");
+    c.args(extra);
     if let Some(im) = imatrix {
         c.args(["--imatrix", s(im)]);
     }
@@ -159,6 +170,49 @@ fn every_type_equals_llama_quantize_pure() {
                 assert!(ty_out.eq_ignore_ascii_case(ty), "{ty} {name} {ty_out}");
             }
         }
+    }
+}
+
+/// `--token-embedding-type` and `--output-tensor-type` choose those two tensors' types as
+/// llama-quantize's flags do (with `--pure` too), the other tensors following `--type`.
+#[test]
+fn token_embedding_and_output_types_equal_llama_quantize() {
+    require_interop!();
+    let dir = tempfile::tempdir().unwrap();
+    let model = make_model(dir.path(), "m.gguf", None);
+    for (ty, ftype, embd, output) in [
+        ("q4_0", "Q4_0", "q8_0", "q6_k"),
+        ("q6_k", "Q6_K", "q5_1", "f16"),
+    ] {
+        let theirs = dir.path().join(format!("l-{ty}.gguf"));
+        let mine = dir.path().join(format!("o-{ty}.gguf"));
+        let flags = [
+            "--token-embedding-type",
+            embd,
+            "--output-tensor-type",
+            output,
+        ];
+        llama_quantize_with(&model, &theirs, ftype, None, &flags);
+        let mut c = gguf_lora();
+        c.args([
+            "quantize",
+            s(&model),
+            "-o",
+            s(&mine),
+            "--type",
+            ty,
+            "--json",
+        ]);
+        let out = c.args(flags).assert().success().get_output().stdout.clone();
+        let report: Value = serde_json::from_slice(&out).unwrap();
+        assert_identical(&compare(&mine, &theirs), ty);
+        let types: std::collections::HashMap<String, String> = actions(&report)
+            .into_iter()
+            .map(|(name, ty_out, _)| (name, ty_out.to_ascii_lowercase()))
+            .collect();
+        assert_eq!(types["token_embd.weight"], embd, "{ty}");
+        assert_eq!(types["output.weight"], output, "{ty}");
+        assert_eq!(types["blk.0.attn_q.weight"], ty, "{ty}");
     }
 }
 

@@ -12,7 +12,9 @@
 //!   not fit the target's block ([`crate::engine::types::fit_type`]); a tensor already of the type it
 //!   would get is copied byte for byte (llama-quantize does not requantize it either);
 //! - we take one target type and apply no per-tensor mix: what `llama-quantize --pure` does (the
-//!   `_S`/`_M`/`_L` mixes pick other types for some layers; they are not offered here);
+//!   `_S`/`_M`/`_L` mixes pick other types for some layers; they are not offered here), except that
+//!   `--token-embedding-type` and `--output-tensor-type` give those two tensors their own, as they do
+//!   in llama-quantize with `--pure` too ([`QuantizeOptions::target_for`]);
 //! - `--type f32` dequantizes every tensor that is not F32, whatever its shape or name.
 //!
 //! Unlike llama-quantize, quantized inputs are requantized without asking (`--allow-requantize`).
@@ -206,6 +208,26 @@ pub struct QuantizeOptions<'i> {
     pub target: GgmlType,
     /// The importance matrix and the path it was read from (recorded in the metadata).
     pub imatrix: Option<(&'i Imatrix, &'i Path)>,
+    /// llama-quantize's `--token-embedding-type`: the type of `token_embd.weight` and
+    /// `per_layer_token_embd.weight` instead of the target (it applies with `--pure` too).
+    pub token_embedding_type: Option<GgmlType>,
+    /// llama-quantize's `--output-tensor-type`: the type of `output.weight`.
+    pub output_tensor_type: Option<GgmlType>,
+}
+
+impl QuantizeOptions<'_> {
+    /// The type `t` is asked for: an override for the token embeddings or the output head
+    /// (`llama_tensor_get_type`), else the target. Fallbacks for the row length come after.
+    fn target_for(&self, t: &InputTensor<'_>) -> GgmlType {
+        let own = if is_token_embd(&t.name) {
+            self.token_embedding_type
+        } else if t.name == "output.weight" {
+            self.output_tensor_type
+        } else {
+            None
+        };
+        own.unwrap_or(self.target)
+    }
 }
 
 /// Truncates like llama-quantize's 128-byte override strings (at a char boundary).
@@ -240,7 +262,7 @@ pub fn quantize_model(
     let mut rows = Vec::with_capacity(base.len());
     let mut missing = Vec::new();
     for t in &base {
-        let (ty_out, action, reason) = choose_type(t, opts.target);
+        let (ty_out, action, reason) = choose_type(t, opts.target_for(t));
         let mut importance = None;
         let recoded = matches!(action, Action::Quantized | Action::Fallback);
         if let (true, Some((im, im_path))) = (recoded, opts.imatrix) {

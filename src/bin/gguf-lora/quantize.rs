@@ -29,6 +29,12 @@ pub struct Args {
     /// Importance matrix from llama-imatrix (GGUF, or the legacy .dat form).
     #[arg(long, value_name = "FILE")]
     pub imatrix: Option<PathBuf>,
+    /// Type of token_embd.weight instead of --type, as llama-quantize's flag of the same name.
+    #[arg(long, value_name = "TYPE", value_parser = parse_target_type)]
+    pub token_embedding_type: Option<GgmlType>,
+    /// Type of output.weight instead of --type, as llama-quantize's flag of the same name.
+    #[arg(long, value_name = "TYPE", value_parser = parse_target_type)]
+    pub output_tensor_type: Option<GgmlType>,
     #[command(flatten)]
     pub threads: ThreadsArg,
     /// Write one file even when the input is a split set.
@@ -48,6 +54,8 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
         let opts = QuantizeOptions {
             target: args.ty,
             imatrix: im.as_ref().zip(args.imatrix.as_deref()),
+            token_embedding_type: args.token_embedding_type,
+            output_tensor_type: args.output_tensor_type,
         };
         let others: Vec<&Path> = args.imatrix.iter().map(PathBuf::as_path).collect();
         let output = Output {
