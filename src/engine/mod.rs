@@ -373,10 +373,11 @@ pub fn prepare<'a, 'u>(
             .collect();
         (Vec::new(), sampling)
     };
-    // What the retyped tensors give back (a demoted token_embd) is budget `--promote auto` can spend.
+    // What the retyped tensors give back (a demoted token_embd, touched or not) is budget `--promote
+    // auto` can spend: they have no candidates, so the allocator does not count them otherwise.
     let freed: i128 = plans
         .iter()
-        .filter(|p| p.retyped && !p.is_touched())
+        .filter(|p| p.retyped)
         .map(|p| base[p.index].data.len() as i128 - promote::tensor_bytes(p.ty_out, p) as i128)
         .sum();
     let promoted = promote::apply(base, &mut plans, &candidates, &opts.promote, freed);

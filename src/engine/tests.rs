@@ -539,30 +539,52 @@ fn bytes_a_retyped_tensor_frees_fund_promote_auto() {
             map: None,
         },
     ];
-    let adapters = vec![AdapterInput {
-        name: "a".into(),
-        architecture: None,
-        scale: 1.0,
-        updates: vec![(
-            "blk.0.ffn_up.weight".into(),
-            Update::low_rank(low_rank(&mut seed, 700, 96, 8, 0.05)),
-        )],
-    }];
+    let up_update = low_rank(&mut seed, 700, 96, 8, 0.05);
+    let embd_update: Vec<f32> = (0..96 * 1000).map(|_| 0.01 * lcg(&mut seed)).collect();
     let opts = |retype: Vec<(String, GgmlType)>| MergeOptions {
         promote: Promote::Auto { budget: 0.0 },
         retype,
         ..Default::default()
     };
     let base_bytes = (embd_bytes.len() + up_q4.len()) as u64;
-    let (_, alone) = run(&base, &adapters, opts(Vec::new()));
-    assert_eq!(alone.summary.tensors_promoted, 0);
-    assert_eq!(alone.summary.bytes_out, base_bytes);
-    let retype = vec![("token_embd.weight".to_string(), GgmlType::Q4_0)];
-    let (_, funded) = run(&base, &adapters, opts(retype));
-    let up = &funded.tensors[1];
-    assert!(up.promoted, "{} stayed {}", up.name, up.type_out);
-    assert_eq!(funded.tensors[0].type_out, "q4_0");
-    assert!(!funded.tensors[0].promoted);
-    assert!(funded.summary.bytes_out <= base_bytes);
-    assert!(up.kept.share_kept > alone.tensors[0].kept.share_kept);
+    // The embedding untouched, then trained too (a retyped tensor an adapter touches frees bytes
+    // the same way).
+    for embd_touched in [false, true] {
+        let mut updates = vec![(
+            "blk.0.ffn_up.weight".to_string(),
+            Update::low_rank(up_update.clone()),
+        )];
+        if embd_touched {
+            updates.push((
+                "token_embd.weight".to_string(),
+                Update::add(embd_update.clone()),
+            ));
+        }
+        let adapters = vec![AdapterInput {
+            name: "a".into(),
+            architecture: None,
+            scale: 1.0,
+            updates,
+        }];
+        let (_, alone) = run(&base, &adapters, opts(Vec::new()));
+        assert_eq!(alone.summary.tensors_promoted, 0);
+        assert_eq!(alone.summary.bytes_out, base_bytes);
+        let retype = vec![("token_embd.weight".to_string(), GgmlType::Q4_0)];
+        let (_, funded) = run(&base, &adapters, opts(retype));
+        let up = funded
+            .tensors
+            .iter()
+            .find(|t| t.name == "blk.0.ffn_up.weight")
+            .unwrap();
+        let was = alone.tensors.iter().find(|t| t.name == up.name).unwrap();
+        assert!(
+            up.promoted,
+            "embedding touched {embd_touched}: {} stayed {}",
+            up.name, up.type_out
+        );
+        assert_eq!(funded.tensors[0].type_out, "q4_0");
+        assert!(!funded.tensors[0].promoted);
+        assert!(funded.summary.bytes_out <= base_bytes);
+        assert!(up.kept.share_kept > was.kept.share_kept);
+    }
 }
