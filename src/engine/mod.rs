@@ -416,20 +416,8 @@ pub fn prepare_recode<'a, 'u>(
         p.ty_out = r.ty_out;
         p.fallback = r.fallback;
         p.requant = r.requant;
-        if !p.is_recoded() {
-            continue;
-        }
-        if !codec::can_dequantize(p.ty_in) {
-            problems.push(PlanProblem::Unreadable {
-                tensor: t.name.clone(),
-                ty: p.ty_in,
-            });
-        } else if !types::is_writable(p.ty_out) || codec::row_bytes(p.ty_out, p.n_cols).is_err() {
-            problems.push(PlanProblem::Unwritable {
-                tensor: t.name.clone(),
-                ty: p.ty_out,
-                n_cols: p.n_cols,
-            });
+        if p.is_recoded() {
+            problems.extend(plan::recode_problem(&t.name, p));
         }
     }
     if !problems.is_empty() {

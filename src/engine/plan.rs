@@ -233,30 +233,35 @@ pub fn retype(
             });
             continue;
         };
-        if !codec::can_dequantize(p.ty_in) {
-            problems.push(PlanProblem::Unreadable {
-                tensor: name.clone(),
-                ty: p.ty_in,
-            });
-            continue;
-        }
         let (fit, fallback) = fit_type(*ty, p.n_cols as u64);
-        if !is_writable(fit) || codec::row_bytes(fit, p.n_cols).is_err() {
-            problems.push(PlanProblem::Unwritable {
-                tensor: name.clone(),
-                ty: fit,
-                n_cols: p.n_cols,
-            });
-            continue;
-        }
         p.ty_out = fit;
         p.fallback = fallback;
         p.retyped = true;
+        problems.extend(recode_problem(name, p));
     }
     if !problems.is_empty() {
         return Err(EngineError::Plan(problems));
     }
     Ok(())
+}
+
+/// Why tensor `name` cannot be recoded as `p` plans: its base type cannot be read, or its output type
+/// cannot be written at its row length.
+pub fn recode_problem(name: &str, p: &TensorPlan<'_>) -> Option<PlanProblem> {
+    if !codec::can_dequantize(p.ty_in) {
+        return Some(PlanProblem::Unreadable {
+            tensor: name.to_string(),
+            ty: p.ty_in,
+        });
+    }
+    if !is_writable(p.ty_out) || codec::row_bytes(p.ty_out, p.n_cols).is_err() {
+        return Some(PlanProblem::Unwritable {
+            tensor: name.to_string(),
+            ty: p.ty_out,
+            n_cols: p.n_cols,
+        });
+    }
+    None
 }
 
 /// Retargets a touched tensor to `target` (a promotion), with fallback.
