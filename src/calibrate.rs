@@ -21,9 +21,10 @@ use crate::adapter::Adapter;
 use crate::engine::preserve::{self, InputStats, Weighting};
 use crate::engine::{AdapterInput, InputStatsMap, MergeType, RequantMethod};
 use crate::gguf::GgufModel;
+use crate::quant::GgmlType;
 use crate::tokenizer::{Tokenizer, TokenizerError};
 use crate::verify::forward::{LinearInputs, Model};
-use crate::verify::lora::{LoraTerm, RuntimeLora};
+use crate::verify::lora::{LoraTerm, RuntimeLora, TOKEN_EMBD};
 use crate::verify::VerifyError;
 
 /// The text the merge calibrates on when the user gives none.
@@ -330,7 +331,13 @@ pub fn calibrate(
             let built: Vec<(Vec<String>, Arc<InputStats>)> = recorded
                 .into_par_iter()
                 .map(|r| {
-                    let s = InputStats::new(r.n_in, &r.rows, &r.adapter_rows, &spec.weighting);
+                    // A tied embedding's head statistics say nothing of its other use, the lookup.
+                    let w = if r.tensors.iter().any(|t| t == TOKEN_EMBD) {
+                        spec.weighting.for_tied_embedding()
+                    } else {
+                        spec.weighting
+                    };
+                    let s = InputStats::new(r.n_in, &r.rows, &r.adapter_rows, &w);
                     (r.tensors, Arc::new(s))
                 })
                 .collect();
@@ -427,7 +434,7 @@ fn record_inputs_by_layer<T: Recorded>(
     forward.run_layers(&chunks, &[Some(&lora)], &recorder, &mut |_layer| {
         layer_done(recorder.take(&lora))
     })?;
-    // Inputs outside the layers (none today: the head is not run) would be recorded here.
+    // The head's input is shown after the last layer.
     let rest = recorder.take(&lora);
     if !rest.is_empty() {
         layer_done(rest);
@@ -503,24 +510,33 @@ impl Default for CalibrationText {
 }
 
 /// The adapter-keeping requantization of a merge of `inputs` (their normalized adapters beside)
-/// into `model`: statistics from a calibration pass over `text`, or none when every merged tensor
-/// is written as a float type (nothing to keep on a grid, and no tokenizer needed). The one place
-/// the default merge's method is decided: `merge` and `verify`'s own merge both call it.
+/// into `model`, with `retype`'s tensors written in their own types (`--token-embedding-type`,
+/// `--output-tensor-type`): statistics from a calibration pass over `text`, or none when every
+/// merged tensor is written as a float type (nothing to keep on a grid, and no tokenizer needed).
+/// The one place the default merge's method is decided: `merge` and `verify`'s own merge both call
+/// it.
+///
+/// A retyped output head (or an embedding the head is tied to) is calibrated too, on what the head
+/// reads: its rounding then goes where the final hidden states are small, as the merged tensors'
+/// does. A retyped embedding the head does not read is never observed, so it rounds to nearest.
 pub fn preserve_method(
     model: &GgufModel,
     inputs: &[AdapterInput],
     adapters: &[&Adapter],
     outtype: MergeType,
+    retype: &[(String, GgmlType)],
     text: &CalibrationText,
 ) -> Result<RequantMethod, CalibrateError> {
     let targets: HashSet<String> = inputs
         .iter()
         .flat_map(|a| a.updates.iter().map(|(name, _)| name.clone()))
+        .chain(retype.iter().map(|(name, _)| name.clone()))
         .collect();
     let on_a_grid = |name: &String| {
-        let ty = match outtype {
-            MergeType::Type(t) => Some(t),
-            MergeType::Keep => model.tensor(name).map(|t| t.ty),
+        let retyped = retype.iter().find(|(n, _)| n == name).map(|&(_, t)| t);
+        let ty = match (retyped, outtype) {
+            (Some(t), _) | (None, MergeType::Type(t)) => Some(t),
+            (None, MergeType::Keep) => model.tensor(name).map(|t| t.ty),
         };
         ty.is_some_and(preserve::supports)
     };

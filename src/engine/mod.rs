@@ -337,7 +337,9 @@ pub fn prepare<'a, 'u>(
     let mut plans = plan::plan(base_arch, base, adapters, opts.outtype)?;
     plan::retype(base, &mut plans, &opts.retype)?;
     if let RequantMethod::Preserve { stats, .. } = &opts.requant {
-        for p in plans.iter_mut().filter(|p| p.is_touched()) {
+        // A retyped tensor no adapter touches is recoded too: where the calibration saw its input
+        // (an output head), its rounding is weighted as a merged tensor's is.
+        for p in plans.iter_mut().filter(|p| p.is_touched() || p.retyped) {
             let t = &base[p.index];
             if let Some(s) = stats.get(&t.name).filter(|s| !s.is_empty()) {
                 let n_rows: u64 = t.dims.iter().skip(1).product();

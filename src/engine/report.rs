@@ -96,6 +96,10 @@ pub struct TensorReport {
     pub sums: ErrorSums,
     /// The planned type and the promotions tried, smallest first.
     pub candidates: Vec<CandidateReport>,
+    /// The output error of what was written relative to rounding to nearest, on the same held-out
+    /// calibration tokens: `None` unless the tensor was calibrated and rounded otherwise. How a
+    /// recoded tensor with no adapter's change to keep (a retyped output head) fared.
+    pub output_error_vs_nearest: Option<f64>,
 }
 
 /// Choosing one type for every merged tensor of a base type: size and pooled error.
@@ -333,6 +337,12 @@ pub fn build(
             kept: Kept::of(&headline),
             nearest: nearest.as_ref().map(Kept::of),
             weights_share_kept: s.weights.share_kept(),
+            output_error_vs_nearest: s
+                .nearest_outputs
+                // Output sums exist only where calibration statistics did (an untouched
+                // tensor's change, and so `in_outputs`, is zero).
+                .filter(|n| n.sq_noise > 0.0)
+                .map(|n| (s.outputs.sq_noise / n.sq_noise).sqrt()),
             sums: s,
             candidates: cands,
         });

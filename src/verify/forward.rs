@@ -97,6 +97,17 @@ impl Batch<'_> {
     }
 }
 
+/// Shows `batch`'s observer the input `x` of a product with `tensor` (`n_in` values per row, the
+/// streams one after another).
+fn show_inputs(batch: &Batch, tensor: &str, x: &[f32], n_in: usize) {
+    if let Some(obs) = batch.observer {
+        for s in 0..batch.loras.len() {
+            let rows = &x[s * batch.n_tok * n_in..(s + 1) * batch.n_tok * n_in];
+            obs.observe(tensor, s, rows, n_in);
+        }
+    }
+}
+
 /// Hidden states after the output norm, as [`Session::feed`] returns them: per stream, `n_tok` rows
 /// of `n_embd`, ready for [`Session::head`].
 #[derive(Clone, Debug)]
@@ -344,12 +355,7 @@ impl<'a> Model<'a> {
                 n_in,
             }));
         }
-        if let Some(obs) = batch.observer {
-            for s in 0..batch.loras.len() {
-                let rows = &x[s * batch.n_tok * n_in..(s + 1) * batch.n_tok * n_in];
-                obs.observe(name, s, rows, n_in);
-            }
-        }
+        show_inputs(batch, name, x, n_in);
         let n_out = w.n_rows();
         let mut y = self.product(w, x, batch.rows())?;
         for (s, lora) in batch.loras.iter().enumerate() {
@@ -461,7 +467,26 @@ impl<'a> Model<'a> {
             }
             layer_done(il);
         }
+        // The head is not run, but its input is shown: a calibration that recodes the output head
+        // (or a tied embedding) weights its errors by what the head reads.
+        let n_embd = self.hp.n_embd;
+        let norm = self.vector("output_norm.weight", n_embd)?;
+        let head = self.head_tensor();
+        for (x, batch) in hidden.iter().zip(&batches) {
+            let h = rms_norm(x, n_embd, &norm, self.hp.rms_eps);
+            show_inputs(batch, head, &h, n_embd);
+        }
         Ok(())
+    }
+
+    /// The tensor the output projection multiplies by: `output.weight`, or the token embedding
+    /// when the model ties its head to it.
+    fn head_tensor(&self) -> &'static str {
+        if self.src.tensor("output.weight").is_some() {
+            "output.weight"
+        } else {
+            TOKEN_EMBD
+        }
     }
 
     /// Token embeddings of every stream (get_rows, then the embedding LoRA, then gemma's scale).
@@ -503,11 +528,12 @@ impl<'a> Model<'a> {
     fn head(&self, h: &[f32], batch: &Batch) -> Result<Vec<Logits>> {
         let hp = &self.hp;
         let (n_tok, n_embd) = (batch.n_tok, hp.n_embd);
-        let (mut logits, n_out) = if self.src.tensor("output.weight").is_some() {
+        let (mut logits, n_out) = if self.head_tensor() == "output.weight" {
             self.linear("output.weight", h, n_embd, batch)?
         } else {
             // Tied output: the token embedding is the projection. An embedding LoRA then changes the
             // output too, as it does in a merged model.
+            show_inputs(batch, TOKEN_EMBD, h, n_embd);
             let embd = self.weight(TOKEN_EMBD)?;
             let n_vocab = embd.n_rows();
             let mut y = self.product(embd, h, batch.rows())?;
@@ -1104,16 +1130,22 @@ pub(crate) mod tests {
             let (want, got) = (by_tensor(chunk_major), by_tensor(layer_major));
             let n_layer = m.hp.n_layer;
             assert_eq!(seen_at_layer_end.len(), n_layer, "{arch}");
-            // The head is not run: everything before it must match, chunk by chunk.
-            let layer_inputs = |m: &BTreeMap<String, Vec<Vec<f32>>>| {
-                m.iter()
-                    .filter(|(t, _)| t.starts_with("blk."))
-                    .map(|(t, v)| (t.clone(), v.clone()))
-                    .collect::<Vec<_>>()
+            // The head is not run, but its input is shown: every input matches, chunk by chunk,
+            // the head's (the tied embedding on gemma3) among them.
+            assert_eq!(want, got, "{arch}");
+            let head = if arch == "gemma3" {
+                TOKEN_EMBD
+            } else {
+                "output.weight"
             };
-            assert_eq!(layer_inputs(&want), layer_inputs(&got), "{arch}");
-            // After layer `il`, only layers up to `il` have been observed.
-            let per_layer = got.values().map(Vec::len).sum::<usize>() / n_layer;
+            assert_eq!(got[head].len(), chunks.len(), "{arch}");
+            // After layer `il`, only layers up to `il` have been observed; the head after them all.
+            let per_layer = got
+                .iter()
+                .filter(|(t, _)| t.starts_with("blk."))
+                .map(|(_, v)| v.len())
+                .sum::<usize>()
+                / n_layer;
             for (il, seen) in seen_at_layer_end {
                 assert_eq!(seen, (il + 1) * per_layer, "{arch}: after layer {il}");
             }

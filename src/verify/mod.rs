@@ -578,6 +578,7 @@ pub fn merge_to_temp(
         &inputs,
         &adapters,
         opts.outtype,
+        &opts.retype,
         &CalibrationText::default(),
     )
     .map_err(|e| VerifyError::Calibrate(Box::new(e)))?;

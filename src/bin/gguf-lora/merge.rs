@@ -120,6 +120,7 @@ fn calibration(
     model: &GgufModel,
     inputs: &[AdapterInput],
     opened: &[gguf_lora::adapter::Adapter],
+    retype: &[(String, GgmlType)],
 ) -> anyhow::Result<RequantMethod> {
     let text = match &args.calibrate {
         Some(p) => Some((
@@ -141,6 +142,7 @@ fn calibration(
         inputs,
         &adapters,
         args.outtype,
+        retype,
         &text,
     )?)
 }
@@ -173,8 +175,9 @@ pub fn run(args: Args) -> anyhow::Result<Outcome> {
         let requant = match args.requant {
             RequantArg::Nearest => RequantMethod::Nearest { fallback: None },
             RequantArg::Preserve => {
-                merge::check(&model, &adapters, args.outtype, &retypes(&args), &output)?;
-                calibration(&args, &model, &adapters, &opened)?
+                let retype = retypes(&args);
+                merge::check(&model, &adapters, args.outtype, &retype, &output)?;
+                calibration(&args, &model, &adapters, &opened, &retype)?
             }
         };
         if let RequantMethod::Nearest {
@@ -338,7 +341,7 @@ fn render(
         let delta = t.bytes_out as i128 - t.bytes_in as i128;
         let _ = writeln!(
             out,
-            "{}: {} → {}{} (no adapter touches it), {}{}, RMS rounding error {:.2e}",
+            "{}: {} → {}{} (no adapter touches it), {}{}, RMS rounding error {:.2e}{}",
             t.name,
             t.type_in,
             t.type_out,
@@ -346,6 +349,12 @@ fn render(
             if delta < 0 { "-" } else { "+" },
             human_bytes(delta.unsigned_abs() as u64),
             t.rms_error,
+            match t.output_error_vs_nearest {
+                Some(r) => format!(
+                    "; weighted by the output head's inputs, its output error is ×{r:.2} of rounding to nearest"
+                ),
+                None => String::new(),
+            },
         );
     }
     let _ = writeln!(out, "requantization: {requant}");
