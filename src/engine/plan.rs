@@ -218,7 +218,8 @@ pub fn plan<'u>(
 
 /// Gives the named tensors their own output type (with fallback), touched by an adapter or not, as
 /// llama-quantize's `--token-embedding-type`/`--output-tensor-type` do: an untouched one is
-/// requantized to nearest from its dequantized values. A retyped tensor keeps that type
+/// requantized from its dequantized values, by the merge's method where it has statistics for the
+/// tensor (the output head's input) and to nearest otherwise. A retyped tensor keeps that type
 /// (`--promote` does not choose for it). Every problem is listed.
 pub fn retype(
     base: &[InputTensor<'_>],
