@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use common::{gguf_lora, interop, repo_root};
+use common::{gguf_lora, interop, repo_root, report_tensor};
 use serde_json::Value;
 
 fn s(p: &Path) -> &str {
@@ -332,10 +332,7 @@ fn a_smaller_token_embedding_funds_promotions_within_the_base_s_size() {
         "{summary}"
     );
     let tensors = r["tensors"].as_array().unwrap();
-    let embd = tensors
-        .iter()
-        .find(|t| t["name"] == "token_embd.weight")
-        .unwrap();
+    let embd = report_tensor(&r, "token_embd.weight");
     assert_eq!(
         (
             embd["type_in"].as_str(),
@@ -398,12 +395,7 @@ fn a_retyped_tied_embedding_is_rounded_where_the_head_reads_little() {
     let swapped = dir.path().join("swapped.gguf");
     let r = merge_as(&weighted, &["--token-embedding-type", "q5_1"]);
     merge(&nearest, &["--token-embedding-type", "q5_1"]);
-    let embd = r["tensors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["name"] == "token_embd.weight")
-        .unwrap();
+    let embd = report_tensor(&r, "token_embd.weight");
     let ratio = embd["output_error_vs_nearest"]
         .as_f64()
         .unwrap_or_else(|| panic!("the embedding's rounding was not weighted: {embd}"));

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{gguf_lora, interop, listing, repo_root};
+use common::{gguf_lora, interop, listing, repo_root, report_tensor};
 use serde_json::Value;
 
 fn fixture(rel: &str) -> PathBuf {
@@ -127,15 +127,7 @@ fn outtype_f32_equals_numpy_reference_for_two_adapters_with_different_tensor_set
         report["summary"]["tensors_merged"].as_u64().unwrap() as usize
     );
     // blk.1.attn_q has both adapters, blk.1.ffn_up only the second.
-    let t = |name: &str| {
-        report["tensors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["name"] == name)
-            .unwrap()
-            .clone()
-    };
+    let t = |name: &str| report_tensor(&report, name);
     assert_eq!(t("blk.1.attn_q.weight")["ranks"], serde_json::json!([4, 8]));
     assert_eq!(
         t("blk.1.ffn_up.weight")["adapters"],

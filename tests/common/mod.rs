@@ -230,6 +230,14 @@ pub fn inspect_json(path: &Path) -> serde_json::Value {
     v
 }
 
+/// The entry of tensor `name` in a merge report's `tensors` (`merge --json`), which must be there.
+pub fn report_tensor<'r>(report: &'r serde_json::Value, name: &str) -> &'r serde_json::Value {
+    report["tensors"]
+        .as_array()
+        .and_then(|ts| ts.iter().find(|t| t["name"] == name))
+        .unwrap_or_else(|| panic!("no tensor {name} in the report"))
+}
+
 /// Writes each malformed case `(name, bytes, expected words)` as `NAME.EXT` in a scratch directory,
 /// runs `inspect` on it under the memory limit of [`inspect_limited`], and returns one line per case
 /// that was not refused properly: exit 1, nothing on stdout, no panic, and exactly one stderr line
